@@ -1,0 +1,54 @@
+"""`edge-llm`: the one command-line entry point. It parses arguments and calls; nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edge_llm import commands
+
+
+def _make_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-model", help="write a random-initialised Llama checkpoint (HF layout)")
+    p.add_argument("out")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium", "large"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=commands.make_model)
+
+
+def _generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="one-shot generation, streamed to the terminal")
+    p.add_argument("--model", required=True)
+    p.add_argument("prompt_text", nargs="?", help="the prompt (same as --prompt)")
+    p.add_argument("--prompt")
+    p.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
+    p.add_argument("--chat", action="store_true", help="render the prompt as a user chat message")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="print token ids and logprobs as JSON")
+    p.set_defaults(func=commands.generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-llm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_make_model, _generate):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except commands.UserError as e:
+        print(f"edge-llm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

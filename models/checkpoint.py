@@ -1,0 +1,166 @@
+"""Hugging Face checkpoint folders: find every tensor, validate it against the config, read slices.
+
+Validation happens at open so a corrupt or incomplete checkpoint fails before serving, with one
+message that names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from models.config import LlamaConfig, load_config
+from models.errors import CheckpointError
+from models.sharding import LocalDims, split_for
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
+def expected_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the checkpoint must hold, with its shape."""
+    d, f, v, hd = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    q, kv = config.num_heads * hd, config.num_kv_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    per_layer: dict[str, tuple[int, ...]] = {
+        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+        "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
+    }
+    if config.qkv_bias:
+        per_layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                      "self_attn.v_proj.bias": (kv,)}
+    if config.o_bias:
+        per_layer["self_attn.o_proj.bias"] = (d,)
+    if config.mlp_bias:
+        per_layer |= {"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (d,)}
+    for layer in range(config.num_layers):
+        for suffix, shape in per_layer.items():
+            shapes[layer_prefix(layer) + suffix] = shape
+    return shapes
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Parse a safetensors header and check the file is as long as its header says (not truncated)."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                  f"(header of {header_len} bytes in a {size}-byte file)")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    if 8 + header_len + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file: header needs "
+                              f"{8 + header_len + end} bytes, file has {size}")
+    return header
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """Map each tensor name to the file that holds it, from the index or the single file."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        return {name: folder / fname for name, fname in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors weights found "
+                              f"(expected {SINGLE_FILE} or {INDEX_FILE})")
+    names: dict[str, Path] = {}
+    for path in files:
+        for name in read_safetensors_header(path):
+            names[name] = path
+    return names
+
+
+class Checkpoint:
+    """A validated checkpoint folder that reads whole tensors or one rank's slice, as float32."""
+
+    def __init__(self, folder: Path | str, dtype: torch.dtype = torch.float32):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: model folder does not exist")
+        self.config = load_config(self.folder)
+        self.dtype = dtype
+        self.files = _tensor_files(self.folder)
+        self._headers = self._validate()
+        self._handles: dict[Path, object] = {}
+
+    def _validate(self) -> dict[Path, dict[str, dict]]:
+        headers: dict[Path, dict[str, dict]] = {}
+        for path in sorted(set(self.files.values())):
+            if not path.is_file():
+                raise CheckpointError(f"{path}: weight file named by {INDEX_FILE} is missing")
+            headers[path] = read_safetensors_header(path)
+        for name, shape in expected_tensors(self.config).items():
+            path = self.files.get(name)
+            if path is None or name not in headers[path]:
+                where = path or self.folder
+                raise CheckpointError(f"{where}: tensor {name!r} is missing from the checkpoint")
+            entry = headers[path][name]
+            if tuple(entry["shape"]) != shape:
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(entry['shape'])}, "
+                                      f"config.json implies {shape}")
+            if entry["dtype"] not in _FLOAT_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, "
+                                      "expected a float type")
+        return headers
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path]
+
+    def nbytes(self, name: str) -> int:
+        entry = self._headers[self.files[name]][name]
+        start, stop = entry["data_offsets"]
+        return int(stop) - int(start)
+
+    def read(self, name: str, dims: LocalDims | None = None) -> torch.Tensor | None:
+        """The tensor (or, with `dims`, this rank's slice of it by TENSOR_SPLITS) in `self.dtype`.
+
+        None when the split gives this rank nothing (a rank-0-only bias on another rank).
+        """
+        path = self.files[name]
+        try:
+            view = self._handle(path).get_slice(name)
+            tensor = view[:] if dims is None else self._slice(view, name, dims)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
+        return None if tensor is None else tensor.to(self.dtype).contiguous()
+
+    def _slice(self, view, name: str, dims: LocalDims) -> torch.Tensor | None:
+        kind, unit = split_for(name.split(".", 3)[-1])
+        if kind == "replicated":
+            return view[:]
+        if kind == "rank0":
+            return view[:] if dims.rank == 0 else None
+        start, stop = dims.rows(unit)
+        return view[start:stop] if kind == "out" else view[:, start:stop]
+
+    def close(self) -> None:
+        self._handles.clear()

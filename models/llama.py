@@ -1,0 +1,226 @@
+"""The Llama-family decoder as functions over weights (Llama 2/3, Mistral, Qwen2).
+
+Nothing here knows about ranks: a rank calls the same functions with its slice of the weights
+(`LocalDims`) and passes a `reduce` that all-reduces the two partial sums of each layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.checkpoint import Checkpoint, layer_prefix
+from models.config import LlamaConfig
+from models.rope import apply_rope
+from models.sharding import LocalDims
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_reduce(t: torch.Tensor) -> torch.Tensor:
+    """The single-device reduce: partial sums are already whole."""
+    return t
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's weights (or one rank's slice); optional biases are None when absent."""
+
+    attn_norm: torch.Tensor  # [D]
+    wq: torch.Tensor  # [local_heads * head_dim, D]
+    wk: torch.Tensor  # [local_kv_heads * head_dim, D]
+    wv: torch.Tensor  # [local_kv_heads * head_dim, D]
+    wo: torch.Tensor  # [D, local_heads * head_dim]
+    mlp_norm: torch.Tensor  # [D]
+    w_gate: torch.Tensor  # [local_intermediate, D]
+    w_up: torch.Tensor  # [local_intermediate, D]
+    w_down: torch.Tensor  # [D, local_intermediate]
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
+    b_gate: torch.Tensor | None = None
+    b_up: torch.Tensor | None = None
+    b_down: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if t is not None)
+
+
+_LAYER_FIELDS = {
+    "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight", "mlp_norm": "post_attention_layernorm.weight",
+    "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
+    "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
+    "bo": "self_attn.o_proj.bias", "b_gate": "mlp.gate_proj.bias", "b_up": "mlp.up_proj.bias",
+    "b_down": "mlp.down_proj.bias",
+}
+
+
+def layer_tensor_names(layer: int) -> dict[str, str]:
+    """LayerWeights field -> Hugging Face tensor name for one layer."""
+    return {f: layer_prefix(layer) + suffix for f, suffix in _LAYER_FIELDS.items()}
+
+
+def load_layer(ckpt: Checkpoint, layer: int, dims: LocalDims) -> LayerWeights:
+    """Read one layer's slice for `dims` from a checkpoint (absent biases stay None)."""
+    tensors = {}
+    for field, name in layer_tensor_names(layer).items():
+        tensors[field] = ckpt.read(name, dims) if name in ckpt.files else None
+    return LayerWeights(**tensors)
+
+
+class KVCache:
+    """Per-request keys and values for the local KV heads of every layer; grows by doubling."""
+
+    def __init__(self, num_layers: int, n_kv_heads: int, head_dim: int, capacity: int = 64,
+                 dtype: torch.dtype = torch.float32):
+        self.length = 0
+        self._shape = (1, n_kv_heads, capacity, head_dim)
+        self._k = [torch.empty(self._shape, dtype=dtype) for _ in range(num_layers)]
+        self._v = [torch.empty(self._shape, dtype=dtype) for _ in range(num_layers)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._k + self._v)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: [1, kv_heads, S, head_dim] at positions length.. -> all keys/values so far."""
+        start, seqlen = self.length, k.shape[2]
+        if start + seqlen > self._k[layer].shape[2]:
+            self._grow(layer, start + seqlen)
+        self._k[layer][:, :, start:start + seqlen] = k
+        self._v[layer][:, :, start:start + seqlen] = v
+        end = start + seqlen
+        return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
+
+    def _grow(self, layer: int, needed: int) -> None:
+        capacity = max(needed, 2 * self._k[layer].shape[2])
+        for store in (self._k, self._v):
+            old = store[layer]
+            new = torch.empty((*old.shape[:2], capacity, old.shape[3]), dtype=old.dtype)
+            new[:, :, : self.length] = old[:, :, : self.length]
+            store[layer] = new
+
+    def advance(self, seqlen: int) -> None:
+        """Called once per forward, after every layer appended `seqlen` positions."""
+        self.length += seqlen
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [B, S, D] -> same; computed in float32 like the reference implementation."""
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor | None:
+    """Additive mask [S, T]: causal, and within `window` tokens when the layer slides. None if all visible."""
+    if q_pos.numel() == 1 and (window is None or k_len <= window):
+        return None
+    k_pos = torch.arange(k_len)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    mask = torch.zeros(allowed.shape, dtype=torch.float32)
+    return mask.masked_fill_(~allowed, float("-inf"))
+
+
+def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: LocalDims,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+    """q: [B, H, S, hd], k, v: [B, KV, T, hd] -> [B, H, S, hd].
+
+    Query heads of one KV head are folded into the sequence axis so K and V are never copied.
+    """
+    bsz, n_heads, seqlen, head_dim = q.shape
+    if not dims.uniform_groups:  # a rank holding part of a group: gather its KV heads per query head
+        index = torch.tensor(dims.kv_map)
+        k, v = k.index_select(1, index), v.index_select(1, index)
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
+    q = q.reshape(bsz, n_kv, group * seqlen, head_dim)  # [B, KV, G*S, hd]
+    scores = torch.matmul(q, k.transpose(2, 3)) * head_dim**-0.5  # [B, KV, G*S, T]
+    if mask is not None:
+        scores = scores + mask.repeat(group, 1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, v)  # [B, KV, G*S, hd]
+    return out.reshape(bsz, n_heads, seqlen, head_dim)
+
+
+def attention(x: torch.Tensor, w: LayerWeights, dims: LocalDims, kv: KVCache, layer: int,
+              cos_sin: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    """x: [B, S, D] (normed) -> partial output projection [B, S, D] over this rank's heads."""
+    bsz, seqlen, _ = x.shape
+    head_dim = dims.head_dim
+    q = F.linear(x, w.wq, w.bq).view(bsz, seqlen, dims.n_local_heads, head_dim).transpose(1, 2)
+    k = F.linear(x, w.wk, w.bk).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
+    v = F.linear(x, w.wv, w.bv).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
+    cos, sin = cos_sin
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H|KV, S, hd]
+    keys, values = kv.append(layer, k, v)  # [B, KV, T, hd]
+    out = _grouped_attention(q, keys, values, dims, mask)  # [B, H, S, hd]
+    out = out.transpose(1, 2).reshape(bsz, seqlen, dims.n_local_heads * head_dim)
+    return F.linear(out, w.wo, w.bo)
+
+
+def mlp(x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+    """SwiGLU over this rank's columns: x: [B, S, D] -> partial [B, S, D]."""
+    return F.linear(F.silu(F.linear(x, w.w_gate, w.b_gate)) * F.linear(x, w.w_up, w.b_up),
+                    w.w_down, w.b_down)
+
+
+def decoder_layer(h: torch.Tensor, w: LayerWeights, config: LlamaConfig, dims: LocalDims,
+                  kv: KVCache, layer: int, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                  mask: torch.Tensor | None, reduce: Reduce = no_reduce) -> torch.Tensor:
+    """h: [B, S, D] -> [B, S, D]; `reduce` sums the partial outputs across ranks (twice per layer)."""
+    x = rms_norm(h, w.attn_norm, config.rms_norm_eps)
+    h = h + reduce(attention(x, w, dims, kv, layer, cos_sin, mask))
+    x = rms_norm(h, w.mlp_norm, config.rms_norm_eps)
+    return h + reduce(mlp(x, w))
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """The weights outside the layers: embeddings, final norm, LM head (tied or not)."""
+
+    embed: torch.Tensor  # [V, D]
+    norm: torch.Tensor  # [D]
+    lm_head: torch.Tensor  # [V, D], the same storage as `embed` when tied
+
+
+def load_head(ckpt: Checkpoint) -> HeadWeights:
+    embed = ckpt.read("model.embed_tokens.weight")
+    head = embed if ckpt.config.tie_word_embeddings else ckpt.read("lm_head.weight")
+    return HeadWeights(embed=embed, norm=ckpt.read("model.norm.weight"), lm_head=head)
+
+
+def embed(tokens: torch.Tensor, head: HeadWeights) -> torch.Tensor:
+    """tokens: [B, S] int64 -> hidden [B, S, D]."""
+    return F.embedding(tokens, head.embed)
+
+
+def logits(h: torch.Tensor, head: HeadWeights, eps: float) -> torch.Tensor:
+    """h: [B, S, D] -> logits [B, S, V] in float32."""
+    return F.linear(rms_norm(h, head.norm, eps), head.lm_head).float()
+
+
+def forward_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], config: LlamaConfig,
+                   dims: LocalDims, kv: KVCache, rotary, reduce: Reduce = no_reduce) -> torch.Tensor:
+    """h: [1, S, D] at positions kv.length.. -> [1, S, D] after every layer; advances the cache.
+
+    `layers(i)` yields layer i's weights, so a caller may stream them from disk (weight window).
+    """
+    seqlen = h.shape[1]
+    positions = torch.arange(kv.length, kv.length + seqlen)  # [S]
+    cos_sin = rotary.cos_sin(positions)
+    total = kv.length + seqlen
+    masks: dict[int | None, torch.Tensor | None] = {}
+    for layer in range(config.num_layers):
+        window = config.sliding_window(layer)
+        if window not in masks:
+            masks[window] = attention_mask(positions, total, window)
+        h = decoder_layer(h, layers(layer), config, dims, kv, layer, cos_sin, masks[window], reduce)
+    kv.advance(seqlen)
+    return h

@@ -1,0 +1,39 @@
+"""A whole model on one device: the reference path and the building block of rank 0's tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import Checkpoint
+from models.llama import KVCache, embed, forward_layers, load_head, load_layer, logits
+from models.rope import RotaryTable
+from models.sharding import full_dims
+from models.tokenizer import Tokenizer, load_tokenizer
+
+
+class LocalModel:
+    """All layers resident in this process; `forward` maps new tokens + cache to next-token logits."""
+
+    def __init__(self, folder: Path | str):
+        ckpt = Checkpoint(folder)
+        self.folder = Path(folder)
+        self.config = ckpt.config
+        self.tokenizer: Tokenizer = load_tokenizer(self.folder, self.config)
+        self.dims = full_dims(self.config)
+        self.head = load_head(ckpt)
+        self.layers = [load_layer(ckpt, i, self.dims) for i in range(self.config.num_layers)]
+        self.rotary = RotaryTable(self.config)
+        ckpt.close()
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim)
+
+    @torch.inference_mode()
+    def forward(self, tokens: list[int], kv: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """tokens: S new ids -> logits [V] of the last position ([S, V] with all_logits)."""
+        h = embed(torch.tensor([tokens], dtype=torch.long), self.head)  # [1, S, D]
+        h = forward_layers(h, self.layers.__getitem__, self.config, self.dims, kv, self.rotary)
+        out = logits(h if all_logits else h[:, -1:], self.head, self.config.rms_norm_eps)[0]
+        return out if all_logits else out[-1]  # [S, V] or [V]

@@ -1,0 +1,61 @@
+"""Sampling parameters and the choice of the next token from logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks of generation; validated by the API layer before it gets here."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int = 0  # how many alternatives per step (0-20); the chosen token's logprob is always kept
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    extra_stop_ids: tuple[int, ...] = field(default=())
+
+
+def apply_penalties(logits: torch.Tensor, counts: dict[int, int], params: SamplingParams) -> torch.Tensor:
+    """OpenAI presence/frequency penalties over the tokens generated so far."""
+    if not counts or (params.presence_penalty == 0 and params.frequency_penalty == 0):
+        return logits
+    ids = torch.tensor(list(counts.keys()))
+    freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
+    logits = logits.clone()
+    logits[ids] -= params.frequency_penalty * freq + params.presence_penalty
+    return logits
+
+
+def choose_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    """logits: [V] float32 -> token id: argmax at temperature 0, else top-k/top-p sampling."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    scaled = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, 0) - sorted_probs > params.top_p  # keep the first over p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def make_generator(seed: int | None) -> torch.Generator | None:
+    """A per-request generator so a seed reproduces a request whatever else the server runs."""
+    if seed is None:
+        return None
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen

@@ -1,0 +1,139 @@
+"""Pure sharding plan: which rank holds which attention heads and MLP columns, and how each tensor splits.
+
+The model math never sees a rank; a rank's weights are sliced from outside with `TENSOR_SPLITS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from models.config import LlamaConfig
+
+# How one Hugging Face tensor is cut. HF Linear weights are [out_features, in_features].
+#   out: split dim 0 by the unit (q/k/v/gate/up weights and their biases)
+#   in:  split dim 1 by the unit (o_proj, down_proj weights)
+#   replicated: every rank holds it whole (norms)
+#   rank0: only rank 0 holds it (biases added after a row-wise split, so they count once)
+SplitKind = Literal["out", "in", "replicated", "rank0"]
+Unit = Literal["q", "kv", "mlp", "none"]
+
+TENSOR_SPLITS: dict[str, tuple[SplitKind, Unit]] = {
+    "input_layernorm.weight": ("replicated", "none"),
+    "self_attn.q_proj.weight": ("out", "q"),
+    "self_attn.q_proj.bias": ("out", "q"),
+    "self_attn.k_proj.weight": ("out", "kv"),
+    "self_attn.k_proj.bias": ("out", "kv"),
+    "self_attn.v_proj.weight": ("out", "kv"),
+    "self_attn.v_proj.bias": ("out", "kv"),
+    "self_attn.o_proj.weight": ("in", "q"),
+    "self_attn.o_proj.bias": ("rank0", "none"),
+    "post_attention_layernorm.weight": ("replicated", "none"),
+    "mlp.gate_proj.weight": ("out", "mlp"),
+    "mlp.gate_proj.bias": ("out", "mlp"),
+    "mlp.up_proj.weight": ("out", "mlp"),
+    "mlp.up_proj.bias": ("out", "mlp"),
+    "mlp.down_proj.weight": ("in", "mlp"),
+    "mlp.down_proj.bias": ("rank0", "none"),
+}
+
+
+class PlanError(ValueError):
+    """A sharding plan that cannot work; the message names the quantities. Reported at start."""
+
+
+@dataclass(frozen=True)
+class LocalDims:
+    """What one rank holds: a contiguous range of query heads, the KV heads they need, MLP columns."""
+
+    rank: int
+    world_size: int
+    head_start: int
+    n_local_heads: int
+    kv_start: int
+    n_local_kv_heads: int
+    # For each local query head, the index of its KV head among the local KV heads.
+    kv_map: tuple[int, ...]
+    mlp_start: int
+    local_intermediate: int
+    head_dim: int
+
+    @property
+    def uniform_groups(self) -> bool:
+        """True when local query heads form equal consecutive groups per local KV head (no gather needed)."""
+        if self.n_local_heads % self.n_local_kv_heads:
+            return False
+        group = self.n_local_heads // self.n_local_kv_heads
+        return self.kv_map == tuple(i // group for i in range(self.n_local_heads))
+
+    def rows(self, unit: Unit) -> tuple[int, int]:
+        """[start, stop) of this rank's slice along a split dimension, in elements."""
+        if unit == "q":
+            return self.head_start * self.head_dim, (self.head_start + self.n_local_heads) * self.head_dim
+        if unit == "kv":
+            return self.kv_start * self.head_dim, (self.kv_start + self.n_local_kv_heads) * self.head_dim
+        if unit == "mlp":
+            return self.mlp_start, self.mlp_start + self.local_intermediate
+        raise ValueError(f"unit {unit!r} has no slice")
+
+
+def split_integer(total: int, weights: list[float]) -> list[int]:
+    """Largest-remainder split of `total` units in proportion to `weights` (whole numbers, sum exact)."""
+    if not weights or any(w <= 0 for w in weights):
+        raise PlanError(f"device weights must be positive numbers, got {weights}")
+    quotas = [total * w / sum(weights) for w in weights]
+    counts = [int(q) for q in quotas]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _starts(counts: list[int]) -> list[int]:
+    starts, acc = [], 0
+    for c in counts:
+        starts.append(acc)
+        acc += c
+    return starts
+
+
+def local_dims(config: LlamaConfig, world_size: int, weights: list[float] | None = None) -> list[LocalDims]:
+    """The plan for every rank; raises PlanError (reported to the user at start) when it cannot work."""
+    weights = weights or [1.0] * world_size
+    if len(weights) != world_size:
+        raise PlanError(f"{len(weights)} device weights given for {world_size} workers")
+    if world_size > config.num_heads:
+        raise PlanError(
+            f"{world_size} workers but the model has only {config.num_heads} attention heads; "
+            f"use at most {config.num_heads} workers"
+        )
+    heads = split_integer(config.num_heads, weights)
+    cols = split_integer(config.intermediate_size, weights)
+    for rank, (h, c) in enumerate(zip(heads, cols, strict=True)):
+        if h == 0 or c == 0:
+            raise PlanError(
+                f"device weights {weights} leave rank {rank} with {h} attention heads and {c} MLP "
+                f"columns of {config.num_heads} heads / {config.intermediate_size} columns; "
+                "make its weight larger or use fewer workers"
+            )
+    group = config.kv_group_size
+    plans = []
+    for rank, (h0, h, f0, f) in enumerate(zip(_starts(heads), heads, _starts(cols), cols, strict=True)):
+        kv0, kv1 = h0 // group, (h0 + h - 1) // group + 1
+        kv_map = tuple((h0 + j) // group - kv0 for j in range(h))
+        plans.append(LocalDims(rank, world_size, h0, h, kv0, kv1 - kv0, kv_map, f0, f,
+                               config.head_dim))
+    return plans
+
+
+def full_dims(config: LlamaConfig) -> LocalDims:
+    """The single-device plan: one rank holds everything."""
+    return local_dims(config, 1)[0]
+
+
+def split_for(suffix: str) -> tuple[SplitKind, Unit]:
+    """The split of a per-layer tensor suffix such as 'mlp.up_proj.weight'."""
+    try:
+        return TENSOR_SPLITS[suffix]
+    except KeyError:
+        raise PlanError(f"no sharding rule for tensor {suffix!r}") from None
