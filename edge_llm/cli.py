@@ -35,10 +35,24 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=commands.generate)
 
 
+def _bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks that write bench/*.json and *.md")
+    which = p.add_subparsers(dest="bench", required=True)
+    ar = which.add_parser("allreduce", help="star, ring and gloo all-reduce on N loopback processes")
+    ar.add_argument("--workers", type=int, default=2)
+    ar.add_argument("--size", type=int, default=4096, help="float32 elements")
+    ar.add_argument("--iters", type=int, default=500)
+    ar.add_argument("--link-latency-ms", type=float, default=0.0)
+    ar.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
+    ar.add_argument("--json", action="store_true")
+    ar.add_argument("--out", default="bench")
+    ar.set_defaults(func=commands.bench_allreduce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_make_model, _generate):
+    for add in (_make_model, _generate, _bench):
         add(sub)
     return parser
 

@@ -67,3 +67,24 @@ def generate(args: argparse.Namespace) -> None:
     except (CheckpointError, GenerationError, PlanError) as e:
         raise UserError(str(e)) from e
     sys.stdout.flush()
+
+
+def bench_allreduce(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from edge.bench_allreduce import run, write_results
+    from transport.link import LinkSpec
+
+    if args.workers < 2:
+        raise UserError("--workers must be at least 2 for an all-reduce benchmark")
+    link = LinkSpec(latency_ms=args.link_latency_ms, bandwidth_mbps=args.link_bandwidth_mbps)
+    result = run(args.workers, args.size, args.iters, link)
+    out = Path(args.out)
+    path = out / "allreduce.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    key = (result["workers"], result["elements"], result["link"])
+    rows = [r for r in rows if (r["workers"], r["elements"], r["link"]) != key] + [result]
+    write_results(rows, out)
+    if not args.json:
+        print((out / "allreduce.md").read_text())
+    print(json.dumps({k: result[k] for k in ("star", "ring", "gloo", "auto_choice", "star_over_gloo")}))

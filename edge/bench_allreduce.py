@@ -1,0 +1,129 @@
+"""`edge-llm bench allreduce`: star, ring and torch.distributed gloo on N real processes over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+from transport.auth import new_secret
+from transport.collectives import RingAllReduce, StarAllReduce, measure_links
+from transport.link import LinkSpec
+from transport.mesh import build_mesh
+from transport.loop import run_loop
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports the OS says are free now (bound then released; fine for loopback benchmarks)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    us = np.array(samples) * 1e6
+    return {"median_us": float(np.median(us)), "p99_us": float(np.percentile(us, 99)),
+            "mean_us": float(us.mean()), "iterations": len(samples)}
+
+
+async def _time_ours(rank: int, ports: list[int], secret: bytes, size: int, iters: int,
+                     link: LinkSpec) -> dict:
+    mesh = await build_mesh(rank, [("127.0.0.1", p) for p in ports], secret, link=link)
+    n = len(ports)
+    x = np.random.default_rng(rank).standard_normal(size).astype(np.float32)
+    out: dict = {}
+    try:
+        model = await measure_links(rank, n, mesh.channels)
+        out["auto_choice"] = model.choose(x.nbytes, n)
+        out["link_model"] = {"alpha_us": model.alpha * 1e6, "bandwidth_MBps": model.bandwidth / 1e6}
+        for name, cls in (("star", StarAllReduce), ("ring", RingAllReduce)):
+            algo = cls(rank, n, mesh.channels, timeout=60)
+            for _ in range(max(3, iters // 10)):
+                await algo.allreduce(x)
+            times = []
+            for _ in range(iters):
+                start = time.perf_counter()
+                await algo.allreduce(x)
+                times.append(time.perf_counter() - start)
+            out[name] = _stats(times)
+        out["auto"] = out[out["auto_choice"]]
+    finally:
+        await mesh.aclose()
+    return out
+
+
+def _time_gloo(rank: int, n: int, port: int, size: int, iters: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    try:
+        t = torch.from_numpy(np.random.default_rng(rank).standard_normal(size).astype(np.float32))
+        for _ in range(max(3, iters // 10)):
+            dist.all_reduce(t.clone())
+        times = []
+        for _ in range(iters):
+            buf = t.clone()
+            start = time.perf_counter()
+            dist.all_reduce(buf)
+            times.append(time.perf_counter() - start)
+        return _stats(times)
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_main(rank: int, ports: list[int], gloo_port: int, secret: bytes, size: int, iters: int,
+               link: LinkSpec, results: mp.Queue) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = run_loop(_time_ours(rank, ports, secret, size, iters, link))
+    out["gloo"] = _time_gloo(rank, len(ports), gloo_port, size, iters)
+    if rank == 0:
+        results.put(out)
+
+
+def run(workers: int, size: int, iters: int, link: LinkSpec) -> dict:
+    """Run all ranks as real processes; returns rank 0's timings (each all-reduce ends in sync)."""
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    ports = free_ports(workers + 1)
+    secret = new_secret()
+    procs = [ctx.Process(target=_rank_main, args=(r, ports[:workers], ports[-1], secret, size, iters,
+                                                   link, results)) for r in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        out = results.get(timeout=600)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    out |= {"workers": workers, "elements": size, "bytes": size * 4, "iterations": iters,
+            "link": {"latency_ms": link.latency_ms, "bandwidth_mbps": link.bandwidth_mbps}}
+    out["star_over_gloo"] = out["star"]["median_us"] / out["gloo"]["median_us"]
+    return out
+
+
+def write_results(rows: list[dict], out_dir: Path = Path("bench")) -> None:
+    """bench/allreduce.json and bench/allreduce.md (one table row per configuration)."""
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "allreduce.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| workers | elements | latency ms | bandwidth Mbit/s | star median us | star p99 us | "
+             "ring median us | gloo median us | star/gloo | auto picks |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {r['elements']} | {r['link']['latency_ms']} | "
+                     f"{r['link']['bandwidth_mbps'] or 'loopback'} | {r['star']['median_us']:.0f} | "
+                     f"{r['star']['p99_us']:.0f} | {r['ring']['median_us']:.0f} | "
+                     f"{r['gloo']['median_us']:.0f} | {r['star_over_gloo']:.2f} | {r['auto_choice']} |")
+    (out_dir / "allreduce.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,182 @@
+"""All-reduce over channels: star (hub sums in rank order), ring, and `auto` from measured links.
+
+Per all-reduce of M bytes on N ranks with link latency alpha and bandwidth B:
+  star ~ 2 alpha + 2 (N-1) M / B        (two hops; the hub's link carries every partial)
+  ring ~ 2 (N-1) alpha + 2 (N-1) M / (N B)
+On edge links alpha dominates for decode-sized messages, so star is the default.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+
+from transport.channel import Channel
+from transport.codec import pack_array, unpack_array
+from transport.errors import FrameError
+
+Algorithm = Literal["star", "ring", "auto"]
+DEFAULT_TIMEOUT = 10.0
+
+
+class Collective(Protocol):
+    """What a rank needs from its peers during a forward pass."""
+
+    rank: int
+    world_size: int
+
+    async def allreduce(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def _check_seq(msg: dict, seq: int, peer: str) -> None:
+    if msg.get("s") != seq:
+        raise FrameError(f"collective out of step with {peer}: expected #{seq}, got #{msg.get('s')}")
+
+
+class StarAllReduce:
+    """Ranks send partials to rank 0, which sums in rank order in float32 and sends the sum back.
+
+    Rank-order float32 summation makes the result identical on every rank and every run.
+    """
+
+    def __init__(self, rank: int, world_size: int, channels: Mapping[int, Channel],
+                 timeout: float = DEFAULT_TIMEOUT):
+        self.rank, self.world_size, self.timeout = rank, world_size, timeout
+        self._channels = channels
+        self._seq = 0
+
+    async def allreduce(self, x: np.ndarray) -> np.ndarray:
+        """Raises CollectiveTimeout / ChannelClosed when a peer fails; the caller fails the request."""
+        self._seq += 1
+        if self.world_size == 1:
+            return x
+        if self.rank != 0:
+            hub = self._channels[0]
+            await hub.send({"t": "ar", "s": self._seq, "x": pack_array(x)})
+            msg = await hub.recv("ar.sum", self.timeout)
+            _check_seq(msg, self._seq, hub.peer)
+            return unpack_array(msg["x"]).copy()
+        acc = x.astype(np.float32, copy=True)
+        for r in range(1, self.world_size):
+            msg = await self._channels[r].recv("ar", self.timeout)
+            _check_seq(msg, self._seq, self._channels[r].peer)
+            part = unpack_array(msg["x"])
+            if part.shape != x.shape:
+                raise FrameError(f"rank {r} sent shape {part.shape}, expected {x.shape}")
+            acc += part
+        out = acc if x.dtype == np.float32 else acc.astype(x.dtype)
+        reply = {"t": "ar.sum", "s": self._seq, "x": pack_array(out)}
+        for r in range(1, self.world_size):
+            await self._channels[r].send(reply)
+        return out
+
+
+class RingAllReduce:
+    """Reduce-scatter then all-gather around the ring r -> r+1; float32 accumulation."""
+
+    def __init__(self, rank: int, world_size: int, channels: Mapping[int, Channel],
+                 timeout: float = DEFAULT_TIMEOUT):
+        self.rank, self.world_size, self.timeout = rank, world_size, timeout
+        self._next = channels.get((rank + 1) % world_size)
+        self._prev = channels.get((rank - 1) % world_size)
+        self._seq = 0
+
+    async def _pass(self, tag: str, chunk: np.ndarray) -> np.ndarray:
+        assert self._next is not None and self._prev is not None
+        await self._next.send({"t": tag, "s": self._seq, "x": pack_array(chunk)})
+        msg = await self._prev.recv(tag, self.timeout)
+        _check_seq(msg, self._seq, self._prev.peer)
+        return unpack_array(msg["x"])
+
+    async def allreduce(self, x: np.ndarray) -> np.ndarray:
+        self._seq += 1
+        n, r = self.world_size, self.rank
+        if n == 1:
+            return x
+        flat = x.astype(np.float32, copy=True).reshape(-1)
+        bounds = np.linspace(0, flat.size, n + 1).astype(int)
+        chunk = [flat[bounds[i]:bounds[i + 1]] for i in range(n)]  # views into flat
+        for step in range(n - 1):  # reduce-scatter: rank r ends owning chunk (r+1) % n
+            incoming = await self._pass("rs", chunk[(r - step) % n])
+            chunk[(r - step - 1) % n] += incoming
+        for step in range(n - 1):  # all-gather the owned chunks
+            incoming = await self._pass("ag", chunk[(r + 1 - step) % n])
+            chunk[(r - step) % n][:] = incoming
+        out = flat.reshape(x.shape)
+        return out if x.dtype == np.float32 else out.astype(x.dtype)
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """Measured per-hop latency (s) and bandwidth (bytes/s), the same on every rank."""
+
+    alpha: float
+    bandwidth: float
+
+    def star_cost(self, nbytes: int, n: int) -> float:
+        return 2 * self.alpha + 2 * (n - 1) * nbytes / self.bandwidth
+
+    def ring_cost(self, nbytes: int, n: int) -> float:
+        return 2 * (n - 1) * self.alpha + 2 * (n - 1) * nbytes / (n * self.bandwidth)
+
+    def choose(self, nbytes: int, n: int) -> Literal["star", "ring"]:
+        return "ring" if self.ring_cost(nbytes, n) < self.star_cost(nbytes, n) else "star"
+
+
+class AutoAllReduce:
+    """Star or ring per message size from the alpha-beta model; every rank decides identically."""
+
+    def __init__(self, rank: int, world_size: int, channels: Mapping[int, Channel], model: LinkModel,
+                 timeout: float = DEFAULT_TIMEOUT):
+        self.rank, self.world_size, self.model = rank, world_size, model
+        self._star = StarAllReduce(rank, world_size, channels, timeout)
+        self._ring = RingAllReduce(rank, world_size, channels, timeout)
+
+    def choice(self, nbytes: int) -> Literal["star", "ring"]:
+        return self.model.choose(nbytes, self.world_size)
+
+    async def allreduce(self, x: np.ndarray) -> np.ndarray:
+        algo = self._ring if self.choice(x.nbytes) == "ring" else self._star
+        return await algo.allreduce(x)
+
+
+async def measure_links(rank: int, world_size: int, channels: Mapping[int, Channel],
+                        timeout: float = DEFAULT_TIMEOUT, rounds: int = 5) -> LinkModel:
+    """Rank 0 ping-pongs a small and a 1 MiB message with every rank and shares the result."""
+    small, big = np.zeros(16, np.float32), np.zeros(1 << 18, np.float32)
+    if rank != 0:
+        hub = channels[0]
+        for _ in range(2 * rounds):
+            msg = await hub.recv("probe", timeout)
+            await hub.send({"t": "probe.r", "x": msg["x"]})
+        result = await hub.recv("probe.model", timeout)
+        return LinkModel(alpha=float(result["alpha"]), bandwidth=float(result["bandwidth"]))
+    small_rtts, big_rtts = [], []
+    for r in range(1, world_size):
+        for arr, sink in ((small, small_rtts), (big, big_rtts)):
+            for _ in range(rounds):
+                start = time.perf_counter()
+                await channels[r].send({"t": "probe", "x": pack_array(arr)})
+                await channels[r].recv("probe.r", timeout)
+                sink.append(time.perf_counter() - start)
+    alpha = float(np.median(small_rtts)) / 2
+    transfer = max(float(np.median(big_rtts)) / 2 - alpha, 1e-9)
+    model = LinkModel(alpha=alpha, bandwidth=big.nbytes / transfer)
+    for r in range(1, world_size):
+        await channels[r].send({"t": "probe.model", "alpha": model.alpha, "bandwidth": model.bandwidth})
+    return model
+
+
+async def make_allreduce(algorithm: Algorithm, rank: int, world_size: int,
+                         channels: Mapping[int, Channel], timeout: float = DEFAULT_TIMEOUT) -> Collective:
+    """The configured all-reduce; `auto` measures the links first (all ranks must call together)."""
+    if algorithm == "star":
+        return StarAllReduce(rank, world_size, channels, timeout)
+    if algorithm == "ring":
+        return RingAllReduce(rank, world_size, channels, timeout)
+    model = await measure_links(rank, world_size, channels, timeout)
+    return AutoAllReduce(rank, world_size, channels, model, timeout)
