@@ -49,10 +49,51 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     ar.set_defaults(func=commands.bench_allreduce)
 
 
+def _cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="device weights, e.g. 2,1,1 (heads and MLP columns in proportion)")
+    p.add_argument("--step-timeout", type=float, default=5.0, help="seconds a step waits for a worker")
+    p.add_argument("--link-latency-ms", type=float, default=0.0)
+    p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
+    p.add_argument("--allreduce", default="star", choices=["star"],
+                   help="all-reduce of the cluster (ring/auto: see `bench allreduce`)")
+
+
+def _cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="emulate an N-device cluster on this machine and serve HTTP")
+    p.add_argument("--model", required=True)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one)")
+    p.add_argument("--served-name")
+    p.add_argument("--secret-file", help="cluster secret (default: a fresh random one)")
+    _cluster_flags(p)
+    p.set_defaults(func=commands.cluster)
+
+
+def _serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the master device of a real cluster from a TOML config")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=commands.serve)
+
+
+def _worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="run one worker device, which joins the master")
+    p.add_argument("--config", help="cluster TOML (gives model, master address, secret file)")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--model")
+    p.add_argument("--master", help="HOST:PORT where the master accepts workers")
+    p.add_argument("--secret-file")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--step-timeout", type=float, default=5.0)
+    p.add_argument("--link-latency-ms", type=float, default=0.0)
+    p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
+    p.set_defaults(func=commands.worker)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_make_model, _generate, _bench):
+    for add in (_make_model, _generate, _cluster, _serve, _worker, _bench):
         add(sub)
     return parser
 

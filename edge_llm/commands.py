@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import sys
 
 from models.errors import CheckpointError, GenerationError
@@ -88,3 +90,84 @@ def bench_allreduce(args: argparse.Namespace) -> None:
     if not args.json:
         print((out / "allreduce.md").read_text())
     print(json.dumps({k: result[k] for k in ("star", "ring", "gloo", "auto_choice", "star_over_gloo")}))
+
+
+def _weights(text: str | None, workers: int) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError as e:
+        raise UserError(f"--weights must be comma-separated numbers ({e})") from e
+    if len(weights) != workers:
+        raise UserError(f"--weights gives {len(weights)} numbers for {workers} workers")
+    return weights
+
+
+def _secret(path: str | None) -> bytes:
+    from transport.auth import SECRET_ENV, load_secret, new_secret
+    from transport.errors import AuthError
+
+    if path is None and not os.environ.get(SECRET_ENV):
+        return new_secret()
+    try:
+        return load_secret(path)
+    except (AuthError, OSError) as e:
+        raise UserError(str(e)) from e
+
+
+def _run_master(settings, http, spawn: bool) -> None:
+    from edge.cluster import run_master
+    from transport.loop import run_loop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run_loop(run_master(settings, http, spawn_workers=spawn))
+    except (CheckpointError, PlanError) as e:
+        raise UserError(str(e)) from e
+    except TimeoutError as e:
+        raise UserError("workers did not all join in time; check their logs") from e
+
+
+def cluster(args: argparse.Namespace) -> None:
+    from edge.cluster import HttpSettings, link_from_args
+    from edge.master import MasterSettings
+
+    settings = MasterSettings(model=args.model, world_size=args.workers,
+                              weights=_weights(args.weights, args.workers), secret=_secret(args.secret_file),
+                              step_timeout=args.step_timeout,
+                              link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps))
+    _run_master(settings, HttpSettings(args.host, args.port, args.served_name), spawn=True)
+
+
+def serve(args: argparse.Namespace) -> None:
+    from edge.config import load_cluster_config
+
+    cfg = load_cluster_config(args.config)
+    _run_master(cfg.master_settings(_secret(cfg.secret_file)), cfg.http, spawn=False)
+
+
+def worker(args: argparse.Namespace) -> None:
+    from edge.cluster import link_from_args, run_worker
+    from edge.worker import PlanRefused, WorkerSettings
+    from transport.loop import run_loop
+
+    model, master, secret_file = args.model, args.master, args.secret_file
+    if args.config:
+        from edge.config import load_cluster_config
+
+        cfg = load_cluster_config(args.config)
+        model = model or cfg.model
+        master = master or f"{cfg.master_host}:{cfg.worker_port}"
+        secret_file = secret_file or cfg.secret_file
+    if not model or not master or ":" not in master:
+        raise UserError("a worker needs --model and --master HOST:PORT (or --config)")
+    host, port = master.rsplit(":", 1)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{args.rank} %(levelname)s %(message)s")
+    settings = WorkerSettings(model=model, rank=args.rank, master_host=host, master_port=int(port),
+                              secret=_secret(secret_file), step_timeout=args.step_timeout,
+                              link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps))
+    try:
+        run_loop(run_worker(settings, args.threads or __import__("torch").get_num_threads()))
+    except (CheckpointError, PlanError, PlanRefused) as e:
+        raise UserError(str(e)) from e

@@ -17,7 +17,7 @@ import numpy as np
 
 from transport.channel import Channel
 from transport.codec import pack_array, unpack_array
-from transport.errors import FrameError
+from transport.errors import CollectiveAborted, FrameError, TransportError
 
 Algorithm = Literal["star", "ring", "auto"]
 DEFAULT_TIMEOUT = 10.0
@@ -37,6 +37,17 @@ def _check_seq(msg: dict, seq: int, peer: str) -> None:
         raise FrameError(f"collective out of step with {peer}: expected #{seq}, got #{msg.get('s')}")
 
 
+async def _recv_current(channel: Channel, tag: str, seq: int, timeout: float) -> dict:
+    """The message for all-reduce #seq, skipping stale ones left by a step that failed mid-way."""
+    while True:
+        msg = await channel.recv(tag, timeout)
+        s = msg.get("s")
+        if isinstance(s, int) and s < seq:
+            continue
+        _check_seq(msg, seq, channel.peer)
+        return msg
+
+
 class StarAllReduce:
     """Ranks send partials to rank 0, which sums in rank order in float32 and sends the sum back.
 
@@ -49,6 +60,10 @@ class StarAllReduce:
         self._channels = channels
         self._seq = 0
 
+    def begin(self, step: int) -> None:
+        """Align sequence numbers at a step boundary so ranks recover after a failed step."""
+        self._seq = step << 16
+
     async def allreduce(self, x: np.ndarray) -> np.ndarray:
         """Raises CollectiveTimeout / ChannelClosed when a peer fails; the caller fails the request."""
         self._seq += 1
@@ -57,13 +72,13 @@ class StarAllReduce:
         if self.rank != 0:
             hub = self._channels[0]
             await hub.send({"t": "ar", "s": self._seq, "x": pack_array(x)})
-            msg = await hub.recv("ar.sum", self.timeout)
-            _check_seq(msg, self._seq, hub.peer)
+            msg = await _recv_current(hub, "ar.sum", self._seq, self.timeout)
+            if msg.get("abort"):
+                raise CollectiveAborted(f"the hub aborted all-reduce #{self._seq}: {msg['abort']}")
             return unpack_array(msg["x"]).copy()
         acc = x.astype(np.float32, copy=True)
         for r in range(1, self.world_size):
-            msg = await self._channels[r].recv("ar", self.timeout)
-            _check_seq(msg, self._seq, self._channels[r].peer)
+            msg = await _recv_current(self._channels[r], "ar", self._seq, self.timeout)
             part = unpack_array(msg["x"])
             if part.shape != x.shape:
                 raise FrameError(f"rank {r} sent shape {part.shape}, expected {x.shape}")
@@ -73,6 +88,15 @@ class StarAllReduce:
         for r in range(1, self.world_size):
             await self._channels[r].send(reply)
         return out
+
+
+    async def abort(self, reason: str) -> None:
+        """Hub only: release ranks waiting in the current all-reduce after a peer failed."""
+        for ch in list(self._channels.values()):
+            try:
+                await ch.send({"t": "ar.sum", "s": self._seq, "abort": reason})
+            except TransportError:
+                pass
 
 
 class RingAllReduce:

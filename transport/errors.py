@@ -23,3 +23,7 @@ class ChannelClosed(TransportError):
 
 class CollectiveTimeout(TransportError):
     """A peer did not answer within the timeout; the caller fails the request (503)."""
+
+
+class CollectiveAborted(TransportError):
+    """The hub gave up on the current all-reduce (another rank failed); the step is abandoned."""

@@ -1,0 +1,115 @@
+"""Process-level entry points: the emulated cluster, a real cluster's master, and a worker device."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from aiohttp import web
+
+from edge.master import ClusterEngine, MasterSettings
+from edge.worker import Worker, WorkerSettings
+from scheduler.app import ServerSettings, create_app
+from transport.auth import SECRET_ENV
+from transport.link import LinkSpec
+
+log = logging.getLogger("edge_llm.cluster")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_name: str | None = None
+    ready_timeout: float = 300.0
+
+
+def threads_per_process(world_size: int) -> int:
+    """Each emulated device gets its share of the cores, so N processes do not oversubscribe."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
+def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "edge_llm", "worker", "--model", settings.model, "--rank", str(rank),
+           "--master", f"127.0.0.1:{master_port}", "--threads", str(threads),
+           "--step-timeout", str(settings.step_timeout)]
+    if settings.link is not None and settings.link.active:
+        cmd += ["--link-latency-ms", str(settings.link.latency_ms),
+                "--link-bandwidth-mbps", str(settings.link.bandwidth_mbps)]
+    env = os.environ | {SECRET_ENV: settings.secret.decode()}
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+
+async def _serve_http(engine: ClusterEngine, http: HttpSettings) -> web.AppRunner:
+    name = http.served_name or Path(engine.settings.model).resolve().name
+    runner = web.AppRunner(create_app(engine, ServerSettings(served_name=name)), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, http.host, http.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    print(f"edge-llm: serving {name!r} on http://{http.host}:{port} "
+          f"({engine.settings.world_size} worker(s)); workers join at port {engine.port}", flush=True)
+    return runner
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_master(settings: MasterSettings, http: HttpSettings, spawn_workers: bool) -> None:
+    """Serve until SIGINT/SIGTERM; with `spawn_workers`, start and stop ranks 1..N-1 locally."""
+    threads = threads_per_process(settings.world_size) if spawn_workers else torch.get_num_threads()
+    torch.set_num_threads(threads)
+    engine = ClusterEngine(settings)  # PlanError / CheckpointError surface here, before any process
+    port = await engine.start()
+    children = [_spawn_worker(r, port, settings, threads) for r in range(1, settings.world_size)] \
+        if spawn_workers else []
+    for rank, child in enumerate(children, start=1):
+        print(f"edge-llm: worker rank {rank} pid {child.pid}", flush=True)
+    runner = None
+    try:
+        await engine.wait_ready(http.ready_timeout)
+        runner = await _serve_http(engine, http)
+        await _until_signalled()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await engine.aclose()
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+async def run_worker(settings: WorkerSettings, threads: int) -> None:
+    torch.set_num_threads(threads)
+    worker = Worker(settings)
+    task = asyncio.create_task(worker.run())
+    stopper = asyncio.create_task(_until_signalled())
+    try:
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()  # PlanRefused propagates to the CLI
+    finally:
+        for t in (task, stopper):
+            t.cancel()
+        await asyncio.gather(task, stopper, return_exceptions=True)
+
+
+def link_from_args(latency_ms: float, bandwidth_mbps: float) -> LinkSpec | None:
+    link = LinkSpec(latency_ms=latency_ms, bandwidth_mbps=bandwidth_mbps)
+    return link if link.active else None

@@ -1,0 +1,51 @@
+"""Cluster TOML files for real multi-device clusters (see configs/cluster.example.toml)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.cluster import HttpSettings, link_from_args
+from edge.master import MasterSettings
+
+
+class ConfigError(ValueError):
+    """A cluster file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str
+    master_host: str
+    worker_port: int
+    http: HttpSettings
+    weights: list[float]
+    secret_file: str | None
+    step_timeout: float
+    latency_ms: float = 0.0
+    bandwidth_mbps: float = 0.0
+
+    def master_settings(self, secret: bytes) -> MasterSettings:
+        return MasterSettings(model=self.model, world_size=len(self.weights), weights=self.weights,
+                              host="0.0.0.0", port=self.worker_port, secret=secret,
+                              step_timeout=self.step_timeout,
+                              link=link_from_args(self.latency_ms, self.bandwidth_mbps))
+
+
+def load_cluster_config(path: str | Path) -> ClusterConfig:
+    """Parse a cluster file; raises ConfigError (reported by the CLI) on missing keys."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+        nodes = raw["nodes"]
+        master = nodes[0]
+        link = raw.get("link", {})
+        return ClusterConfig(
+            model=raw["model"], master_host=master["address"], worker_port=int(raw.get("worker_port", 29500)),
+            http=HttpSettings(host=raw.get("http_host", "0.0.0.0"), port=int(raw.get("http_port", 8000)),
+                              served_name=raw.get("served_name")),
+            weights=[float(n.get("weight", 1.0)) for n in nodes], secret_file=raw.get("secret_file"),
+            step_timeout=float(raw.get("step_timeout", 5.0)),
+            latency_ms=float(link.get("latency_ms", 0.0)), bandwidth_mbps=float(link.get("bandwidth_mbps", 0.0)))
+    except (OSError, KeyError, IndexError, TypeError, ValueError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: invalid cluster file ({type(e).__name__}: {e})") from e

@@ -1,0 +1,165 @@
+"""Rank 0: accepts workers, hands out the plan, embeds, runs its own slice, samples, streams.
+
+`ClusterEngine` implements models.generation.Engine, so the same generation loop serves one
+device or a cluster. Steps of concurrent requests interleave one at a time over the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from edge.engine import ShardModel, checkpoint_fingerprint
+from models.checkpoint import Checkpoint
+from models.llama import HeadWeights, KVCache, embed, load_head, logits
+from models.sharding import local_dims
+from models.tokenizer import Tokenizer, load_tokenizer
+from transport.codec import pack_array
+from transport.collectives import StarAllReduce
+from transport.errors import TransportError
+from transport.link import LinkSpec
+from transport.tcp import ChannelServer, TcpChannel
+
+log = logging.getLogger("edge_llm.master")
+
+
+class WorkerUnavailable(Exception):
+    """A rank is missing or failed mid-step; the request fails with 503 and the message names it."""
+
+
+@dataclass
+class MasterSettings:
+    model: str
+    world_size: int
+    weights: list[float] | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    secret: bytes = b""
+    step_timeout: float = 5.0
+    link: LinkSpec | None = None
+    served_name: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class ClusterSession:
+    """A request's KV caches: rank 0's here, the others' on the workers under the same id."""
+
+    def __init__(self, engine: ClusterEngine, rid: str):
+        self.engine, self.rid = engine, rid
+        self.kv: KVCache = engine.shard.new_cache()
+        self.failed = False
+
+    async def step(self, tokens: list[int]) -> torch.Tensor:
+        return await self.engine.step(self, tokens)
+
+    async def close(self) -> None:
+        await self.engine.broadcast_ctl({"op": "close", "rid": self.rid}, ignore_errors=True)
+
+
+class ClusterEngine:
+    """The master of a tensor-parallel cluster; raises WorkerUnavailable when a rank is gone."""
+
+    def __init__(self, settings: MasterSettings):
+        self.settings = settings
+        ckpt = Checkpoint(settings.model)
+        self.config = ckpt.config
+        self.tokenizer: Tokenizer = load_tokenizer(ckpt.folder, self.config)
+        self.plans = local_dims(self.config, settings.world_size, settings.weights)  # PlanError at start
+        self.fingerprint = checkpoint_fingerprint(settings.model)
+        self.head: HeadWeights = load_head(ckpt)
+        self.shard = ShardModel(ckpt, self.plans[0])
+        self.workers: dict[int, TcpChannel] = {}
+        self.star = StarAllReduce(0, settings.world_size, self.workers, settings.step_timeout)
+        self._server = ChannelServer(settings.secret, self._on_worker, settings.link)
+        self._lock = asyncio.Lock()
+        self._steps = itertools.count(1)
+        self._rids = itertools.count(1)
+        self.worker_bytes: dict[int, int] = {}
+
+    async def start(self) -> int:
+        """Listen for workers; returns the port."""
+        self.port = await self._server.start(self.settings.host, self.settings.port)
+        return self.port
+
+    def missing_ranks(self) -> list[int]:
+        return [r for r in range(1, self.settings.world_size)
+                if r not in self.workers or self.workers[r].closed]
+
+    async def _on_worker(self, ch: TcpChannel) -> None:
+        try:
+            join = await ch.recv("join", 10.0)
+            rank, error = join.get("rank"), None
+            if not isinstance(rank, int) or not 0 < rank < self.settings.world_size:
+                error = f"rank {rank!r} is not in 1..{self.settings.world_size - 1}"
+            elif join.get("fingerprint") != self.fingerprint:
+                error = (f"rank {rank}'s checkpoint differs from the master's "
+                         f"({join.get('fingerprint')} != {self.fingerprint}); give every device the same model")
+            if error:
+                log.error("refusing worker %s: %s", ch.peer, error)
+                await ch.send({"t": "plan", "error": error})
+                return
+            await ch.send({"t": "plan", "world_size": self.settings.world_size,
+                           "weights": self.settings.weights or [1.0] * self.settings.world_size})
+            ready = await ch.recv("ready", 600.0)
+        except TransportError as e:
+            log.warning("worker %s failed to join: %s", ch.peer, e)
+            return
+        old = self.workers.get(rank)
+        self.workers[rank] = ch
+        self.worker_bytes[rank] = int(ready.get("weight_bytes", 0))
+        if old is not None:
+            await old.aclose()
+        log.info("rank %d ready (%s)", rank, ch.peer)
+
+    async def wait_ready(self, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while self.missing_ranks():
+                await asyncio.sleep(0.05)
+
+    async def broadcast_ctl(self, msg: dict, ignore_errors: bool = False) -> None:
+        for rank, ch in list(self.workers.items()):
+            try:
+                await ch.send({"t": "ctl", **msg})
+            except TransportError as e:
+                if not ignore_errors:
+                    raise WorkerUnavailable(f"worker rank {rank} is unavailable: {e}") from e
+
+    async def open_session(self) -> ClusterSession:
+        missing = self.missing_ranks()
+        if missing:
+            raise WorkerUnavailable(f"worker rank(s) {missing} not connected; the cluster cannot serve")
+        session = ClusterSession(self, f"r{next(self._rids)}")
+        await self.broadcast_ctl({"op": "open", "rid": session.rid})
+        return session
+
+    async def step(self, session: ClusterSession, tokens: list[int]) -> torch.Tensor:
+        """New tokens -> next-token logits [V]; one cluster-wide step at a time."""
+        if session.failed:
+            raise WorkerUnavailable("this request lost a worker earlier")
+        async with self._lock:
+            missing = self.missing_ranks()
+            if missing:
+                session.failed = True
+                raise WorkerUnavailable(f"worker rank(s) {missing} disconnected during the request")
+            step = next(self._steps)
+            h = embed(torch.tensor([tokens], dtype=torch.long), self.head)  # [1, S, D]
+            await self.broadcast_ctl({"op": "step", "rid": session.rid, "step": step,
+                                      "h": pack_array(h.numpy())})
+            self.star.begin(step)
+            try:
+                h = await self.shard.forward(h, session.kv, self.star, self.settings.step_timeout)
+            except (TransportError, TimeoutError, KeyError) as e:
+                session.failed = True
+                await self.star.abort(f"step {step} failed")
+                raise WorkerUnavailable(f"a worker failed during the step: {e or type(e).__name__}") from e
+        return logits(h[:, -1:], self.head, self.config.rms_norm_eps)[0, -1]  # [V]
+
+    async def aclose(self) -> None:
+        await self._server.aclose()
+        for ch in list(self.workers.values()):
+            await ch.aclose()
+        self.shard.close()

@@ -1,0 +1,119 @@
+"""A worker device (rank >= 1): joins the master, loads its slice, runs every step it is sent.
+
+Protocol on the one channel to the master (tags):
+  join   worker -> master  {rank, fingerprint}
+  plan   master -> worker  {world_size, weights} or {error}
+  ready  worker -> master  {rank, weight_bytes}
+  ctl    master -> worker  {op: open|step|close, rid, step, h?}
+  ar / ar.sum              the star all-reduce of each layer
+If the master goes away the worker reconnects and joins again, so a restarted master or a
+restarted worker both heal without operator action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from edge.engine import ShardModel, checkpoint_fingerprint
+from models.checkpoint import Checkpoint
+from models.llama import KVCache
+from models.sharding import local_dims
+from transport.codec import unpack_array
+from transport.collectives import StarAllReduce
+from transport.errors import (AuthError, ChannelClosed, CollectiveAborted, CollectiveTimeout,
+                              TransportError)
+from transport.link import LinkSpec
+from transport.tcp import TcpChannel, connect
+
+log = logging.getLogger("edge_llm.worker")
+IDLE_TIMEOUT = 3600.0
+
+
+class PlanRefused(Exception):
+    """The master refused this worker (wrong checkpoint, bad rank); fatal, reported and exit 2."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    model: str
+    rank: int
+    master_host: str
+    master_port: int
+    secret: bytes
+    step_timeout: float = 5.0
+    link: LinkSpec | None = None
+
+
+class Worker:
+    """One device's process state: its shard (loaded once per plan) and per-request KV caches."""
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.ckpt = Checkpoint(settings.model)
+        self.fingerprint = checkpoint_fingerprint(settings.model)
+        self.shard: ShardModel | None = None
+        self._plan: tuple[int, tuple[float, ...]] | None = None
+        self.sessions: dict[str, KVCache] = {}
+
+    async def _join(self) -> TcpChannel:
+        s = self.settings
+        ch = await connect(s.master_host, s.master_port, s.secret, link=s.link, timeout=5.0)
+        await ch.send({"t": "join", "rank": s.rank, "fingerprint": self.fingerprint})
+        plan = await ch.recv("plan", 600.0)
+        if "error" in plan:
+            raise PlanRefused(plan["error"])
+        key = (int(plan["world_size"]), tuple(float(w) for w in plan["weights"]))
+        if self._plan != key:  # load (or reload) only when the plan changes
+            dims = local_dims(self.ckpt.config, key[0], list(key[1]))[s.rank]
+            if self.shard is not None:
+                self.shard.close()
+            self.shard = ShardModel(self.ckpt, dims)
+            self._plan = key
+        self.sessions.clear()
+        await ch.send({"t": "ready", "rank": s.rank, "weight_bytes": self.shard.nbytes()})
+        log.info("rank %d joined the master (%d MB of weights)", s.rank, self.shard.nbytes() >> 20)
+        return ch
+
+    async def _serve(self, ch: TcpChannel) -> None:
+        star = StarAllReduce(self.settings.rank, int(self._plan[0]), {0: ch}, self.settings.step_timeout)
+        while True:
+            msg = await ch.recv("ctl", IDLE_TIMEOUT)
+            op, rid = msg.get("op"), str(msg.get("rid"))
+            if op == "open":
+                self.sessions[rid] = self.shard.new_cache()
+            elif op == "close":
+                self.sessions.pop(rid, None)
+            elif op == "step":
+                await self._step(star, rid, msg)
+
+    async def _step(self, star: StarAllReduce, rid: str, msg: dict) -> None:
+        kv = self.sessions.get(rid)
+        if kv is None:
+            return  # the master already gave up on this request
+        h = torch.from_numpy(unpack_array(msg["h"]).copy())  # [1, S, D]
+        star.begin(int(msg["step"]))
+        try:
+            await self.shard.forward(h, kv, star, self.settings.step_timeout)
+        except (CollectiveTimeout, CollectiveAborted, TimeoutError) as e:
+            log.warning("step %s of request %s failed: %s", msg["step"], rid, e)
+            self.sessions.pop(rid, None)
+
+    async def run(self) -> None:
+        """Join, serve, and rejoin after the master disappears; PlanRefused ends it."""
+        while True:
+            try:
+                ch = await self._join()
+            except (OSError, TimeoutError, AuthError, TransportError) as e:
+                log.info("rank %d: master not reachable (%s); retrying", self.settings.rank, e)
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                await self._serve(ch)
+            except ChannelClosed as e:
+                log.warning("rank %d lost the master: %s; rejoining", self.settings.rank, e)
+            finally:
+                await ch.aclose()

@@ -1,0 +1,149 @@
+"""OpenAI request parsing and validation, and the response shapes (as vLLM and llama.cpp serve them)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from models.generation import TokenEvent
+from models.sampling import SamplingParams
+from models.tokenizer import Tokenizer
+from scheduler.errors import ApiError
+
+MAX_STOP = 4
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    return_token_ids: bool
+    include_usage: bool
+    chat: bool
+
+
+def _typed(body: dict, key: str, types: type | tuple, default: Any) -> Any:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ApiError(400, f"'{key}' must be {getattr(types, '__name__', types)}, got a boolean", param=key)
+    if not isinstance(value, types):
+        raise ApiError(400, f"'{key}' has the wrong type ({type(value).__name__})", param=key)
+    return value
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ApiError(400, f"'{key}' must be between {low} and {high}, got {value}", param=key)
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
+    if len(stops) > MAX_STOP:
+        raise ApiError(400, f"'stop' takes at most {MAX_STOP} strings", param="stop")
+    return tuple(stops)
+
+
+def _prompt_ids(body: dict, tokenizer: Tokenizer) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt")
+
+
+def _messages(body: dict) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, "each message needs a string 'role'", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            m["content"] = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        elif not isinstance(content, str):
+            raise ApiError(400, "each message needs string 'content'", param="messages")
+    return messages
+
+
+def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> ParsedRequest:
+    """Validate a completions or chat body; raises ApiError(400/413) that says what to change."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    prompt_ids = tokenizer.encode_chat(_messages(body)) if chat else _prompt_ids(body, tokenizer)
+    if len(prompt_ids) >= context:
+        raise ApiError(413, f"the prompt has {len(prompt_ids)} tokens; the context window is {context}",
+                       param="messages" if chat else "prompt", code="context_length_exceeded")
+    max_tokens = _typed(body, "max_completion_tokens", int, None) if chat else None
+    max_tokens = max_tokens or _typed(body, "max_tokens", int, 16 if not chat else context - len(prompt_ids))
+    _in_range("max_tokens", max_tokens, 1, context)
+    temperature = float(_typed(body, "temperature", (int, float), 1.0))
+    _in_range("temperature", temperature, 0.0, 2.0)
+    top_p = float(_typed(body, "top_p", (int, float), 1.0))
+    _in_range("top_p", top_p, 1e-9, 1.0)
+    n = _typed(body, "n", int, 1)
+    if n != 1:
+        raise ApiError(400, "'n' > 1 is not supported yet; send separate requests", param="n")
+    if chat:
+        top = _typed(body, "top_logprobs", int, 0) if _typed(body, "logprobs", bool, False) else 0
+    else:
+        top = _typed(body, "logprobs", int, 0)
+    _in_range("logprobs", top, 0, 5 if not chat else 20)
+    seed = _typed(body, "seed", int, None)
+    stream_options = _typed(body, "stream_options", dict, {})
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                            top_k=_typed(body, "top_k", int, 0), seed=seed, stop=_stop(body),
+                            ignore_eos=_typed(body, "ignore_eos", bool, False), logprobs=top,
+                            presence_penalty=float(_typed(body, "presence_penalty", (int, float), 0.0)),
+                            frequency_penalty=float(_typed(body, "frequency_penalty", (int, float), 0.0)))
+    return ParsedRequest(prompt_ids, params, _typed(body, "stream", bool, False),
+                         _typed(body, "return_token_ids", bool, False),
+                         bool(stream_options.get("include_usage", False)), chat)
+
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def completion_logprobs(events: list[TokenEvent], tokenizer: Tokenizer, offset: int = 0) -> dict:
+    """OpenAI completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens = [tokenizer.token_text(e.token_id) for e in events]
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in events],
+            "top_logprobs": [{tokenizer.token_text(i): lp for i, lp in e.top_logprobs} for e in events],
+            "text_offset": offsets}
+
+
+def chat_logprobs(events: list[TokenEvent], tokenizer: Tokenizer) -> dict:
+    """OpenAI chat `logprobs.content` entries."""
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tokenizer.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [entry(e.token_id, e.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in e.top_logprobs]}
+                        for e in events]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,75 @@
+"""Start and stop a real `edge-llm cluster` (N processes on loopback) for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+SECRET = "test-secret-" + "x" * 32
+
+
+class ClusterProcess:
+    """`edge-llm cluster ...` as a user starts it; parses where it listens from its stdout."""
+
+    def __init__(self, model: Path, workers: int, tmp: Path, *extra: str, ready_timeout: float = 90):
+        self.secret_file = tmp / "secret"
+        self.secret_file.write_text(SECRET)
+        self.log = open(tmp / f"cluster-{workers}.log", "w")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-m", "edge_llm", "cluster", "--model", str(model), "--workers", str(workers),
+               "--port", "0", "--secret-file", str(self.secret_file), *extra]
+        self.model = model
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     start_new_session=True)
+        self.worker_pids: dict[int, int] = {}
+        self.url = ""
+        self.worker_port = 0
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(ready_timeout) or not self.url:
+            self.stop()
+            raise RuntimeError(f"cluster did not come up; log: {(tmp / f'cluster-{workers}.log').read_text()[-2000:]}")
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:
+            if m := re.search(r"worker rank (\d+) pid (\d+)", line):
+                self.worker_pids[int(m[1])] = int(m[2])
+            if m := re.search(r"serving .* on (http://\S+) .*join at port (\d+)", line):
+                self.url, self.worker_port = m[1], int(m[2])
+                self._ready.set()
+        self._ready.set()
+
+    def start_worker(self, rank: int, model: Path | None = None) -> subprocess.Popen:
+        """A worker device started by hand, as on a real device (it joins the master); stderr to a file."""
+        cmd = [sys.executable, "-m", "edge_llm", "worker", "--model", str(model or self.model),
+               "--rank", str(rank), "--master", f"127.0.0.1:{self.worker_port}",
+               "--secret-file", str(self.secret_file), "--threads", "1", "--step-timeout", "2"]
+        self.worker_log = self.secret_file.parent / f"worker-{rank}.log"
+        with open(self.worker_log, "w") as err:
+            return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+
+    def kill_worker(self, rank: int) -> None:
+        os.kill(self.worker_pids[rank], signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._reader.join(timeout=5)
+        self.proc.stdout.close()
+        for pid in self.worker_pids.values():  # none may outlive the cluster
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            raise AssertionError(f"worker pid {pid} survived the cluster's shutdown")
+        self.log.close()

@@ -1,0 +1,122 @@
+"""Real clusters on loopback: N worker processes give transformers' tokens; failures are clean."""
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+from cluster_proc import ClusterProcess
+from hf_reference import hf_greedy, make_hf_checkpoint
+
+PROMPT = [0, 17, 250, 33, 99, 5, 120]
+NEW_TOKENS = 24
+
+
+async def complete(url: str, prompt, **fields) -> tuple[int, dict]:
+    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "logprobs": 1,
+            "return_token_ids": True} | fields
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
+        return r.status, await r.json()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "llama", seed=2)
+    return folder, hf_greedy(folder, PROMPT, NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    folder = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen2", "qwen2", seed=4)
+    return folder, hf_greedy(folder, PROMPT, NEW_TOKENS)
+
+
+CASES = [("llama", 1, None), ("llama", 2, None), ("llama", 3, None), ("llama", 4, None),
+         ("llama", 3, "2,1,1"), ("qwen2", 2, None), ("qwen2", 3, "1,2,1")]
+
+
+@pytest.mark.parametrize(("kind", "workers", "weights"), CASES)
+async def test_cluster_matches_transformers(request, tmp_path, kind, workers, weights):
+    folder, (ref_tokens, ref_logprobs) = request.getfixturevalue(kind)
+    extra = ("--weights", weights) if weights else ()
+    cluster = ClusterProcess(folder, workers, tmp_path, *extra)
+    try:
+        status, first = await complete(cluster.url, PROMPT)
+        assert status == 200, first
+        choice = first["choices"][0]
+        assert choice["token_ids"] == ref_tokens
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(ref_logprobs, abs=1e-4)
+        _, second = await complete(cluster.url, PROMPT)
+        assert second["choices"][0]["logprobs"] == choice["logprobs"]  # bit-identical run to run
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize(("workers", "weights", "message"), [
+    (7, None, "only 6 attention heads"),
+    (2, "100,1", "leave rank 1 with 0 attention heads"),
+    (3, "1,1", "gives 2 numbers for 3 workers"),
+])
+def test_impossible_plans_are_refused_at_start(llama, workers, weights, message):
+    cmd = [sys.executable, "-m", "edge_llm", "cluster", "--model", str(llama[0]), "--workers",
+           str(workers), "--port", "0"] + (["--weights", weights] if weights else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_worker_with_a_different_checkpoint_is_refused(llama, qwen2, tmp_path):
+    cluster = ClusterProcess(llama[0], 2, tmp_path)
+    try:
+        cluster.kill_worker(1)
+        stranger = cluster.start_worker(1, model=qwen2[0])
+        assert stranger.wait(timeout=60) == 2
+        assert "checkpoint differs" in cluster.worker_log.read_text()
+    finally:
+        cluster.stop()
+
+
+async def _stream_until_error(url: str) -> tuple[list[dict], float]:
+    body = {"prompt": PROMPT, "max_tokens": 100, "temperature": 0, "stream": True, "ignore_eos": True}
+    events, start = [], time.monotonic()
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(__import__("json").loads(line[6:]))
+    return events, time.monotonic() - start
+
+
+async def test_killed_worker_fails_the_request_then_rejoins(llama, tmp_path):
+    folder, (ref_tokens, _) = llama
+    cluster = ClusterProcess(folder, 2, tmp_path, "--step-timeout", "2")
+    try:
+        stream = asyncio.create_task(_stream_until_error(cluster.url))
+        await asyncio.sleep(0.3)
+        cluster.kill_worker(1)
+        events, elapsed = await asyncio.wait_for(stream, 30)
+        assert "error" in events[-1] and "worker" in events[-1]["error"]["message"]
+        assert elapsed < 10
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{cluster.url}/health") as r:
+                assert r.status == 503 and (await r.json())["missing_ranks"] == [1]
+        status, body = await complete(cluster.url, PROMPT)
+        assert status == 503 and "rank" in body["error"]["message"]
+        worker = cluster.start_worker(1)
+        try:
+            for _ in range(300):
+                async with aiohttp.ClientSession() as s, s.get(f"{cluster.url}/health") as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+            status, body = await complete(cluster.url, PROMPT)
+            assert status == 200 and body["choices"][0]["token_ids"] == ref_tokens
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=20)
+    finally:
+        cluster.stop()

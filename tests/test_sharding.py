@@ -1,0 +1,81 @@
+"""The sharding plan as a table, and the sharded forward (in memory) against the whole model."""
+
+import asyncio
+
+import pytest
+import torch
+from hf_reference import make_hf_checkpoint
+
+from edge.engine import ShardModel
+from models.checkpoint import Checkpoint
+from models.config import config_from_hf
+from models.llama import embed, load_head, logits
+from models.model import LocalModel
+from models.sharding import PlanError, local_dims, split_integer
+from transport.collectives import StarAllReduce
+from transport.memory import memory_mesh
+
+
+def _config(heads=6, kv=2, inter=520):
+    return config_from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": heads * 16,
+                           "num_attention_heads": heads, "num_key_value_heads": kv,
+                           "intermediate_size": inter, "num_hidden_layers": 1, "vocab_size": 10})
+
+
+@pytest.mark.parametrize(("total", "weights", "expected"), [
+    (6, [1, 1], [3, 3]), (6, [1, 1, 1, 1], [2, 2, 1, 1]), (6, [2, 1, 1], [3, 2, 1]),
+    (520, [1, 1, 1], [174, 173, 173]), (7, [1, 2, 4], [1, 2, 4]), (5, [1.5, 1], [3, 2]),
+])
+def test_split_integer_is_whole_and_proportional(total, weights, expected):
+    assert split_integer(total, weights) == expected
+
+
+@pytest.mark.parametrize(("world", "weights", "heads", "kv_ranges", "kv_maps"), [
+    (1, None, [6], [(0, 2)], [(0, 0, 0, 1, 1, 1)]),
+    (2, None, [3, 3], [(0, 1), (1, 2)], [(0, 0, 0), (0, 0, 0)]),
+    # 4 ranks, 2 KV heads: rank 1 holds heads 2-3, which straddle both KV heads (replicas).
+    (4, None, [2, 2, 1, 1], [(0, 1), (0, 2), (1, 2), (1, 2)], [(0, 0), (0, 1), (0,), (0,)]),
+    (3, [2, 1, 1], [3, 2, 1], [(0, 1), (1, 2), (1, 2)], [(0, 0, 0), (0, 0), (0,)]),
+    (6, None, [1] * 6, [(0, 1)] * 3 + [(1, 2)] * 3, [(0,)] * 6),
+])
+def test_plan_table(world, weights, heads, kv_ranges, kv_maps):
+    plans = local_dims(_config(), world, weights)
+    assert [p.n_local_heads for p in plans] == heads
+    assert [(p.kv_start, p.kv_start + p.n_local_kv_heads) for p in plans] == kv_ranges
+    assert [p.kv_map for p in plans] == kv_maps
+    assert sum(p.local_intermediate for p in plans) == 520
+    assert [p.head_start for p in plans] == [sum(heads[:r]) for r in range(world)]
+
+
+@pytest.mark.parametrize(("world", "weights", "message"), [
+    (7, None, "only 6 attention heads"),
+    (2, [100, 1], "leave rank 1 with 0 attention heads"),
+    (2, [1, 0], "must be positive"),
+    (2, [1, 1, 1], "3 device weights given for 2 workers"),
+])
+def test_impossible_plans(world, weights, message):
+    with pytest.raises(PlanError, match=message):
+        local_dims(_config(), world, weights)
+
+
+@pytest.mark.parametrize(("kind", "world", "weights"), [
+    ("llama", 2, None), ("llama", 4, None), ("llama", 6, None), ("llama", 3, [3, 2, 1]),
+    ("qwen2", 3, None), ("mistral", 4, [1, 1, 1, 5])])
+async def test_sharded_forward_in_memory_equals_whole_model(tmp_path, kind, world, weights):
+    folder = make_hf_checkpoint(tmp_path / kind, kind, seed=1)
+    whole = LocalModel(folder)
+    tokens = list(range(5, 40))  # longer than Mistral's window of 12
+    expected = whole.forward(tokens, whole.new_cache(), all_logits=True)
+    ckpt = Checkpoint(folder)
+    shards = [ShardModel(ckpt, d) for d in local_dims(ckpt.config, world, weights)]
+    mesh = memory_mesh(world)
+    stars = [StarAllReduce(r, world, mesh[r]) for r in range(world)]
+    head = load_head(ckpt)
+    h = embed(torch.tensor([tokens]), head)
+    outs = await asyncio.gather(*[s.forward(h, s.new_cache(), star, 10.0) for s, star in zip(shards, stars)])
+    for out in outs:
+        assert torch.equal(out, outs[0])  # every rank holds the same hidden state, bit for bit
+    got = logits(outs[0], head, ckpt.config.rms_norm_eps)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+    for s in shards:
+        s.close()
