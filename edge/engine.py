@@ -1,24 +1,28 @@
 """One rank's slice of the model and its forward pass, with the two all-reduces per layer.
 
 The math is models.llama's; this module only slices weights by the plan and bridges the
-compute thread to the event loop for the all-reduce.
+compute thread to the event loop for the collectives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from models.checkpoint import Checkpoint
-from models.llama import KVCache, LayerWeights, forward_layers, load_layer
+from models.llama import KVCache, LayerWeights, forward_layers, load_layer, load_output_head, logits
 from models.rope import RotaryTable
 from models.sharding import LocalDims
-from transport.collectives import Collective
+from transport.collectives import StarAllReduce
+
+T = TypeVar("T")
 
 
 def checkpoint_fingerprint(folder: Path | str) -> str:
@@ -34,12 +38,17 @@ def checkpoint_fingerprint(folder: Path | str) -> str:
 
 
 class ShardModel:
-    """This rank's layers (its heads and MLP columns); forward runs on one compute thread."""
+    """This rank's layers (its heads and MLP columns) and LM-head rows; torch runs on one thread.
+
+    All torch work of the process goes through `run`, so a single OpenMP pool serves it: a
+    second pool on the event-loop thread would spin and steal the cores of the first.
+    """
 
     def __init__(self, ckpt: Checkpoint, dims: LocalDims):
         self.config = ckpt.config
         self.dims = dims
         self.layers: list[LayerWeights] = [load_layer(ckpt, i, dims) for i in range(self.config.num_layers)]
+        self.output = load_output_head(ckpt, dims)
         self.rotary = RotaryTable(self.config)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-r{dims.rank}")
 
@@ -47,24 +56,30 @@ class ShardModel:
         return KVCache(self.config.num_layers, self.dims.n_local_kv_heads, self.config.head_dim)
 
     def nbytes(self) -> int:
-        return sum(w.nbytes() for w in self.layers)
+        return sum(w.nbytes() for w in self.layers) + self.output.lm_head.nbytes
 
-    async def forward(self, h: torch.Tensor, kv: KVCache, collective: Collective,
-                      timeout: float) -> torch.Tensor:
-        """h: [1, S, D] -> [1, S, D] (identical on every rank); raises what the collective raises."""
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run torch work on this rank's compute thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn)
+
+    async def forward(self, h: torch.Tensor, kv: KVCache, star: StarAllReduce,
+                      timeout: float) -> np.ndarray | None:
+        """h: [1, S, D] -> next-token logits [V] at rank 0 (None elsewhere); raises collective errors."""
         loop = asyncio.get_running_loop()
 
         def reduce(partial: torch.Tensor) -> torch.Tensor:  # runs on the compute thread
             arr = partial.detach().contiguous().numpy()
-            fut = asyncio.run_coroutine_threadsafe(collective.allreduce(arr), loop)
+            fut = asyncio.run_coroutine_threadsafe(star.allreduce(arr), loop)
             return torch.from_numpy(np.asarray(fut.result(timeout + 1.0))).view(partial.shape)
 
-        def run() -> torch.Tensor:
+        def run() -> np.ndarray:
             with torch.inference_mode():
-                return forward_layers(h, self.layers.__getitem__, self.config, self.dims, kv,
-                                      self.rotary, reduce)
+                out = forward_layers(h, self.layers.__getitem__, self.config, self.dims, kv,
+                                     self.rotary, reduce)
+                return logits(out[:, -1:], self.output, self.config.rms_norm_eps)[0, -1].numpy()
 
-        return await loop.run_in_executor(self.compute, run)
+        local = await self.run(run)  # [V_local]: this rank's vocabulary slice
+        return await star.gather(local)
 
     def close(self) -> None:
         self.compute.shutdown(wait=False, cancel_futures=True)

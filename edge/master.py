@@ -15,7 +15,7 @@ import torch
 
 from edge.engine import ShardModel, checkpoint_fingerprint
 from models.checkpoint import Checkpoint
-from models.llama import HeadWeights, KVCache, embed, load_head, logits
+from models.llama import KVCache
 from models.sharding import local_dims
 from models.tokenizer import Tokenizer, load_tokenizer
 from transport.codec import pack_array
@@ -70,7 +70,7 @@ class ClusterEngine:
         self.tokenizer: Tokenizer = load_tokenizer(ckpt.folder, self.config)
         self.plans = local_dims(self.config, settings.world_size, settings.weights)  # PlanError at start
         self.fingerprint = checkpoint_fingerprint(settings.model)
-        self.head: HeadWeights = load_head(ckpt)
+        self.embedding = ckpt.read("model.embed_tokens.weight")  # [V, D]: rank 0 embeds every token
         self.shard = ShardModel(ckpt, self.plans[0])
         self.workers: dict[int, TcpChannel] = {}
         self.star = StarAllReduce(0, settings.world_size, self.workers, settings.step_timeout)
@@ -115,6 +115,11 @@ class ClusterEngine:
             await old.aclose()
         log.info("rank %d ready (%s)", rank, ch.peer)
 
+    def snapshot(self) -> dict:
+        """Live counters for /metrics: bytes on each link, resident weight bytes per rank."""
+        links = {r: {"sent": ch.bytes_sent, "received": ch.bytes_received} for r, ch in self.workers.items()}
+        return {"links": links, "weight_bytes": {0: self.shard.nbytes(), **self.worker_bytes}}
+
     async def wait_ready(self, timeout: float) -> None:
         async with asyncio.timeout(timeout):
             while self.missing_ranks():
@@ -146,17 +151,18 @@ class ClusterEngine:
                 session.failed = True
                 raise WorkerUnavailable(f"worker rank(s) {missing} disconnected during the request")
             step = next(self._steps)
-            h = embed(torch.tensor([tokens], dtype=torch.long), self.head)  # [1, S, D]
+            ids = torch.tensor([tokens], dtype=torch.long)
+            h = await self.shard.run(lambda: torch.nn.functional.embedding(ids, self.embedding))  # [1, S, D]
             await self.broadcast_ctl({"op": "step", "rid": session.rid, "step": step,
                                       "h": pack_array(h.numpy())})
             self.star.begin(step)
             try:
-                h = await self.shard.forward(h, session.kv, self.star, self.settings.step_timeout)
+                full = await self.shard.forward(h, session.kv, self.star, self.settings.step_timeout)
             except (TransportError, TimeoutError, KeyError) as e:
                 session.failed = True
                 await self.star.abort(f"step {step} failed")
                 raise WorkerUnavailable(f"a worker failed during the step: {e or type(e).__name__}") from e
-        return logits(h[:, -1:], self.head, self.config.rms_norm_eps)[0, -1]  # [V]
+        return torch.from_numpy(full)  # [V]
 
     async def aclose(self) -> None:
         await self._server.aclose()

@@ -154,7 +154,7 @@ class Checkpoint:
         return None if tensor is None else tensor.to(self.dtype).contiguous()
 
     def _slice(self, view, name: str, dims: LocalDims) -> torch.Tensor | None:
-        kind, unit = split_for(name.split(".", 3)[-1])
+        kind, unit = split_for(name.split(".", 3)[-1] if name.startswith("model.layers.") else name)
         if kind == "replicated":
             return view[:]
         if kind == "rank0":

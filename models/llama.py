@@ -196,13 +196,20 @@ def load_head(ckpt: Checkpoint) -> HeadWeights:
     return HeadWeights(embed=embed, norm=ckpt.read("model.norm.weight"), lm_head=head)
 
 
+def load_output_head(ckpt: Checkpoint, dims: LocalDims) -> HeadWeights:
+    """Final norm and this rank's vocabulary rows of the LM head (no embedding table)."""
+    name = "model.embed_tokens.weight" if ckpt.config.tie_word_embeddings else "lm_head.weight"
+    empty = torch.empty(0)
+    return HeadWeights(embed=empty, norm=ckpt.read("model.norm.weight"), lm_head=ckpt.read(name, dims))
+
+
 def embed(tokens: torch.Tensor, head: HeadWeights) -> torch.Tensor:
     """tokens: [B, S] int64 -> hidden [B, S, D]."""
     return F.embedding(tokens, head.embed)
 
 
 def logits(h: torch.Tensor, head: HeadWeights, eps: float) -> torch.Tensor:
-    """h: [B, S, D] -> logits [B, S, V] in float32."""
+    """h: [B, S, D] -> logits [B, S, V] (or this rank's vocabulary slice of them) in float32."""
     return F.linear(rms_norm(h, head.norm, eps), head.lm_head).float()
 
 

@@ -16,7 +16,7 @@ from models.config import LlamaConfig
 #   replicated: every rank holds it whole (norms)
 #   rank0: only rank 0 holds it (biases added after a row-wise split, so they count once)
 SplitKind = Literal["out", "in", "replicated", "rank0"]
-Unit = Literal["q", "kv", "mlp", "none"]
+Unit = Literal["q", "kv", "mlp", "vocab", "none"]
 
 TENSOR_SPLITS: dict[str, tuple[SplitKind, Unit]] = {
     "input_layernorm.weight": ("replicated", "none"),
@@ -35,6 +35,11 @@ TENSOR_SPLITS: dict[str, tuple[SplitKind, Unit]] = {
     "mlp.up_proj.bias": ("out", "mlp"),
     "mlp.down_proj.weight": ("in", "mlp"),
     "mlp.down_proj.bias": ("rank0", "none"),
+    # Outside the layers: the LM head is vocab-parallel (each rank computes its slice of the
+    # logits, rank 0 gathers), so no rank streams the whole head every token.
+    "lm_head.weight": ("out", "vocab"),
+    "model.embed_tokens.weight": ("out", "vocab"),  # as the LM head when tied
+    "model.norm.weight": ("replicated", "none"),
 }
 
 
@@ -57,6 +62,8 @@ class LocalDims:
     mlp_start: int
     local_intermediate: int
     head_dim: int
+    vocab_start: int = 0
+    local_vocab: int = 0
 
     @property
     def uniform_groups(self) -> bool:
@@ -74,6 +81,8 @@ class LocalDims:
             return self.kv_start * self.head_dim, (self.kv_start + self.n_local_kv_heads) * self.head_dim
         if unit == "mlp":
             return self.mlp_start, self.mlp_start + self.local_intermediate
+        if unit == "vocab":
+            return self.vocab_start, self.vocab_start + self.local_vocab
         raise ValueError(f"unit {unit!r} has no slice")
 
 
@@ -109,6 +118,7 @@ def local_dims(config: LlamaConfig, world_size: int, weights: list[float] | None
         )
     heads = split_integer(config.num_heads, weights)
     cols = split_integer(config.intermediate_size, weights)
+    vocab = split_integer(config.vocab_size, weights)
     for rank, (h, c) in enumerate(zip(heads, cols, strict=True)):
         if h == 0 or c == 0:
             raise PlanError(
@@ -118,11 +128,12 @@ def local_dims(config: LlamaConfig, world_size: int, weights: list[float] | None
             )
     group = config.kv_group_size
     plans = []
-    for rank, (h0, h, f0, f) in enumerate(zip(_starts(heads), heads, _starts(cols), cols, strict=True)):
+    rows = zip(_starts(heads), heads, _starts(cols), cols, _starts(vocab), vocab, strict=True)
+    for rank, (h0, h, f0, f, v0, v) in enumerate(rows):
         kv0, kv1 = h0 // group, (h0 + h - 1) // group + 1
         kv_map = tuple((h0 + j) // group - kv0 for j in range(h))
         plans.append(LocalDims(rank, world_size, h0, h, kv0, kv1 - kv0, kv_map, f0, f,
-                               config.head_dim))
+                               config.head_dim, v0, v))
     return plans
 
 

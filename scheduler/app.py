@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.client_exceptions import ClientConnectionResetError
 
 from models.generation import Engine, TokenEvent, generate
 from scheduler import openai_api as api
 from scheduler.errors import ApiError, as_api_error, error_body, error_middleware
+from scheduler.metrics import Metrics
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,41 @@ class ServerSettings:
 
 ENGINE = web.AppKey("engine", Engine)
 SETTINGS = web.AppKey("settings", ServerSettings)
+METRICS = web.AppKey("metrics", Metrics)
+
+
+async def _observed(metrics: Metrics, stream: AsyncIterator[TokenEvent], prompt_len: int) -> AsyncIterator[TokenEvent]:
+    """Pass events through while recording time to first token and time per output token."""
+    last = time.perf_counter()
+    first = True
+    metrics.running.inc()
+    try:
+        async for event in stream:
+            now = time.perf_counter()
+            if first:
+                metrics.ttft.observe(now - last)
+                metrics.prompt_tokens.inc(prompt_len)
+            else:
+                metrics.tpot.observe(now - last)
+            first, last = False, now
+            metrics.tokens.inc()
+            yield event
+    finally:
+        metrics.running.dec()
+        await stream.aclose()
+
+
+def _generate(request: web.Request, req: api.ParsedRequest) -> AsyncIterator[TokenEvent]:
+    stream = generate(request.app[ENGINE], req.prompt_ids, req.params)
+    return _observed(request.app[METRICS], stream, len(req.prompt_ids))
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler):
+    response = await handler(request)
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unknown"
+    request.app[METRICS].requests.labels(route, str(response.status)).inc()
+    return response
 
 
 def _check_model(body: Any, settings: ServerSettings) -> None:
@@ -63,10 +102,10 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     head = {"id": rid, "created": created, "model": settings.served_name,
             "object": "chat.completion" if chat else "text_completion"}
     if req.stream:
-        return await _stream(request, engine, req, head)
+        return await _stream(request, req, head)
     events: list[TokenEvent] = []
     async with asyncio.timeout(settings.request_timeout):
-        async for event in generate(engine, req.prompt_ids, req.params):
+        async for event in _generate(request, req):
             events.append(event)
     text = "".join(e.text for e in events)
     choice = _choice(req, engine, events, text, events[-1].finish_reason)
@@ -74,10 +113,18 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
                                      "usage": api.usage(len(req.prompt_ids), len(events))})
 
 
-async def _stream(request: web.Request, engine: Engine, req: api.ParsedRequest, head: dict) -> web.StreamResponse:
-    """Server-sent events; an error after the first byte is sent as an error event, then [DONE]."""
-    stream = generate(engine, req.prompt_ids, req.params)
-    first = await anext(stream)  # errors before any output still become a proper HTTP status
+async def _stream(request: web.Request, req: api.ParsedRequest, head: dict) -> web.StreamResponse:
+    """Server-sent events; an error after the first byte is sent as an error event, then [DONE].
+
+    A client that disconnects stops the generation: the stream is closed, which frees the KV cache.
+    """
+    engine = request.app[ENGINE]
+    stream = _generate(request, req)
+    try:
+        first = await anext(stream)  # errors before any output still become a proper HTTP status
+    except BaseException:
+        await stream.aclose()
+        raise
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     chunk_head = head | {"object": "chat.completion.chunk" if req.chat else "text_completion"}
@@ -98,6 +145,10 @@ async def _stream(request: web.Request, engine: Engine, req: api.ParsedRequest, 
                 choice["delta"] = {"content": choice.pop("message")["content"]}
             await send(chunk_head | {"choices": [choice]})
             event = await anext(stream, None)
+    except (ClientConnectionResetError, ConnectionResetError):
+        request.app[METRICS].cancelled.inc()
+        await stream.aclose()
+        return response
     except Exception as e:  # noqa: BLE001 - headers are gone; report in-band and end the stream
         await send(error_body(as_api_error(e)))
     finally:
@@ -124,6 +175,11 @@ async def models(request: web.Request) -> web.Response:
          "max_model_len": request.app[ENGINE].config.max_position_embeddings}]})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     missing = engine.missing_ranks() if hasattr(engine, "missing_ranks") else []
@@ -135,13 +191,16 @@ async def health(request: web.Request) -> web.Response:
 
 def create_app(engine: Engine, settings: ServerSettings) -> web.Application:
     """The HTTP front end over an engine (one device or a cluster master)."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=8 * 1024 * 1024)
+    app = web.Application(middlewares=[metrics_middleware, error_middleware],
+                          client_max_size=8 * 1024 * 1024)
     app[ENGINE] = engine
     app[SETTINGS] = settings
+    app[METRICS] = Metrics(getattr(engine, "snapshot", None))
     app.router.add_routes([
         web.post("/v1/completions", completions),
         web.post("/v1/chat/completions", chat_completions),
         web.get("/v1/models", models),
         web.get("/health", health),
+        web.get("/metrics", metrics),
     ])
     return app

@@ -90,6 +90,18 @@ class StarAllReduce:
         return out
 
 
+    async def gather(self, x: np.ndarray) -> np.ndarray | None:
+        """Concatenate every rank's 1-D slice in rank order at the hub (None elsewhere)."""
+        self._seq += 1
+        if self.rank != 0:
+            await self._channels[0].send({"t": "ga", "s": self._seq, "x": pack_array(x)})
+            return None
+        parts = [x]
+        for r in range(1, self.world_size):
+            msg = await _recv_current(self._channels[r], "ga", self._seq, self.timeout)
+            parts.append(unpack_array(msg["x"]))
+        return np.concatenate(parts)
+
     async def abort(self, reason: str) -> None:
         """Hub only: release ranks waiting in the current all-reduce after a peer failed."""
         for ch in list(self._channels.values()):

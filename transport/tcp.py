@@ -29,6 +29,7 @@ class _FrameProtocol(asyncio.Protocol):
         self.authenticated = False
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.bytes_received = 0
         self._writable = asyncio.Event()
         self._writable.set()
 
@@ -41,6 +42,7 @@ class _FrameProtocol(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
         try:
             self.parser.feed(data)
         except FrameError as e:
@@ -121,6 +123,10 @@ class TcpChannel:
     async def recv(self, tag: str, timeout: float) -> Message:
         """Raises CollectiveTimeout or ChannelClosed; the caller decides what fails."""
         return await self._proto.inbox.get(tag, timeout, self.peer)
+
+    @property
+    def bytes_received(self) -> int:
+        return self._proto.bytes_received
 
     @property
     def closed(self) -> bool:

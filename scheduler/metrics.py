@@ -1,0 +1,55 @@
+"""Prometheus metrics of one server: requests, latency histograms, tokens, cluster transport."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class _ClusterCollector(Collector):
+    """Reads live counters of the engine at scrape time (bytes per link, resident weights)."""
+
+    def __init__(self, snapshot: Callable[[], dict]):
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable:
+        snap = self._snapshot()
+        sent = CounterMetricFamily("edge_transport_bytes_sent", "Bytes rank 0 sent to each rank",
+                                   labels=["rank"])
+        received = CounterMetricFamily("edge_transport_bytes_received", "Bytes rank 0 received from each rank",
+                                       labels=["rank"])
+        weights = GaugeMetricFamily("edge_worker_weight_bytes", "Resident weight bytes per rank", labels=["rank"])
+        for rank, link in snap.get("links", {}).items():
+            sent.add_metric([str(rank)], link["sent"])
+            received.add_metric([str(rank)], link["received"])
+        for rank, nbytes in snap.get("weight_bytes", {}).items():
+            weights.add_metric([str(rank)], nbytes)
+        yield from (sent, received, weights)
+
+
+class Metrics:
+    """One registry per app, so several servers in one process (tests) never share counters."""
+
+    def __init__(self, cluster_snapshot: Callable[[], dict] | None = None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("edge_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.tokens = Counter("edge_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("edge_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.ttft = Histogram("edge_time_to_first_token_seconds", "Time to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("edge_time_per_output_token_seconds", "Time per output token after the first",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("edge_requests_running", "Requests generating now", registry=r)
+        self.cancelled = Counter("edge_requests_cancelled", "Generations stopped because the client left",
+                                 registry=r)
+        if cluster_snapshot is not None:
+            r.register(_ClusterCollector(cluster_snapshot))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

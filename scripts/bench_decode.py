@@ -1,0 +1,180 @@
+"""Decode benchmark: time to first token, time per output token and bytes per token per rank,
+for `edge-llm cluster` with N = 1..4 workers next to transformers' own generate() on the same
+checkpoint and the same cores. Writes bench/decode.json and bench/decode.md.
+
+    .venv/bin/python scripts/bench_decode.py [--model DIR | --preset large] [--workers 1,2,3,4]
+
+Rounds alternate between the systems so drift of the machine hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+PROMPT = list(range(1, 17))
+HF_SCRIPT = r"""
+import json, sys, time, torch, transformers
+torch.set_num_threads(int(sys.argv[2]))
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+ids = torch.tensor([json.loads(sys.argv[3])]); mask = torch.ones_like(ids)
+def run(n):
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                       pad_token_id=None)
+    return time.perf_counter() - t
+run(2)
+for line in sys.stdin:
+    n = int(line)
+    t1, tn = run(1), run(n)
+    print(json.dumps({"ttft": t1, "tpot": (tn - t1) / (n - 1)}), flush=True)
+"""
+
+
+class Cluster:
+    def __init__(self, model: str, workers: int):
+        cmd = [sys.executable, "-m", "edge_llm", "cluster", "--model", model, "--workers", str(workers),
+               "--port", "0"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.url = ""
+        while not self.url:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("cluster failed to start")
+            if m := re.search(r"on (http://\S+)", line):
+                self.url = m[1]
+
+    def request(self, n: int) -> list[float]:
+        """Arrival times of the n streamed tokens, relative to the request."""
+        body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True}
+        req = urllib.request.Request(f"{self.url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        start, times = time.perf_counter(), []
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            for line in resp:
+                if line.startswith(b"data: {"):
+                    times.append(time.perf_counter() - start)
+        return times
+
+    def link_bytes(self) -> dict[str, dict[str, float]]:
+        text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
+        out: dict[str, dict[str, float]] = {}
+        for kind, rank, value in re.findall(r'edge_transport_bytes_(sent|received)_total\{rank="(\d+)"\} (\S+)', text):
+            out.setdefault(rank, {})[kind] = float(value)
+        return out
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+def decode_bytes_per_token(cluster: Cluster, n: int) -> dict[str, dict[str, float]]:
+    """Bytes per decode token on each master<->rank link: (bytes of an n-token run - 1-token run) / (n-1)."""
+    def delta(tokens: int) -> dict[str, dict[str, float]]:
+        before = cluster.link_bytes()
+        cluster.request(tokens)
+        after = cluster.link_bytes()
+        return {r: {k: after[r][k] - before[r][k] for k in after[r]} for r in after}
+
+    one, many = delta(1), delta(n)
+    return {r: {k: (many[r][k] - one[r][k]) / (n - 1) for k in many[r]} for r in many}
+
+
+def formula(config: dict, workers: int) -> dict[str, float]:
+    """Payload bytes per decode token: 2 all-reduces of D floats per layer, plus the step and logits."""
+    d, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    per_worker_up = 2 * layers * d * 4 + vocab / workers * 4  # partials + its slice of the logits
+    per_worker_down = d * 4 + 2 * layers * d * 4  # the step's hidden state + the sums
+    return {"worker_sends": per_worker_up, "master_sends_each": per_worker_down}
+
+
+def bench_hf(model: str, threads: int, rounds: int, n: int) -> dict:
+    proc = subprocess.Popen([sys.executable, "-c", HF_SCRIPT, model, str(threads), json.dumps(PROMPT)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    samples = []
+    for _ in range(rounds):
+        proc.stdin.write(f"{n}\n")
+        proc.stdin.flush()
+        samples.append(json.loads(proc.stdout.readline()))
+    proc.stdin.close()
+    proc.wait()
+    return {"ttft_ms": 1000 * statistics.median(s["ttft"] for s in samples),
+            "tpot_ms": 1000 * statistics.median(s["tpot"] for s in samples), "rounds": rounds}
+
+
+def bench_cluster(model: str, workers: int, rounds: int, n: int) -> dict:
+    cluster = Cluster(model, workers)
+    try:
+        cluster.request(4)  # warm-up: page in weights, JIT nothing
+        ttfts, tpots = [], []
+        for _ in range(rounds):
+            times = cluster.request(n)
+            ttfts.append(times[0])
+            tpots.append(statistics.median(b - a for a, b in zip(times, times[1:])))
+        result = {"ttft_ms": 1000 * statistics.median(ttfts), "tpot_ms": 1000 * statistics.median(tpots),
+                  "rounds": rounds}
+        if workers > 1:
+            result["bytes_per_token"] = decode_bytes_per_token(cluster, 9)
+        return result
+    finally:
+        cluster.stop()
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(exist_ok=True)
+    (out / "decode.json").write_text(json.dumps(results, indent=2))
+    hf = results["transformers"]
+    lines = [f"Model: {results['model']} ({results['model_bytes'] / 1e9:.2f} GB fp32), prompt {len(PROMPT)} "
+             f"tokens, {results['new_tokens']} new tokens, {results['cores']} cores, median of "
+             f"{hf['rounds']} rounds.", "",
+             "| system | TTFT ms | time per output token ms | vs transformers | bytes/token worker->master | formula |",
+             "|---|---|---|---|---|---|",
+             f"| transformers generate() ({results['cores']} threads) | {hf['ttft_ms']:.0f} | {hf['tpot_ms']:.1f} | 1.00 | | |"]
+    for n, r in results["edge"].items():
+        bpt = r.get("bytes_per_token", {})
+        measured = ", ".join(f"r{k}: {v['received']:.0f}" for k, v in sorted(bpt.items()))
+        expected = f"{results['formula'][n]['worker_sends']:.0f}" if n in results["formula"] else ""
+        lines.append(f"| edge-llm cluster, {n} worker(s) | {r['ttft_ms']:.0f} | {r['tpot_ms']:.1f} | "
+                     f"{r['tpot_ms'] / hf['tpot_ms']:.2f} | {measured} | {expected} |")
+    (out / "decode.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model")
+    parser.add_argument("--preset", default="large")
+    parser.add_argument("--workers", default="1,2,3,4")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=33)
+    parser.add_argument("--out", default="bench")
+    args = parser.parse_args()
+    model = args.model or f"models-cache/{args.preset}"
+    if not Path(model, "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "edge_llm", "make-model", model, "--preset", args.preset], check=True)
+    config = json.loads(Path(model, "config.json").read_text())
+    cores = os.cpu_count() or 1
+    results = {"model": model, "model_bytes": sum(p.stat().st_size for p in Path(model).glob("*.safetensors")),
+               "new_tokens": args.new_tokens, "cores": cores, "edge": {}, "formula": {}}
+    results["transformers"] = bench_hf(model, cores, args.rounds, args.new_tokens)
+    print("transformers", results["transformers"], flush=True)
+    for n in (int(w) for w in args.workers.split(",")):
+        results["edge"][str(n)] = bench_cluster(model, n, args.rounds, args.new_tokens)
+        if n > 1:
+            results["formula"][str(n)] = formula(config, n)
+        print(f"{n} worker(s)", results["edge"][str(n)], flush=True)
+    write(results, Path(args.out))
+    print((Path(args.out) / "decode.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
