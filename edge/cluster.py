@@ -29,6 +29,10 @@ class HttpSettings:
     port: int = 8000
     served_name: str | None = None
     ready_timeout: float = 300.0
+    max_running: int = 16
+    max_queue: int = 64
+    request_timeout: float = 600.0
+    api_key: str | None = None
 
 
 def threads_per_process(world_size: int) -> int:
@@ -49,7 +53,9 @@ def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads
 
 async def _serve_http(engine: ClusterEngine, http: HttpSettings) -> web.AppRunner:
     name = http.served_name or Path(engine.settings.model).resolve().name
-    runner = web.AppRunner(create_app(engine, ServerSettings(served_name=name)), handle_signals=False)
+    server = ServerSettings(served_name=name, request_timeout=http.request_timeout,
+                            max_running=http.max_running, max_queue=http.max_queue, api_key=http.api_key)
+    runner = web.AppRunner(create_app(engine, server), handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, http.host, http.port)
     await site.start()

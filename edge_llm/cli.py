@@ -66,6 +66,10 @@ def _cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one)")
     p.add_argument("--served-name")
     p.add_argument("--secret-file", help="cluster secret (default: a fresh random one)")
+    p.add_argument("--max-running", type=int, default=16, help="requests generating at once")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting; beyond it 429")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     _cluster_flags(p)
     p.set_defaults(func=commands.cluster)
 

@@ -137,7 +137,10 @@ def cluster(args: argparse.Namespace) -> None:
                               weights=_weights(args.weights, args.workers), secret=_secret(args.secret_file),
                               step_timeout=args.step_timeout,
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps))
-    _run_master(settings, HttpSettings(args.host, args.port, args.served_name), spawn=True)
+    http = HttpSettings(args.host, args.port, args.served_name, max_running=args.max_running,
+                        max_queue=args.max_queue, request_timeout=args.request_timeout,
+                        api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"))
+    _run_master(settings, http, spawn=True)
 
 
 def serve(args: argparse.Namespace) -> None:

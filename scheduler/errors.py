@@ -18,9 +18,10 @@ class ApiError(Exception):
     """A client-visible error: status, OpenAI error type, message, offending parameter."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
 
 
 def error_body(err: ApiError) -> dict:
@@ -28,7 +29,7 @@ def error_body(err: ApiError) -> dict:
 
 
 def error_response(err: ApiError) -> web.Response:
-    return web.json_response(error_body(err), status=err.status)
+    return web.json_response(error_body(err), status=err.status, headers=err.headers)
 
 
 def as_api_error(e: Exception) -> ApiError:
@@ -37,6 +38,8 @@ def as_api_error(e: Exception) -> ApiError:
         return e
     if isinstance(e, GenerationError):
         return ApiError(400, str(e), param="prompt")
+    if isinstance(e, TimeoutError):
+        return ApiError(504, "the request timed out before it finished", "timeout", code="timeout")
     if isinstance(e, WorkerUnavailable | TransportError):
         return ApiError(503, f"the edge cluster cannot serve this request: {e}", "service_unavailable",
                         code="worker_unavailable")
@@ -51,7 +54,8 @@ async def error_middleware(request: web.Request, handler):
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return error_response(ApiError(e.status, e.reason or "error", "invalid_request_error"))
+        kind = "not_found_error" if e.status == 404 else "invalid_request_error"
+        return error_response(ApiError(e.status, f"{e.reason}: {request.method} {request.path}", kind))
     except json.JSONDecodeError as e:
         return error_response(ApiError(400, f"request body is not valid JSON: {e}"))
     except Exception as e:  # noqa: BLE001 - the one place every error becomes an HTTP answer

@@ -45,7 +45,8 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("edge_time_per_output_token_seconds", "Time per output token after the first",
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.running = Gauge("edge_requests_running", "Requests generating now", registry=r)
+        self.running = Gauge("edge_requests_running", "Generations running now", registry=r)
+        self.queue = Gauge("edge_queue_depth", "Requests waiting for a generation slot", registry=r)
         self.cancelled = Counter("edge_requests_cancelled", "Generations stopped because the client left",
                                  registry=r)
         if cluster_snapshot is not None:

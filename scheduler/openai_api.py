@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,6 +16,9 @@ from scheduler.errors import ApiError
 MAX_STOP = 4
 
 
+MAX_N = 8
+
+
 @dataclass(frozen=True)
 class ParsedRequest:
     prompt_ids: list[int]
@@ -23,6 +27,24 @@ class ParsedRequest:
     return_token_ids: bool
     include_usage: bool
     chat: bool
+    n: int = 1
+    want_logprobs: bool = False
+    echo_text: str = ""
+
+
+async def read_json(request: Any) -> Any:
+    """The request body as JSON; raises ApiError(400) that quotes the parser."""
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from e
+
+
+def check_model(body: Any, served_name: str) -> None:
+    model = body.get("model") if isinstance(body, dict) else None
+    if model is not None and model != served_name:
+        raise ApiError(404, f"model {model!r} does not exist; this server serves {served_name!r}",
+                       "not_found_error", param="model", code="model_not_found")
 
 
 def _typed(body: dict, key: str, types: type | tuple, default: Any) -> Any:
@@ -95,23 +117,32 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
     top_p = float(_typed(body, "top_p", (int, float), 1.0))
     _in_range("top_p", top_p, 1e-9, 1.0)
     n = _typed(body, "n", int, 1)
-    if n != 1:
-        raise ApiError(400, "'n' > 1 is not supported yet; send separate requests", param="n")
+    _in_range("n", n, 1, MAX_N)
     if chat:
-        top = _typed(body, "top_logprobs", int, 0) if _typed(body, "logprobs", bool, False) else 0
+        want_logprobs = _typed(body, "logprobs", bool, False)
+        top = _typed(body, "top_logprobs", int, 0)
+        _in_range("top_logprobs", top, 0, 20)
     else:
+        want_logprobs = body.get("logprobs") is not None
         top = _typed(body, "logprobs", int, 0)
-    _in_range("logprobs", top, 0, 5 if not chat else 20)
+        _in_range("logprobs", top, 0, 5)
+    top_k = _typed(body, "top_k", int, 0)
+    _in_range("top_k", top_k, -1, 1 << 20)
+    for key in ("presence_penalty", "frequency_penalty"):
+        _in_range(key, float(_typed(body, key, (int, float), 0.0)), -2.0, 2.0)
     seed = _typed(body, "seed", int, None)
     stream_options = _typed(body, "stream_options", dict, {})
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                            top_k=_typed(body, "top_k", int, 0), seed=seed, stop=_stop(body),
+                            top_k=max(top_k, 0), seed=seed, stop=_stop(body),
                             ignore_eos=_typed(body, "ignore_eos", bool, False), logprobs=top,
                             presence_penalty=float(_typed(body, "presence_penalty", (int, float), 0.0)),
                             frequency_penalty=float(_typed(body, "frequency_penalty", (int, float), 0.0)))
+    echo = not chat and _typed(body, "echo", bool, False)
+    echo_text = (body["prompt"] if isinstance(body["prompt"], str) else tokenizer.decode(prompt_ids)) \
+        if echo else ""
     return ParsedRequest(prompt_ids, params, _typed(body, "stream", bool, False),
                          _typed(body, "return_token_ids", bool, False),
-                         bool(stream_options.get("include_usage", False)), chat)
+                         bool(stream_options.get("include_usage", False)), chat, n, want_logprobs, echo_text)
 
 
 def new_id(chat: bool) -> str:

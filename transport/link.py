@@ -78,7 +78,12 @@ class DelayedWriter:
             self._queue.popleft()
             self._write(data)
 
-    async def aclose(self) -> None:
+    async def aclose(self, flush_timeout: float = 5.0) -> None:
+        """Deliver what is already on the emulated wire (a real link would), then stop."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flush_timeout
+        while self._queue and loop.time() < deadline and not self._task.done():
+            await asyncio.sleep(max(0.0, min(self._queue[-1][0] - loop.time(), 0.05)) or 0.001)
         self._task.cancel()
         try:
             await self._task

@@ -1,0 +1,175 @@
+"""`/v1/completions` and `/v1/chat/completions`: one flow, two response shapes, streamed or not."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import web
+from aiohttp.client_exceptions import ClientConnectionResetError
+
+from models.generation import TokenEvent, generate
+from scheduler import openai_api as api
+from scheduler.errors import ApiError, as_api_error, error_body
+from scheduler.state import ADMISSION, ENGINE, METRICS, SETTINGS
+
+Indexed = tuple[int, TokenEvent]
+
+
+async def _observed(request: web.Request, stream: AsyncIterator[TokenEvent],
+                    prompt_len: int) -> AsyncIterator[TokenEvent]:
+    """Pass events through while recording time to first token and time per output token."""
+    metrics = request.app[METRICS]
+    last, first = time.perf_counter(), True
+    metrics.running.inc()
+    try:
+        async for event in stream:
+            now = time.perf_counter()
+            if first:
+                metrics.ttft.observe(now - last)
+                metrics.prompt_tokens.inc(prompt_len)
+            else:
+                metrics.tpot.observe(now - last)
+            first, last = False, now
+            metrics.tokens.inc()
+            yield event
+    finally:
+        metrics.running.dec()
+        await stream.aclose()
+
+
+async def _merged(request: web.Request, req: api.ParsedRequest) -> AsyncIterator[Indexed]:
+    """The events of all `n` choices as (index, event), interleaved as they are produced."""
+    streams = []
+    for i in range(req.n):
+        params = req.params if req.params.seed is None else replace(req.params, seed=req.params.seed + i)
+        stream = generate(request.app[ENGINE], req.prompt_ids, params)
+        streams.append(_observed(request, stream, len(req.prompt_ids)))
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in sorted(done, key=pending.__getitem__):
+                i = pending.pop(fut)
+                event = fut.result()  # a failed choice fails the request
+                yield i, event
+                if event.finish_reason is None:
+                    pending[asyncio.ensure_future(anext(streams[i]))] = i
+    finally:
+        for fut in pending:
+            fut.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+
+
+def _choice(request: web.Request, req: api.ParsedRequest, index: int, events: list[TokenEvent],
+            text: str, finish: str | None, offset: int = 0) -> dict[str, Any]:
+    tokenizer = request.app[ENGINE].tokenizer
+    choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
+    if req.chat:
+        choice["message"] = {"role": "assistant", "content": text}
+        if req.want_logprobs:
+            choice["logprobs"] = api.chat_logprobs(events, tokenizer)
+    else:
+        choice["text"] = text
+        if req.want_logprobs:
+            choice["logprobs"] = api.completion_logprobs(events, tokenizer, offset)
+    if req.return_token_ids:
+        choice["token_ids"] = [e.token_id for e in events]
+    return choice
+
+
+async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
+    """Parse, admit, generate; the error middleware maps whatever is raised to a status."""
+    engine, settings = request.app[ENGINE], request.app[SETTINGS]
+    body = await api.read_json(request)
+    api.check_model(body, settings.served_name)
+    req = api.parse_request(body, engine.tokenizer, engine.config.max_position_embeddings, chat)
+    head = {"id": api.new_id(chat), "created": api.now(), "model": settings.served_name,
+            "object": "chat.completion" if chat else "text_completion"}
+    async with request.app[ADMISSION].slot():
+        if req.stream:
+            return await _stream(request, req, head)
+        async with asyncio.timeout(settings.request_timeout):
+            return await _whole(request, req, head)
+
+
+async def _whole(request: web.Request, req: api.ParsedRequest, head: dict) -> web.Response:
+    events: list[list[TokenEvent]] = [[] for _ in range(req.n)]
+    async for i, event in _merged(request, req):
+        events[i].append(event)
+    prefix = req.echo_text
+    choices = [_choice(request, req, i, evs, prefix + "".join(e.text for e in evs), evs[-1].finish_reason,
+                       len(prefix)) for i, evs in enumerate(events)]
+    completion_tokens = sum(len(evs) for evs in events)
+    return web.json_response(head | {"choices": choices,
+                                     "usage": api.usage(len(req.prompt_ids), completion_tokens)})
+
+
+async def _stream(request: web.Request, req: api.ParsedRequest, head: dict) -> web.StreamResponse:
+    """Server-sent events ending in `data: [DONE]`; an error after the headers is an error event.
+
+    A client that disconnects stops the generation: the streams close, which frees the KV caches.
+    """
+    merged = _merged(request, req)
+    try:
+        first = await anext(merged)  # errors before any output still get a proper HTTP status
+    except BaseException:
+        await merged.aclose()
+        raise
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    chunk_head = head | {"object": "chat.completion.chunk" if req.chat else "text_completion"}
+
+    async def send(obj: dict) -> None:
+        await response.write(f"data: {json.dumps(obj)}\n\n".encode())
+
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].request_timeout):
+            await _send_events(request, req, chunk_head, first, merged, send)
+    except (ClientConnectionResetError, ConnectionResetError):
+        request.app[METRICS].cancelled.inc()
+        return response
+    except Exception as e:  # noqa: BLE001 - headers are gone; report in-band, then end the stream
+        await send(error_body(as_api_error(e)))
+    finally:
+        await merged.aclose()
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _send_events(request: web.Request, req: api.ParsedRequest, chunk_head: dict, first: Indexed,
+                       merged: AsyncIterator[Indexed], send) -> None:
+    offsets, count = [len(req.echo_text)] * req.n, 0
+    for i in range(req.n):
+        opening = {"role": "assistant", "content": ""} if req.chat else None
+        if opening or req.echo_text:
+            delta = {"delta": opening} if req.chat else {"text": req.echo_text, "logprobs": None}
+            await send(chunk_head | {"choices": [{"index": i, "finish_reason": None} | delta]})
+    item: Indexed | None = first
+    while item is not None:
+        i, event = item
+        count += 1
+        choice = _choice(request, req, i, [event], event.text, event.finish_reason, offsets[i])
+        offsets[i] += len(event.text)
+        if req.chat:
+            choice["delta"] = {"content": choice.pop("message")["content"]}
+        await send(chunk_head | {"choices": [choice]})
+        item = await anext(merged, None)
+    if req.include_usage:
+        await send(chunk_head | {"choices": [], "usage": api.usage(len(req.prompt_ids), count)})
+
+
+def ensure_api_key(request: web.Request, api_key: str | None) -> None:
+    """Bearer-token check on /v1 routes; raises ApiError(401)."""
+    if api_key is None or not request.path.startswith("/v1/"):
+        return
+    if request.headers.get("Authorization", "") != f"Bearer {api_key}":
+        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                       "authentication_error", code="invalid_api_key")

@@ -1,0 +1,28 @@
+"""Typed application state (aiohttp AppKeys) shared by the handlers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from models.generation import Engine
+from scheduler.admission import Admission
+from scheduler.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the front end enforces; every field has a command-line flag."""
+
+    served_name: str
+    request_timeout: float = 600.0
+    max_running: int = 16
+    max_queue: int = 64
+    api_key: str | None = None
+
+
+ENGINE = web.AppKey("engine", Engine)
+SETTINGS = web.AppKey("settings", ServerSettings)
+METRICS = web.AppKey("metrics", Metrics)
+ADMISSION = web.AppKey("admission", Admission)

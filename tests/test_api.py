@@ -1,0 +1,227 @@
+"""The OpenAI-compatible API of a live 2-worker cluster, driven by the official `openai` package."""
+
+import asyncio
+import json
+
+import aiohttp
+import openai
+import psutil
+import pytest
+from cluster_proc import ClusterProcess
+from hf_reference import hf_greedy, make_hf_checkpoint
+
+from models.config import load_config
+from models.tokenizer import load_tokenizer
+
+API_KEY = "k-" + "z" * 20
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "llama", seed=6)
+
+
+@pytest.fixture(scope="module")
+def cluster(model, tmp_path_factory):
+    proc = ClusterProcess(model, 2, tmp_path_factory.mktemp("cluster"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def busy_cluster(model, tmp_path_factory):
+    """Two generation slots, a queue of four, and an API key."""
+    proc = ClusterProcess(model, 2, tmp_path_factory.mktemp("busy"), "--max-running", "2",
+                          "--max-queue", "4", "--api-key", API_KEY)
+    yield proc
+    proc.stop()
+
+
+def client(cluster, key="none") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+async def oai(cluster):
+    async with client(cluster) as c:
+        yield c
+
+
+@pytest.fixture
+async def busy_oai(busy_cluster):
+    async with client(busy_cluster, API_KEY) as c:
+        yield c
+
+
+async def test_models_lists_the_served_name(oai, model):
+    models = await oai.models.list()
+    assert [m.id for m in models.data] == [model.name]
+
+
+async def test_streamed_text_equals_whole_text_for_the_same_seed(cluster, oai):
+    c = oai
+    args = dict(model=cluster.model.name, prompt="The quick brown fox", max_tokens=30, temperature=0.9,
+                top_p=0.95, seed=1234)
+    whole = await c.completions.create(**args)
+    pieces = [chunk.choices[0].text async for chunk in await c.completions.create(**args, stream=True)
+              if chunk.choices]
+    assert "".join(pieces) == whole.choices[0].text
+    assert whole.usage.completion_tokens == 30 or whole.choices[0].finish_reason == "stop"
+    other = await c.completions.create(**(args | {"seed": 99}))
+    assert other.choices[0].text != whole.choices[0].text  # the seed matters
+
+
+async def test_chat_greedy_equals_transformers(oai, model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
+    prompt_ids = load_tokenizer(model, load_config(model)).encode_chat(messages)
+    ref_tokens, ref_logprobs = hf_greedy(model, prompt_ids, 20)
+    c = oai
+    resp = await c.chat.completions.create(model=model.name, messages=messages, max_tokens=20, temperature=0,
+                                           logprobs=True, top_logprobs=2,
+                                           extra_body={"return_token_ids": True})
+    choice = resp.choices[0]
+    assert choice.model_extra["token_ids"] == ref_tokens
+    assert [t.logprob for t in choice.logprobs.content] == pytest.approx(ref_logprobs, abs=1e-4)
+    stream = await c.chat.completions.create(model=model.name, messages=messages, max_tokens=20, temperature=0,
+                                             stream=True, stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == choice.message.content
+    assert chunks[-1].usage.completion_tokens == len(ref_tokens)
+
+
+async def test_completion_logprobs_echo_stop_and_n(cluster, oai):
+    c = oai
+    base = await c.completions.create(model=cluster.model.name, prompt="abc", max_tokens=12, temperature=0,
+                                      logprobs=3)
+    lp = base.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 12
+    assert all(len(top) <= 3 for top in lp.top_logprobs)
+    text = base.choices[0].text
+    stop = text[3:6]
+    if stop.strip():
+        cut = await c.completions.create(model=cluster.model.name, prompt="abc", max_tokens=12, temperature=0,
+                                         stop=[stop])
+        assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    echo = await c.completions.create(model=cluster.model.name, prompt="abc", max_tokens=12, temperature=0,
+                                      echo=True)
+    assert echo.choices[0].text == "abc" + text
+    many = await c.completions.create(model=cluster.model.name, prompt="abc", max_tokens=8, temperature=1.0,
+                                      n=3, seed=5, extra_body={"return_token_ids": True})
+    assert sorted(ch.index for ch in many.choices) == [0, 1, 2]
+    assert many.usage.completion_tokens == sum(len(ch.model_extra["token_ids"]) for ch in many.choices)
+    assert len({tuple(ch.model_extra["token_ids"]) for ch in many.choices}) > 1  # seeds differ per choice
+
+
+async def _stream_text(c, prompt: str) -> str:
+    stream = await c.completions.create(prompt=prompt, model=None, max_tokens=24, temperature=0, stream=True)
+    return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+
+async def test_sixteen_concurrent_streams_equal_their_solo_runs(cluster, oai):
+    c = oai
+    prompts = [f"Request number {i}: " for i in range(16)]
+    solo = [await _stream_text(c, p) for p in prompts]
+    master = psutil.Process(cluster.proc.pid)
+    rss_idle = master.memory_info().rss
+    together = await asyncio.wait_for(asyncio.gather(*[_stream_text(c, p) for p in prompts]), 120)
+    assert together == solo
+    metrics = await _metrics(cluster)
+    assert metrics["edge_requests_running"] == 0 and metrics["edge_queue_depth"] == 0
+    assert master.memory_info().rss - rss_idle < 64 * 2**20
+
+
+async def _metrics(cluster) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s, s.get(f"{cluster.url}/metrics") as r:
+        text = await r.text()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line and not line.startswith("#") and "{" not in line}
+
+
+async def test_queue_limit_answers_429_and_nothing_hangs(busy_cluster, busy_oai):
+    c = busy_oai
+
+    async def one(i):
+        try:
+            await c.completions.create(model=busy_cluster.model.name, prompt=f"x{i}", max_tokens=60,
+                                       temperature=0, extra_body={"ignore_eos": True})
+            return 200
+        except openai.RateLimitError as e:
+            assert e.response.headers["Retry-After"] == "1"
+            assert e.body["code"] == "queue_full"
+            return 429
+
+    statuses = await asyncio.wait_for(asyncio.gather(*[one(i) for i in range(16)]), 120)
+    assert statuses.count(200) >= 6 and statuses.count(429) >= 1
+    assert statuses.count(200) + statuses.count(429) == 16
+    assert (await c.completions.create(model=busy_cluster.model.name, prompt="after", max_tokens=4)).choices
+
+
+async def test_api_key_is_required_on_v1_but_not_health(busy_cluster, busy_oai):
+    async with client(busy_cluster, "wrong") as wrong:
+        with pytest.raises(openai.AuthenticationError):
+            await wrong.models.list()
+    assert (await busy_oai.models.list()).data
+    async with aiohttp.ClientSession() as s, s.get(f"{busy_cluster.url}/health") as r:
+        assert r.status == 200
+
+
+async def test_disconnect_stops_generation_and_frees_the_slot(cluster, oai):
+    before = await _metrics(cluster)
+    body = {"prompt": "tell me everything", "max_tokens": 110, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{cluster.url}/v1/completions", json=body) as r:
+            await r.content.readline()
+            await r.content.readline()
+        # the response is closed here, after two lines
+    for _ in range(100):
+        after = await _metrics(cluster)
+        if after["edge_requests_cancelled_total"] > before["edge_requests_cancelled_total"]:
+            break
+        await asyncio.sleep(0.05)
+    assert after["edge_requests_cancelled_total"] == before["edge_requests_cancelled_total"] + 1
+    assert after["edge_requests_running"] == 0
+    generated = after["edge_generated_tokens_total"] - before["edge_generated_tokens_total"]
+    assert generated < 110  # it stopped early
+    resp = await oai.completions.create(model=cluster.model.name, prompt="next", max_tokens=4)
+    assert resp.choices[0].finish_reason in ("length", "stop")
+
+
+BAD = [
+    ("/v1/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, "JSON object"),
+    ("/v1/completions", {"prompt": 5}, 400, "'prompt' must be"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "'max_tokens' must be between"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**9}, 400, "'max_tokens' must be between"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "'max_tokens' has the wrong type"),
+    ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "'temperature' must be between"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "'top_p' must be between"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 9}, 400, "'logprobs' must be between"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "'n' must be between"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
+    ("/v1/completions", {"prompt": "x", "stop": 7}, 400, "'stop' must be"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "'stream' has the wrong type"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
+    ("/v1/completions", {"prompt": [1, 2, 99999]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": [5] * 200}, 413, "context window"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 5}, 400, "'presence_penalty' must be between"),
+    ("/v1/chat/completions", {"messages": []}, 400, "'messages' must be"),
+    ("/v1/chat/completions", {"messages": [{"content": "x"}]}, 400, "'role'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "'content'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 30}, 400,
+     "'top_logprobs' must be between"),
+    ("/v1/nothing", {}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), BAD)
+async def test_bad_input_gets_a_clear_error(cluster, path, body, status, message):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as s, s.post(f"{cluster.url}{path}", data=data,
+                                                    headers={"Content-Type": "application/json"}) as r:
+        assert r.status == status
+        err = (await r.json())["error"]
+    assert message in err["message"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert "Traceback" not in err["message"]
