@@ -6,6 +6,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import queue
 import socket
 import time
 from pathlib import Path
@@ -91,6 +92,19 @@ def _rank_main(rank: int, ports: list[int], gloo_port: int, secret: bytes, size:
         results.put(out)
 
 
+def _first_result(results: mp.Queue, procs: list, timeout: float = 1800) -> dict:
+    """Rank 0's result; fails fast if any rank died instead of waiting out the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"benchmark rank(s) {dead} failed; see their tracebacks above")
+    raise TimeoutError("the benchmark did not finish")
+
+
 def run(workers: int, size: int, iters: int, link: LinkSpec) -> dict:
     """Run all ranks as real processes; returns rank 0's timings (each all-reduce ends in sync)."""
     ctx = mp.get_context("spawn")
@@ -102,7 +116,7 @@ def run(workers: int, size: int, iters: int, link: LinkSpec) -> dict:
     for p in procs:
         p.start()
     try:
-        out = results.get(timeout=600)
+        out = _first_result(results, procs)
     finally:
         for p in procs:
             p.join(timeout=30)

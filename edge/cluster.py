@@ -44,10 +44,16 @@ def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads
     cmd = [sys.executable, "-m", "edge_llm", "worker", "--model", settings.model, "--rank", str(rank),
            "--master", f"127.0.0.1:{master_port}", "--threads", str(threads),
            "--step-timeout", str(settings.step_timeout)]
+    if settings.memory_budget_mb is not None:
+        cmd += ["--memory-budget-mb", str(settings.memory_budget_mb)]
+    if settings.split_dir is not None:
+        cmd += ["--split-dir", settings.split_dir]
     if settings.link is not None and settings.link.active:
         cmd += ["--link-latency-ms", str(settings.link.latency_ms),
                 "--link-bandwidth-mbps", str(settings.link.bandwidth_mbps)]
-    env = os.environ | {SECRET_ENV: settings.secret.decode()}
+    # A fixed mmap threshold lets glibc hand freed layer buffers back to the OS at once, so a
+    # windowed worker's RSS follows its window instead of its high-water mark.
+    env = os.environ | {SECRET_ENV: settings.secret.decode(), "MALLOC_MMAP_THRESHOLD_": "1048576"}
     return subprocess.Popen(cmd, env=env, start_new_session=True)
 
 

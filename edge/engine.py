@@ -7,7 +7,7 @@ compute thread to the event loop for the collectives.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,25 +16,18 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from models.checkpoint import Checkpoint
-from models.llama import KVCache, LayerWeights, forward_layers, load_layer, load_output_head, logits
+from edge.split import SplitError, SplitPlan, default_split_dir, split_model
+from edge.weights import BudgetTooSmall, WeightWindow
+from models.checkpoint import Checkpoint, checkpoint_fingerprint
+from models.config import LlamaConfig
+from models.llama import (HeadWeights, KVCache, LayerWeights, forward_layers, load_layer,
+                          load_output_head, logits)
 from models.rope import RotaryTable
 from models.sharding import LocalDims
 from transport.collectives import StarAllReduce
 
 T = TypeVar("T")
-
-
-def checkpoint_fingerprint(folder: Path | str) -> str:
-    """Identifies a checkpoint by its config and weight-file headers (cheap: no tensor data read)."""
-    folder = Path(folder)
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
-    for path in sorted(folder.glob("*.safetensors")):
-        with path.open("rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            digest.update(path.name.encode() + fh.read(min(size, 1 << 24)))
-        digest.update(str(path.stat().st_size).encode())
-    return digest.hexdigest()[:16]
+log = logging.getLogger("edge_llm.engine")
 
 
 class ShardModel:
@@ -44,19 +37,39 @@ class ShardModel:
     second pool on the event-loop thread would spin and steal the cores of the first.
     """
 
-    def __init__(self, ckpt: Checkpoint, dims: LocalDims):
-        self.config = ckpt.config
-        self.dims = dims
-        self.layers: list[LayerWeights] = [load_layer(ckpt, i, dims) for i in range(self.config.num_layers)]
-        self.output = load_output_head(ckpt, dims)
+    def __init__(self, config: LlamaConfig, dims: LocalDims, layers: Callable[[int], LayerWeights],
+                 output: HeadWeights, nbytes: int, window: WeightWindow | None = None):
+        self.config, self.dims = config, dims
+        self.layers, self.output, self.window = layers, output, window
+        self._nbytes = nbytes
         self.rotary = RotaryTable(self.config)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-r{dims.rank}")
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, dims: LocalDims) -> ShardModel:
+        """Every layer resident, sliced straight from the Hugging Face files."""
+        layers = [load_layer(ckpt, i, dims) for i in range(ckpt.config.num_layers)]
+        output = load_output_head(ckpt, dims)
+        nbytes = sum(w.nbytes() for w in layers) + output.lm_head.nbytes
+        return cls(ckpt.config, dims, layers.__getitem__, output, nbytes)
+
+    @classmethod
+    def from_split(cls, config: LlamaConfig, dims: LocalDims, folder: Path, plan: SplitPlan,
+                   budget_bytes: int, kv_reserve_tokens: int = 2048) -> ShardModel:
+        """Layers from per-layer shard files through a window that fits `budget_bytes`."""
+        reserve = kv_bytes_per_token(config, dims) * min(kv_reserve_tokens, config.max_position_embeddings)
+        window = WeightWindow(folder, plan, dims.rank, config.num_layers, budget_bytes, reserve)
+        return cls(config, dims, window, window.head, window.nbytes(), window)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers, self.dims.n_local_kv_heads, self.config.head_dim)
 
     def nbytes(self) -> int:
-        return sum(w.nbytes() for w in self.layers) + self.output.lm_head.nbytes
+        """Resident weight bytes (with a window: what stays, not what streams)."""
+        return self._nbytes
+
+    def stats(self) -> dict[str, float]:
+        return self.window.stats.as_dict() if self.window is not None else {}
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run torch work on this rank's compute thread."""
@@ -74,12 +87,39 @@ class ShardModel:
 
         def run() -> np.ndarray:
             with torch.inference_mode():
-                out = forward_layers(h, self.layers.__getitem__, self.config, self.dims, kv,
-                                     self.rotary, reduce)
+                out = forward_layers(h, self.layers, self.config, self.dims, kv, self.rotary, reduce)
                 return logits(out[:, -1:], self.output, self.config.rms_norm_eps)[0, -1].numpy()
 
         local = await self.run(run)  # [V_local]: this rank's vocabulary slice
-        return await star.gather(local)
+        return await star.gather(local, self.stats() or None)
 
     def close(self) -> None:
         self.compute.shutdown(wait=False, cancel_futures=True)
+        if self.window is not None:
+            self.window.close()
+
+
+def kv_bytes_per_token(config: LlamaConfig, dims: LocalDims) -> int:
+    """KV-cache bytes one token costs on this rank: 2 x layers x local KV heads x head_dim x 4."""
+    return 2 * config.num_layers * dims.n_local_kv_heads * config.head_dim * 4
+
+
+def load_shard(ckpt: Checkpoint, dims: LocalDims, world_size: int, weights: list[float] | None,
+               budget_mb: float | None, split_dir: str | Path | None, split_all: bool = False) -> ShardModel:
+    """This rank's shard: resident from the checkpoint, or windowed from split files under a budget.
+
+    Splits on first start (every rank with `split_all`, as the emulated cluster's master does;
+    else only this rank) and repairs a damaged split the same way. Raises SplitError / BudgetTooSmall.
+    """
+    if budget_mb is None:
+        return ShardModel.from_checkpoint(ckpt, dims)
+    folder = Path(split_dir) if split_dir else default_split_dir(ckpt.folder)
+    plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(ckpt.folder))
+    try:
+        return ShardModel.from_split(ckpt.config, dims, folder, plan, int(budget_mb * (1 << 20)))
+    except BudgetTooSmall:
+        raise
+    except SplitError as e:
+        log.info("%s; splitting %s into %s", e, ckpt.folder, folder)
+    split_model(ckpt.folder, world_size, weights, folder, ranks=None if split_all else [dims.rank])
+    return ShardModel.from_split(ckpt.config, dims, folder, plan, int(budget_mb * (1 << 20)))

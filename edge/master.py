@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from edge.engine import ShardModel, checkpoint_fingerprint
-from models.checkpoint import Checkpoint
+from edge.engine import ShardModel, load_shard
+from edge.split import SplitError
+from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.llama import KVCache
 from models.sharding import local_dims
 from models.tokenizer import Tokenizer, load_tokenizer
@@ -42,7 +43,8 @@ class MasterSettings:
     step_timeout: float = 5.0
     link: LinkSpec | None = None
     served_name: str | None = None
-    extra: dict = field(default_factory=dict)
+    memory_budget_mb: float | None = None
+    split_dir: str | None = None
 
 
 class ClusterSession:
@@ -70,8 +72,11 @@ class ClusterEngine:
         self.tokenizer: Tokenizer = load_tokenizer(ckpt.folder, self.config)
         self.plans = local_dims(self.config, settings.world_size, settings.weights)  # PlanError at start
         self.fingerprint = checkpoint_fingerprint(settings.model)
-        self.embedding = ckpt.read("model.embed_tokens.weight")  # [V, D]: rank 0 embeds every token
-        self.shard = ShardModel(ckpt, self.plans[0])
+        self.shard = load_shard(ckpt, self.plans[0], settings.world_size, settings.weights,
+                                settings.memory_budget_mb, settings.split_dir, split_all=True)
+        embedding = self.shard.output.embed  # [V, D] from rank 0's head file when windowed
+        self.embedding = embedding if embedding is not None and embedding.numel() else \
+            ckpt.read("model.embed_tokens.weight")  # rank 0 embeds every token
         self.workers: dict[int, TcpChannel] = {}
         self.star = StarAllReduce(0, settings.world_size, self.workers, settings.step_timeout)
         self._server = ChannelServer(settings.secret, self._on_worker, settings.link)
@@ -79,6 +84,7 @@ class ClusterEngine:
         self._steps = itertools.count(1)
         self._rids = itertools.count(1)
         self.worker_bytes: dict[int, int] = {}
+        self.worker_fixed_rss: dict[int, int] = {}
 
     async def start(self) -> int:
         """Listen for workers; returns the port."""
@@ -111,14 +117,17 @@ class ClusterEngine:
         old = self.workers.get(rank)
         self.workers[rank] = ch
         self.worker_bytes[rank] = int(ready.get("weight_bytes", 0))
+        self.worker_fixed_rss[rank] = int(ready.get("fixed_rss_bytes", 0))
         if old is not None:
             await old.aclose()
         log.info("rank %d ready (%s)", rank, ch.peer)
 
     def snapshot(self) -> dict:
-        """Live counters for /metrics: bytes on each link, resident weight bytes per rank."""
+        """Live counters for /metrics: bytes on each link, resident weights, weight-window counters."""
         links = {r: {"sent": ch.bytes_sent, "received": ch.bytes_received} for r, ch in self.workers.items()}
-        return {"links": links, "weight_bytes": {0: self.shard.nbytes(), **self.worker_bytes}}
+        window = {0: self.shard.stats(), **self.star.peer_meta} if self.shard.window is not None else {}
+        return {"links": links, "weight_bytes": {0: self.shard.nbytes(), **self.worker_bytes},
+                "window": window, "fixed_rss": self.worker_fixed_rss}
 
     async def wait_ready(self, timeout: float) -> None:
         async with asyncio.timeout(timeout):
@@ -158,10 +167,11 @@ class ClusterEngine:
             self.star.begin(step)
             try:
                 full = await self.shard.forward(h, session.kv, self.star, self.settings.step_timeout)
-            except (TransportError, TimeoutError, KeyError) as e:
+            except (TransportError, TimeoutError, KeyError, SplitError) as e:
                 session.failed = True
                 await self.star.abort(f"step {step} failed")
-                raise WorkerUnavailable(f"a worker failed during the step: {e or type(e).__name__}") from e
+                who = "rank 0" if isinstance(e, SplitError) else "a worker"
+                raise WorkerUnavailable(f"{who} failed during the step: {e or type(e).__name__}") from e
         return torch.from_numpy(full)  # [V]
 
     async def aclose(self) -> None:

@@ -16,10 +16,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+import psutil
 import torch
 
-from edge.engine import ShardModel, checkpoint_fingerprint
-from models.checkpoint import Checkpoint
+from edge.engine import ShardModel, load_shard
+from edge.split import SplitError
+from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.llama import KVCache
 from models.sharding import local_dims
 from transport.codec import unpack_array
@@ -46,6 +48,8 @@ class WorkerSettings:
     secret: bytes
     step_timeout: float = 5.0
     link: LinkSpec | None = None
+    memory_budget_mb: float | None = None
+    split_dir: str | None = None
 
 
 class Worker:
@@ -54,6 +58,10 @@ class Worker:
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
         self.ckpt = Checkpoint(settings.model)
+        # The runtime's own memory (Python, torch, tokenizer-free imports), before any weight:
+        # the fixed overhead that a memory budget comes on top of.
+        self.fixed_rss = psutil.Process().memory_info().rss
+        log.info("rank %d fixed overhead %.0f MB RSS", settings.rank, self.fixed_rss / (1 << 20))
         self.fingerprint = checkpoint_fingerprint(settings.model)
         self.shard: ShardModel | None = None
         self._plan: tuple[int, tuple[float, ...]] | None = None
@@ -71,10 +79,11 @@ class Worker:
             dims = local_dims(self.ckpt.config, key[0], list(key[1]))[s.rank]
             if self.shard is not None:
                 self.shard.close()
-            self.shard = ShardModel(self.ckpt, dims)
+            self.shard = load_shard(self.ckpt, dims, key[0], list(key[1]), s.memory_budget_mb, s.split_dir)
             self._plan = key
         self.sessions.clear()
-        await ch.send({"t": "ready", "rank": s.rank, "weight_bytes": self.shard.nbytes()})
+        await ch.send({"t": "ready", "rank": s.rank, "weight_bytes": self.shard.nbytes(),
+                       "fixed_rss_bytes": self.fixed_rss})
         log.info("rank %d joined the master (%d MB of weights)", s.rank, self.shard.nbytes() >> 20)
         return ch
 
@@ -101,6 +110,10 @@ class Worker:
         except (CollectiveTimeout, CollectiveAborted, TimeoutError) as e:
             log.warning("step %s of request %s failed: %s", msg["step"], rid, e)
             self.sessions.pop(rid, None)
+        except SplitError as e:  # our own weights failed: tell the hub, which fails the request
+            log.error("rank %d: %s", self.settings.rank, e)
+            self.sessions.pop(rid, None)
+            await star.fail(f"rank {self.settings.rank}: {e}")
 
     async def run(self) -> None:
         """Join, serve, and rejoin after the master disappears; PlanRefused ends it."""

@@ -56,6 +56,9 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
     p.add_argument("--allreduce", default="star", choices=["star"],
                    help="all-reduce of the cluster (ring/auto: see `bench allreduce`)")
+    p.add_argument("--memory-budget-mb", type=float,
+                   help="per-device budget for weights + KV reserve; layers beyond it stream from disk")
+    p.add_argument("--split-dir", help="per-layer shard files (default: MODEL.edge-split beside the model)")
 
 
 def _cluster(sub: argparse._SubParsersAction) -> None:
@@ -91,13 +94,24 @@ def _worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step-timeout", type=float, default=5.0)
     p.add_argument("--link-latency-ms", type=float, default=0.0)
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
+    p.add_argument("--memory-budget-mb", type=float)
+    p.add_argument("--split-dir")
     p.set_defaults(func=commands.worker)
+
+
+def _split(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("split", help="write per-rank, per-layer shard files (resumable, checksummed)")
+    p.add_argument("model")
+    p.add_argument("--workers", type=int, required=True)
+    p.add_argument("--weights")
+    p.add_argument("--out", help="default: MODEL.edge-split beside the model")
+    p.set_defaults(func=commands.split)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_make_model, _generate, _cluster, _serve, _worker, _bench):
+    for add in (_make_model, _generate, _split, _cluster, _serve, _worker, _bench):
         add(sub)
     return parser
 

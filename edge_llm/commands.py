@@ -136,7 +136,8 @@ def cluster(args: argparse.Namespace) -> None:
     settings = MasterSettings(model=args.model, world_size=args.workers,
                               weights=_weights(args.weights, args.workers), secret=_secret(args.secret_file),
                               step_timeout=args.step_timeout,
-                              link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps))
+                              link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
+                              memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir)
     http = HttpSettings(args.host, args.port, args.served_name, max_running=args.max_running,
                         max_queue=args.max_queue, request_timeout=args.request_timeout,
                         api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"))
@@ -169,8 +170,19 @@ def worker(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{args.rank} %(levelname)s %(message)s")
     settings = WorkerSettings(model=model, rank=args.rank, master_host=host, master_port=int(port),
                               secret=_secret(secret_file), step_timeout=args.step_timeout,
-                              link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps))
+                              link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
+                              memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir)
     try:
         run_loop(run_worker(settings, args.threads or __import__("torch").get_num_threads()))
     except (CheckpointError, PlanError, PlanRefused) as e:
         raise UserError(str(e)) from e
+
+
+def split(args: argparse.Namespace) -> None:
+    from edge.split import split_model
+
+    try:
+        out = split_model(args.model, args.workers, _weights(args.weights, args.workers), args.out)
+    except (CheckpointError, PlanError) as e:
+        raise UserError(str(e)) from e
+    print(f"split {args.model} for {args.workers} workers into {out}")

@@ -6,6 +6,7 @@ message that names the file and the tensor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -164,3 +165,15 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def checkpoint_fingerprint(folder: Path | str) -> str:
+    """Identifies a checkpoint by its config and weight-file headers (cheap: no tensor data read)."""
+    folder = Path(folder)
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            digest.update(path.name.encode() + fh.read(min(size, 1 << 24)))
+        digest.update(str(path.stat().st_size).encode())
+    return digest.hexdigest()[:16]

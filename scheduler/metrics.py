@@ -29,7 +29,25 @@ class _ClusterCollector(Collector):
             received.add_metric([str(rank)], link["received"])
         for rank, nbytes in snap.get("weight_bytes", {}).items():
             weights.add_metric([str(rank)], nbytes)
-        yield from (sent, received, weights)
+        fixed = GaugeMetricFamily("edge_worker_fixed_rss_bytes",
+                                  "A worker's RSS before loading weights (runtime overhead)", labels=["rank"])
+        for rank, nbytes in snap.get("fixed_rss", {}).items():
+            fixed.add_metric([str(rank)], nbytes)
+        yield from (sent, received, weights, fixed, *self._window(snap.get("window", {})))
+
+    @staticmethod
+    def _window(per_rank: dict) -> Iterable:
+        """Weight-window counters per rank: disk bytes and seconds, compute wait, forwards."""
+        names = {"bytes_read": "Bytes read from disk by the weight window",
+                 "disk_busy_s": "Seconds the weight reader spent reading",
+                 "compute_wait_s": "Seconds compute waited for the disk",
+                 "forwards": "Forward passes through the streamed layers"}
+        for key, doc in names.items():
+            family = CounterMetricFamily(f"edge_window_{key}", doc, labels=["rank"])
+            for rank, stats in per_rank.items():
+                if key in stats:
+                    family.add_metric([str(rank)], stats[key])
+            yield family
 
 
 class Metrics:

@@ -67,7 +67,7 @@ async def test_sharded_forward_in_memory_equals_whole_model(tmp_path, kind, worl
     tokens = list(range(5, 40))  # longer than Mistral's window of 12
     expected = whole.forward(tokens, whole.new_cache(), all_logits=True)
     ckpt = Checkpoint(folder)
-    shards = [ShardModel(ckpt, d) for d in local_dims(ckpt.config, world, weights)]
+    shards = [ShardModel.from_checkpoint(ckpt, d) for d in local_dims(ckpt.config, world, weights)]
     mesh = memory_mesh(world)
     stars = [StarAllReduce(r, world, mesh[r]) for r in range(world)]
     h = embed(torch.tensor([tokens]), load_head(ckpt))

@@ -17,7 +17,7 @@ import numpy as np
 
 from transport.channel import Channel
 from transport.codec import pack_array, unpack_array
-from transport.errors import CollectiveAborted, FrameError, TransportError
+from transport.errors import CollectiveAborted, FrameError, PeerFailed, TransportError
 
 Algorithm = Literal["star", "ring", "auto"]
 DEFAULT_TIMEOUT = 10.0
@@ -38,12 +38,17 @@ def _check_seq(msg: dict, seq: int, peer: str) -> None:
 
 
 async def _recv_current(channel: Channel, tag: str, seq: int, timeout: float) -> dict:
-    """The message for all-reduce #seq, skipping stale ones left by a step that failed mid-way."""
+    """The message for collective #seq, skipping stale ones left by a step that failed mid-way.
+
+    Raises PeerFailed when the peer reports that it cannot go on (e.g. a damaged weight file).
+    """
     while True:
         msg = await channel.recv(tag, timeout)
         s = msg.get("s")
         if isinstance(s, int) and s < seq:
             continue
+        if "error" in msg:
+            raise PeerFailed(str(msg["error"]))
         _check_seq(msg, seq, channel.peer)
         return msg
 
@@ -59,6 +64,7 @@ class StarAllReduce:
         self.rank, self.world_size, self.timeout = rank, world_size, timeout
         self._channels = channels
         self._seq = 0
+        self.peer_meta: dict[int, dict] = {}
 
     def begin(self, step: int) -> None:
         """Align sequence numbers at a step boundary so ranks recover after a failed step."""
@@ -90,17 +96,27 @@ class StarAllReduce:
         return out
 
 
-    async def gather(self, x: np.ndarray) -> np.ndarray | None:
-        """Concatenate every rank's 1-D slice in rank order at the hub (None elsewhere)."""
+    async def gather(self, x: np.ndarray, meta: dict | None = None) -> np.ndarray | None:
+        """Concatenate every rank's 1-D slice in rank order at the hub (None elsewhere).
+
+        `meta` (small counters) rides along; the hub keeps the latest per rank in `peer_meta`.
+        """
         self._seq += 1
         if self.rank != 0:
-            await self._channels[0].send({"t": "ga", "s": self._seq, "x": pack_array(x)})
+            await self._channels[0].send({"t": "ga", "s": self._seq, "x": pack_array(x), "meta": meta})
             return None
         parts = [x]
         for r in range(1, self.world_size):
             msg = await _recv_current(self._channels[r], "ga", self._seq, self.timeout)
             parts.append(unpack_array(msg["x"]))
+            if isinstance(msg.get("meta"), dict):
+                self.peer_meta[r] = msg["meta"]
         return np.concatenate(parts)
+
+    async def fail(self, reason: str) -> None:
+        """Non-hub: tell the hub this rank cannot finish the current step (it fails the request)."""
+        for tag in ("ar", "ga"):
+            await self._channels[0].send({"t": tag, "s": self._seq + 1, "error": reason})
 
     async def abort(self, reason: str) -> None:
         """Hub only: release ranks waiting in the current all-reduce after a peer failed."""
@@ -182,14 +198,18 @@ class AutoAllReduce:
 
 async def measure_links(rank: int, world_size: int, channels: Mapping[int, Channel],
                         timeout: float = DEFAULT_TIMEOUT, rounds: int = 5) -> LinkModel:
-    """Rank 0 ping-pongs a small and a 1 MiB message with every rank and shares the result."""
-    small, big = np.zeros(16, np.float32), np.zeros(1 << 18, np.float32)
+    """Rank 0 ping-pongs a small and a 256 KiB message with every rank and shares the result.
+
+    Ranks probed last wait for the others' probes, so they wait long enough for slow links.
+    """
+    small, big = np.zeros(16, np.float32), np.zeros(1 << 16, np.float32)
     if rank != 0:
         hub = channels[0]
+        patience = max(timeout, 300.0)
         for _ in range(2 * rounds):
-            msg = await hub.recv("probe", timeout)
+            msg = await hub.recv("probe", patience)
             await hub.send({"t": "probe.r", "x": msg["x"]})
-        result = await hub.recv("probe.model", timeout)
+        result = await hub.recv("probe.model", patience)
         return LinkModel(alpha=float(result["alpha"]), bandwidth=float(result["bandwidth"]))
     small_rtts, big_rtts = [], []
     for r in range(1, world_size):

@@ -27,3 +27,7 @@ class CollectiveTimeout(TransportError):
 
 class CollectiveAborted(TransportError):
     """The hub gave up on the current all-reduce (another rank failed); the step is abandoned."""
+
+
+class PeerFailed(TransportError):
+    """A peer reported that it cannot finish the step; the message is the peer's reason."""
