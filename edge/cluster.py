@@ -48,6 +48,8 @@ def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads
         cmd += ["--memory-budget-mb", str(settings.memory_budget_mb)]
     if settings.split_dir is not None:
         cmd += ["--split-dir", settings.split_dir]
+    if settings.keep_page_cache:
+        cmd += ["--keep-page-cache"]
     if settings.link is not None and settings.link.active:
         cmd += ["--link-latency-ms", str(settings.link.latency_ms),
                 "--link-bandwidth-mbps", str(settings.link.bandwidth_mbps)]

@@ -55,10 +55,11 @@ class ShardModel:
 
     @classmethod
     def from_split(cls, config: LlamaConfig, dims: LocalDims, folder: Path, plan: SplitPlan,
-                   budget_bytes: int, kv_reserve_tokens: int = 2048) -> ShardModel:
+                   budget_bytes: int, drop_cache: bool = True, kv_reserve_tokens: int = 2048) -> ShardModel:
         """Layers from per-layer shard files through a window that fits `budget_bytes`."""
         reserve = kv_bytes_per_token(config, dims) * min(kv_reserve_tokens, config.max_position_embeddings)
-        window = WeightWindow(folder, plan, dims.rank, config.num_layers, budget_bytes, reserve)
+        window = WeightWindow(folder, plan, dims.rank, config.num_layers, budget_bytes, reserve,
+                              drop_cache=drop_cache)
         return cls(config, dims, window, window.head, window.nbytes(), window)
 
     def new_cache(self) -> KVCache:
@@ -105,7 +106,8 @@ def kv_bytes_per_token(config: LlamaConfig, dims: LocalDims) -> int:
 
 
 def load_shard(ckpt: Checkpoint, dims: LocalDims, world_size: int, weights: list[float] | None,
-               budget_mb: float | None, split_dir: str | Path | None, split_all: bool = False) -> ShardModel:
+               budget_mb: float | None, split_dir: str | Path | None, split_all: bool = False,
+               drop_cache: bool = True) -> ShardModel:
     """This rank's shard: resident from the checkpoint, or windowed from split files under a budget.
 
     Splits on first start (every rank with `split_all`, as the emulated cluster's master does;
@@ -115,11 +117,12 @@ def load_shard(ckpt: Checkpoint, dims: LocalDims, world_size: int, weights: list
         return ShardModel.from_checkpoint(ckpt, dims)
     folder = Path(split_dir) if split_dir else default_split_dir(ckpt.folder)
     plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(ckpt.folder))
+    budget = int(budget_mb * (1 << 20))
     try:
-        return ShardModel.from_split(ckpt.config, dims, folder, plan, int(budget_mb * (1 << 20)))
+        return ShardModel.from_split(ckpt.config, dims, folder, plan, budget, drop_cache)
     except BudgetTooSmall:
         raise
     except SplitError as e:
         log.info("%s; splitting %s into %s", e, ckpt.folder, folder)
     split_model(ckpt.folder, world_size, weights, folder, ranks=None if split_all else [dims.rank])
-    return ShardModel.from_split(ckpt.config, dims, folder, plan, int(budget_mb * (1 << 20)))
+    return ShardModel.from_split(ckpt.config, dims, folder, plan, budget, drop_cache)

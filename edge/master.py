@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from functools import partial
 from dataclasses import dataclass
 
 import torch
 
 from edge.engine import ShardModel, load_shard
 from edge.split import SplitError
+from edge.weights import EmbeddingRows
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.llama import KVCache
 from models.sharding import local_dims
@@ -45,6 +47,7 @@ class MasterSettings:
     served_name: str | None = None
     memory_budget_mb: float | None = None
     split_dir: str | None = None
+    keep_page_cache: bool = False
 
 
 class ClusterSession:
@@ -73,10 +76,13 @@ class ClusterEngine:
         self.plans = local_dims(self.config, settings.world_size, settings.weights)  # PlanError at start
         self.fingerprint = checkpoint_fingerprint(settings.model)
         self.shard = load_shard(ckpt, self.plans[0], settings.world_size, settings.weights,
-                                settings.memory_budget_mb, settings.split_dir, split_all=True)
-        embedding = self.shard.output.embed  # [V, D] from rank 0's head file when windowed
-        self.embedding = embedding if embedding is not None and embedding.numel() else \
-            ckpt.read("model.embed_tokens.weight")  # rank 0 embeds every token
+                                settings.memory_budget_mb, settings.split_dir, split_all=True,
+                                drop_cache=not settings.keep_page_cache)
+        if self.shard.window is not None:  # rows mapped from the split, outside the budget
+            self.embed = EmbeddingRows(self.shard.window.folder, settings.world_size)
+        else:
+            table = ckpt.read("model.embed_tokens.weight")  # [V, D]: rank 0 embeds every token
+            self.embed = partial(torch.nn.functional.embedding, weight=table)
         self.workers: dict[int, TcpChannel] = {}
         self.star = StarAllReduce(0, settings.world_size, self.workers, settings.step_timeout)
         self._server = ChannelServer(settings.secret, self._on_worker, settings.link)
@@ -161,7 +167,7 @@ class ClusterEngine:
                 raise WorkerUnavailable(f"worker rank(s) {missing} disconnected during the request")
             step = next(self._steps)
             ids = torch.tensor([tokens], dtype=torch.long)
-            h = await self.shard.run(lambda: torch.nn.functional.embedding(ids, self.embedding))  # [1, S, D]
+            h = await self.shard.run(lambda: self.embed(ids))  # [1, S, D]
             await self.broadcast_ctl({"op": "step", "rid": session.rid, "step": step,
                                       "h": pack_array(h.numpy())})
             self.star.begin(step)

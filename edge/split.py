@@ -3,7 +3,8 @@
 Layout of DIR:
   manifest.json                      plan, source fingerprint, sha256 and size of every file
   rank-R-of-N/layer-007.safetensors  rank R's slice of layer 7 (LayerWeights field names)
-  rank-R-of-N/head.safetensors       final norm and rank R's LM-head rows (+ the embedding on rank 0)
+  rank-R-of-N/head.safetensors       final norm and rank R's LM-head rows
+  rank-0-of-N/embed.safetensors      the embedding table (rank 0 maps it and reads only the rows it needs)
 Resumable: files already listed in the manifest with a matching size and checksum are kept.
 """
 
@@ -52,6 +53,10 @@ def head_file(world_size: int, rank: int) -> str:
     return f"{rank_dir(world_size, rank)}/head.safetensors"
 
 
+def embed_file(world_size: int) -> str:
+    return f"{rank_dir(world_size, 0)}/embed.safetensors"
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -82,10 +87,7 @@ def _tensors_of_layer(ckpt: Checkpoint, layer: int, dims: LocalDims) -> dict[str
 
 def _tensors_of_head(ckpt: Checkpoint, dims: LocalDims) -> dict[str, torch.Tensor]:
     head = load_output_head(ckpt, dims)
-    tensors = {"norm": head.norm, "lm_head": head.lm_head}
-    if dims.rank == 0:
-        tensors["embed"] = ckpt.read("model.embed_tokens.weight")
-    return {k: v.contiguous() for k, v in tensors.items()}
+    return {"norm": head.norm.contiguous(), "lm_head": head.lm_head.contiguous()}
 
 
 def _progress(done: int, total: int, name: str) -> None:
@@ -110,6 +112,8 @@ def split_model(model: str | Path, world_size: int, weights: list[float] | None 
                          f"choose another --out or delete it")
     jobs = []
     for dims in plans if ranks is None else [plans[r] for r in ranks]:
+        if dims.rank == 0:
+            jobs.append((embed_file(world_size), lambda: {"embed": ckpt.read("model.embed_tokens.weight")}))
         jobs.append((head_file(world_size, dims.rank), lambda d=dims: _tensors_of_head(ckpt, d)))
         for layer in range(ckpt.config.num_layers):
             jobs.append((layer_file(world_size, dims.rank, layer),
@@ -139,6 +143,8 @@ def verify_rank(out: Path, plan: SplitPlan, rank: int, num_layers: int) -> dict[
     if manifest["plan"] != plan.as_json():
         raise SplitError(f"{out}: split for another plan ({manifest['plan']}), expected {plan.as_json()}")
     names = [head_file(plan.world_size, rank)] + [layer_file(plan.world_size, rank, i) for i in range(num_layers)]
+    if rank == 0:
+        names.append(embed_file(plan.world_size))
     files = {}
     for name in names:
         entry = manifest["files"].get(name)

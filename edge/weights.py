@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from edge.split import SplitError, SplitPlan, head_file, layer_file, verify_rank
+from edge.split import SplitError, SplitPlan, embed_file, head_file, layer_file, verify_rank
 from models.llama import HeadWeights, LayerWeights
 
 MB = 1 << 20
@@ -73,16 +73,19 @@ def _tensor_views(buf: bytearray, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_layer_file(path: Path, expected_bytes: int, drop_cache: bool) -> tuple[dict, int]:
-    """One sequential read of a whole shard file; raises SplitError naming a truncated or bad file."""
+def read_layer_file(path: Path, expected_bytes: int, drop_cache: bool,
+                    buf: bytearray | None = None) -> tuple[dict, int]:
+    """One sequential read of a whole shard file into `buf` (reused: no page faults, no zeroing);
+    raises SplitError naming a truncated or bad file."""
     try:
         size = path.stat().st_size
         if size != expected_bytes:
             raise SplitError(f"{path}: shard file has {size} bytes, the manifest says {expected_bytes}; "
                              "run `edge-llm split` to repair it")
-        buf = bytearray(size)
+        if buf is None or len(buf) < size:
+            buf = bytearray(size)
         with path.open("rb", buffering=0) as fh:
-            if fh.readinto(buf) != size:
+            if fh.readinto(memoryview(buf)[:size]) != size:
                 raise SplitError(f"{path}: shard file shrank while reading; run `edge-llm split`")
             if drop_cache and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
@@ -103,7 +106,7 @@ class WeightWindow:
         self._names = [layer_file(plan.world_size, rank, i) for i in range(num_layers)]
         head_tensors, _ = read_layer_file(folder / head_file(plan.world_size, rank),
                                           self._entries[head_file(plan.world_size, rank)]["bytes"], False)
-        self.head = HeadWeights(embed=head_tensors.get("embed"), norm=head_tensors["norm"],
+        self.head = HeadWeights(embed=torch.empty(0), norm=head_tensors["norm"],
                                 lm_head=head_tensors["lm_head"])
         resident_count = self._plan_residency(budget_bytes, reserve_bytes, window, num_layers)
         self._resident = {i: self._read(i, count=False) for i in range(resident_count)}
@@ -114,6 +117,11 @@ class WeightWindow:
             sum(t.nbytes for t in vars(self.head).values() if t is not None)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"weights-r{rank}")
         self._inflight: dict[int, Future[LayerWeights]] = {}
+        # One buffer per window slot, allocated once and reused: a layer's tensors view its buffer.
+        slot_bytes = max(self._entries[n]["bytes"] for n in self._names)
+        self._free = [bytearray(slot_bytes) for _ in range(window if self._streamed else 0)]
+        self._buffer_of: dict[int, bytearray] = {}
+        self._held: int | None = None  # the streamed layer the forward is computing with
 
     def _plan_residency(self, budget: int, reserve: int, window: int, num_layers: int) -> int:
         """How many layers stay resident; raises BudgetTooSmall when not even the window fits."""
@@ -131,11 +139,11 @@ class WeightWindow:
                 f"{head_bytes / MB:.1f} MB and a KV reserve of {reserve / MB:.1f} MB)")
         return int(slots - window)
 
-    def _read(self, layer: int, count: bool = True) -> LayerWeights:
+    def _read(self, layer: int, count: bool = True, buf: bytearray | None = None) -> LayerWeights:
         name = self._names[layer]
         start = time.perf_counter()
         tensors, size = read_layer_file(self.folder / name, self._entries[name]["bytes"],
-                                        self._drop_cache and count)
+                                        self._drop_cache and count, buf)
         if count:
             with self.stats.lock:
                 self.stats.bytes_read += size
@@ -151,27 +159,48 @@ class WeightWindow:
     def _submit(self, layer: int) -> Future[LayerWeights]:
         fut = self._inflight.get(layer)
         if fut is None:
-            fut = self._inflight[layer] = self._reader.submit(self._read, layer)
+            buf = self._buffer_of[layer] = self._free.pop() if self._free else bytearray(0)
+            fut = self._inflight[layer] = self._reader.submit(self._read, layer, True, buf)
         return fut
 
+    def _release(self, layer: int) -> None:
+        """The window moved past `layer`: its buffer serves the next read (once its own read ends)."""
+        fut, buf = self._inflight.pop(layer, None), self._buffer_of.pop(layer, None)
+        if buf is None or not len(buf):
+            return
+        if fut is not None and not fut.done():
+            fut.add_done_callback(lambda _: self._free.append(buf))
+        else:
+            self._free.append(buf)
+
     def __call__(self, layer: int) -> LayerWeights:
-        """Layer `layer`'s weights; blocks (counted as compute wait) only if its read is not done."""
+        """Layer `layer`'s weights; blocks (counted as compute wait) only if its read is not done.
+
+        Called in layer order by the forward, so the previously returned streamed layer is done.
+        """
         if layer in self._resident:
-            if layer == 0 and self._streamed:
-                self._submit(self._streamed[0])  # warm the window for this token
+            if layer == 0 and self._streamed and self._held is None:
+                self._submit(self._streamed[0])  # warm the window for the first token
             return self._resident[layer]
-        fut = self._submit(layer)
+        if self._held is not None and self._held != layer:
+            self._release(self._held)
+        self._held = None
         keep = {layer, *self._next_streamed(layer, self.window - 1)}
         for other in [k for k in self._inflight if k not in keep]:
-            del self._inflight[other]  # the window moved past it: its memory goes
+            self._release(other)
+        fut = self._submit(layer)
         for nxt in sorted(keep - {layer}, key=lambda k: (k <= layer, k)):
             self._submit(nxt)
         start = time.perf_counter()
-        weights = fut.result()  # SplitError propagates: the step fails with the file's name
-        waited = time.perf_counter() - start
+        try:
+            weights = fut.result()  # SplitError propagates: the step fails with the file's name
+        except SplitError:
+            self._release(layer)
+            raise
         with self.stats.lock:
-            self.stats.compute_wait_s += waited
-        del self._inflight[layer]
+            self.stats.compute_wait_s += time.perf_counter() - start
+        self._inflight.pop(layer)
+        self._held = layer
         if layer == self._streamed[-1]:
             self.stats.forwards += 1
         return weights
@@ -181,3 +210,21 @@ class WeightWindow:
 
     def close(self) -> None:
         self._reader.shutdown(wait=True, cancel_futures=True)
+
+
+class EmbeddingRows:
+    """Rank 0's embedding table, memory-mapped: a step reads only the rows of its tokens.
+
+    So the table (V x D, the largest tensor of many checkpoints) stays out of the budget.
+    """
+
+    def __init__(self, folder: Path, world_size: int):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(folder / embed_file(world_size)), framework="pt")
+        self._rows = self._file.get_slice("embed")
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [1, S] -> [1, S, D] float32."""
+        rows = [self._rows[int(t):int(t) + 1] for t in tokens.reshape(-1)]
+        return torch.cat(rows).float().unsqueeze(0)

@@ -50,6 +50,7 @@ class WorkerSettings:
     link: LinkSpec | None = None
     memory_budget_mb: float | None = None
     split_dir: str | None = None
+    keep_page_cache: bool = False
 
 
 class Worker:
@@ -79,7 +80,8 @@ class Worker:
             dims = local_dims(self.ckpt.config, key[0], list(key[1]))[s.rank]
             if self.shard is not None:
                 self.shard.close()
-            self.shard = load_shard(self.ckpt, dims, key[0], list(key[1]), s.memory_budget_mb, s.split_dir)
+            self.shard = load_shard(self.ckpt, dims, key[0], list(key[1]), s.memory_budget_mb, s.split_dir,
+                                    drop_cache=not s.keep_page_cache)
             self._plan = key
         self.sessions.clear()
         await ch.send({"t": "ready", "rank": s.rank, "weight_bytes": self.shard.nbytes(),

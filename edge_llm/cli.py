@@ -59,6 +59,9 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget-mb", type=float,
                    help="per-device budget for weights + KV reserve; layers beyond it stream from disk")
     p.add_argument("--split-dir", help="per-layer shard files (default: MODEL.edge-split beside the model)")
+    p.add_argument("--keep-page-cache", action="store_true",
+                   help="leave streamed layers in the OS page cache (default: drop them, as a "
+                        "memory-starved device would have to)")
 
 
 def _cluster(sub: argparse._SubParsersAction) -> None:
@@ -96,6 +99,7 @@ def _worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
     p.add_argument("--memory-budget-mb", type=float)
     p.add_argument("--split-dir")
+    p.add_argument("--keep-page-cache", action="store_true")
     p.set_defaults(func=commands.worker)
 
 

@@ -137,7 +137,8 @@ def cluster(args: argparse.Namespace) -> None:
                               weights=_weights(args.weights, args.workers), secret=_secret(args.secret_file),
                               step_timeout=args.step_timeout,
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
-                              memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir)
+                              memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir,
+                              keep_page_cache=args.keep_page_cache)
     http = HttpSettings(args.host, args.port, args.served_name, max_running=args.max_running,
                         max_queue=args.max_queue, request_timeout=args.request_timeout,
                         api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"))
@@ -171,7 +172,8 @@ def worker(args: argparse.Namespace) -> None:
     settings = WorkerSettings(model=model, rank=args.rank, master_host=host, master_port=int(port),
                               secret=_secret(secret_file), step_timeout=args.step_timeout,
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
-                              memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir)
+                              memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir,
+                              keep_page_cache=args.keep_page_cache)
     try:
         run_loop(run_worker(settings, args.threads or __import__("torch").get_num_threads()))
     except (CheckpointError, PlanError, PlanRefused) as e:

@@ -42,9 +42,9 @@ for line in sys.stdin:
 
 
 class Cluster:
-    def __init__(self, model: str, workers: int):
+    def __init__(self, model: str, workers: int, extra: list[str] | None = None):
         cmd = [sys.executable, "-m", "edge_llm", "cluster", "--model", model, "--workers", str(workers),
-               "--port", "0"]
+               "--port", "0", *(extra or [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.url = ""
         while not self.url:
