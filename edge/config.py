@@ -28,7 +28,7 @@ class ClusterConfig:
 
     def master_settings(self, secret: bytes) -> MasterSettings:
         return MasterSettings(model=self.model, world_size=len(self.weights), weights=self.weights,
-                              host="0.0.0.0", port=self.worker_port, secret=secret,
+                              host=self.master_host, port=self.worker_port, secret=secret,
                               step_timeout=self.step_timeout,
                               link=link_from_args(self.latency_ms, self.bandwidth_mbps))
 

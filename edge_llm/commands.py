@@ -145,10 +145,17 @@ def cluster(args: argparse.Namespace) -> None:
     _run_master(settings, http, spawn=True)
 
 
-def serve(args: argparse.Namespace) -> None:
-    from edge.config import load_cluster_config
+def _cluster_config(path: str):
+    from edge.config import ConfigError, load_cluster_config
 
-    cfg = load_cluster_config(args.config)
+    try:
+        return load_cluster_config(path)
+    except ConfigError as e:
+        raise UserError(str(e)) from e
+
+
+def serve(args: argparse.Namespace) -> None:
+    cfg = _cluster_config(args.config)
     _run_master(cfg.master_settings(_secret(cfg.secret_file)), cfg.http, spawn=False)
 
 
@@ -159,9 +166,7 @@ def worker(args: argparse.Namespace) -> None:
 
     model, master, secret_file = args.model, args.master, args.secret_file
     if args.config:
-        from edge.config import load_cluster_config
-
-        cfg = load_cluster_config(args.config)
+        cfg = _cluster_config(args.config)
         model = model or cfg.model
         master = master or f"{cfg.master_host}:{cfg.worker_port}"
         secret_file = secret_file or cfg.secret_file

@@ -114,9 +114,13 @@ def main() -> None:
                 cold = drop_page_cache()
                 result = run_one(model, split, workers, budget_mb, args.tokens, cache)
                 worst = max(result["ranks"].values(), key=lambda r: r["bytes_per_token"])
+                # The disk-bound limit uses the read rate the ranks achieved in this run (two
+                # ranks share the disk); a single cold read of one file overstates it.
+                rate = min((r["read_GBps"] for r in result["ranks"].values() if r["read_GBps"]),
+                           default=bandwidth / 1e9)
                 result |= {"workers": workers, "fraction": fraction, "budget_mb": budget_mb,
-                           "page_cache": cache, "shard_mb": shard / MB, "cold_read_GBps": bandwidth / 1e9,
-                           "cold_start": cold, "disk_bound_ms": 1000 * worst["bytes_per_token"] / bandwidth}
+                           "page_cache": cache, "shard_mb": shard / MB, "single_read_GBps": bandwidth / 1e9,
+                           "cold_start": cold, "disk_bound_ms": worst["bytes_per_token"] / rate / 1e6}
                 rows.append(result)
                 print(json.dumps(result), flush=True)
     out = Path(args.out)
@@ -125,7 +129,7 @@ def main() -> None:
     lines = [f"Model: {model}. Budget = fraction x one rank's layer shard + its head + {KV_RESERVE_MB} MB "
              "KV reserve. 'disk' rows drop each streamed layer from the page cache after reading it (a "
              "memory-starved device); 'page cache' rows leave it there (a fast disk). Disk-bound limit = "
-             "re-read bytes / cold sequential read bandwidth of a shard file.", "",
+             "re-read bytes per token / the read rate the ranks achieved (they share one disk).", "",
              "| workers | budget (of shard) | reads from | shard MB | re-read MB/token (max rank) | "
              "disk-bound ms/token | time per token ms | tokens/s | achieved read GB/s | overlap efficiency "
              "(min rank) |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,0 +1,63 @@
+"""A 'real' cluster from a TOML file: `edge-llm serve` on the master, `edge-llm worker` per device."""
+
+import asyncio
+import subprocess
+import sys
+
+import aiohttp
+from hf_reference import hf_greedy, make_hf_checkpoint
+
+from edge.bench_allreduce import free_ports
+
+PROMPT = [0, 17, 250, 33, 99, 5, 120]
+
+
+async def test_serve_and_worker_from_a_cluster_file(tmp_path):
+    model = make_hf_checkpoint(tmp_path / "llama", "llama", seed=9)
+    ref_tokens, _ = hf_greedy(model, PROMPT, 12)
+    (tmp_path / "secret").write_text("config-secret-" + "y" * 20)
+    worker_port, http_port = free_ports(2)
+    config = tmp_path / "cluster.toml"
+    config.write_text(f"""
+model = "{model}"
+secret_file = "{tmp_path / 'secret'}"
+worker_port = {worker_port}
+http_host = "127.0.0.1"
+http_port = {http_port}
+step_timeout = 3.0
+
+[[nodes]]
+id = "laptop"
+address = "127.0.0.1"
+weight = 2.0
+
+[[nodes]]
+id = "jetson"
+address = "127.0.0.1"
+weight = 1.0
+""")
+    log = open(tmp_path / "log", "w")  # noqa: SIM115
+    serve = subprocess.Popen([sys.executable, "-m", "edge_llm", "serve", "--config", str(config)],
+                             stdout=log, stderr=log)
+    worker = subprocess.Popen([sys.executable, "-m", "edge_llm", "worker", "--config", str(config),
+                               "--rank", "1"], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(600):
+                try:
+                    async with s.get(f"{url}/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+            body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "return_token_ids": True}
+            async with s.post(f"{url}/v1/completions", json=body) as r:
+                assert r.status == 200, (tmp_path / "log").read_text()[-2000:]
+                assert (await r.json())["choices"][0]["token_ids"] == ref_tokens
+    finally:
+        for p in (worker, serve):
+            p.terminate()
+            p.wait(timeout=20)
+        log.close()
