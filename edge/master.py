@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 from functools import partial
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
 
 from edge.engine import ShardModel, load_shard
-from edge.split import SplitError
+from edge.fetch import serve_fetches
+from edge.split import MANIFEST, SplitError, default_split_dir, rank_dir, split_model
 from edge.weights import EmbeddingRows
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.llama import KVCache
@@ -91,6 +94,7 @@ class ClusterEngine:
         self._rids = itertools.count(1)
         self.worker_bytes: dict[int, int] = {}
         self.worker_fixed_rss: dict[int, int] = {}
+        self.worker_fetched: dict[int, int] = {}
 
     async def start(self) -> int:
         """Listen for workers; returns the port."""
@@ -107,15 +111,20 @@ class ClusterEngine:
             rank, error = join.get("rank"), None
             if not isinstance(rank, int) or not 0 < rank < self.settings.world_size:
                 error = f"rank {rank!r} is not in 1..{self.settings.world_size - 1}"
-            elif join.get("fingerprint") != self.fingerprint:
+            elif join.get("fingerprint") not in (self.fingerprint, None):
                 error = (f"rank {rank}'s checkpoint differs from the master's "
                          f"({join.get('fingerprint')} != {self.fingerprint}); give every device the same model")
             if error:
                 log.error("refusing worker %s: %s", ch.peer, error)
                 await ch.send({"t": "plan", "error": error})
                 return
-            await ch.send({"t": "plan", "world_size": self.settings.world_size,
-                           "weights": self.settings.weights or [1.0] * self.settings.world_size})
+            plan = {"t": "plan", "world_size": self.settings.world_size,
+                    "weights": self.settings.weights or [1.0] * self.settings.world_size}
+            if join.get("fingerprint") is None:  # no local checkpoint: it fetches its shard from us
+                plan |= await self._fetch_offer(rank)
+            await ch.send(plan)
+            if "fetch" in plan:
+                await serve_fetches(ch, self.split_dir, set(plan["fetch"]["files"]))
             ready = await ch.recv("ready", 600.0)
         except TransportError as e:
             log.warning("worker %s failed to join: %s", ch.peer, e)
@@ -124,16 +133,31 @@ class ClusterEngine:
         self.workers[rank] = ch
         self.worker_bytes[rank] = int(ready.get("weight_bytes", 0))
         self.worker_fixed_rss[rank] = int(ready.get("fixed_rss_bytes", 0))
+        self.worker_fetched[rank] = int(ready.get("fetched_bytes", 0))
         if old is not None:
             await old.aclose()
         log.info("rank %d ready (%s)", rank, ch.peer)
+
+    @property
+    def split_dir(self) -> Path:
+        return Path(self.settings.split_dir) if self.settings.split_dir else default_split_dir(self.settings.model)
+
+    async def _fetch_offer(self, rank: int) -> dict:
+        """Split `rank`'s files here if needed; offer their names and checksums plus config.json."""
+        s = self.settings
+        await asyncio.to_thread(split_model, s.model, s.world_size, s.weights, self.split_dir, [rank], True)
+        manifest = json.loads((self.split_dir / MANIFEST).read_text())
+        prefix = rank_dir(s.world_size, rank) + "/"
+        files = {n: e for n, e in manifest["files"].items() if n.startswith(prefix)}
+        config = json.loads((Path(s.model) / "config.json").read_text())
+        return {"fetch": {"files": files, "plan": manifest["plan"]}, "config": config}
 
     def snapshot(self) -> dict:
         """Live counters for /metrics: bytes on each link, resident weights, weight-window counters."""
         links = {r: {"sent": ch.bytes_sent, "received": ch.bytes_received} for r, ch in self.workers.items()}
         window = {0: self.shard.stats(), **self.star.peer_meta} if self.shard.window is not None else {}
         return {"links": links, "weight_bytes": {0: self.shard.nbytes(), **self.worker_bytes},
-                "window": window, "fixed_rss": self.worker_fixed_rss}
+                "window": window, "fixed_rss": self.worker_fixed_rss, "fetched": self.worker_fetched}
 
     async def wait_ready(self, timeout: float) -> None:
         async with asyncio.timeout(timeout):

@@ -15,13 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
 
 from edge.engine import ShardModel, load_shard
-from edge.split import SplitError
+from edge.fetch import fetch_files
+from edge.split import SplitError, SplitPlan
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
+from models.config import config_from_hf
 from models.llama import KVCache
 from models.sharding import local_dims
 from transport.codec import unpack_array
@@ -41,7 +44,7 @@ class PlanRefused(Exception):
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    model: str
+    model: str | None
     rank: int
     master_host: str
     master_port: int
@@ -58,12 +61,15 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
-        self.ckpt = Checkpoint(settings.model)
+        # Without a local checkpoint the worker fetches its own shard files from the master.
+        has_model = settings.model is not None and any(Path(settings.model).glob("*.safetensors"))
+        self.ckpt = Checkpoint(settings.model) if has_model else None
+        self.fingerprint = checkpoint_fingerprint(settings.model) if has_model else None
         # The runtime's own memory (Python, torch, tokenizer-free imports), before any weight:
         # the fixed overhead that a memory budget comes on top of.
         self.fixed_rss = psutil.Process().memory_info().rss
         log.info("rank %d fixed overhead %.0f MB RSS", settings.rank, self.fixed_rss / (1 << 20))
-        self.fingerprint = checkpoint_fingerprint(settings.model)
+        self.fetched_bytes = 0
         self.shard: ShardModel | None = None
         self._plan: tuple[int, tuple[float, ...]] | None = None
         self.sessions: dict[str, KVCache] = {}
@@ -76,7 +82,9 @@ class Worker:
         if "error" in plan:
             raise PlanRefused(plan["error"])
         key = (int(plan["world_size"]), tuple(float(w) for w in plan["weights"]))
-        if self._plan != key:  # load (or reload) only when the plan changes
+        if "fetch" in plan:
+            await self._load_fetched(ch, plan, key)
+        elif self._plan != key:  # load (or reload) only when the plan changes
             dims = local_dims(self.ckpt.config, key[0], list(key[1]))[s.rank]
             if self.shard is not None:
                 self.shard.close()
@@ -85,9 +93,25 @@ class Worker:
             self._plan = key
         self.sessions.clear()
         await ch.send({"t": "ready", "rank": s.rank, "weight_bytes": self.shard.nbytes(),
-                       "fixed_rss_bytes": self.fixed_rss})
+                       "fixed_rss_bytes": self.fixed_rss, "fetched_bytes": self.fetched_bytes})
         log.info("rank %d joined the master (%d MB of weights)", s.rank, self.shard.nbytes() >> 20)
         return ch
+
+    async def _load_fetched(self, ch: TcpChannel, plan: dict, key: tuple[int, tuple[float, ...]]) -> None:
+        """Fetch this rank's shard files from the master (only what is missing or stale), then load."""
+        s = self.settings
+        fetch = plan["fetch"]
+        dest = Path(s.split_dir or f"edge-llm-shards/{fetch['plan']['fingerprint']}")
+        self.fetched_bytes = await fetch_files(ch, fetch["files"], fetch["plan"], dest)
+        log.info("rank %d: fetched %d bytes of shard files into %s", s.rank, self.fetched_bytes, dest)
+        config = config_from_hf(plan["config"])
+        dims = local_dims(config, key[0], list(key[1]))[s.rank]
+        split_plan = SplitPlan(key[0], key[1], fetch["plan"]["fingerprint"])
+        budget = int(s.memory_budget_mb * (1 << 20)) if s.memory_budget_mb else 1 << 62
+        if self.shard is not None:
+            self.shard.close()
+        self.shard = ShardModel.from_split(config, dims, dest, split_plan, budget, not s.keep_page_cache)
+        self._plan = key
 
     async def _serve(self, ch: TcpChannel) -> None:
         star = StarAllReduce(self.settings.rank, int(self._plan[0]), {0: ch}, self.settings.step_timeout)

@@ -170,8 +170,9 @@ def worker(args: argparse.Namespace) -> None:
         model = model or cfg.model
         master = master or f"{cfg.master_host}:{cfg.worker_port}"
         secret_file = secret_file or cfg.secret_file
-    if not model or not master or ":" not in master:
-        raise UserError("a worker needs --model and --master HOST:PORT (or --config)")
+    if not master or ":" not in master:
+        raise UserError("a worker needs --master HOST:PORT (or --config); without --model it fetches "
+                        "its shard files from the master into --split-dir")
     host, port = master.rsplit(":", 1)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{args.rank} %(levelname)s %(message)s")
     settings = WorkerSettings(model=model, rank=args.rank, master_host=host, master_port=int(port),

@@ -33,7 +33,12 @@ class _ClusterCollector(Collector):
                                   "A worker's RSS before loading weights (runtime overhead)", labels=["rank"])
         for rank, nbytes in snap.get("fixed_rss", {}).items():
             fixed.add_metric([str(rank)], nbytes)
-        yield from (sent, received, weights, fixed, *self._window(snap.get("window", {})))
+        fetched = GaugeMetricFamily("edge_worker_fetched_bytes",
+                                    "Shard bytes a worker fetched from the master when it last joined",
+                                    labels=["rank"])
+        for rank, nbytes in snap.get("fetched", {}).items():
+            fetched.add_metric([str(rank)], nbytes)
+        yield from (sent, received, weights, fixed, fetched, *self._window(snap.get("window", {})))
 
     @staticmethod
     def _window(per_rank: dict) -> Iterable:

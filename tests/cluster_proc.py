@@ -44,11 +44,16 @@ class ClusterProcess:
                 self._ready.set()
         self._ready.set()
 
-    def start_worker(self, rank: int, model: Path | None = None) -> subprocess.Popen:
-        """A worker device started by hand, as on a real device (it joins the master); stderr to a file."""
-        cmd = [sys.executable, "-m", "edge_llm", "worker", "--model", str(model or self.model),
+    def start_worker(self, rank: int, model: Path | None = None, *extra: str,
+                     fetch: bool = False) -> subprocess.Popen:
+        """A worker device started by hand, as on a real device (it joins the master); stderr to a file.
+
+        With `fetch` it has no checkpoint and fetches its shard files from the master.
+        """
+        source = [] if fetch else ["--model", str(model or self.model)]
+        cmd = [sys.executable, "-m", "edge_llm", "worker", *source,
                "--rank", str(rank), "--master", f"127.0.0.1:{self.worker_port}",
-               "--secret-file", str(self.secret_file), "--threads", "1", "--step-timeout", "2"]
+               "--secret-file", str(self.secret_file), "--threads", "1", "--step-timeout", "2", *extra]
         self.worker_log = self.secret_file.parent / f"worker-{rank}.log"
         with open(self.worker_log, "w") as err:
             return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
