@@ -13,16 +13,18 @@ import logging
 from functools import partial
 from pathlib import Path
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from edge.engine import ShardModel, load_shard
 from edge.fetch import serve_fetches
 from edge.split import MANIFEST, SplitError, default_split_dir, rank_dir, split_model
+from edge.profile import measure_device, weights_from_profiles
 from edge.weights import EmbeddingRows
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.llama import KVCache
-from models.sharding import local_dims
+from models.sharding import PlanError, local_dims
 from models.tokenizer import Tokenizer, load_tokenizer
 from transport.codec import pack_array
 from transport.collectives import StarAllReduce
@@ -41,7 +43,7 @@ class WorkerUnavailable(Exception):
 class MasterSettings:
     model: str
     world_size: int
-    weights: list[float] | None = None
+    weights: list[float] | Literal["auto"] | None = None
     host: str = "127.0.0.1"
     port: int = 0
     secret: bytes = b""
@@ -76,16 +78,17 @@ class ClusterEngine:
         ckpt = Checkpoint(settings.model)
         self.config = ckpt.config
         self.tokenizer: Tokenizer = load_tokenizer(ckpt.folder, self.config)
-        self.plans = local_dims(self.config, settings.world_size, settings.weights)  # PlanError at start
         self.fingerprint = checkpoint_fingerprint(settings.model)
-        self.shard = load_shard(ckpt, self.plans[0], settings.world_size, settings.weights,
-                                settings.memory_budget_mb, settings.split_dir, split_all=True,
-                                drop_cache=not settings.keep_page_cache)
-        if self.shard.window is not None:  # rows mapped from the split, outside the budget
-            self.embed = EmbeddingRows(self.shard.window.folder, settings.world_size)
+        self._ckpt = ckpt
+        self.auto = settings.weights == "auto"
+        self._profiles: dict[int, dict] = {}
+        self._planned: asyncio.Event | None = None
+        self.shard: ShardModel | None = None
+        if self.auto:  # the plan waits for every device's measurements
+            local_dims(self.config, settings.world_size)  # still refuse impossible worker counts now
+            self._profiles[0] = measure_device()
         else:
-            table = ckpt.read("model.embed_tokens.weight")  # [V, D]: rank 0 embeds every token
-            self.embed = partial(torch.nn.functional.embedding, weight=table)
+            self._decide(settings.weights)  # PlanError / BudgetTooSmall at start
         self.workers: dict[int, TcpChannel] = {}
         self.star = StarAllReduce(0, settings.world_size, self.workers, settings.step_timeout)
         self._server = ChannelServer(settings.secret, self._on_worker, settings.link)
@@ -96,14 +99,51 @@ class ClusterEngine:
         self.worker_fixed_rss: dict[int, int] = {}
         self.worker_fetched: dict[int, int] = {}
 
+    def _decide(self, weights: list[float] | None) -> None:
+        """Fix the plan and load rank 0's shard (and embedding) for it."""
+        s = self.settings
+        self.weights = weights or [1.0] * s.world_size
+        self.plans = local_dims(self.config, s.world_size, self.weights)
+        self.shard = load_shard(self._ckpt, self.plans[0], s.world_size, self.weights, s.memory_budget_mb,
+                                s.split_dir, split_all=True, drop_cache=not s.keep_page_cache)
+        if self.shard.window is not None:  # rows mapped from the split, outside the budget
+            self.embed = EmbeddingRows(self.shard.window.folder, s.world_size)
+        else:
+            table = self._ckpt.read("model.embed_tokens.weight")  # [V, D]: rank 0 embeds every token
+            self.embed = partial(torch.nn.functional.embedding, weight=table)
+
     async def start(self) -> int:
         """Listen for workers; returns the port."""
+        self._planned = asyncio.Event()
+        if not self.auto:
+            self._planned.set()
         self.port = await self._server.start(self.settings.host, self.settings.port)
         return self.port
 
+    async def _auto_plan(self, rank: int, profile: object) -> None:
+        """Collect each device's profile; once all are in, choose the weights and load rank 0."""
+        assert self._planned is not None
+        if self._planned.is_set():
+            return
+        self._profiles[rank] = profile if isinstance(profile, dict) else {}
+        if len(self._profiles) == self.settings.world_size:
+            profiles = [self._profiles[r] for r in range(self.settings.world_size)]
+            weights = weights_from_profiles(profiles, self._ckpt.model_bytes())
+            try:
+                local_dims(self.config, self.settings.world_size, weights)
+            except PlanError as e:
+                log.warning("measured weights %s cannot work (%s); splitting evenly", weights, e)
+                weights = None
+            log.info("--weights auto: profiles %s -> weights %s", profiles, weights)
+            await asyncio.to_thread(self._decide, weights)
+            self._planned.set()
+        async with asyncio.timeout(600):
+            await self._planned.wait()
+
     def missing_ranks(self) -> list[int]:
-        return [r for r in range(1, self.settings.world_size)
-                if r not in self.workers or self.workers[r].closed]
+        ranks = [r for r in range(1, self.settings.world_size)
+                 if r not in self.workers or self.workers[r].closed]
+        return ranks if self.shard is not None else [0, *ranks]
 
     async def _on_worker(self, ch: TcpChannel) -> None:
         try:
@@ -118,8 +158,9 @@ class ClusterEngine:
                 log.error("refusing worker %s: %s", ch.peer, error)
                 await ch.send({"t": "plan", "error": error})
                 return
-            plan = {"t": "plan", "world_size": self.settings.world_size,
-                    "weights": self.settings.weights or [1.0] * self.settings.world_size}
+            if self.auto:
+                await self._auto_plan(rank, join.get("profile"))
+            plan = {"t": "plan", "world_size": self.settings.world_size, "weights": self.weights}
             if join.get("fingerprint") is None:  # no local checkpoint: it fetches its shard from us
                 plan |= await self._fetch_offer(rank)
             await ch.send(plan)
@@ -145,7 +186,7 @@ class ClusterEngine:
     async def _fetch_offer(self, rank: int) -> dict:
         """Split `rank`'s files here if needed; offer their names and checksums plus config.json."""
         s = self.settings
-        await asyncio.to_thread(split_model, s.model, s.world_size, s.weights, self.split_dir, [rank], True)
+        await asyncio.to_thread(split_model, s.model, s.world_size, self.weights, self.split_dir, [rank], True)
         manifest = json.loads((self.split_dir / MANIFEST).read_text())
         prefix = rank_dir(s.world_size, rank) + "/"
         files = {n: e for n, e in manifest["files"].items() if n.startswith(prefix)}
@@ -155,8 +196,9 @@ class ClusterEngine:
     def snapshot(self) -> dict:
         """Live counters for /metrics: bytes on each link, resident weights, weight-window counters."""
         links = {r: {"sent": ch.bytes_sent, "received": ch.bytes_received} for r, ch in self.workers.items()}
-        window = {0: self.shard.stats(), **self.star.peer_meta} if self.shard.window is not None else {}
-        return {"links": links, "weight_bytes": {0: self.shard.nbytes(), **self.worker_bytes},
+        shard = self.shard
+        window = {0: shard.stats(), **self.star.peer_meta} if shard is not None and shard.window else {}
+        return {"links": links, "weight_bytes": {0: shard.nbytes() if shard else 0, **self.worker_bytes},
                 "window": window, "fixed_rss": self.worker_fixed_rss, "fetched": self.worker_fetched}
 
     async def wait_ready(self, timeout: float) -> None:
@@ -208,4 +250,5 @@ class ClusterEngine:
         await self._server.aclose()
         for ch in list(self.workers.values()):
             await ch.aclose()
-        self.shard.close()
+        if self.shard is not None:
+            self.shard.close()

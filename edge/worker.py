@@ -22,6 +22,7 @@ import torch
 
 from edge.engine import ShardModel, load_shard
 from edge.fetch import fetch_files
+from edge.profile import measure_device
 from edge.split import SplitError, SplitPlan
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.config import config_from_hf
@@ -70,6 +71,7 @@ class Worker:
         self.fixed_rss = psutil.Process().memory_info().rss
         log.info("rank %d fixed overhead %.0f MB RSS", settings.rank, self.fixed_rss / (1 << 20))
         self.fetched_bytes = 0
+        self.profile = measure_device()  # for --weights auto on the master
         self.shard: ShardModel | None = None
         self._plan: tuple[int, tuple[float, ...]] | None = None
         self.sessions: dict[str, KVCache] = {}
@@ -77,7 +79,7 @@ class Worker:
     async def _join(self) -> TcpChannel:
         s = self.settings
         ch = await connect(s.master_host, s.master_port, s.secret, link=s.link, timeout=5.0)
-        await ch.send({"t": "join", "rank": s.rank, "fingerprint": self.fingerprint})
+        await ch.send({"t": "join", "rank": s.rank, "fingerprint": self.fingerprint, "profile": self.profile})
         plan = await ch.recv("plan", 600.0)
         if "error" in plan:
             raise PlanRefused(plan["error"])

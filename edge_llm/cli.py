@@ -50,7 +50,8 @@ def _bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help="device weights, e.g. 2,1,1 (heads and MLP columns in proportion)")
+    p.add_argument("--weights", help="device weights, e.g. 2,1,1 (heads, MLP columns and vocabulary in "
+                                     "proportion), or 'auto' from what each device measures at start")
     p.add_argument("--step-timeout", type=float, default=5.0, help="seconds a step waits for a worker")
     p.add_argument("--link-latency-ms", type=float, default=0.0)
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)

@@ -92,9 +92,11 @@ def bench_allreduce(args: argparse.Namespace) -> None:
     print(json.dumps({k: result[k] for k in ("star", "ring", "gloo", "auto_choice", "star_over_gloo")}))
 
 
-def _weights(text: str | None, workers: int) -> list[float] | None:
+def _weights(text: str | None, workers: int) -> list[float] | str | None:
     if not text:
         return None
+    if text == "auto":
+        return "auto"
     try:
         weights = [float(w) for w in text.split(",")]
     except ValueError as e:
@@ -189,8 +191,11 @@ def worker(args: argparse.Namespace) -> None:
 def split(args: argparse.Namespace) -> None:
     from edge.split import split_model
 
+    weights = _weights(args.weights, args.workers)
+    if weights == "auto":
+        raise UserError("split needs explicit --weights (the cluster splits by itself under --weights auto)")
     try:
-        out = split_model(args.model, args.workers, _weights(args.weights, args.workers), args.out)
+        out = split_model(args.model, args.workers, weights, args.out)
     except (CheckpointError, PlanError) as e:
         raise UserError(str(e)) from e
     print(f"split {args.model} for {args.workers} workers into {out}")

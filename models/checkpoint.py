@@ -136,6 +136,10 @@ class Checkpoint:
             self._handles[path] = safe_open(str(path), framework="pt")
         return self._handles[path]
 
+    def model_bytes(self) -> int:
+        """Bytes of every tensor of the checkpoint as stored."""
+        return sum(self.nbytes(name) for name in expected_tensors(self.config))
+
     def nbytes(self, name: str) -> int:
         entry = self._headers[self.files[name]][name]
         start, stop = entry["data_offsets"]

@@ -35,7 +35,7 @@ def qwen2(tmp_path_factory):
 
 
 CASES = [("llama", 1, None), ("llama", 2, None), ("llama", 3, None), ("llama", 4, None),
-         ("llama", 3, "2,1,1"), ("qwen2", 2, None), ("qwen2", 3, "1,2,1")]
+         ("llama", 3, "2,1,1"), ("llama", 3, "auto"), ("qwen2", 2, None), ("qwen2", 3, "1,2,1")]
 
 
 @pytest.mark.parametrize(("kind", "workers", "weights"), CASES)

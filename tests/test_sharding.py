@@ -76,3 +76,16 @@ async def test_sharded_forward_in_memory_equals_whole_model(tmp_path, kind, worl
     torch.testing.assert_close(torch.from_numpy(outs[0]), expected[-1], rtol=0, atol=2e-5)
     for s in shards:
         s.close()
+
+
+@pytest.mark.parametrize(("profiles", "expected"), [
+    ([{"gemv_gbps": 10, "free_bytes": 1e12}] * 3, [1.0, 1.0, 1.0]),
+    ([{"gemv_gbps": 20, "free_bytes": 1e12}, {"gemv_gbps": 10, "free_bytes": 1e12}], [1.0, 0.5]),
+    # the fast device has little memory: it may hold only 24% of the model
+    ([{"gemv_gbps": 20, "free_bytes": 300}, {"gemv_gbps": 10, "free_bytes": 1e12}], [0.3, 1.0]),
+    ([{"gemv_gbps": 10.4, "free_bytes": 1e12}, {"gemv_gbps": 9.8, "free_bytes": 1e12}], [1.0, 0.9]),
+])
+def test_auto_weights_follow_bandwidth_and_memory(profiles, expected):
+    from edge.profile import weights_from_profiles
+
+    assert weights_from_profiles(profiles, model_bytes=1000) == expected
