@@ -17,6 +17,7 @@ from aiohttp import web
 from edge.master import ClusterEngine, MasterSettings
 from edge.worker import Worker, WorkerSettings
 from scheduler.app import ServerSettings, create_app
+from scheduler.cloud import CloudSettings
 from transport.auth import SECRET_ENV
 from transport.link import LinkSpec
 
@@ -33,6 +34,7 @@ class HttpSettings:
     max_queue: int = 64
     request_timeout: float = 600.0
     api_key: str | None = None
+    cloud: CloudSettings | None = None
 
 
 def threads_per_process(world_size: int) -> int:
@@ -62,7 +64,8 @@ def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads
 async def _serve_http(engine: ClusterEngine, http: HttpSettings) -> web.AppRunner:
     name = http.served_name or Path(engine.settings.model).resolve().name
     server = ServerSettings(served_name=name, request_timeout=http.request_timeout,
-                            max_running=http.max_running, max_queue=http.max_queue, api_key=http.api_key)
+                            max_running=http.max_running, max_queue=http.max_queue, api_key=http.api_key,
+                            cloud=http.cloud)
     runner = web.AppRunner(create_app(engine, server), handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, http.host, http.port)

@@ -77,6 +77,10 @@ def _cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting; beyond it 429")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--cloud", help="base URL (with /v1) of an OpenAI-compatible cloud tier")
+    p.add_argument("--cloud-model", help="model name on the cloud tier (default: the request's)")
+    p.add_argument("--cloud-api-key-env", default="EDGE_LLM_CLOUD_API_KEY",
+                   help="environment variable holding the cloud tier's API key")
     _cluster_flags(p)
     p.set_defaults(func=commands.cluster)
 

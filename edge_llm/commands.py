@@ -141,9 +141,13 @@ def cluster(args: argparse.Namespace) -> None:
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
                               memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir,
                               keep_page_cache=args.keep_page_cache)
+    from scheduler.cloud import CloudSettings
+
+    cloud = CloudSettings(url=args.cloud, model=args.cloud_model,
+                          api_key=os.environ.get(args.cloud_api_key_env)) if args.cloud else None
     http = HttpSettings(args.host, args.port, args.served_name, max_running=args.max_running,
                         max_queue=args.max_queue, request_timeout=args.request_timeout,
-                        api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"))
+                        api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"), cloud=cloud)
     _run_master(settings, http, spawn=True)
 
 

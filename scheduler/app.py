@@ -6,10 +6,11 @@ from aiohttp import web
 
 from models.generation import Engine
 from scheduler.admission import Admission
-from scheduler.completions import complete, ensure_api_key
+from scheduler.cloud import CloudTier
+from scheduler.completions import complete, ensure_api_key, route_headers
 from scheduler.errors import error_middleware
 from scheduler.metrics import Metrics
-from scheduler.state import ADMISSION, ENGINE, METRICS, SETTINGS, ServerSettings
+from scheduler.state import ADMISSION, CLOUD, ENGINE, METRICS, ROUTE_KEY, SETTINGS, ServerSettings
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -61,6 +62,22 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+async def _route_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every routed answer says which tier served it (x-edge-route) and why."""
+    decision = request.get(ROUTE_KEY)
+    if decision is not None and "x-edge-route" not in response.headers:
+        response.headers.update(route_headers(decision))
+
+
+async def _cloud_ctx(app: web.Application):
+    settings = app[SETTINGS]
+    if settings.cloud is not None:
+        app[CLOUD] = CloudTier(settings.cloud)
+    yield
+    if CLOUD in app:
+        await app[CLOUD].aclose()
+
+
 def create_app(engine: Engine, settings: ServerSettings) -> web.Application:
     """The HTTP front end over an engine (one device or a cluster master)."""
     app = web.Application(middlewares=[metrics_middleware, error_middleware, auth_middleware],
@@ -69,6 +86,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics(getattr(engine, "snapshot", None))
     app[ADMISSION] = Admission(settings.max_running, settings.max_queue)
+    app.cleanup_ctx.append(_cloud_ctx)
+    app.on_response_prepare.append(_route_headers)
     app.router.add_routes([
         web.post("/v1/completions", completions),
         web.post("/v1/chat/completions", chat_completions),

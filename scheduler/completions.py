@@ -12,10 +12,15 @@ from typing import Any
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
+import psutil
+
+from edge.master import WorkerUnavailable
 from models.generation import TokenEvent, generate
 from scheduler import openai_api as api
+from scheduler.cloud import CloudUnavailable
 from scheduler.errors import ApiError, as_api_error, error_body
-from scheduler.state import ADMISSION, ENGINE, METRICS, SETTINGS
+from scheduler.router import ROUTES, Decision, RouteInputs, RouteRefused, decide
+from scheduler.state import ADMISSION, CLOUD, ENGINE, METRICS, ROUTE_KEY, SETTINGS
 
 Indexed = tuple[int, TokenEvent]
 
@@ -85,18 +90,80 @@ def _choice(request: web.Request, req: api.ParsedRequest, index: int, events: li
 
 
 async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
-    """Parse, admit, generate; the error middleware maps whatever is raised to a status."""
+    """Parse, route, admit, generate; the error middleware maps whatever is raised to a status."""
     engine, settings = request.app[ENGINE], request.app[SETTINGS]
     body = await api.read_json(request)
     api.check_model(body, settings.served_name)
     req = api.parse_request(body, engine.tokenizer, engine.config.max_position_embeddings, chat)
-    head = {"id": api.new_id(chat), "created": api.now(), "model": settings.served_name,
-            "object": "chat.completion" if chat else "text_completion"}
+    decision = choose_route(request, req)
+    path = "/chat/completions" if chat else "/completions"
+    if decision.route == "cloud":
+        return await _via_cloud(request, path, body, req, decision)
+    _set_route(request, decision)
+    try:
+        return await _on_edge(request, req)
+    except WorkerUnavailable as e:  # nothing was sent yet: the cloud may still answer
+        cloud = request.app.get(CLOUD)
+        if cloud is None or not cloud.up:
+            raise
+        return await _via_cloud(request, path, body, req, Decision("cloud", f"the edge failed: {e}"))
+
+
+async def _on_edge(request: web.Request, req: api.ParsedRequest) -> web.StreamResponse:
+    """Admit and generate on the edge cluster, streamed or whole."""
+    settings = request.app[SETTINGS]
+    head = {"id": api.new_id(req.chat), "created": api.now(), "model": settings.served_name,
+            "object": "chat.completion" if req.chat else "text_completion"}
     async with request.app[ADMISSION].slot():
         if req.stream:
             return await _stream(request, req, head)
         async with asyncio.timeout(settings.request_timeout):
             return await _whole(request, req, head)
+
+
+def choose_route(request: web.Request, req: api.ParsedRequest) -> Decision:
+    """Measure the tiers and ask the pure policy; raises ApiError for an impossible forced route."""
+    engine, admission, cloud = request.app[ENGINE], request.app[ADMISSION], request.app.get(CLOUD)
+    forced = request.headers.get("x-edge-route")
+    if forced is not None and forced not in ROUTES:
+        raise ApiError(400, f"x-edge-route must be one of {list(ROUTES)}, got {forced!r}", param="x-edge-route")
+    missing = engine.missing_ranks() if hasattr(engine, "missing_ranks") else []
+    config = engine.config
+    inputs = RouteInputs(
+        prompt_tokens=len(req.prompt_ids), max_tokens=req.params.max_tokens,
+        kv_bytes_per_token=2 * config.num_layers * config.num_kv_heads * config.head_dim * 4,
+        edge_free_kv_bytes=psutil.virtual_memory().available // 2,
+        edge_queue_full=admission.running >= admission.max_running and admission.waiting >= admission.max_queue,
+        edge_up=not missing, cloud_configured=cloud is not None, cloud_up=cloud is not None and cloud.up,
+        forced=forced)  # type: ignore[arg-type]
+    try:
+        return decide(inputs)
+    except RouteRefused as e:
+        raise ApiError(400 if forced else 503, str(e), "invalid_request_error" if forced else "service_unavailable",
+                       param="x-edge-route" if forced else None) from e
+
+
+def _set_route(request: web.Request, decision: Decision) -> None:
+    request[ROUTE_KEY] = decision
+    request.app[METRICS].routes.labels(decision.route).inc()
+
+
+def route_headers(decision: Decision) -> dict[str, str]:
+    return {"x-edge-route": decision.route, "x-edge-route-reason": decision.reason}
+
+
+async def _via_cloud(request: web.Request, path: str, body: dict, req: api.ParsedRequest,
+                     decision: Decision) -> web.StreamResponse:
+    """Proxy to the cloud tier; if it fails before answering, fall back to the edge when it can."""
+    cloud = request.app[CLOUD]
+    _set_route(request, decision)
+    try:
+        return await cloud.forward(request, path, body, route_headers(decision))
+    except CloudUnavailable as e:
+        if decision.reason.startswith("the edge failed") or decision.reason.startswith("forced"):
+            raise ApiError(503, f"{e}; the edge cannot serve this request either", "service_unavailable") from e
+        _set_route(request, Decision("edge", f"the cloud tier failed ({e})"))
+        return await _on_edge(request, req)
 
 
 async def _whole(request: web.Request, req: api.ParsedRequest, head: dict) -> web.Response:

@@ -70,6 +70,7 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.running = Gauge("edge_requests_running", "Generations running now", registry=r)
         self.queue = Gauge("edge_queue_depth", "Requests waiting for a generation slot", registry=r)
+        self.routes = Counter("edge_routes", "Requests by the route they took", ["route"], registry=r)
         self.cancelled = Counter("edge_requests_cancelled", "Generations stopped because the client left",
                                  registry=r)
         if cluster_snapshot is not None:

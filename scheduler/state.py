@@ -8,6 +8,7 @@ from aiohttp import web
 
 from models.generation import Engine
 from scheduler.admission import Admission
+from scheduler.cloud import CloudSettings, CloudTier
 from scheduler.metrics import Metrics
 
 
@@ -20,9 +21,12 @@ class ServerSettings:
     max_running: int = 16
     max_queue: int = 64
     api_key: str | None = None
+    cloud: CloudSettings | None = None
 
 
 ENGINE = web.AppKey("engine", Engine)
 SETTINGS = web.AppKey("settings", ServerSettings)
 METRICS = web.AppKey("metrics", Metrics)
 ADMISSION = web.AppKey("admission", Admission)
+CLOUD = web.AppKey("cloud", CloudTier)
+ROUTE_KEY = "edge_route"  # request-scoped: the Decision taken for this request

@@ -1,0 +1,90 @@
+"""The cloud tier: any OpenAI-compatible server (vLLM, llama.cpp, another edge-llm) behind us.
+
+Requests and streams are proxied as they are; a tier that errors (5xx, connection, timeout)
+is marked down for a while so the router sends new requests elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from scheduler.errors import ApiError
+
+
+class CloudUnavailable(Exception):
+    """The cloud tier failed before sending anything; the caller may fail over to the edge."""
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    url: str  # base URL up to and including /v1
+    model: str | None = None  # model name there (default: the request's)
+    api_key: str | None = None
+    timeout: float = 600.0
+    down_for: float = 30.0
+
+
+class CloudTier:
+    """Proxies one request at a time to the cloud; owns its client session (closed in `aclose`)."""
+
+    def __init__(self, settings: CloudSettings):
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+        self.down_until = 0.0
+
+    @property
+    def up(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def mark_down(self) -> None:
+        self.down_until = time.monotonic() + self.settings.down_for
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.timeout))
+        return self._session
+
+    async def forward(self, request: web.Request, path: str, body: dict,
+                      headers: dict[str, str]) -> web.StreamResponse:
+        """Send `body` to the cloud and relay its answer (SSE bytes as they come); raises CloudUnavailable."""
+        body = dict(body) | ({"model": self.settings.model} if self.settings.model else {})
+        auth = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
+        try:
+            upstream = await self._client().post(f"{self.settings.url.rstrip('/')}{path}", json=body,
+                                                 headers=auth)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            self.mark_down()
+            raise CloudUnavailable(f"cloud tier unreachable: {e}") from e
+        async with upstream:
+            if upstream.status >= 500:
+                self.mark_down()
+                raise CloudUnavailable(f"cloud tier answered {upstream.status}")
+            if upstream.status >= 400:
+                raise ApiError(upstream.status, f"cloud tier refused the request: {await upstream.text()}",
+                               "upstream_error")
+            return await self._relay(request, upstream, headers)
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                     headers: dict[str, str]) -> web.StreamResponse:
+        content_type = upstream.headers.get("Content-Type", "application/json")
+        response = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type, **headers})
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # output already went out: end clearly
+            self.mark_down()
+            error = f'data: {{"error": {{"message": "the cloud tier failed mid-stream: {type(e).__name__}", ' \
+                    '"type": "service_unavailable", "param": null, "code": "cloud_failed"}}\n\ndata: [DONE]\n\n'
+            await response.write(error.encode())
+        await response.write_eof()
+        return response
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()

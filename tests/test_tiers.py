@@ -1,0 +1,104 @@
+"""Routing between the edge cluster and a cloud tier: the pure policy, and live failover."""
+
+import asyncio
+
+import aiohttp
+import pytest
+from cluster_proc import ClusterProcess
+from hf_reference import make_hf_checkpoint
+
+from scheduler.router import Decision, RouteInputs, RouteRefused, decide
+
+MB = 1 << 20
+BASE = dict(prompt_tokens=20, max_tokens=100, kv_bytes_per_token=1024, edge_free_kv_bytes=1000 * MB,
+            edge_queue_full=False, edge_up=True, cloud_configured=True, cloud_up=True)
+
+
+@pytest.mark.parametrize(("changes", "route", "reason"), [
+    ({}, "edge", "room"),
+    ({"edge_free_kv_bytes": 10_000, "offload_nodes": 2}, "offload", "exceeds"),
+    ({"edge_free_kv_bytes": 10_000}, "cloud", "no attention node"),
+    ({"edge_queue_full": True}, "cloud", "queue is full"),
+    ({"cloud_up": False}, "edge", "cloud tier is down"),
+    ({"cloud_up": False, "edge_queue_full": True}, "edge", "cloud tier is down"),
+    ({"edge_up": False}, "cloud", "edge cluster is down"),
+    ({"forced": "cloud", "edge_queue_full": True}, "cloud", "forced"),
+    ({"forced": "edge"}, "edge", "forced"),
+    ({"cloud_configured": False, "edge_free_kv_bytes": 10_000}, "edge", "room"),
+])
+def test_policy_table(changes, route, reason):
+    decision = decide(RouteInputs(**(BASE | changes)))
+    assert decision.route == route and reason in decision.reason
+
+
+@pytest.mark.parametrize("changes", [
+    {"forced": "cloud", "cloud_up": False}, {"forced": "offload"}, {"forced": "edge", "edge_up": False},
+    {"edge_up": False, "cloud_configured": False},
+])
+def test_impossible_routes_are_refused(changes):
+    with pytest.raises(RouteRefused):
+        decide(RouteInputs(**(BASE | changes)))
+
+
+async def _post(url, route=None, stream=False):
+    body = {"prompt": "Hello", "max_tokens": 8, "temperature": 0, "stream": stream}
+    headers = {"x-edge-route": route} if route else {}
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body, headers=headers) as r:
+        text = await r.text()
+        return r.status, r.headers.get("x-edge-route"), r.headers.get("x-edge-route-reason"), text
+
+
+async def _health(url, status):
+    async with aiohttp.ClientSession() as s:
+        for _ in range(300):
+            async with s.get(f"{url}/health") as r:
+                if r.status == status:
+                    return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"/health never answered {status}")
+
+
+async def test_edge_and_cloud_with_failover(tmp_path):
+    (tmp_path / "cloud").mkdir()
+    (tmp_path / "edge").mkdir()
+    cloud = ClusterProcess(make_hf_checkpoint(tmp_path / "big-model", "qwen2", seed=3), 1, tmp_path / "cloud")
+    edge = ClusterProcess(make_hf_checkpoint(tmp_path / "small-model", "llama", seed=3), 2, tmp_path / "edge",
+                          "--cloud", f"{cloud.url}/v1", "--step-timeout", "2")
+    try:
+        status, route, reason, text = await _post(edge.url)
+        assert (status, route) == (200, "edge") and '"small-model"' in text
+        status, route, reason, text = await _post(edge.url, "cloud")
+        assert (status, route) == (200, "cloud") and '"big-model"' in text and "forced" in reason
+        status, route, _, text = await _post(edge.url, "cloud", stream=True)
+        assert status == 200 and route == "cloud" and text.rstrip().endswith("data: [DONE]")
+        status, _, _, text = await _post(edge.url, "nowhere")
+        assert status == 400 and "x-edge-route" in text
+
+        edge.kill_worker(1)  # the edge goes down: new requests go to the cloud and say so
+        await _health(edge.url, 503)
+        status, route, reason, text = await _post(edge.url)
+        assert (status, route) == (200, "cloud") and "edge cluster is down" in reason
+
+        cloud.stop()  # and with the cloud gone too, a clear error instead of a hang
+        status, _, _, text = await _post(edge.url)
+        assert status == 503 and "error" in text
+    finally:
+        edge.stop()
+        cloud.stop()
+
+
+async def test_cloud_down_sends_requests_to_the_edge(tmp_path):
+    (tmp_path / "cloud").mkdir()
+    (tmp_path / "edge").mkdir()
+    model = make_hf_checkpoint(tmp_path / "m", "llama", seed=4)
+    cloud = ClusterProcess(model, 1, tmp_path / "cloud")
+    edge = ClusterProcess(model, 2, tmp_path / "edge", "--cloud", f"{cloud.url}/v1")
+    try:
+        cloud.stop()
+        status, _, _, text = await _post(edge.url, "cloud")  # forced onto a dead tier: 503, no hang
+        assert status == 503 and "cloud" in text
+        status, route, reason, _ = await _post(edge.url)
+        assert (status, route) == (200, "edge") and "cloud tier is down" in reason
+    finally:
+        edge.stop()
+        cloud.stop()
