@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import multiprocessing as mp
 import os
@@ -16,8 +15,8 @@ import numpy as np
 from transport.auth import new_secret
 from transport.collectives import RingAllReduce, StarAllReduce, measure_links
 from transport.link import LinkSpec
-from transport.mesh import build_mesh
 from transport.loop import run_loop
+from transport.mesh import build_mesh
 
 
 def free_ports(n: int) -> list[int]:

@@ -20,8 +20,15 @@ from edge.split import SplitError, SplitPlan, default_split_dir, split_model
 from edge.weights import BudgetTooSmall, WeightWindow
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.config import LlamaConfig
-from models.llama import (HeadWeights, KVCache, LayerWeights, forward_layers, load_layer,
-                          load_output_head, logits)
+from models.llama import (
+    HeadWeights,
+    KVCache,
+    LayerWeights,
+    forward_layers,
+    load_layer,
+    load_output_head,
+    logits,
+)
 from models.rope import RotaryTable
 from models.sharding import LocalDims
 from transport.collectives import StarAllReduce

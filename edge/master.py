@@ -10,17 +10,17 @@ import asyncio
 import itertools
 import json
 import logging
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from edge.engine import ShardModel, load_shard
 from edge.fetch import serve_fetches
-from edge.split import MANIFEST, SplitError, default_split_dir, rank_dir, split_model
 from edge.profile import measure_device, weights_from_profiles
+from edge.split import MANIFEST, SplitError, default_split_dir, rank_dir, split_model
 from edge.weights import EmbeddingRows
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.llama import KVCache

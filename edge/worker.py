@@ -30,8 +30,13 @@ from models.llama import KVCache
 from models.sharding import local_dims
 from transport.codec import unpack_array
 from transport.collectives import StarAllReduce
-from transport.errors import (AuthError, ChannelClosed, CollectiveAborted, CollectiveTimeout,
-                              TransportError)
+from transport.errors import (
+    AuthError,
+    ChannelClosed,
+    CollectiveAborted,
+    CollectiveTimeout,
+    TransportError,
+)
 from transport.link import LinkSpec
 from transport.tcp import TcpChannel, connect
 

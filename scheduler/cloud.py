@@ -57,7 +57,7 @@ class CloudTier:
         try:
             upstream = await self._client().post(f"{self.settings.url.rstrip('/')}{path}", json=body,
                                                  headers=auth)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             self.mark_down()
             raise CloudUnavailable(f"cloud tier unreachable: {e}") from e
         async with upstream:
@@ -77,7 +77,7 @@ class CloudTier:
         try:
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:  # output already went out: end clearly
+        except (TimeoutError, aiohttp.ClientError) as e:  # output already went out: end clearly
             self.mark_down()
             error = f'data: {{"error": {{"message": "the cloud tier failed mid-stream: {type(e).__name__}", ' \
                     '"type": "service_unavailable", "param": null, "code": "cloud_failed"}}\n\ndata: [DONE]\n\n'

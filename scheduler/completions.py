@@ -9,10 +9,9 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import psutil
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
-
-import psutil
 
 from edge.master import WorkerUnavailable
 from models.generation import TokenEvent, generate
@@ -139,8 +138,10 @@ def choose_route(request: web.Request, req: api.ParsedRequest) -> Decision:
     try:
         return decide(inputs)
     except RouteRefused as e:
-        raise ApiError(400 if forced else 503, str(e), "invalid_request_error" if forced else "service_unavailable",
-                       param="x-edge-route" if forced else None) from e
+        detail = f" (worker rank(s) {missing} not connected)" if missing else ""
+        raise ApiError(400 if forced else 503, f"{e}{detail}",
+                       "invalid_request_error" if forced else "service_unavailable",
+                       param="x-edge-route" if forced else None, code=None if forced else "worker_unavailable") from e
 
 
 def _set_route(request: web.Request, decision: Decision) -> None:
@@ -202,7 +203,7 @@ async def _stream(request: web.Request, req: api.ParsedRequest, head: dict) -> w
     except (ClientConnectionResetError, ConnectionResetError):
         request.app[METRICS].cancelled.inc()
         return response
-    except Exception as e:  # noqa: BLE001 - headers are gone; report in-band, then end the stream
+    except Exception as e:
         await send(error_body(as_api_error(e)))
     finally:
         await merged.aclose()

@@ -58,5 +58,5 @@ async def error_middleware(request: web.Request, handler):
         return error_response(ApiError(e.status, f"{e.reason}: {request.method} {request.path}", kind))
     except json.JSONDecodeError as e:
         return error_response(ApiError(400, f"request body is not valid JSON: {e}"))
-    except Exception as e:  # noqa: BLE001 - the one place every error becomes an HTTP answer
+    except Exception as e:
         return error_response(as_api_error(e))

@@ -149,18 +149,29 @@ def write(results: dict, out: Path) -> None:
     (out / "decode.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model")
+def model_parser(doc: str, workers: str) -> argparse.ArgumentParser:
+    """The options every benchmark shares: which model (made on first use) and where results go."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--model", help="checkpoint folder (default: models-cache/PRESET, made if missing)")
     parser.add_argument("--preset", default="large")
-    parser.add_argument("--workers", default="1,2,3,4")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=33)
+    parser.add_argument("--workers", default=workers)
     parser.add_argument("--out", default="bench")
-    args = parser.parse_args()
+    return parser
+
+
+def benchmark_model(args: argparse.Namespace) -> str:
     model = args.model or f"models-cache/{args.preset}"
     if not Path(model, "config.json").is_file():
         subprocess.run([sys.executable, "-m", "edge_llm", "make-model", model, "--preset", args.preset], check=True)
+    return model
+
+
+def main() -> None:
+    parser = model_parser(__doc__, "1,2,3,4")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=33)
+    args = parser.parse_args()
+    model = benchmark_model(args)
     config = json.loads(Path(model, "config.json").read_text())
     cores = os.cpu_count() or 1
     results = {"model": model, "model_bytes": sum(p.stat().st_size for p in Path(model).glob("*.safetensors")),

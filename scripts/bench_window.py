@@ -11,7 +11,6 @@ Writes bench/window.json and bench/window.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -21,9 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import Cluster  # noqa: E402
+from bench_decode import Cluster, benchmark_model, model_parser
 
-from edge.split import MANIFEST, head_file, layer_file, split_model  # noqa: E402
+from edge.split import MANIFEST, head_file, layer_file, split_model
 
 MB = 1 << 20
 KV_RESERVE_MB = 64  # >= the 2048-token reserve of the presets used here
@@ -87,17 +86,11 @@ def run_one(model: str, split: Path, workers: int, budget_mb: float, tokens: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="large")
-    parser.add_argument("--model")
-    parser.add_argument("--workers", default="2,4")
+    parser = model_parser(__doc__, "2,4")
     parser.add_argument("--fractions", default="1,0.5,0.25")
     parser.add_argument("--tokens", type=int, default=9)
-    parser.add_argument("--out", default="bench")
     args = parser.parse_args()
-    model = args.model or f"models-cache/{args.preset}"
-    if not Path(model, "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "edge_llm", "make-model", model, "--preset", args.preset], check=True)
+    model = benchmark_model(args)
     layers = json.loads(Path(model, "config.json").read_text())["num_hidden_layers"]
     rows = []
     for workers in (int(w) for w in args.workers.split(",")):

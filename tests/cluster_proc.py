@@ -19,7 +19,7 @@ class ClusterProcess:
     def __init__(self, model: Path, workers: int, tmp: Path, *extra: str, ready_timeout: float = 90):
         self.secret_file = tmp / "secret"
         self.secret_file.write_text(SECRET)
-        self.log = open(tmp / f"cluster-{workers}.log", "w")  # noqa: SIM115 - closed in stop()
+        self.log = open(tmp / f"cluster-{workers}.log", "w")
         cmd = [sys.executable, "-m", "edge_llm", "cluster", "--model", str(model), "--workers", str(workers),
                "--port", "0", "--secret-file", str(self.secret_file), *extra]
         self.model = model
@@ -78,3 +78,21 @@ class ClusterProcess:
                 continue
             raise AssertionError(f"worker pid {pid} survived the cluster's shutdown")
         self.log.close()
+
+
+async def wait_health(url: str, status: int, tries: int = 600) -> None:
+    """Poll /health until it answers `status` (every 0.1 s)."""
+    import asyncio
+
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        for _ in range(tries):
+            try:
+                async with s.get(f"{url}/health") as r:
+                    if r.status == status:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url}/health never answered {status}")

@@ -36,7 +36,7 @@ id = "jetson"
 address = "127.0.0.1"
 weight = 1.0
 """)
-    log = open(tmp_path / "log", "w")  # noqa: SIM115
+    log = open(tmp_path / "log", "w")
     serve = subprocess.Popen([sys.executable, "-m", "edge_llm", "serve", "--config", str(config)],
                              stdout=log, stderr=log)
     worker = subprocess.Popen([sys.executable, "-m", "edge_llm", "worker", "--config", str(config),

@@ -1,27 +1,16 @@
 """A worker with no checkpoint fetches exactly its own shard files from the master, once."""
 
-import asyncio
 import json
 import re
 import signal
 
 import aiohttp
-from cluster_proc import ClusterProcess
+from cluster_proc import ClusterProcess, wait_health
 from hf_reference import hf_greedy, make_hf_checkpoint
 
 from edge.split import MANIFEST, layer_file
 
 PROMPT = [0, 17, 250, 33, 99, 5, 120]
-
-
-async def _wait_health(url: str, status: int) -> None:
-    async with aiohttp.ClientSession() as s:
-        for _ in range(600):
-            async with s.get(f"{url}/health") as r:
-                if r.status == status:
-                    return
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"/health never answered {status}")
 
 
 async def _tokens_and_fetched(url: str) -> tuple[list[int], float]:
@@ -46,9 +35,9 @@ async def _restart_worker(cluster: ClusterProcess, shards, running: list) -> Non
         _kill(running.pop())
     else:
         cluster.kill_worker(1)
-    await _wait_health(cluster.url, 503)
+    await wait_health(cluster.url, 503)
     running.append(cluster.start_worker(1, None, "--split-dir", str(shards), fetch=True))
-    await _wait_health(cluster.url, 200)
+    await wait_health(cluster.url, 200)
 
 
 async def test_empty_worker_fetches_its_files_then_reuses_them(tmp_path):
@@ -71,13 +60,13 @@ async def test_empty_worker_fetches_its_files_then_reuses_them(tmp_path):
         assert tokens == ref_tokens and fetched == 0  # nothing fetched the second time
 
         _kill(running.pop())  # a transfer that broke half way resumes where it stopped
-        await _wait_health(cluster.url, 503)
+        await wait_health(cluster.url, 503)
         victim = shards / layer_file(2, 1, 1)
         data = victim.read_bytes()
         victim.unlink()
         victim.with_name(victim.name + ".part").write_bytes(data[: len(data) // 2])
         running.append(cluster.start_worker(1, None, "--split-dir", str(shards), fetch=True))
-        await _wait_health(cluster.url, 200)
+        await wait_health(cluster.url, 200)
         tokens, fetched = await _tokens_and_fetched(cluster.url)
         assert tokens == ref_tokens and fetched == len(data) - len(data) // 2
         assert victim.read_bytes() == data

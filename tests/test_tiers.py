@@ -1,13 +1,12 @@
 """Routing between the edge cluster and a cloud tier: the pure policy, and live failover."""
 
-import asyncio
 
 import aiohttp
 import pytest
-from cluster_proc import ClusterProcess
+from cluster_proc import ClusterProcess, wait_health
 from hf_reference import make_hf_checkpoint
 
-from scheduler.router import Decision, RouteInputs, RouteRefused, decide
+from scheduler.router import RouteInputs, RouteRefused, decide
 
 MB = 1 << 20
 BASE = dict(prompt_tokens=20, max_tokens=100, kv_bytes_per_token=1024, edge_free_kv_bytes=1000 * MB,
@@ -48,16 +47,6 @@ async def _post(url, route=None, stream=False):
         return r.status, r.headers.get("x-edge-route"), r.headers.get("x-edge-route-reason"), text
 
 
-async def _health(url, status):
-    async with aiohttp.ClientSession() as s:
-        for _ in range(300):
-            async with s.get(f"{url}/health") as r:
-                if r.status == status:
-                    return
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"/health never answered {status}")
-
-
 async def test_edge_and_cloud_with_failover(tmp_path):
     (tmp_path / "cloud").mkdir()
     (tmp_path / "edge").mkdir()
@@ -75,7 +64,7 @@ async def test_edge_and_cloud_with_failover(tmp_path):
         assert status == 400 and "x-edge-route" in text
 
         edge.kill_worker(1)  # the edge goes down: new requests go to the cloud and say so
-        await _health(edge.url, 503)
+        await wait_health(edge.url, 503)
         status, route, reason, text = await _post(edge.url)
         assert (status, route) == (200, "cloud") and "edge cluster is down" in reason
 

@@ -108,13 +108,17 @@ async def test_quarter_budget_keeps_tokens_and_memory(big, tmp_path):
     assert windowed["choices"][0]["token_ids"] == reference["choices"][0]["token_ids"]
     fixed = metric(text1, "edge_worker_fixed_rss_bytes", 1)
     overhead = 40 * MB  # allocator, activations, KV cache, frames: stated fixed margin
-    assert rss_peak < fixed + budget_mb * MB + overhead
-    assert rss_peak < full_peak - shard / 3  # and the window really saves memory
+    numbers = f"peak {rss_peak / MB:.0f} MB, fixed {fixed / MB:.0f} MB, budget {budget_mb:.0f} MB, " \
+              f"no-budget peak {full_peak / MB:.0f} MB, shard {shard / MB:.0f} MB"
+    assert rss_peak < fixed + budget_mb * MB + overhead, numbers
+    assert rss_peak < full_peak - shard / 3, numbers  # and the window really saves memory
     read = metric(text1, "edge_window_bytes_read_total", 1) - metric(text0, "edge_window_bytes_read_total", 1)
     forwards = metric(text1, "edge_window_forwards_total", 1) - metric(text0, "edge_window_forwards_total", 1)
     per_token = read / forwards
     assert forwards == 16  # one pass over the streamed layers per step (prefill + 15 decode steps)
-    assert shard - budget_mb * MB <= per_token <= shard  # re-reads about shard - budget, not more
+    # About shard - budget (+ the 2-layer window), never more than the shard: the 5% allow for the
+    # next token's first layer, which the reader may or may not have prefetched when counted.
+    assert shard - budget_mb * MB <= per_token <= 1.05 * shard, per_token
 
 
 def test_budget_too_small_fails_at_start_naming_the_size(big, tmp_path):
