@@ -59,6 +59,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def decode_with_special(self, ids: list[int]) -> str:
+        """Text that re-encodes to the same prompt (special tokens kept), e.g. to hand it to another server."""
+        return self._tok.decode(ids, skip_special_tokens=False)
+
     def token_text(self, token_id: int) -> str:
         """The text of one token as OpenAI `logprobs.tokens` shows it (special tokens included)."""
         return self._tok.decode([token_id], skip_special_tokens=False)

@@ -7,7 +7,9 @@ is marked down for a while so the router sends new requests elsewhere.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -84,6 +86,28 @@ class CloudTier:
             await response.write(error.encode())
         await response.write_eof()
         return response
+
+    async def stream_completion(self, body: dict) -> AsyncIterator[tuple[str, str | None]]:
+        """Stream a /completions request and yield (text, finish_reason) per chunk.
+
+        Used to migrate a request that lost the edge mid-stream; raises CloudUnavailable.
+        """
+        body = body | {"stream": True} | ({"model": self.settings.model} if self.settings.model else {})
+        auth = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
+        try:
+            async with self._client().post(f"{self.settings.url.rstrip('/')}/completions", json=body,
+                                           headers=auth) as upstream:
+                if upstream.status != 200:
+                    raise CloudUnavailable(f"cloud tier answered {upstream.status}")
+                async for line in upstream.content:
+                    text = line.decode().strip()
+                    if not text.startswith("data: ") or text == "data: [DONE]":
+                        continue
+                    choices = json.loads(text[6:]).get("choices") or [{}]
+                    yield choices[0].get("text", ""), choices[0].get("finish_reason")
+        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as e:
+            self.mark_down()
+            raise CloudUnavailable(f"cloud tier failed: {e}") from e
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -197,14 +197,17 @@ async def _stream(request: web.Request, req: api.ParsedRequest, head: dict) -> w
     async def send(obj: dict) -> None:
         await response.write(f"data: {json.dumps(obj)}\n\n".encode())
 
+    progress = {"text": "", "tokens": 0}
     try:
         async with asyncio.timeout(request.app[SETTINGS].request_timeout):
-            await _send_events(request, req, chunk_head, first, merged, send)
+            await _send_events(request, req, chunk_head, first, merged, send, progress)
     except (ClientConnectionResetError, ConnectionResetError):
         request.app[METRICS].cancelled.inc()
         return response
     except Exception as e:
-        await send(error_body(as_api_error(e)))
+        await merged.aclose()
+        if not (isinstance(e, WorkerUnavailable) and await _migrate(request, req, chunk_head, progress, send)):
+            await send(error_body(as_api_error(e)))
     finally:
         await merged.aclose()
     await response.write(b"data: [DONE]\n\n")
@@ -212,8 +215,34 @@ async def _stream(request: web.Request, req: api.ParsedRequest, head: dict) -> w
     return response
 
 
+async def _migrate(request: web.Request, req: api.ParsedRequest, chunk_head: dict, progress: dict,
+                   send) -> bool:
+    """The edge failed mid-stream: continue on the cloud from the prompt plus the text so far.
+
+    The client sees one continuous stream. Only for n == 1; False when the cloud cannot take it.
+    """
+    cloud = request.app.get(CLOUD)
+    if cloud is None or not cloud.up or req.n != 1:
+        return False
+    tokenizer = request.app[ENGINE].tokenizer
+    params = req.params
+    body = {"prompt": tokenizer.decode_with_special(req.prompt_ids) + progress["text"],
+            "max_tokens": max(1, params.max_tokens - progress["tokens"]), "temperature": params.temperature,
+            "top_p": params.top_p, "stop": list(params.stop) or None}
+    request.app[METRICS].routes.labels("cloud").inc()
+    try:
+        async for text, finish in cloud.stream_completion(body):
+            choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+            choice |= {"delta": {"content": text}} if req.chat else {"text": text}
+            await send(chunk_head | {"choices": [choice]})
+    except CloudUnavailable as e:
+        await send(error_body(ApiError(503, f"the edge failed and so did the cloud mid-stream: {e}",
+                                       "service_unavailable")))
+    return True
+
+
 async def _send_events(request: web.Request, req: api.ParsedRequest, chunk_head: dict, first: Indexed,
-                       merged: AsyncIterator[Indexed], send) -> None:
+                       merged: AsyncIterator[Indexed], send, progress: dict) -> None:
     offsets, count = [len(req.echo_text)] * req.n, 0
     for i in range(req.n):
         opening = {"role": "assistant", "content": ""} if req.chat else None
@@ -226,6 +255,8 @@ async def _send_events(request: web.Request, req: api.ParsedRequest, chunk_head:
         count += 1
         choice = _choice(request, req, i, [event], event.text, event.finish_reason, offsets[i])
         offsets[i] += len(event.text)
+        progress["text"] += event.text
+        progress["tokens"] += 1
         if req.chat:
             choice["delta"] = {"content": choice.pop("message")["content"]}
         await send(chunk_head | {"choices": [choice]})

@@ -1,5 +1,6 @@
 """Routing between the edge cluster and a cloud tier: the pure policy, and live failover."""
 
+import json
 
 import aiohttp
 import pytest
@@ -88,6 +89,36 @@ async def test_cloud_down_sends_requests_to_the_edge(tmp_path):
         assert status == 503 and "cloud" in text
         status, route, reason, _ = await _post(edge.url)
         assert (status, route) == (200, "edge") and "cloud tier is down" in reason
+    finally:
+        edge.stop()
+        cloud.stop()
+
+
+async def test_edge_failure_mid_stream_migrates_to_the_cloud(tmp_path):
+    (tmp_path / "cloud").mkdir()
+    (tmp_path / "edge").mkdir()
+    model = make_hf_checkpoint(tmp_path / "m", "llama", seed=5)
+    cloud = ClusterProcess(model, 1, tmp_path / "cloud")
+    edge = ClusterProcess(model, 2, tmp_path / "edge", "--cloud", f"{cloud.url}/v1", "--step-timeout", "2")
+    body = {"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    chunks = []
+    try:
+        async with aiohttp.ClientSession() as s, s.post(f"{edge.url}/v1/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            async for raw in r.content:
+                line = raw.decode().strip()
+                if line.startswith("data: {"):
+                    chunks.append(json.loads(line[6:]))
+                    if len(chunks) == 3:
+                        edge.kill_worker(1)
+                elif line == "data: [DONE]":
+                    chunks.append("DONE")
+        assert chunks[-1] == "DONE"
+        events = chunks[:-1]
+        assert not any("error" in c for c in events), [c for c in events if "error" in c]
+        assert len(events) > 3 + 1  # the cloud carried on after the edge died
+        assert events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
     finally:
         edge.stop()
         cloud.stop()

@@ -16,6 +16,11 @@ def frame(body: bytes) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def header(body: bytes) -> bytes:
+    """The length prefix alone, for writev-style sends that avoid copying the body."""
+    return HEADER.pack(len(body))
+
+
 class FrameParser:
     """Feeds raw bytes, calls `on_frame(body)` per complete frame; checks the limit before buffering a body."""
 
@@ -27,6 +32,10 @@ class FrameParser:
 
     def feed(self, data: bytes) -> None:
         """Raises FrameTooLarge as soon as a header announces an oversize body."""
+        if not self._buf and self._need is None:
+            data = self._feed_whole(data)  # the common case: whole frames, no buffering copy
+            if not data:
+                return
         self._buf += data
         while True:
             if self._need is None:
@@ -43,3 +52,17 @@ class FrameParser:
             del self._buf[: self._need]
             self._need = None
             self.on_frame(body)
+
+    def _feed_whole(self, data: bytes) -> bytes:
+        """Deliver the complete frames at the start of `data`; return the incomplete rest."""
+        view, pos = memoryview(data), 0
+        while len(data) - pos >= HEADER.size:
+            (size,) = HEADER.unpack_from(data, pos)
+            if size > self.max_frame:
+                raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {self.max_frame}")
+            end = pos + HEADER.size + size
+            if end > len(data):
+                break
+            self.on_frame(view[pos + HEADER.size:end])
+            pos = end
+        return data[pos:]

@@ -11,7 +11,7 @@ from transport.auth import client_handshake, server_handshake
 from transport.channel import Message, TaggedInbox
 from transport.codec import decode, encode
 from transport.errors import AuthError, ChannelClosed, FrameError, TransportError
-from transport.frames import DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME, FrameParser, frame
+from transport.frames import DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME, FrameParser, frame, header
 from transport.link import DelayedWriter, LinkSpec, Uplink
 
 log = logging.getLogger("edge_llm.transport")
@@ -111,12 +111,14 @@ class TcpChannel:
         """Raises ChannelClosed if the peer is gone."""
         if self._proto.inbox.closed_reason is not None:
             raise ChannelClosed(f"link to {self.peer} closed: {self._proto.inbox.closed_reason}")
-        data = frame(encode(msg))
-        self.bytes_sent += len(data)
+        body = encode(msg)
+        self.bytes_sent += len(body) + 4
         if self._delayed is not None:
-            self._delayed.submit(data)
+            self._delayed.submit(frame(body))
             return
-        self._write(data)
+        transport = self._proto.transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines((header(body), body))  # one writev, no concatenation copy
         if not self._proto._writable.is_set():
             await self._proto._writable.wait()
 
