@@ -97,7 +97,8 @@ async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
     decision = choose_route(request, req)
     path = "/chat/completions" if chat else "/completions"
     if decision.route == "cloud":
-        return await _via_cloud(request, path, body, req, decision)
+        # a forced cloud route must not quietly land on the edge
+        return await _via_cloud(request, path, body, req, decision, edge_fallback=req_forced(request) is None)
     _set_route(request, decision)
     try:
         return await _on_edge(request, req)
@@ -105,7 +106,8 @@ async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
         cloud = request.app.get(CLOUD)
         if cloud is None or not cloud.up:
             raise
-        return await _via_cloud(request, path, body, req, Decision("cloud", f"the edge failed: {e}"))
+        return await _via_cloud(request, path, body, req, Decision("cloud", f"the edge failed: {e}"),
+                                edge_fallback=False)
 
 
 async def _on_edge(request: web.Request, req: api.ParsedRequest) -> web.StreamResponse:
@@ -123,7 +125,7 @@ async def _on_edge(request: web.Request, req: api.ParsedRequest) -> web.StreamRe
 def choose_route(request: web.Request, req: api.ParsedRequest) -> Decision:
     """Measure the tiers and ask the pure policy; raises ApiError for an impossible forced route."""
     engine, admission, cloud = request.app[ENGINE], request.app[ADMISSION], request.app.get(CLOUD)
-    forced = request.headers.get("x-edge-route")
+    forced = req_forced(request)
     if forced is not None and forced not in ROUTES:
         raise ApiError(400, f"x-edge-route must be one of {list(ROUTES)}, got {forced!r}", param="x-edge-route")
     missing = engine.missing_ranks() if hasattr(engine, "missing_ranks") else []
@@ -153,15 +155,19 @@ def route_headers(decision: Decision) -> dict[str, str]:
     return {"x-edge-route": decision.route, "x-edge-route-reason": decision.reason}
 
 
+def req_forced(request: web.Request) -> str | None:
+    return request.headers.get("x-edge-route")
+
+
 async def _via_cloud(request: web.Request, path: str, body: dict, req: api.ParsedRequest,
-                     decision: Decision) -> web.StreamResponse:
+                     decision: Decision, edge_fallback: bool) -> web.StreamResponse:
     """Proxy to the cloud tier; if it fails before answering, fall back to the edge when it can."""
     cloud = request.app[CLOUD]
     _set_route(request, decision)
     try:
         return await cloud.forward(request, path, body, route_headers(decision))
     except CloudUnavailable as e:
-        if decision.reason.startswith("the edge failed") or decision.reason.startswith("forced"):
+        if not edge_fallback:
             raise ApiError(503, f"{e}; the edge cannot serve this request either", "service_unavailable") from e
         _set_route(request, Decision("edge", f"the cloud tier failed ({e})"))
         return await _on_edge(request, req)

@@ -48,12 +48,18 @@ async def _post(url, route=None, stream=False):
         return r.status, r.headers.get("x-edge-route"), r.headers.get("x-edge-route-reason"), text
 
 
-async def test_edge_and_cloud_with_failover(tmp_path):
+def start_tiers(tmp_path, cloud_model, edge_model) -> tuple[ClusterProcess, ClusterProcess]:
+    """A 1-device edge-llm as the cloud tier and a 2-device edge cluster that routes to it."""
     (tmp_path / "cloud").mkdir()
     (tmp_path / "edge").mkdir()
-    cloud = ClusterProcess(make_hf_checkpoint(tmp_path / "big-model", "qwen2", seed=3), 1, tmp_path / "cloud")
-    edge = ClusterProcess(make_hf_checkpoint(tmp_path / "small-model", "llama", seed=3), 2, tmp_path / "edge",
-                          "--cloud", f"{cloud.url}/v1", "--step-timeout", "2")
+    cloud = ClusterProcess(cloud_model, 1, tmp_path / "cloud")
+    edge = ClusterProcess(edge_model, 2, tmp_path / "edge", "--cloud", f"{cloud.url}/v1", "--step-timeout", "2")
+    return cloud, edge
+
+
+async def test_edge_and_cloud_with_failover(tmp_path):
+    cloud, edge = start_tiers(tmp_path, make_hf_checkpoint(tmp_path / "big-model", "qwen2", seed=3),
+                              make_hf_checkpoint(tmp_path / "small-model", "llama", seed=3))
     try:
         status, route, reason, text = await _post(edge.url)
         assert (status, route) == (200, "edge") and '"small-model"' in text
@@ -78,11 +84,8 @@ async def test_edge_and_cloud_with_failover(tmp_path):
 
 
 async def test_cloud_down_sends_requests_to_the_edge(tmp_path):
-    (tmp_path / "cloud").mkdir()
-    (tmp_path / "edge").mkdir()
     model = make_hf_checkpoint(tmp_path / "m", "llama", seed=4)
-    cloud = ClusterProcess(model, 1, tmp_path / "cloud")
-    edge = ClusterProcess(model, 2, tmp_path / "edge", "--cloud", f"{cloud.url}/v1")
+    cloud, edge = start_tiers(tmp_path, model, model)
     try:
         cloud.stop()
         status, _, _, text = await _post(edge.url, "cloud")  # forced onto a dead tier: 503, no hang
@@ -95,11 +98,8 @@ async def test_cloud_down_sends_requests_to_the_edge(tmp_path):
 
 
 async def test_edge_failure_mid_stream_migrates_to_the_cloud(tmp_path):
-    (tmp_path / "cloud").mkdir()
-    (tmp_path / "edge").mkdir()
     model = make_hf_checkpoint(tmp_path / "m", "llama", seed=5)
-    cloud = ClusterProcess(model, 1, tmp_path / "cloud")
-    edge = ClusterProcess(model, 2, tmp_path / "edge", "--cloud", f"{cloud.url}/v1", "--step-timeout", "2")
+    cloud, edge = start_tiers(tmp_path, model, model)
     body = {"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0, "stream": True,
             "ignore_eos": True}
     chunks = []
