@@ -31,7 +31,7 @@ from models.llama import (
 )
 from models.rope import RotaryTable
 from models.sharding import LocalDims
-from transport.collectives import StarAllReduce
+from transport.collectives import StarAllReduce, StepCollective
 
 T = TypeVar("T")
 log = logging.getLogger("edge_llm.engine")
@@ -83,7 +83,7 @@ class ShardModel:
         """Run torch work on this rank's compute thread."""
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn)
 
-    async def forward(self, h: torch.Tensor, kv: KVCache, star: StarAllReduce,
+    async def forward(self, h: torch.Tensor, kv: KVCache, star: StarAllReduce | StepCollective,
                       timeout: float) -> np.ndarray | None:
         """h: [1, S, D] -> next-token logits [V] at rank 0 (None elsewhere); raises collective errors."""
         loop = asyncio.get_running_loop()

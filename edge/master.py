@@ -20,6 +20,7 @@ import torch
 from edge.engine import ShardModel, load_shard
 from edge.fetch import serve_fetches
 from edge.profile import measure_device, weights_from_profiles
+from edge.ring import link_ring_from_master
 from edge.split import MANIFEST, SplitError, default_split_dir, rank_dir, split_model
 from edge.weights import EmbeddingRows
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
@@ -27,7 +28,7 @@ from models.llama import KVCache
 from models.sharding import PlanError, local_dims
 from models.tokenizer import Tokenizer, load_tokenizer
 from transport.codec import pack_array
-from transport.collectives import StarAllReduce
+from transport.collectives import StarAllReduce, StepCollective
 from transport.errors import TransportError
 from transport.link import LinkSpec
 from transport.tcp import ChannelServer, TcpChannel
@@ -53,6 +54,7 @@ class MasterSettings:
     memory_budget_mb: float | None = None
     split_dir: str | None = None
     keep_page_cache: bool = False
+    allreduce: Literal["star", "ring", "auto"] = "star"
 
 
 class ClusterSession:
@@ -91,6 +93,10 @@ class ClusterEngine:
             self._decide(settings.weights)  # PlanError / BudgetTooSmall at start
         self.workers: dict[int, TcpChannel] = {}
         self.star = StarAllReduce(0, settings.world_size, self.workers, settings.step_timeout)
+        self.collective = StepCollective(self.star)
+        self.listen: dict[int, list] = {}  # where each worker accepts its ring predecessor
+        self._ring_epoch = 0
+        self.ring_ok = settings.allreduce == "star" or settings.world_size == 1
         self._server = ChannelServer(settings.secret, self._on_worker, settings.link)
         self._lock = asyncio.Lock()
         self._steps = itertools.count(1)
@@ -141,9 +147,12 @@ class ClusterEngine:
             await self._planned.wait()
 
     def missing_ranks(self) -> list[int]:
+        """Ranks that cannot take part yet: not connected, not planned (0), or not linked in the ring."""
         ranks = [r for r in range(1, self.settings.world_size)
                  if r not in self.workers or self.workers[r].closed]
-        return ranks if self.shard is not None else [0, *ranks]
+        if self.shard is None:
+            return [0, *ranks]
+        return ranks or ([] if self.ring_ok else list(range(1, self.settings.world_size)))
 
     async def _on_worker(self, ch: TcpChannel) -> None:
         try:
@@ -172,12 +181,32 @@ class ClusterEngine:
             return
         old = self.workers.get(rank)
         self.workers[rank] = ch
+        self.listen[rank] = list(join.get("listen") or [])
         self.worker_bytes[rank] = int(ready.get("weight_bytes", 0))
         self.worker_fixed_rss[rank] = int(ready.get("fixed_rss_bytes", 0))
         self.worker_fetched[rank] = int(ready.get("fetched_bytes", 0))
         if old is not None:
             await old.aclose()
         log.info("rank %d ready (%s)", rank, ch.peer)
+        if self.settings.allreduce != "star":
+            await self._link_ring()
+
+    async def _link_ring(self) -> None:
+        """(Re)build the worker ring once every worker is connected; until then /health says 503."""
+        self.ring_ok = False
+        if any(r not in self.workers or self.workers[r].closed for r in range(1, self.settings.world_size)):
+            return
+        async with self._lock:  # no step runs while the ring changes
+            self._ring_epoch += 1
+            try:
+                self.collective = await link_ring_from_master(
+                    self.workers, self.listen, self._ring_epoch, self.settings.allreduce, self.star,
+                    self.settings.step_timeout)
+            except (TransportError, TimeoutError) as e:
+                log.warning("could not link the ring: %s", e)
+                return
+            self.ring_ok = True
+            log.info("ring linked (epoch %d, %s)", self._ring_epoch, self.settings.allreduce)
 
     @property
     def split_dir(self) -> Path:
@@ -236,9 +265,9 @@ class ClusterEngine:
             h = await self.shard.run(lambda: self.embed(ids))  # [1, S, D]
             await self.broadcast_ctl({"op": "step", "rid": session.rid, "step": step,
                                       "h": pack_array(h.numpy())})
-            self.star.begin(step)
+            self.collective.begin(step)
             try:
-                full = await self.shard.forward(h, session.kv, self.star, self.settings.step_timeout)
+                full = await self.shard.forward(h, session.kv, self.collective, self.settings.step_timeout)
             except (TransportError, TimeoutError, KeyError, SplitError) as e:
                 session.failed = True
                 await self.star.abort(f"step {step} failed")

@@ -23,20 +23,15 @@ import torch
 from edge.engine import ShardModel, load_shard
 from edge.fetch import fetch_files
 from edge.profile import measure_device
+from edge.ring import PeerLinks
 from edge.split import SplitError, SplitPlan
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.config import config_from_hf
 from models.llama import KVCache
 from models.sharding import local_dims
 from transport.codec import unpack_array
-from transport.collectives import StarAllReduce
-from transport.errors import (
-    AuthError,
-    ChannelClosed,
-    CollectiveAborted,
-    CollectiveTimeout,
-    TransportError,
-)
+from transport.collectives import StarAllReduce, StepCollective
+from transport.errors import AuthError, ChannelClosed, TransportError
 from transport.link import LinkSpec
 from transport.tcp import TcpChannel, connect
 
@@ -77,6 +72,7 @@ class Worker:
         log.info("rank %d fixed overhead %.0f MB RSS", settings.rank, self.fixed_rss / (1 << 20))
         self.fetched_bytes = 0
         self.profile = measure_device()  # for --weights auto on the master
+        self.links: PeerLinks | None = None
         self.shard: ShardModel | None = None
         self._plan: tuple[int, tuple[float, ...]] | None = None
         self.sessions: dict[str, KVCache] = {}
@@ -84,7 +80,11 @@ class Worker:
     async def _join(self) -> TcpChannel:
         s = self.settings
         ch = await connect(s.master_host, s.master_port, s.secret, link=s.link, timeout=5.0)
-        await ch.send({"t": "join", "rank": s.rank, "fingerprint": self.fingerprint, "profile": self.profile})
+        if self.links is None:  # where ring neighbours reach us, for --allreduce ring|auto
+            self.links = PeerLinks(s.rank, s.secret)
+            await self.links.start(ch.local_host)
+        await ch.send({"t": "join", "rank": s.rank, "fingerprint": self.fingerprint, "profile": self.profile,
+                       "listen": list(self.links.address)})
         plan = await ch.recv("plan", 600.0)
         if "error" in plan:
             raise PlanRefused(plan["error"])
@@ -121,7 +121,9 @@ class Worker:
         self._plan = key
 
     async def _serve(self, ch: TcpChannel) -> None:
-        star = StarAllReduce(self.settings.rank, int(self._plan[0]), {0: ch}, self.settings.step_timeout)
+        world, timeout = int(self._plan[0]), self.settings.step_timeout
+        star = StarAllReduce(self.settings.rank, world, {0: ch}, timeout)
+        collective = StepCollective(star)
         while True:
             msg = await ch.recv("ctl", IDLE_TIMEOUT)
             op, rid = msg.get("op"), str(msg.get("rid"))
@@ -130,23 +132,26 @@ class Worker:
             elif op == "close":
                 self.sessions.pop(rid, None)
             elif op == "step":
-                await self._step(star, rid, msg)
+                await self._step(collective, rid, msg)
+            elif op == "ring":
+                collective = await self.links.link(ch, msg, world, star, timeout)
+                await ch.send({"t": "ring.ok", "epoch": msg["epoch"]})
 
-    async def _step(self, star: StarAllReduce, rid: str, msg: dict) -> None:
+    async def _step(self, collective: StepCollective, rid: str, msg: dict) -> None:
         kv = self.sessions.get(rid)
         if kv is None:
             return  # the master already gave up on this request
         h = torch.from_numpy(unpack_array(msg["h"]).copy())  # [1, S, D]
-        star.begin(int(msg["step"]))
+        collective.begin(int(msg["step"]))
         try:
-            await self.shard.forward(h, kv, star, self.settings.step_timeout)
-        except (CollectiveTimeout, CollectiveAborted, TimeoutError) as e:
+            await self.shard.forward(h, kv, collective, self.settings.step_timeout)
+        except (TransportError, TimeoutError) as e:  # a peer or neighbour failed: this request ends
             log.warning("step %s of request %s failed: %s", msg["step"], rid, e)
             self.sessions.pop(rid, None)
         except SplitError as e:  # our own weights failed: tell the hub, which fails the request
             log.error("rank %d: %s", self.settings.rank, e)
             self.sessions.pop(rid, None)
-            await star.fail(f"rank {self.settings.rank}: {e}")
+            await collective.fail(f"rank {self.settings.rank}: {e}")
 
     async def run(self) -> None:
         """Join, serve, and rejoin after the master disappears; PlanRefused ends it."""

@@ -55,8 +55,9 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-timeout", type=float, default=5.0, help="seconds a step waits for a worker")
     p.add_argument("--link-latency-ms", type=float, default=0.0)
     p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
-    p.add_argument("--allreduce", default="star", choices=["star"],
-                   help="all-reduce of the cluster (ring/auto: see `bench allreduce`)")
+    p.add_argument("--allreduce", default="star", choices=["star", "ring", "auto"],
+                   help="star (default: 2 hops, best on latency-bound links), ring, or auto (per message "
+                        "size from link latency and bandwidth measured at start)")
     p.add_argument("--memory-budget-mb", type=float,
                    help="per-device budget for weights + KV reserve; layers beyond it stream from disk")
     p.add_argument("--split-dir", help="per-layer shard files (default: MODEL.edge-split beside the model)")

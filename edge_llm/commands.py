@@ -140,7 +140,7 @@ def cluster(args: argparse.Namespace) -> None:
                               step_timeout=args.step_timeout,
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
                               memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir,
-                              keep_page_cache=args.keep_page_cache)
+                              keep_page_cache=args.keep_page_cache, allreduce=args.allreduce)
     from scheduler.cloud import CloudSettings
 
     cloud = CloudSettings(url=args.cloud, model=args.cloud_model,

@@ -34,14 +34,16 @@ def qwen2(tmp_path_factory):
     return folder, hf_greedy(folder, PROMPT, NEW_TOKENS)
 
 
-CASES = [("llama", 1, None), ("llama", 2, None), ("llama", 3, None), ("llama", 4, None),
-         ("llama", 3, "2,1,1"), ("llama", 3, "auto"), ("qwen2", 2, None), ("qwen2", 3, "1,2,1")]
+CASES = [("llama", 1, None, "star"), ("llama", 2, None, "star"), ("llama", 3, None, "star"),
+         ("llama", 4, None, "star"), ("llama", 3, "2,1,1", "star"), ("llama", 3, "auto", "star"),
+         ("llama", 3, None, "ring"), ("llama", 4, "1,2,1,1", "auto"), ("qwen2", 2, None, "star"),
+         ("qwen2", 3, "1,2,1", "ring")]
 
 
-@pytest.mark.parametrize(("kind", "workers", "weights"), CASES)
-async def test_cluster_matches_transformers(request, tmp_path, kind, workers, weights):
+@pytest.mark.parametrize(("kind", "workers", "weights", "allreduce"), CASES)
+async def test_cluster_matches_transformers(request, tmp_path, kind, workers, weights, allreduce):
     folder, (ref_tokens, ref_logprobs) = request.getfixturevalue(kind)
-    extra = ("--weights", weights) if weights else ()
+    extra = (("--weights", weights) if weights else ()) + ("--allreduce", allreduce)
     cluster = ClusterProcess(folder, workers, tmp_path, *extra)
     try:
         status, first = await complete(cluster.url, PROMPT)
@@ -91,9 +93,10 @@ async def _stream_until_error(url: str) -> tuple[list[dict], float]:
     return events, time.monotonic() - start
 
 
-async def test_killed_worker_fails_the_request_then_rejoins(llama, tmp_path):
+@pytest.mark.parametrize(("workers", "allreduce"), [(2, "star"), (3, "ring")])
+async def test_killed_worker_fails_the_request_then_rejoins(llama, tmp_path, workers, allreduce):
     folder, (ref_tokens, _) = llama
-    cluster = ClusterProcess(folder, 2, tmp_path, "--step-timeout", "2")
+    cluster = ClusterProcess(folder, workers, tmp_path, "--step-timeout", "2", "--allreduce", allreduce)
     try:
         stream = asyncio.create_task(_stream_until_error(cluster.url))
         await asyncio.sleep(0.3)

@@ -133,16 +133,18 @@ class RingAllReduce:
     def __init__(self, rank: int, world_size: int, channels: Mapping[int, Channel],
                  timeout: float = DEFAULT_TIMEOUT):
         self.rank, self.world_size, self.timeout = rank, world_size, timeout
-        self._next = channels.get((rank + 1) % world_size)
-        self._prev = channels.get((rank - 1) % world_size)
+        self._channels = channels  # looked up per call: a cluster relinks its ring after a rejoin
         self._seq = 0
 
+    def begin(self, step: int) -> None:
+        """Align sequence numbers at a step boundary (as StarAllReduce.begin)."""
+        self._seq = step << 16
+
     async def _pass(self, tag: str, chunk: np.ndarray) -> np.ndarray:
-        assert self._next is not None and self._prev is not None
-        await self._next.send({"t": tag, "s": self._seq, "x": pack_array(chunk)})
-        msg = await self._prev.recv(tag, self.timeout)
-        _check_seq(msg, self._seq, self._prev.peer)
-        return unpack_array(msg["x"])
+        nxt = self._channels[(self.rank + 1) % self.world_size]
+        prev = self._channels[(self.rank - 1) % self.world_size]
+        await nxt.send({"t": tag, "s": self._seq, "x": pack_array(chunk)})
+        return unpack_array((await _recv_current(prev, tag, self._seq, self.timeout))["x"])
 
     async def allreduce(self, x: np.ndarray) -> np.ndarray:
         self._seq += 1
@@ -182,11 +184,13 @@ class LinkModel:
 class AutoAllReduce:
     """Star or ring per message size from the alpha-beta model; every rank decides identically."""
 
-    def __init__(self, rank: int, world_size: int, channels: Mapping[int, Channel], model: LinkModel,
-                 timeout: float = DEFAULT_TIMEOUT):
-        self.rank, self.world_size, self.model = rank, world_size, model
-        self._star = StarAllReduce(rank, world_size, channels, timeout)
-        self._ring = RingAllReduce(rank, world_size, channels, timeout)
+    def __init__(self, star: StarAllReduce, ring: RingAllReduce, model: LinkModel):
+        self.rank, self.world_size, self.model = star.rank, star.world_size, model
+        self._star, self._ring = star, ring
+
+    def begin(self, step: int) -> None:
+        self._star.begin(step)
+        self._ring.begin(step)
 
     def choice(self, nbytes: int) -> Literal["star", "ring"]:
         return self.model.choose(nbytes, self.world_size)
@@ -235,4 +239,33 @@ async def make_allreduce(algorithm: Algorithm, rank: int, world_size: int,
     if algorithm == "ring":
         return RingAllReduce(rank, world_size, channels, timeout)
     model = await measure_links(rank, world_size, channels, timeout)
-    return AutoAllReduce(rank, world_size, channels, model, timeout)
+    return AutoAllReduce(StarAllReduce(rank, world_size, channels, timeout),
+                         RingAllReduce(rank, world_size, channels, timeout), model)
+
+
+class StepCollective:
+    """What a forward step needs: the configured all-reduce, and gather/fail/abort via the star hub.
+
+    Ring and auto send their partials around the ring; logits and failures still meet at rank 0.
+    """
+
+    def __init__(self, star: StarAllReduce, allreduce: RingAllReduce | AutoAllReduce | None = None):
+        self.star, self._allreduce = star, allreduce or star
+        self.peer_meta = star.peer_meta
+
+    def begin(self, step: int) -> None:
+        self.star.begin(step)
+        if self._allreduce is not self.star:
+            self._allreduce.begin(step)
+
+    async def allreduce(self, x: np.ndarray) -> np.ndarray:
+        return await self._allreduce.allreduce(x)
+
+    async def gather(self, x: np.ndarray, meta: dict | None = None) -> np.ndarray | None:
+        return await self.star.gather(x, meta)
+
+    async def fail(self, reason: str) -> None:
+        await self.star.fail(reason)
+
+    async def abort(self, reason: str) -> None:
+        await self.star.abort(reason)

@@ -127,6 +127,13 @@ class TcpChannel:
         return await self._proto.inbox.get(tag, timeout, self.peer)
 
     @property
+    def local_host(self) -> str:
+        """The address this end of the link has: where a peer on the same network can reach us."""
+        transport = self._proto.transport
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        return sockname[0] if sockname else "127.0.0.1"
+
+    @property
     def bytes_received(self) -> int:
         return self._proto.bytes_received
 

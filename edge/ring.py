@@ -1,0 +1,102 @@
+"""Worker-to-worker links for `--allreduce ring|auto`: rank r dials r+1; the master closes the ring.
+
+Ring of N ranks: 0 -> 1 -> ... -> N-1 -> 0, where the links touching rank 0 are the workers'
+channels to the master. The master sends {"op": "ring", "epoch", "addrs"} whenever the set of
+workers changes; every worker drops its old peer links, dials its successor, waits for its
+predecessor, (for auto) answers the master's link probes, and replies {"t": "ring.ok"}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from transport.channel import Channel
+from transport.collectives import (AutoAllReduce, RingAllReduce, StarAllReduce, StepCollective,
+                                   measure_links)
+from transport.errors import FrameError
+from transport.tcp import ChannelServer, TcpChannel, connect
+
+log = logging.getLogger("edge_llm.ring")
+LINK_TIMEOUT = 30.0
+
+
+class PeerLinks:
+    """A worker's listening socket for its ring predecessor and its current peer channels."""
+
+    def __init__(self, rank: int, secret: bytes):
+        self.rank, self._secret = rank, secret
+        self._accepted: asyncio.Queue[tuple[int, TcpChannel]] = asyncio.Queue()
+        self._server = ChannelServer(secret, self._on_channel)
+        self.peers: dict[int, TcpChannel] = {}
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, host: str) -> tuple[str, int]:
+        self.address = (host, await self._server.start(host, 0))
+        return self.address
+
+    async def _on_channel(self, ch: TcpChannel) -> None:
+        try:
+            hello = await ch.recv("iam", LINK_TIMEOUT)
+        except Exception:  # noqa: BLE001 - a peer that never says who it is is simply dropped
+            await ch.aclose()
+            return
+        await self._accepted.put((int(hello.get("epoch", -1)), ch))
+
+    async def link(self, master: Channel, msg: dict, world_size: int, star: StarAllReduce,
+                   timeout: float) -> StepCollective:
+        """Relink for this epoch and return the collective to use; raises on a broken ring."""
+        epoch, addrs = int(msg["epoch"]), {int(k): tuple(v) for k, v in msg["addrs"].items()}
+        await self._close_peers()
+        self.peers = {0: master}  # type: ignore[dict-item]
+        nxt, prev = self.rank + 1, self.rank - 1
+        if nxt < world_size:
+            host, port = addrs[nxt]
+            ch = await connect(host, port, self._secret, timeout=LINK_TIMEOUT)
+            await ch.send({"t": "iam", "rank": self.rank, "epoch": epoch})
+            self.peers[nxt] = ch
+        if prev >= 1:
+            async with asyncio.timeout(LINK_TIMEOUT):
+                while prev not in self.peers:
+                    got_epoch, ch = await self._accepted.get()
+                    if got_epoch == epoch:
+                        self.peers[prev] = ch
+                    else:
+                        await ch.aclose()  # a straggler from an older ring
+        ring = RingAllReduce(self.rank, world_size, self.peers, timeout)
+        if msg.get("algorithm") == "auto":
+            model = await measure_links(self.rank, world_size, {0: master}, timeout)
+            return StepCollective(star, AutoAllReduce(star, ring, model))
+        return StepCollective(star, ring)
+
+    async def _close_peers(self) -> None:
+        """Close the worker-to-worker links; the master link (rank 0) belongs to the serve loop."""
+        for rank, ch in list(self.peers.items()):
+            if rank != 0:
+                await ch.aclose()
+
+    async def aclose(self) -> None:
+        await self._close_peers()
+        await self._server.aclose()
+
+
+async def link_ring_from_master(workers: dict[int, TcpChannel], addrs: dict[int, list], epoch: int,
+                                algorithm: str, star: StarAllReduce, timeout: float) -> StepCollective:
+    """Master side: ask every worker to relink, probe links for auto, wait for every ring.ok."""
+    world = star.world_size
+    for ch in list(workers.values()):
+        await ch.send({"t": "ctl", "op": "ring", "epoch": epoch, "algorithm": algorithm,
+                       "addrs": {str(r): list(a) for r, a in addrs.items()}})
+    ring = RingAllReduce(0, world, workers, timeout)
+    collective = StepCollective(star, ring)
+    if algorithm == "auto":
+        model = await measure_links(0, world, workers, timeout)
+        log.info("link model: alpha %.0f us, %.0f MB/s", model.alpha * 1e6, model.bandwidth / 1e6)
+        collective = StepCollective(star, AutoAllReduce(star, ring, model))
+    for rank, ch in list(workers.items()):
+        ok = await ch.recv("ring.ok", LINK_TIMEOUT)
+        while ok.get("epoch") != epoch:  # answers to an older epoch that was superseded
+            if not isinstance(ok.get("epoch"), int) or ok["epoch"] > epoch:
+                raise FrameError(f"rank {rank} linked ring epoch {ok.get('epoch')}, expected {epoch}")
+            ok = await ch.recv("ring.ok", LINK_TIMEOUT)
+    return collective
