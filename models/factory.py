@@ -84,7 +84,9 @@ def make_model(out: Path | str, preset: str = "tiny", seed: int = 0) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     raw = hf_config(preset)
-    save_file(_random_weights(raw, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = out / "model.safetensors"
+    save_file(_random_weights(raw, seed), str(weights), metadata={"format": "pt"})
+    weights.chmod(0o644)  # safetensors writes 0600; a model folder is meant to be shared
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
