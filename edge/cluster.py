@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 import os
 import signal
 import subprocess
@@ -84,24 +86,24 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def run_master(settings: MasterSettings, http: HttpSettings, spawn_workers: bool) -> None:
-    """Serve until SIGINT/SIGTERM; with `spawn_workers`, start and stop ranks 1..N-1 locally."""
+@asynccontextmanager
+async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_timeout: float,
+                          announce: bool = True) -> AsyncIterator[ClusterEngine]:
+    """The master engine with every worker joined; with `spawn_workers`, ranks 1..N-1 run here and
+    are stopped on exit. Raises PlanError / CheckpointError before any process starts."""
     threads = threads_per_process(settings.world_size) if spawn_workers else torch.get_num_threads()
     torch.set_num_threads(threads)
-    engine = ClusterEngine(settings)  # PlanError / CheckpointError surface here, before any process
+    engine = ClusterEngine(settings)
     port = await engine.start()
     children = [_spawn_worker(r, port, settings, threads) for r in range(1, settings.world_size)] \
         if spawn_workers else []
     for rank, child in enumerate(children, start=1):
-        print(f"edge-llm: worker rank {rank} pid {child.pid}", flush=True)
-    runner = None
+        if announce:
+            print(f"edge-llm: worker rank {rank} pid {child.pid}", flush=True)
     try:
-        await engine.wait_ready(http.ready_timeout)
-        runner = await _serve_http(engine, http)
-        await _until_signalled()
+        await engine.wait_ready(ready_timeout)
+        yield engine
     finally:
-        if runner is not None:
-            await runner.cleanup()
         await engine.aclose()
         for child in children:
             child.terminate()
@@ -110,6 +112,16 @@ async def run_master(settings: MasterSettings, http: HttpSettings, spawn_workers
                 child.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+async def run_master(settings: MasterSettings, http: HttpSettings, spawn_workers: bool) -> None:
+    """Serve until SIGINT/SIGTERM; with `spawn_workers`, start and stop ranks 1..N-1 locally."""
+    async with running_cluster(settings, spawn_workers, http.ready_timeout) as engine:
+        runner = await _serve_http(engine, http)
+        try:
+            await _until_signalled()
+        finally:
+            await runner.cleanup()
 
 
 async def run_worker(settings: WorkerSettings, threads: int) -> None:

@@ -52,21 +52,37 @@ async def _run_generation(engine, prompt_ids: list[int], params: SamplingParams,
     print(json.dumps(result) if as_json else "")
 
 
+async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams) -> None:
+    """`generate --workers N`: an emulated N-device cluster for one prompt, then stopped."""
+    from edge.cluster import running_cluster
+    from edge.master import MasterSettings
+    from transport.auth import new_secret
+
+    settings = MasterSettings(model=args.model, world_size=args.workers, secret=new_secret())
+    async with running_cluster(settings, spawn_workers=True, ready_timeout=300, announce=False) as engine:
+        await _run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json)
+
+
 def generate(args: argparse.Namespace) -> None:
+    from edge.master import WorkerUnavailable
     from models.generation import LocalEngine
     from models.model import LocalModel
+    from transport.loop import run_loop
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             stop=tuple(args.stop), ignore_eos=args.ignore_eos,
                             logprobs=5 if args.json else 0)
     try:
+        if args.workers > 1:
+            run_loop(_generate_on_cluster(args, params))
+            return
         engine = LocalEngine(LocalModel(args.model))
         try:
             asyncio.run(_run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json))
         finally:
             engine.close()
-    except (CheckpointError, GenerationError, PlanError) as e:
+    except (CheckpointError, GenerationError, PlanError, WorkerUnavailable, TimeoutError) as e:
         raise UserError(str(e)) from e
     sys.stdout.flush()
 

@@ -43,12 +43,13 @@ def test_every_rope_type_generates_like_transformers(tmp_path, capsys, rope):
     assert ours["logprobs"] == pytest.approx(ref_logprobs, abs=1e-4)
 
 
-def test_console_script_json(tmp_path):
-    """The installed `edge-llm` entry point, as a user runs it."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_console_script_json(tmp_path, workers):
+    """The `edge-llm` entry point as a user runs it, on one device and on an emulated cluster."""
     model = make_hf_checkpoint(tmp_path / "llama", "llama", seed=5)
     ref_tokens, ref_logprobs = hf_greedy(model, PROMPT, 20)
     cmd = [sys.executable, "-m", "edge_llm", "generate", "--model", str(model), "--prompt-ids",
-           ",".join(map(str, PROMPT)), "--max-tokens", "20", "--json"]
+           ",".join(map(str, PROMPT)), "--max-tokens", "20", "--json", "--workers", str(workers)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["token_ids"] == ref_tokens
