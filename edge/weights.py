@@ -40,7 +40,6 @@ class WindowStats:
     compute_wait_s: float = 0.0
     forwards: int = 0
     resident_bytes: int = 0
-    window: int = 0
     streamed_layers: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -100,7 +99,7 @@ class WeightWindow:
     def __init__(self, folder: Path, plan: SplitPlan, rank: int, num_layers: int, budget_bytes: int,
                  reserve_bytes: int = 0, window: int = 2, drop_cache: bool = True):
         self.folder, self.plan, self.rank = folder, plan, rank
-        self.stats = WindowStats(window=window)
+        self.stats = WindowStats()
         self._drop_cache = drop_cache
         self._entries = verify_rank(folder, plan, rank, num_layers)  # sha256 of every file, once
         self._names = [layer_file(plan.world_size, rank, i) for i in range(num_layers)]

@@ -69,14 +69,6 @@ class LlamaConfig:
     def sliding_window(self, layer: int) -> int | None:
         return self.sliding_windows[layer] if self.sliding_windows else None
 
-    def param_count(self) -> int:
-        """Number of parameters, counting a tied LM head once."""
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        q = self.num_heads * self.head_dim
-        kv = self.num_kv_heads * self.head_dim
-        per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
-        head = 0 if self.tie_word_embeddings else v * d
-        return v * d + head + d + self.num_layers * per_layer
 
 
 def _as_int_list(value: Any) -> tuple[int, ...]:

@@ -128,15 +128,15 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
         _in_range("logprobs", top, 0, 5)
     top_k = _typed(body, "top_k", int, 0)
     _in_range("top_k", top_k, -1, 1 << 20)
-    for key in ("presence_penalty", "frequency_penalty"):
-        _in_range(key, float(_typed(body, key, (int, float), 0.0)), -2.0, 2.0)
+    penalties = {key: float(_typed(body, key, (int, float), 0.0))
+                 for key in ("presence_penalty", "frequency_penalty")}
+    for key, value in penalties.items():
+        _in_range(key, value, -2.0, 2.0)
     seed = _typed(body, "seed", int, None)
     stream_options = _typed(body, "stream_options", dict, {})
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                             top_k=max(top_k, 0), seed=seed, stop=_stop(body),
-                            ignore_eos=_typed(body, "ignore_eos", bool, False), logprobs=top,
-                            presence_penalty=float(_typed(body, "presence_penalty", (int, float), 0.0)),
-                            frequency_penalty=float(_typed(body, "frequency_penalty", (int, float), 0.0)))
+                            ignore_eos=_typed(body, "ignore_eos", bool, False), logprobs=top, **penalties)
     echo = not chat and _typed(body, "echo", bool, False)
     echo_text = (body["prompt"] if isinstance(body["prompt"], str) else tokenizer.decode(prompt_ids)) \
         if echo else ""

@@ -1,6 +1,7 @@
 """Routing between the edge cluster and a cloud tier: the pure policy, and live failover."""
 
 import json
+from contextlib import contextmanager
 
 import aiohttp
 import pytest
@@ -48,19 +49,26 @@ async def _post(url, route=None, stream=False):
         return r.status, r.headers.get("x-edge-route"), r.headers.get("x-edge-route-reason"), text
 
 
-def start_tiers(tmp_path, cloud_model, edge_model) -> tuple[ClusterProcess, ClusterProcess]:
+@contextmanager
+def tiers(tmp_path, cloud_model, edge_model):
     """A 1-device edge-llm as the cloud tier and a 2-device edge cluster that routes to it."""
     (tmp_path / "cloud").mkdir()
     (tmp_path / "edge").mkdir()
     cloud = ClusterProcess(cloud_model, 1, tmp_path / "cloud")
-    edge = ClusterProcess(edge_model, 2, tmp_path / "edge", "--cloud", f"{cloud.url}/v1", "--step-timeout", "2")
-    return cloud, edge
+    try:
+        edge = ClusterProcess(edge_model, 2, tmp_path / "edge", "--cloud", f"{cloud.url}/v1",
+                              "--step-timeout", "2")
+        try:
+            yield cloud, edge
+        finally:
+            edge.stop()
+    finally:
+        cloud.stop()
 
 
 async def test_edge_and_cloud_with_failover(tmp_path):
-    cloud, edge = start_tiers(tmp_path, make_hf_checkpoint(tmp_path / "big-model", "qwen2", seed=3),
-                              make_hf_checkpoint(tmp_path / "small-model", "llama", seed=3))
-    try:
+    with tiers(tmp_path, make_hf_checkpoint(tmp_path / "big-model", "qwen2", seed=3),
+               make_hf_checkpoint(tmp_path / "small-model", "llama", seed=3)) as (cloud, edge):
         status, route, reason, text = await _post(edge.url)
         assert (status, route) == (200, "edge") and '"small-model"' in text
         status, route, reason, text = await _post(edge.url, "cloud")
@@ -78,32 +86,24 @@ async def test_edge_and_cloud_with_failover(tmp_path):
         cloud.stop()  # and with the cloud gone too, a clear error instead of a hang
         status, _, _, text = await _post(edge.url)
         assert status == 503 and "error" in text
-    finally:
-        edge.stop()
-        cloud.stop()
 
 
 async def test_cloud_down_sends_requests_to_the_edge(tmp_path):
     model = make_hf_checkpoint(tmp_path / "m", "llama", seed=4)
-    cloud, edge = start_tiers(tmp_path, model, model)
-    try:
+    with tiers(tmp_path, model, model) as (cloud, edge):
         cloud.stop()
         status, _, _, text = await _post(edge.url, "cloud")  # forced onto a dead tier: 503, no hang
         assert status == 503 and "cloud" in text
         status, route, reason, _ = await _post(edge.url)
         assert (status, route) == (200, "edge") and "cloud tier is down" in reason
-    finally:
-        edge.stop()
-        cloud.stop()
 
 
 async def test_edge_failure_mid_stream_migrates_to_the_cloud(tmp_path):
     model = make_hf_checkpoint(tmp_path / "m", "llama", seed=5)
-    cloud, edge = start_tiers(tmp_path, model, model)
     body = {"prompt": "Once upon a time", "max_tokens": 100, "temperature": 0, "stream": True,
             "ignore_eos": True}
     chunks = []
-    try:
+    with tiers(tmp_path, model, model) as (_, edge):
         async with aiohttp.ClientSession() as s, s.post(f"{edge.url}/v1/completions", json=body) as r:
             assert r.status == 200, await r.text()
             async for raw in r.content:
@@ -114,11 +114,8 @@ async def test_edge_failure_mid_stream_migrates_to_the_cloud(tmp_path):
                         edge.kill_worker(1)
                 elif line == "data: [DONE]":
                     chunks.append("DONE")
-        assert chunks[-1] == "DONE"
-        events = chunks[:-1]
-        assert not any("error" in c for c in events), [c for c in events if "error" in c]
-        assert len(events) > 3 + 1  # the cloud carried on after the edge died
-        assert events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
-    finally:
-        edge.stop()
-        cloud.stop()
+    assert chunks[-1] == "DONE"
+    events = chunks[:-1]
+    assert not any("error" in c for c in events), [c for c in events if "error" in c]
+    assert len(events) > 3 + 1  # the cloud carried on after the edge died
+    assert events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
