@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 import os
 import signal
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from aiohttp import web
 
+from edge.attention import AttentionNode, AttentionNodeSettings
 from edge.master import ClusterEngine, MasterSettings
 from edge.worker import Worker, WorkerSettings
 from scheduler.app import ServerSettings, create_app
@@ -63,6 +64,16 @@ def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads
     return subprocess.Popen(cmd, env=env, start_new_session=True)
 
 
+def _spawn_attention_node(node: int, master_port: int, settings: MasterSettings, threads: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "edge_llm", "worker", "--role", "attention", "--node", str(node),
+           "--master", f"127.0.0.1:{master_port}", "--threads", str(threads)]
+    if settings.link is not None and settings.link.active:
+        cmd += ["--link-latency-ms", str(settings.link.latency_ms),
+                "--link-bandwidth-mbps", str(settings.link.bandwidth_mbps)]
+    env = os.environ | {SECRET_ENV: settings.secret.decode(), "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+
 async def _serve_http(engine: ClusterEngine, http: HttpSettings) -> web.AppRunner:
     name = http.served_name or Path(engine.settings.model).resolve().name
     server = ServerSettings(served_name=name, request_timeout=http.request_timeout,
@@ -97,11 +108,17 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
     port = await engine.start()
     children = [_spawn_worker(r, port, settings, threads) for r in range(1, settings.world_size)] \
         if spawn_workers else []
+    nodes = [_spawn_attention_node(k, port, settings, 1) for k in range(settings.attention_nodes)] \
+        if spawn_workers else []
     for rank, child in enumerate(children, start=1):
         if announce:
             print(f"edge-llm: worker rank {rank} pid {child.pid}", flush=True)
+    for node, child in enumerate(nodes):
+        if announce:
+            print(f"edge-llm: attention node {node} pid {child.pid}", flush=True)
+    children += nodes
     try:
-        await engine.wait_ready(ready_timeout)
+        await engine.wait_ready(ready_timeout, with_attention_nodes=bool(nodes))
         yield engine
     finally:
         await engine.aclose()
@@ -124,19 +141,28 @@ async def run_master(settings: MasterSettings, http: HttpSettings, spawn_workers
             await runner.cleanup()
 
 
-async def run_worker(settings: WorkerSettings, threads: int) -> None:
-    torch.set_num_threads(threads)
-    worker = Worker(settings)
-    task = asyncio.create_task(worker.run())
+async def _until_done_or_signalled(main: Coroutine[None, None, None]) -> None:
+    """Run a device's main loop until it ends (its error propagates to the CLI) or a signal stops it."""
+    task = asyncio.create_task(main)
     stopper = asyncio.create_task(_until_signalled())
     try:
         done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
-            task.result()  # PlanRefused propagates to the CLI
+            task.result()  # PlanRefused / NodeRefused
     finally:
         for t in (task, stopper):
             t.cancel()
         await asyncio.gather(task, stopper, return_exceptions=True)
+
+
+async def run_worker(settings: WorkerSettings, threads: int) -> None:
+    torch.set_num_threads(threads)
+    await _until_done_or_signalled(Worker(settings).run())
+
+
+async def run_attention_node(settings: AttentionNodeSettings, threads: int) -> None:
+    torch.set_num_threads(threads)
+    await _until_done_or_signalled(AttentionNode(settings).run())
 
 
 def link_from_args(latency_ms: float, bandwidth_mbps: float) -> LinkSpec | None:

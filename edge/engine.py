@@ -23,6 +23,7 @@ from models.config import LlamaConfig
 from models.llama import (
     HeadWeights,
     KVCache,
+    KVStore,
     LayerWeights,
     forward_layers,
     load_layer,
@@ -69,8 +70,10 @@ class ShardModel:
                               drop_cache=drop_cache)
         return cls(config, dims, window, window.head, window.nbytes(), window)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_layers, self.dims.n_local_kv_heads, self.config.head_dim)
+    def new_cache(self, capacity: int = 64) -> KVCache:
+        """A request's local KV cache, reserved for `capacity` positions (pages fill as it grows)."""
+        capacity = max(1, min(capacity, self.config.max_position_embeddings))
+        return KVCache(self.config.num_layers, self.dims.n_local_kv_heads, self.config.head_dim, capacity)
 
     def nbytes(self) -> int:
         """Resident weight bytes (with a window: what stays, not what streams)."""
@@ -83,7 +86,7 @@ class ShardModel:
         """Run torch work on this rank's compute thread."""
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn)
 
-    async def forward(self, h: torch.Tensor, kv: KVCache, star: StarAllReduce | StepCollective,
+    async def forward(self, h: torch.Tensor, kv: KVStore, star: StarAllReduce | StepCollective,
                       timeout: float) -> np.ndarray | None:
         """h: [1, S, D] -> next-token logits [V] at rank 0 (None elsewhere); raises collective errors."""
         loop = asyncio.get_running_loop()

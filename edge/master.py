@@ -15,10 +15,13 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
+from edge.attention_pool import AttentionPool
 from edge.engine import ShardModel, load_shard
 from edge.fetch import serve_fetches
+from edge.offload import RemoteKV
 from edge.profile import measure_device, weights_from_profiles
 from edge.ring import link_ring_from_master
 from edge.split import MANIFEST, SplitError, default_split_dir, rank_dir, split_model
@@ -55,21 +58,46 @@ class MasterSettings:
     split_dir: str | None = None
     keep_page_cache: bool = False
     allreduce: Literal["star", "ring", "auto"] = "star"
+    attention_nodes: int = 0
 
 
 class ClusterSession:
-    """A request's KV caches: rank 0's here, the others' on the workers under the same id."""
+    """A request's KV caches: rank 0's here, the others' on the workers under the same id; or,
+    offloaded, all of them on the attention nodes.
 
-    def __init__(self, engine: ClusterEngine, rid: str):
-        self.engine, self.rid = engine, rid
-        self.kv: KVCache = engine.shard.new_cache()
+    Keeps the token ids fed so far, so KV lost with an attention node is rebuilt by replaying them.
+    """
+
+    def __init__(self, engine: ClusterEngine, rid: str, offload: bool, capacity: int):
+        self.engine, self.rid, self.capacity = engine, rid, capacity
+        self.offload = offload
+        self.kv: KVCache | RemoteKV = (RemoteKV(engine.attention.links, rid, capacity, asyncio.get_running_loop())
+                                       if offload else engine.shard.new_cache(capacity))
+        self.history: list[int] = []  # every token fed so far
+        self.replay = False  # the next step feeds the history first (KV rebuilt on the compute ranks)
         self.failed = False
+
+    def ctl_open(self) -> dict:
+        return {"op": "open", "rid": self.rid, "cap": self.capacity, "offload": self.offload}
 
     async def step(self, tokens: list[int]) -> torch.Tensor:
         return await self.engine.step(self, tokens)
 
     async def close(self) -> None:
         await self.engine.broadcast_ctl({"op": "close", "rid": self.rid}, ignore_errors=True)
+        if isinstance(self.kv, RemoteKV):
+            await self.kv.close()
+
+
+class OffloadedEngine:
+    """The cluster seen through the offload route (a models.generation.Engine): every session it
+    opens keeps its KV cache on the attention nodes."""
+
+    def __init__(self, engine: ClusterEngine):
+        self.engine, self.config, self.tokenizer = engine, engine.config, engine.tokenizer
+
+    async def open_session(self, capacity: int = 64) -> ClusterSession:
+        return await self.engine.open_session(capacity, offload=True)
 
 
 class ClusterEngine:
@@ -104,6 +132,9 @@ class ClusterEngine:
         self.worker_bytes: dict[int, int] = {}
         self.worker_fixed_rss: dict[int, int] = {}
         self.worker_fetched: dict[int, int] = {}
+        self.attention = (AttentionPool(settings.model, self.config, settings.attention_nodes, settings.secret,
+                                        settings.link, settings.step_timeout) if settings.attention_nodes else None)
+        self.kv_rebuilds = 0
 
     def _decide(self, weights: list[float] | None) -> None:
         """Fix the plan and load rank 0's shard (and embedding) for it."""
@@ -157,6 +188,9 @@ class ClusterEngine:
     async def _on_worker(self, ch: TcpChannel) -> None:
         try:
             join = await ch.recv("join", 10.0)
+            if join.get("role") == "attention":
+                await self._on_attention_node(ch, join)
+                return
             rank, error = join.get("rank"), None
             if not isinstance(rank, int) or not 0 < rank < self.settings.world_size:
                 error = f"rank {rank!r} is not in 1..{self.settings.world_size - 1}"
@@ -190,6 +224,27 @@ class ClusterEngine:
         log.info("rank %d ready (%s)", rank, ch.peer)
         if self.settings.allreduce != "star":
             await self._link_ring()
+        await self._link_attention()
+
+    async def _on_attention_node(self, ch: TcpChannel, join: dict) -> None:
+        if self.attention is None:
+            await ch.send({"t": "plan", "error": "this cluster runs without attention nodes "
+                                                 "(start it with --attention-nodes K)"})
+            return
+        await self.attention.serve_node(ch, join, self._link_attention)
+
+    async def _link_attention(self) -> None:
+        """Link every rank to the attention nodes once all ranks and nodes are up (else wait)."""
+        if self.attention is None or self.attention.missing() or self.missing_ranks():
+            return
+        async with self._lock:
+            await self.attention.link(self.workers, self.plans[0])
+
+    def offloaded(self) -> OffloadedEngine:
+        return OffloadedEngine(self)
+
+    def offload_ready(self) -> bool:
+        return self.attention is not None and self.attention.ready and not self.missing_ranks()
 
     async def _link_ring(self) -> None:
         """(Re)build the worker ring once every worker is connected; until then /health says 503."""
@@ -228,11 +283,14 @@ class ClusterEngine:
         shard = self.shard
         window = {0: shard.stats(), **self.star.peer_meta} if shard is not None and shard.window else {}
         return {"links": links, "weight_bytes": {0: shard.nbytes() if shard else 0, **self.worker_bytes},
-                "window": window, "fixed_rss": self.worker_fixed_rss, "fetched": self.worker_fetched}
+                "window": window, "fixed_rss": self.worker_fixed_rss, "fetched": self.worker_fetched,
+                "attention": self.attention.snapshot() if self.attention else None,
+                "kv_rebuilds": self.kv_rebuilds}
 
-    async def wait_ready(self, timeout: float) -> None:
+    async def wait_ready(self, timeout: float, with_attention_nodes: bool = False) -> None:
+        """Until every rank has joined (and, if asked, the attention nodes are linked); TimeoutError."""
         async with asyncio.timeout(timeout):
-            while self.missing_ranks():
+            while self.missing_ranks() or (with_attention_nodes and not self.offload_ready()):
                 await asyncio.sleep(0.05)
 
     async def broadcast_ctl(self, msg: dict, ignore_errors: bool = False) -> None:
@@ -243,40 +301,87 @@ class ClusterEngine:
                 if not ignore_errors:
                     raise WorkerUnavailable(f"worker rank {rank} is unavailable: {e}") from e
 
-    async def open_session(self) -> ClusterSession:
+    async def open_session(self, capacity: int = 64, offload: bool = False) -> ClusterSession:
+        """A request's session, its KV reserved for `capacity` positions; on the attention nodes if `offload`."""
         missing = self.missing_ranks()
         if missing:
             raise WorkerUnavailable(f"worker rank(s) {missing} not connected; the cluster cannot serve")
-        session = ClusterSession(self, f"r{next(self._rids)}")
-        await self.broadcast_ctl({"op": "open", "rid": session.rid})
+        if offload and not self.offload_ready():
+            raise WorkerUnavailable(self.offload_unavailable_reason())
+        session = ClusterSession(self, f"r{next(self._rids)}", offload, capacity)
+        await self.broadcast_ctl(session.ctl_open())
         return session
 
+    def offload_unavailable_reason(self) -> str:
+        if self.attention is None:
+            return "no attention nodes are configured"
+        missing = self.attention.missing()
+        return (f"attention node(s) {missing} not connected" if missing
+                else "the attention nodes are not linked to every rank yet")
+
     async def step(self, session: ClusterSession, tokens: list[int]) -> torch.Tensor:
-        """New tokens -> next-token logits [V]; one cluster-wide step at a time."""
+        """New tokens -> next-token logits [V]; one cluster-wide step at a time.
+
+        An offloaded request whose attention node fails gets its KV rebuilt on the compute ranks
+        from the tokens fed so far, and goes on; any other failure ends it with WorkerUnavailable.
+        """
         if session.failed:
             raise WorkerUnavailable("this request lost a worker earlier")
         async with self._lock:
-            missing = self.missing_ranks()
-            if missing:
-                session.failed = True
-                raise WorkerUnavailable(f"worker rank(s) {missing} disconnected during the request")
-            step = next(self._steps)
-            ids = torch.tensor([tokens], dtype=torch.long)
-            h = await self.shard.run(lambda: self.embed(ids))  # [1, S, D]
-            await self.broadcast_ctl({"op": "step", "rid": session.rid, "step": step,
-                                      "h": pack_array(h.numpy())})
-            self.collective.begin(step)
+            if session.offload and not self.offload_ready() and not self.missing_ranks():
+                await self._rebuild_locally(session, self.offload_unavailable_reason())
             try:
-                full = await self.shard.forward(h, session.kv, self.collective, self.settings.step_timeout)
+                full = await self._step_locked(session, tokens)
             except (TransportError, TimeoutError, KeyError, SplitError) as e:
-                session.failed = True
-                await self.star.abort(f"step {step} failed")
-                who = "rank 0" if isinstance(e, SplitError) else "a worker"
-                raise WorkerUnavailable(f"{who} failed during the step: {e or type(e).__name__}") from e
+                if not session.offload or self.missing_ranks():
+                    session.failed = True
+                    who = "rank 0" if isinstance(e, SplitError) else "a worker"
+                    raise WorkerUnavailable(f"{who} failed during the step: {e or type(e).__name__}") from e
+                await self._rebuild_locally(session, str(e) or type(e).__name__)
+                try:
+                    full = await self._step_locked(session, tokens)
+                except (TransportError, TimeoutError, KeyError, SplitError) as e2:
+                    session.failed = True
+                    raise WorkerUnavailable(f"the request lost its attention node ({e}) and rebuilding its "
+                                            f"KV on the compute ranks failed too: {e2}") from e2
         return torch.from_numpy(full)  # [V]
+
+    async def _rebuild_locally(self, session: ClusterSession, reason: str) -> None:
+        """Move an offloaded request's KV to the compute ranks; the next step replays its history."""
+        log.warning("request %s: attention offload failed (%s); rebuilding %d positions of KV on the "
+                    "compute ranks", session.rid, reason, len(session.history))
+        if isinstance(session.kv, RemoteKV):
+            await session.kv.close()
+        session.offload, session.replay = False, True
+        session.kv = self.shard.new_cache(session.capacity)
+        self.kv_rebuilds += 1
+        await self.broadcast_ctl(session.ctl_open())
+
+    async def _step_locked(self, session: ClusterSession, tokens: list[int]) -> np.ndarray:
+        """One forward of `tokens` (after the history, if the KV was just rebuilt) on every rank;
+        the caller holds the lock. Aborts the step on failure."""
+        missing = self.missing_ranks()
+        if missing:
+            session.failed = True
+            raise WorkerUnavailable(f"worker rank(s) {missing} disconnected during the request")
+        step = next(self._steps)
+        ids = torch.tensor([session.history + tokens if session.replay else tokens], dtype=torch.long)
+        h = await self.shard.run(lambda: self.embed(ids))  # [1, S, D]
+        await self.broadcast_ctl({"op": "step", "rid": session.rid, "step": step, "h": pack_array(h.numpy())})
+        self.collective.begin(step)
+        try:
+            full = await self.shard.forward(h, session.kv, self.collective, self.settings.step_timeout)
+        except (TransportError, TimeoutError, KeyError, SplitError):
+            await self.star.abort(f"step {step} failed")
+            raise
+        session.history += tokens
+        session.replay = False
+        return full
 
     async def aclose(self) -> None:
         await self._server.aclose()
+        if self.attention is not None:
+            await self.attention.aclose()
         for ch in list(self.workers.values()):
             await ch.aclose()
         if self.shard is not None:

@@ -4,8 +4,10 @@ Protocol on the one channel to the master (tags):
   join   worker -> master  {rank, fingerprint}
   plan   master -> worker  {world_size, weights} or {error}
   ready  worker -> master  {rank, weight_bytes}
-  ctl    master -> worker  {op: open|step|close, rid, step, h?}
+  ctl    master -> worker  {op: open|step|close, rid, step, h?, offload?, cap?}
+         master -> worker  {op: ring, ...} (edge/ring.py), {op: attn, epoch, nodes, addrs} (edge/offload.py)
   ar / ar.sum              the star all-reduce of each layer
+  ring.ok / attn.ok        worker -> master: linked to its ring neighbours / the attention nodes
 If the master goes away the worker reconnects and joins again, so a restarted master or a
 restarted worker both heal without operator action.
 """
@@ -22,6 +24,7 @@ import torch
 
 from edge.engine import ShardModel, load_shard
 from edge.fetch import fetch_files
+from edge.offload import AttentionLinks, AttentionNodeFailed, RemoteKV, check_node_addrs
 from edge.profile import measure_device
 from edge.ring import PeerLinks
 from edge.split import SplitError, SplitPlan
@@ -75,7 +78,8 @@ class Worker:
         self.links: PeerLinks | None = None
         self.shard: ShardModel | None = None
         self._plan: tuple[int, tuple[float, ...]] | None = None
-        self.sessions: dict[str, KVCache] = {}
+        self.sessions: dict[str, KVCache | RemoteKV] = {}
+        self.attn: AttentionLinks | None = None  # channels to the attention nodes, when linked
 
     async def _join(self) -> TcpChannel:
         s = self.settings
@@ -128,14 +132,49 @@ class Worker:
             msg = await ch.recv("ctl", IDLE_TIMEOUT)
             op, rid = msg.get("op"), str(msg.get("rid"))
             if op == "open":
-                self.sessions[rid] = self.shard.new_cache()
+                await self._open(rid, msg)
             elif op == "close":
-                self.sessions.pop(rid, None)
+                await self._close(rid)
             elif op == "step":
                 await self._step(collective, rid, msg)
             elif op == "ring":
                 collective = await self.links.link(ch, msg, world, star, timeout)
                 await ch.send({"t": "ring.ok", "epoch": msg["epoch"]})
+            elif op == "attn":
+                await self._link_attention(ch, msg)
+
+    async def _open(self, rid: str, msg: dict) -> None:
+        """A request's KV store: local, or on the attention nodes when the master offloads it."""
+        await self._close(rid)  # a re-open (KV rebuilt after an attention node died) starts over
+        cap = int(msg.get("cap") or 64)
+        if msg.get("offload"):
+            if self.attn is None:
+                log.error("rank %d: offloaded request %s but no attention nodes linked", self.settings.rank, rid)
+                return  # its step finds no session; the master's step fails and rebuilds locally
+            self.sessions[rid] = RemoteKV(self.attn, rid, cap, asyncio.get_running_loop())
+        else:
+            self.sessions[rid] = self.shard.new_cache(cap)
+
+    async def _close(self, rid: str) -> None:
+        kv = self.sessions.pop(rid, None)
+        if isinstance(kv, RemoteKV):
+            await kv.close()
+
+    async def _link_attention(self, ch: TcpChannel, msg: dict) -> None:
+        """(Re)connect to the attention nodes for a new epoch; answer attn.ok (with an error if it failed)."""
+        s, epoch = self.settings, msg.get("epoch")
+        if self.attn is not None:
+            await self.attn.aclose()
+            self.attn = None
+        try:
+            self.attn = await AttentionLinks.connect(self.shard.config, self.shard.dims, int(msg["nodes"]),
+                                                     check_node_addrs(msg), int(epoch), s.secret, s.link,
+                                                     s.step_timeout)
+        except (OSError, TimeoutError, TransportError, KeyError, ValueError) as e:
+            log.warning("rank %d could not reach the attention nodes: %s", s.rank, e)
+            await ch.send({"t": "attn.ok", "epoch": epoch, "error": str(e)})
+            return
+        await ch.send({"t": "attn.ok", "epoch": epoch})
 
     async def _step(self, collective: StepCollective, rid: str, msg: dict) -> None:
         kv = self.sessions.get(rid)
@@ -145,9 +184,13 @@ class Worker:
         collective.begin(int(msg["step"]))
         try:
             await self.shard.forward(h, kv, collective, self.settings.step_timeout)
-        except (TransportError, TimeoutError) as e:  # a peer or neighbour failed: this request ends
+        except AttentionNodeFailed as e:  # tell the hub at once: it rebuilds the KV elsewhere
+            log.warning("step %s of request %s lost its attention node: %s", msg["step"], rid, e)
+            await self._close(rid)
+            await collective.fail(f"rank {self.settings.rank}: {e}")
+        except (TransportError, TimeoutError) as e:  # a peer or ring neighbour failed
             log.warning("step %s of request %s failed: %s", msg["step"], rid, e)
-            self.sessions.pop(rid, None)
+            await self._close(rid)
         except SplitError as e:  # our own weights failed: tell the hub, which fails the request
             log.error("rank %d: %s", self.settings.rank, e)
             self.sessions.pop(rid, None)

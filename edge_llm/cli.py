@@ -64,6 +64,9 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-page-cache", action="store_true",
                    help="leave streamed layers in the OS page cache (default: drop them, as a "
                         "memory-starved device would have to)")
+    p.add_argument("--attention-nodes", type=int, default=0,
+                   help="attention-offload nodes (Lamina): they hold offloaded requests' KV caches "
+                        "and compute their attention; the router sends long contexts there")
 
 
 def _cluster(sub: argparse._SubParsersAction) -> None:
@@ -95,7 +98,11 @@ def _serve(sub: argparse._SubParsersAction) -> None:
 def _worker(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run one worker device, which joins the master")
     p.add_argument("--config", help="cluster TOML (gives model, master address, secret file)")
-    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--role", default="compute", choices=["compute", "attention"],
+                   help="compute: a tensor-parallel rank (--rank); attention: an attention-offload "
+                        "node (--node) that holds KV caches and needs no checkpoint")
+    p.add_argument("--rank", type=int, help="compute rank, 1..N-1")
+    p.add_argument("--node", type=int, help="attention node index, 0..K-1")
     p.add_argument("--model")
     p.add_argument("--master", help="HOST:PORT where the master accepts workers")
     p.add_argument("--secret-file")

@@ -156,7 +156,8 @@ def cluster(args: argparse.Namespace) -> None:
                               step_timeout=args.step_timeout,
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
                               memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir,
-                              keep_page_cache=args.keep_page_cache, allreduce=args.allreduce)
+                              keep_page_cache=args.keep_page_cache, allreduce=args.allreduce,
+                              attention_nodes=args.attention_nodes)
     from scheduler.cloud import CloudSettings
 
     cloud = CloudSettings(url=args.cloud, model=args.cloud_model,
@@ -196,6 +197,11 @@ def worker(args: argparse.Namespace) -> None:
         raise UserError("a worker needs --master HOST:PORT (or --config); without --model it fetches "
                         "its shard files from the master into --split-dir")
     host, port = master.rsplit(":", 1)
+    if args.role == "attention":
+        _attention_node(args, host, int(port), secret_file)
+        return
+    if args.rank is None:
+        raise UserError("a compute worker needs --rank R (1..N-1)")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{args.rank} %(levelname)s %(message)s")
     settings = WorkerSettings(model=model, rank=args.rank, master_host=host, master_port=int(port),
                               secret=_secret(secret_file), step_timeout=args.step_timeout,
@@ -205,6 +211,23 @@ def worker(args: argparse.Namespace) -> None:
     try:
         run_loop(run_worker(settings, args.threads or __import__("torch").get_num_threads()))
     except (CheckpointError, PlanError, PlanRefused) as e:
+        raise UserError(str(e)) from e
+
+
+def _attention_node(args: argparse.Namespace, host: str, port: int, secret_file: str | None) -> None:
+    from edge.attention import AttentionNodeSettings, NodeRefused
+    from edge.cluster import link_from_args, run_attention_node
+    from transport.loop import run_loop
+
+    if args.node is None:
+        raise UserError("an attention node needs --node K (0..K-1)")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s attn{args.node} %(levelname)s %(message)s")
+    settings = AttentionNodeSettings(node=args.node, master_host=host, master_port=port,
+                                     secret=_secret(secret_file),
+                                     link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps))
+    try:
+        run_loop(run_attention_node(settings, args.threads or __import__("torch").get_num_threads()))
+    except NodeRefused as e:
         raise UserError(str(e)) from e
 
 

@@ -48,15 +48,17 @@ class Engine(Protocol):
     config: LlamaConfig
     tokenizer: Tokenizer
 
-    async def open_session(self) -> Session: ...
+    async def open_session(self, capacity: int) -> Session:
+        """A request's session, its KV cache reserved for `capacity` positions (prompt + max tokens)."""
+        ...
 
 
 class LocalSession:
     """A request on a LocalModel: its KV cache, stepped on the engine's one compute thread."""
 
-    def __init__(self, engine: LocalEngine):
+    def __init__(self, engine: LocalEngine, capacity: int):
         self._engine = engine
-        self._kv = engine.model.new_cache()
+        self._kv = engine.model.new_cache(capacity)
 
     async def step(self, tokens: list[int]) -> torch.Tensor:
         loop = asyncio.get_running_loop()
@@ -76,8 +78,8 @@ class LocalEngine:
         self.tokenizer = model.tokenizer
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
-    async def open_session(self) -> LocalSession:
-        return LocalSession(self)
+    async def open_session(self, capacity: int = 64) -> LocalSession:
+        return LocalSession(self, capacity)
 
     def close(self) -> None:
         self.compute.shutdown(wait=True)
@@ -114,7 +116,7 @@ async def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams
     stop_ids |= set(params.extra_stop_ids)
     text = IncrementalText(engine.tokenizer, prompt_ids, params.stop)
     gen, counts = make_generator(params.seed), Counter[int]()
-    session = await engine.open_session()
+    session = await engine.open_session(len(prompt_ids) + budget)
     try:
         logits, produced = await session.step(prompt_ids), 0
         while True:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,12 @@ def load_layer(ckpt: Checkpoint, layer: int, dims: LocalDims) -> LayerWeights:
 
 
 class KVCache:
-    """Per-request keys and values for the local KV heads of every layer; grows by doubling."""
+    """Per-request keys and values for the local KV heads of every layer.
+
+    Allocated for `capacity` positions (a request's prompt + max tokens when known): the pages of
+    positions not yet written stay virtual, so memory grows with the context, without copies.
+    Beyond the capacity it grows by doubling.
+    """
 
     def __init__(self, num_layers: int, n_kv_heads: int, head_dim: int, capacity: int = 64,
                  dtype: torch.dtype = torch.float32):
@@ -85,7 +91,13 @@ class KVCache:
         self._v = [torch.empty(self._shape, dtype=dtype) for _ in range(num_layers)]
 
     def nbytes(self) -> int:
+        """Reserved bytes (capacity); pages of unfilled positions are only virtual memory."""
         return sum(t.numel() * t.element_size() for t in self._k + self._v)
+
+    def used_bytes(self) -> int:
+        """Bytes of the filled positions: 2 x layers x KV heads x head_dim x element size per token."""
+        _, n_kv, _, head_dim = self._shape
+        return 2 * len(self._k) * n_kv * head_dim * self._k[0].element_size() * self.length
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: [1, kv_heads, S, head_dim] at positions length.. -> all keys/values so far."""
@@ -109,6 +121,9 @@ class KVCache:
         """Called once per forward, after every layer appended `seqlen` positions."""
         self.length += seqlen
 
+    def attend_for(self, config: LlamaConfig, dims: LocalDims, seqlen: int) -> CacheAttention:
+        return CacheAttention(self, config, gather_map(dims), seqlen)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [B, S, D] -> same; computed in float32 like the reference implementation."""
@@ -128,15 +143,16 @@ def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch
     return mask.masked_fill_(~allowed, float("-inf"))
 
 
-def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: LocalDims,
-                       mask: torch.Tensor | None) -> torch.Tensor:
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_map: tuple[int, ...] | None,
+                      mask: torch.Tensor | None) -> torch.Tensor:
     """q: [B, H, S, hd], k, v: [B, KV, T, hd] -> [B, H, S, hd].
 
-    Query heads of one KV head are folded into the sequence axis so K and V are never copied.
+    Query heads of one KV head are folded into the sequence axis so K and V are never copied;
+    `kv_map` (KV index of each query head) gathers KV heads for a rank holding part of a group.
     """
     bsz, n_heads, seqlen, head_dim = q.shape
-    if not dims.uniform_groups:  # a rank holding part of a group: gather its KV heads per query head
-        index = torch.tensor(dims.kv_map)
+    if kv_map is not None:
+        index = torch.tensor(kv_map)
         k, v = k.index_select(1, index), v.index_select(1, index)
     n_kv = k.shape[1]
     group = n_heads // n_kv
@@ -149,19 +165,58 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: 
     return out.reshape(bsz, n_heads, seqlen, head_dim)
 
 
-def attention(x: torch.Tensor, w: LayerWeights, dims: LocalDims, kv: KVCache, layer: int,
-              cos_sin: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-    """x: [B, S, D] (normed) -> partial output projection [B, S, D] over this rank's heads."""
+def gather_map(dims: LocalDims) -> tuple[int, ...] | None:
+    """The kv_map `grouped_attention` needs for `dims`, or None when its groups are whole."""
+    return None if dims.uniform_groups else dims.kv_map
+
+
+# attend(layer, q, k, v): q [B, H, S, hd], new k, v [B, KV, S, hd] (after RoPE) -> [B, H, S, hd].
+# Where the keys and values live is the attend's business: a local KVCache, or attention nodes.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class CacheAttention:
+    """The attend of one forward of `seqlen` new tokens over a local KVCache (causal, sliding windows).
+
+    Call it once per layer in order; the caller advances the cache after the last layer.
+    """
+
+    def __init__(self, kv: KVCache, config: LlamaConfig, kv_map: tuple[int, ...] | None, seqlen: int):
+        self.kv, self.config, self.kv_map = kv, config, kv_map
+        self.positions = torch.arange(kv.length, kv.length + seqlen)  # [S]
+        self.total = kv.length + seqlen
+        self._masks: dict[int | None, torch.Tensor | None] = {}
+
+    def _mask(self, layer: int) -> torch.Tensor | None:
+        window = self.config.sliding_window(layer)
+        if window not in self._masks:
+            self._masks[window] = attention_mask(self.positions, self.total, window)
+        return self._masks[window]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values = self.kv.append(layer, k, v)  # [B, KV, T, hd]
+        return grouped_attention(q, keys, values, self.kv_map, self._mask(layer))
+
+
+def qkv(x: torch.Tensor, w: LayerWeights, dims: LocalDims,
+        cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [B, S, D] (normed) -> q [B, H, S, hd], k, v [B, KV, S, hd] for this rank's heads, RoPE applied."""
     bsz, seqlen, _ = x.shape
     head_dim = dims.head_dim
     q = F.linear(x, w.wq, w.bq).view(bsz, seqlen, dims.n_local_heads, head_dim).transpose(1, 2)
     k = F.linear(x, w.wk, w.bk).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
     v = F.linear(x, w.wv, w.bv).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
     cos, sin = cos_sin
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H|KV, S, hd]
-    keys, values = kv.append(layer, k, v)  # [B, KV, T, hd]
-    out = _grouped_attention(q, keys, values, dims, mask)  # [B, H, S, hd]
-    out = out.transpose(1, 2).reshape(bsz, seqlen, dims.n_local_heads * head_dim)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention(x: torch.Tensor, w: LayerWeights, dims: LocalDims, attend: Attend, layer: int,
+              cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: [B, S, D] (normed) -> partial output projection [B, S, D] over this rank's heads."""
+    bsz, seqlen, _ = x.shape
+    q, k, v = qkv(x, w, dims, cos_sin)
+    out = attend(layer, q, k, v)  # [B, H, S, hd]
+    out = out.transpose(1, 2).reshape(bsz, seqlen, dims.n_local_heads * dims.head_dim)
     return F.linear(out, w.wo, w.bo)
 
 
@@ -172,11 +227,11 @@ def mlp(x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
 
 
 def decoder_layer(h: torch.Tensor, w: LayerWeights, config: LlamaConfig, dims: LocalDims,
-                  kv: KVCache, layer: int, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                  mask: torch.Tensor | None, reduce: Reduce = no_reduce) -> torch.Tensor:
+                  attend: Attend, layer: int, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                  reduce: Reduce = no_reduce) -> torch.Tensor:
     """h: [B, S, D] -> [B, S, D]; `reduce` sums the partial outputs across ranks (twice per layer)."""
     x = rms_norm(h, w.attn_norm, config.rms_norm_eps)
-    h = h + reduce(attention(x, w, dims, kv, layer, cos_sin, mask))
+    h = h + reduce(attention(x, w, dims, attend, layer, cos_sin))
     x = rms_norm(h, w.mlp_norm, config.rms_norm_eps)
     return h + reduce(mlp(x, w))
 
@@ -213,21 +268,26 @@ def logits(h: torch.Tensor, head: HeadWeights, eps: float) -> torch.Tensor:
     return F.linear(rms_norm(h, head.norm, eps), head.lm_head).float()
 
 
+class KVStore(Protocol):
+    """Where a request's keys and values live: a local KVCache, or attention nodes (edge.offload)."""
+
+    length: int
+
+    def attend_for(self, config: LlamaConfig, dims: LocalDims, seqlen: int) -> Attend: ...
+
+    def advance(self, seqlen: int) -> None: ...
+
+
 def forward_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], config: LlamaConfig,
-                   dims: LocalDims, kv: KVCache, rotary, reduce: Reduce = no_reduce) -> torch.Tensor:
+                   dims: LocalDims, kv: KVStore, rotary, reduce: Reduce = no_reduce) -> torch.Tensor:
     """h: [1, S, D] at positions kv.length.. -> [1, S, D] after every layer; advances the cache.
 
     `layers(i)` yields layer i's weights, so a caller may stream them from disk (weight window).
     """
     seqlen = h.shape[1]
-    positions = torch.arange(kv.length, kv.length + seqlen)  # [S]
-    cos_sin = rotary.cos_sin(positions)
-    total = kv.length + seqlen
-    masks: dict[int | None, torch.Tensor | None] = {}
+    cos_sin = rotary.cos_sin(torch.arange(kv.length, kv.length + seqlen))
+    attend = kv.attend_for(config, dims, seqlen)
     for layer in range(config.num_layers):
-        window = config.sliding_window(layer)
-        if window not in masks:
-            masks[window] = attention_mask(positions, total, window)
-        h = decoder_layer(h, layers(layer), config, dims, kv, layer, cos_sin, masks[window], reduce)
+        h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
     kv.advance(seqlen)
     return h

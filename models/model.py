@@ -27,8 +27,10 @@ class LocalModel:
         self.rotary = RotaryTable(self.config)
         ckpt.close()
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim)
+    def new_cache(self, capacity: int = 64) -> KVCache:
+        """A request's KV cache reserved for `capacity` positions (pages fill as it grows)."""
+        capacity = max(1, min(capacity, self.config.max_position_embeddings))
+        return KVCache(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, capacity)
 
     @torch.inference_mode()
     def forward(self, tokens: list[int], kv: KVCache, all_logits: bool = False) -> torch.Tensor:

@@ -148,3 +148,46 @@ def split_for(suffix: str) -> tuple[SplitKind, Unit]:
         return TENSOR_SPLITS[suffix]
     except KeyError:
         raise PlanError(f"no sharding rule for tensor {suffix!r}") from None
+
+
+@dataclass(frozen=True)
+class AttentionSlice:
+    """The part of one rank's heads whose keys and values live on one attention node (offload).
+
+    Ranges index the rank's local heads; `kv_map` (None when the groups are whole) gives, for each
+    query head of the slice, its KV head within the slice.
+    """
+
+    node: int
+    q_start: int
+    q_stop: int
+    kv_start: int
+    kv_stop: int
+    kv_map: tuple[int, ...] | None
+
+
+def attention_nodes_of(config: LlamaConfig, n_nodes: int) -> list[int]:
+    """The attention node of every global KV head: contiguous, even blocks (a KV head never splits)."""
+    if not 0 < n_nodes <= config.num_kv_heads:
+        raise PlanError(f"{n_nodes} attention nodes but the model has {config.num_kv_heads} KV heads; "
+                        f"use 1 to {config.num_kv_heads} attention nodes")
+    counts = split_integer(config.num_kv_heads, [1.0] * n_nodes)
+    return [node for node, count in enumerate(counts) for _ in range(count)]
+
+
+def attention_slices(dims: LocalDims, node_of: list[int]) -> list[AttentionSlice]:
+    """Cut a rank's heads by the attention node of their KV head; one slice per node it talks to."""
+    slices = []
+    j = 0
+    while j < dims.n_local_kv_heads:
+        node = node_of[dims.kv_start + j]
+        j1 = j
+        while j1 < dims.n_local_kv_heads and node_of[dims.kv_start + j1] == node:
+            j1 += 1
+        heads = [i for i, kv in enumerate(dims.kv_map) if j <= kv < j1]
+        sub_map = tuple(dims.kv_map[i] - j for i in heads)
+        group, n_kv = len(heads) // (j1 - j), j1 - j
+        whole = len(heads) % n_kv == 0 and sub_map == tuple(i // group for i in range(len(heads)))
+        slices.append(AttentionSlice(node, heads[0], heads[-1] + 1, j, j1, None if whole else sub_map))
+        j = j1
+    return slices

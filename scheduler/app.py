@@ -46,13 +46,19 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 once every worker is connected, else 503 naming the missing ranks."""
+    """200 once every worker is connected, else 503 naming the missing ranks; attention nodes are
+    listed (offload is an extra route: the edge serves without them)."""
     engine = request.app[ENGINE]
     missing = engine.missing_ranks() if hasattr(engine, "missing_ranks") else []
+    body: dict = {"status": "ok"}
+    attention = getattr(engine, "attention", None)
+    if attention is not None:
+        body["attention_nodes"] = {"ready": engine.offload_ready(), "missing": attention.missing()}
     if missing:
-        return web.json_response({"status": "unavailable", "missing_ranks": missing,
-                                  "message": f"worker rank(s) {missing} are not connected"}, status=503)
-    return web.json_response({"status": "ok"})
+        body |= {"status": "unavailable", "missing_ranks": missing,
+                 "message": f"worker rank(s) {missing} are not connected"}
+        return web.json_response(body, status=503)
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
 from edge.master import WorkerUnavailable
-from models.generation import TokenEvent, generate
+from models.generation import Engine, TokenEvent, generate
 from scheduler import openai_api as api
 from scheduler.cloud import CloudUnavailable
 from scheduler.errors import ApiError, as_api_error, error_body
@@ -46,12 +46,19 @@ async def _observed(request: web.Request, stream: AsyncIterator[TokenEvent],
         await stream.aclose()
 
 
+def _engine_for(request: web.Request) -> Engine:
+    """The engine of the route taken: the cluster, or the cluster with its KV on the attention nodes."""
+    engine, decision = request.app[ENGINE], request.get(ROUTE_KEY)
+    return engine.offloaded() if decision is not None and decision.route == "offload" else engine
+
+
 async def _merged(request: web.Request, req: api.ParsedRequest) -> AsyncIterator[Indexed]:
     """The events of all `n` choices as (index, event), interleaved as they are produced."""
     streams = []
+    engine = _engine_for(request)
     for i in range(req.n):
         params = req.params if req.params.seed is None else replace(req.params, seed=req.params.seed + i)
-        stream = generate(request.app[ENGINE], req.prompt_ids, params)
+        stream = generate(engine, req.prompt_ids, params)
         streams.append(_observed(request, stream, len(req.prompt_ids)))
     pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
     try:
@@ -136,11 +143,15 @@ def choose_route(request: web.Request, req: api.ParsedRequest) -> Decision:
         edge_free_kv_bytes=psutil.virtual_memory().available // 2,
         edge_queue_full=admission.running >= admission.max_running and admission.waiting >= admission.max_queue,
         edge_up=not missing, cloud_configured=cloud is not None, cloud_up=cloud is not None and cloud.up,
+        offload_nodes=engine.settings.attention_nodes if getattr(engine, "offload_ready", bool)() else 0,
         forced=forced)  # type: ignore[arg-type]
     try:
         return decide(inputs)
     except RouteRefused as e:
         detail = f" (worker rank(s) {missing} not connected)" if missing else ""
+        if forced == "offload" and not missing:
+            detail = f" ({engine.offload_unavailable_reason()})" if hasattr(engine, "offload_ready") \
+                else " (a single device has no attention nodes)"
         raise ApiError(400 if forced else 503, f"{e}{detail}",
                        "invalid_request_error" if forced else "service_unavailable",
                        param="x-edge-route" if forced else None, code=None if forced else "worker_unavailable") from e

@@ -39,6 +39,33 @@ class _ClusterCollector(Collector):
         for rank, nbytes in snap.get("fetched", {}).items():
             fetched.add_metric([str(rank)], nbytes)
         yield from (sent, received, weights, fixed, fetched, *self._window(snap.get("window", {})))
+        yield from self._offload(snap)
+
+    @staticmethod
+    def _offload(snap: dict) -> Iterable:
+        """Attention-offload counters: KV rebuilds, and per node its KV bytes and link bytes per rank."""
+        rebuilds = CounterMetricFamily("edge_offload_kv_rebuilds",
+                                       "Offloaded requests whose KV was rebuilt after losing an attention node")
+        rebuilds.add_metric([], snap.get("kv_rebuilds", 0))
+        yield rebuilds
+        attention = snap.get("attention")
+        if not attention:
+            return
+        kv = GaugeMetricFamily("edge_attention_node_kv_bytes", "KV-cache bytes held by each attention node",
+                               labels=["node"])
+        rss = GaugeMetricFamily("edge_attention_node_rss_bytes", "Resident memory of each attention node",
+                                labels=["node"])
+        link = CounterMetricFamily("edge_attention_node_bytes", "Bytes each attention node sent to and "
+                                   "received from each compute rank", labels=["node", "rank", "direction"])
+        for node, stats in attention["stats"].items():
+            kv.add_metric([str(node)], stats.get("kv_bytes", 0))
+            rss.add_metric([str(node)], stats.get("rss", 0))
+            for rank, counts in (stats.get("links") or {}).items():
+                for direction in ("sent", "received"):
+                    link.add_metric([str(node), str(rank), direction], counts.get(direction, 0))
+        ready = GaugeMetricFamily("edge_attention_nodes_ready", "1 while every attention node is linked")
+        ready.add_metric([], 1.0 if attention["ready"] else 0.0)
+        yield from (kv, rss, link, ready)
 
     @staticmethod
     def _window(per_rank: dict) -> Iterable:

@@ -26,6 +26,7 @@ class ClusterProcess:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      start_new_session=True)
         self.worker_pids: dict[int, int] = {}
+        self.node_pids: dict[int, int] = {}
         self.url = ""
         self.worker_port = 0
         self._ready = threading.Event()
@@ -39,6 +40,8 @@ class ClusterProcess:
         for line in self.proc.stdout:
             if m := re.search(r"worker rank (\d+) pid (\d+)", line):
                 self.worker_pids[int(m[1])] = int(m[2])
+            if m := re.search(r"attention node (\d+) pid (\d+)", line):
+                self.node_pids[int(m[1])] = int(m[2])
             if m := re.search(r"serving .* on (http://\S+) .*join at port (\d+)", line):
                 self.url, self.worker_port = m[1], int(m[2])
                 self._ready.set()
@@ -58,8 +61,19 @@ class ClusterProcess:
         with open(self.worker_log, "w") as err:
             return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
+    def start_attention_node(self, node: int) -> subprocess.Popen:
+        """An attention node started by hand (`edge-llm worker --role attention`); stopped by the caller."""
+        cmd = [sys.executable, "-m", "edge_llm", "worker", "--role", "attention", "--node", str(node),
+               "--master", f"127.0.0.1:{self.worker_port}", "--secret-file", str(self.secret_file),
+               "--threads", "1"]
+        with open(self.secret_file.parent / f"node-{node}.log", "w") as err:
+            return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+
     def kill_worker(self, rank: int) -> None:
         os.kill(self.worker_pids[rank], signal.SIGKILL)
+
+    def kill_attention_node(self, node: int) -> None:
+        os.kill(self.node_pids[node], signal.SIGKILL)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -71,7 +85,7 @@ class ClusterProcess:
                 self.proc.wait()
         self._reader.join(timeout=5)
         self.proc.stdout.close()
-        for pid in self.worker_pids.values():  # none may outlive the cluster
+        for pid in [*self.worker_pids.values(), *self.node_pids.values()]:  # none may outlive the cluster
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:

@@ -1,0 +1,164 @@
+"""Attention offload (Lamina): KV caches on attention nodes give the same tokens, grow by the
+KV formula only there, and survive the loss of a node."""
+
+import asyncio
+import json
+
+import aiohttp
+import psutil
+import pytest
+from cluster_proc import ClusterProcess
+from hf_reference import hf_greedy, make_hf_checkpoint
+
+PROMPT = [0, 17, 250, 33, 99, 5, 120]
+NEW_TOKENS = 24
+MB = 1 << 20
+
+
+async def complete(url: str, route: str, prompt=PROMPT, **fields) -> tuple[int, dict, str | None]:
+    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "logprobs": 1,
+            "return_token_ids": True} | fields
+    async with aiohttp.ClientSession() as s, \
+            s.post(f"{url}/v1/completions", json=body, headers={"x-edge-route": route}) as r:
+        return r.status, await r.json(), r.headers.get("x-edge-route")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Reference checkpoints by kind, each with transformers' greedy tokens and logprobs."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            folder = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / kind, kind, seed=6)
+            cache[kind] = folder, hf_greedy(folder, PROMPT, NEW_TOKENS)
+        return cache[kind]
+
+    return get
+
+
+# (kind, compute workers, attention nodes): Llama GQA 6/2 with 1 and 2 nodes, a rank whose KV
+# heads span both nodes (3 workers), Qwen2 biases, and Mistral's sliding window on the nodes.
+CASES = [("llama", 2, 1), ("llama", 2, 2), ("llama", 3, 2), ("qwen2", 2, 2), ("mistral", 1, 2)]
+
+
+@pytest.mark.parametrize(("kind", "workers", "nodes"), CASES)
+async def test_offloaded_attention_is_exact(reference, tmp_path, kind, workers, nodes):
+    folder, (ref_tokens, ref_logprobs) = reference(kind)
+    cluster = ClusterProcess(folder, workers, tmp_path, "--attention-nodes", str(nodes))
+    try:
+        status, offloaded, route = await complete(cluster.url, "offload")
+        assert (status, route) == (200, "offload"), offloaded
+        choice = offloaded["choices"][0]
+        assert choice["token_ids"] == ref_tokens
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(ref_logprobs, abs=1e-4)
+        status, local, route = await complete(cluster.url, "edge")
+        assert (status, route) == (200, "edge")
+        assert local["choices"][0]["token_ids"] == ref_tokens
+        assert local["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
+            choice["logprobs"]["token_logprobs"], abs=1e-5)
+    finally:
+        cluster.stop()
+
+
+def _rss(pids: list[int]) -> list[int]:
+    return [psutil.Process(p).memory_info().rss for p in pids]
+
+
+async def test_kv_lives_only_on_the_attention_nodes(tmp_path):
+    """As the context grows by T tokens, each node's RSS grows by its share of the KV formula
+    (2 x layers x kv_heads x head_dim x 4 bytes per token) and the compute ranks' stays flat."""
+    layers, kv_heads, head_dim = 8, 8, 64
+    folder = make_hf_checkpoint(tmp_path / "wide-kv", "llama", seed=1, hidden_size=kv_heads * head_dim,
+                                num_attention_heads=kv_heads, num_key_value_heads=kv_heads,
+                                num_hidden_layers=layers, intermediate_size=256, max_position_embeddings=2048)
+    per_token = 2 * layers * kv_heads * head_dim * 4  # 32 KiB
+    first, last = 50, 1050
+    cluster = ClusterProcess(folder, 2, tmp_path, "--attention-nodes", "2")
+    compute = [cluster.proc.pid, cluster.worker_pids[1]]
+    nodes = [cluster.node_pids[0], cluster.node_pids[1]]
+    body = {"prompt": PROMPT, "max_tokens": last + 10, "temperature": 0, "ignore_eos": True, "stream": True}
+    samples = {}
+    try:
+        async with aiohttp.ClientSession() as s, s.post(f"{cluster.url}/v1/completions", json=body,
+                                                        headers={"x-edge-route": "offload"}) as r:
+            assert r.status == 200, await r.text()
+            count = 0
+            async for raw in r.content:
+                if raw.startswith(b"data: {"):
+                    assert b'"error"' not in raw, raw
+                    count += 1
+                    if count in (first, last):
+                        samples[count] = (_rss(compute), _rss(nodes))
+    finally:
+        cluster.stop()
+    grown = last - first
+    compute_growth = [b - a for a, b in zip(samples[first][0], samples[last][0], strict=True)]
+    node_growth = [b - a for a, b in zip(samples[first][1], samples[last][1], strict=True)]
+    expected_node = per_token * grown / 2  # each node holds half of the KV heads
+    for g in node_growth:
+        assert abs(g - expected_node) < 0.15 * expected_node + 2 * MB, (node_growth, expected_node)
+    for g in compute_growth:  # had the KV stayed local, each rank would have grown by expected_node
+        assert g < 0.15 * expected_node, (compute_growth, expected_node)
+
+
+async def _stream(url: str, body: dict, route: str, on_chunk) -> list[dict]:
+    chunks = []
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body,
+                                                    headers={"x-edge-route": route}) as r:
+        assert r.status == 200, await r.text()
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+                on_chunk(len(chunks))
+    return chunks
+
+
+async def _metric(url: str, name: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_lost_attention_node_is_rebuilt_and_used_again(reference, tmp_path):
+    folder, _ = reference("llama")
+    cluster = ClusterProcess(folder, 2, tmp_path, "--attention-nodes", "2", "--step-timeout", "2")
+    body = {"prompt": PROMPT, "max_tokens": 80, "temperature": 0, "ignore_eos": True, "stream": True,
+            "return_token_ids": True}
+    node = None
+    try:
+        _, whole, _ = await complete(cluster.url, "edge", max_tokens=80, ignore_eos=True)
+        expected = whole["choices"][0]["token_ids"]
+
+        def kill_at_five(n: int) -> None:
+            if n == 5:
+                cluster.kill_attention_node(1)
+
+        chunks = await _stream(cluster.url, body, "offload", kill_at_five)
+        assert not any("error" in c for c in chunks), [c for c in chunks if "error" in c]
+        assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == expected  # same tokens
+        assert await _metric(cluster.url, "edge_offload_kv_rebuilds_total") == 1
+
+        status, refused, _ = await complete(cluster.url, "offload")  # the node is gone: refused, says why
+        assert status == 400 and "attention node(s) [1]" in refused["error"]["message"]
+        async with aiohttp.ClientSession() as s, s.get(f"{cluster.url}/health") as r:
+            health = await r.json()
+            assert r.status == 200 and health["attention_nodes"]["missing"] == [1]
+
+        node = cluster.start_attention_node(1)  # back again: offload is used again
+        for _ in range(200):
+            status, again, route = await complete(cluster.url, "offload", max_tokens=80, ignore_eos=True)
+            if status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert (status, route) == (200, "offload"), again
+        assert again["choices"][0]["token_ids"] == expected
+        assert await _metric(cluster.url, "edge_offload_kv_rebuilds_total") == 1
+    finally:
+        if node is not None:
+            node.terminate()
+            node.wait(timeout=10)
+        cluster.stop()
