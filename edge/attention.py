@@ -73,7 +73,8 @@ class AttentionNode:
 
     def stats(self) -> dict:
         return {"t": "stats", "kv_bytes": self.kv_bytes(), "rss": psutil.Process().memory_info().rss,
-                "fixed_rss": self.fixed_rss, "requests": sum(len(r) for r in self.requests.values()),
+                "fixed_rss": self.fixed_rss,
+                "available": psutil.virtual_memory().available, "requests": sum(len(r) for r in self.requests.values()),
                 "links": {str(r): {"sent": ch.bytes_sent, "received": ch.bytes_received}
                           for r, ch in self.peers.items()}}
 

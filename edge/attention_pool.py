@@ -106,6 +106,17 @@ class AttentionPool:
         if "error" in ok:
             raise TransportError(f"rank {rank} cannot reach the attention nodes: {ok['error']}")
 
+    def free_kv_bytes(self) -> int:
+        """What one request's KV could take on the nodes: the tightest node's free memory scaled by
+        its share of the KV heads (0 while any node is missing)."""
+        if not self.ready:
+            return 0
+        heads = attention_nodes_of(self.config, self.n_nodes)
+        free = [self.stats.get(n, {}).get("available") for n in range(self.n_nodes)]
+        if any(f is None for f in free):
+            return 0
+        return int(min(f * len(heads) / heads.count(n) for n, f in enumerate(free)))
+
     def snapshot(self) -> dict:
         return {"nodes": self.n_nodes, "ready": self.ready, "missing": self.missing(), "lost": self.lost,
                 "stats": dict(self.stats),

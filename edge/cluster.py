@@ -21,6 +21,7 @@ from edge.master import ClusterEngine, MasterSettings
 from edge.worker import Worker, WorkerSettings
 from scheduler.app import ServerSettings, create_app
 from scheduler.cloud import CloudSettings
+from scheduler.router import Policy
 from transport.auth import SECRET_ENV
 from transport.link import LinkSpec
 
@@ -38,6 +39,7 @@ class HttpSettings:
     request_timeout: float = 600.0
     api_key: str | None = None
     cloud: CloudSettings | None = None
+    policy: Policy = Policy()
 
 
 def threads_per_process(world_size: int) -> int:
@@ -78,7 +80,7 @@ async def _serve_http(engine: ClusterEngine, http: HttpSettings) -> web.AppRunne
     name = http.served_name or Path(engine.settings.model).resolve().name
     server = ServerSettings(served_name=name, request_timeout=http.request_timeout,
                             max_running=http.max_running, max_queue=http.max_queue, api_key=http.api_key,
-                            cloud=http.cloud)
+                            cloud=http.cloud, policy=http.policy)
     runner = web.AppRunner(create_app(engine, server), handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, http.host, http.port)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import psutil
 import torch
 
 from edge.split import SplitError, SplitPlan, default_split_dir, split_model
@@ -102,7 +103,8 @@ class ShardModel:
                 return logits(out[:, -1:], self.output, self.config.rms_norm_eps)[0, -1].numpy()
 
         local = await self.run(run)  # [V_local]: this rank's vocabulary slice
-        return await star.gather(local, self.stats() or None)
+        meta = self.stats() | {"mem_available": psutil.virtual_memory().available}  # the router's input
+        return await star.gather(local, meta)
 
     def close(self) -> None:
         self.compute.shutdown(wait=False, cancel_futures=True)

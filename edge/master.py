@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import psutil
 import torch
 
 from edge.attention_pool import AttentionPool
@@ -132,6 +133,7 @@ class ClusterEngine:
         self.worker_bytes: dict[int, int] = {}
         self.worker_fixed_rss: dict[int, int] = {}
         self.worker_fetched: dict[int, int] = {}
+        self.worker_free: dict[int, int] = {}  # free memory per rank: at join, then after every step
         self.attention = (AttentionPool(settings.model, self.config, settings.attention_nodes, settings.secret,
                                         settings.link, settings.step_timeout) if settings.attention_nodes else None)
         self.kv_rebuilds = 0
@@ -219,6 +221,9 @@ class ClusterEngine:
         self.worker_bytes[rank] = int(ready.get("weight_bytes", 0))
         self.worker_fixed_rss[rank] = int(ready.get("fixed_rss_bytes", 0))
         self.worker_fetched[rank] = int(ready.get("fetched_bytes", 0))
+        profile = join.get("profile")
+        if isinstance(profile, dict) and isinstance(profile.get("free_bytes"), int | float):
+            self.worker_free[rank] = int(profile["free_bytes"])
         if old is not None:
             await old.aclose()
         log.info("rank %d ready (%s)", rank, ch.peer)
@@ -239,6 +244,25 @@ class ClusterEngine:
             return
         async with self._lock:
             await self.attention.link(self.workers, self.plans[0])
+
+    def free_kv_bytes(self) -> int:
+        """What one request's KV could take on the compute ranks: the tightest rank's free memory
+        scaled by its share of the KV heads (each rank holds the KV of its own heads)."""
+        free = {0: psutil.virtual_memory().available} | self.worker_free
+        for rank, meta in self.star.peer_meta.items():
+            if isinstance(meta.get("mem_available"), int):
+                free[rank] = meta["mem_available"]
+        kv = [d.n_local_kv_heads for d in self.plans] if self.shard is not None else []
+        ranks = [r for r in range(len(kv)) if r in free]
+        return int(min(free[r] * sum(kv) / kv[r] for r in ranks)) if ranks else 0
+
+    def offload_free_kv_bytes(self) -> int:
+        return self.attention.free_kv_bytes() if self.attention is not None else 0
+
+    def kv_bytes_per_token(self) -> int:
+        """The whole model's KV per token (2 x layers x kv_heads x head_dim x 4 bytes)."""
+        c = self.config
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
 
     def offloaded(self) -> OffloadedEngine:
         return OffloadedEngine(self)

@@ -85,6 +85,12 @@ def _cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cloud-model", help="model name on the cloud tier (default: the request's)")
     p.add_argument("--cloud-api-key-env", default="EDGE_LLM_CLOUD_API_KEY",
                    help="environment variable holding the cloud tier's API key")
+    p.add_argument("--edge-kv-fraction", type=float, default=0.5,
+                   help="routing: share of a compute device's free memory KV caches may take")
+    p.add_argument("--offload-above-tokens", type=int,
+                   help="routing: contexts (prompt + max_tokens) above this go to the attention nodes")
+    p.add_argument("--cloud-above-tokens", type=int,
+                   help="routing: contexts above this go to the cloud tier")
     _cluster_flags(p)
     p.set_defaults(func=commands.cluster)
 

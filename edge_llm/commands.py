@@ -162,9 +162,15 @@ def cluster(args: argparse.Namespace) -> None:
 
     cloud = CloudSettings(url=args.cloud, model=args.cloud_model,
                           api_key=os.environ.get(args.cloud_api_key_env)) if args.cloud else None
+    from scheduler.router import Policy
+
+    if not 0 < args.edge_kv_fraction <= 1:
+        raise UserError("--edge-kv-fraction must be in (0, 1]")
+    policy = Policy(edge_kv_fraction=args.edge_kv_fraction, offload_above_tokens=args.offload_above_tokens,
+                    cloud_above_tokens=args.cloud_above_tokens)
     http = HttpSettings(args.host, args.port, args.served_name, max_running=args.max_running,
                         max_queue=args.max_queue, request_timeout=args.request_timeout,
-                        api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"), cloud=cloud)
+                        api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"), cloud=cloud, policy=policy)
     _run_master(settings, http, spawn=True)
 
 

@@ -10,7 +10,8 @@ from scheduler.cloud import CloudTier
 from scheduler.completions import complete, ensure_api_key, route_headers
 from scheduler.errors import error_middleware
 from scheduler.metrics import Metrics
-from scheduler.state import ADMISSION, CLOUD, ENGINE, METRICS, ROUTE_KEY, SETTINGS, ServerSettings
+from scheduler.measure import Measured
+from scheduler.state import ADMISSION, CLOUD, ENGINE, MEASURED, METRICS, ROUTE_KEY, SETTINGS, ServerSettings
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -78,7 +79,8 @@ async def _route_headers(request: web.Request, response: web.StreamResponse) -> 
 async def _cloud_ctx(app: web.Application):
     settings = app[SETTINGS]
     if settings.cloud is not None:
-        app[CLOUD] = CloudTier(settings.cloud)
+        app[CLOUD] = CloudTier(settings.cloud, app[MEASURED].tier("cloud"))
+        await app[CLOUD].probe()
     yield
     if CLOUD in app:
         await app[CLOUD].aclose()
@@ -92,6 +94,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics(getattr(engine, "snapshot", None))
     app[ADMISSION] = Admission(settings.max_running, settings.max_queue)
+    app[MEASURED] = Measured()
     app.cleanup_ctx.append(_cloud_ctx)
     app.on_response_prepare.append(_route_headers)
     app.router.add_routes([

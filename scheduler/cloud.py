@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from scheduler.errors import ApiError
+from scheduler.measure import TierLatency
 
 
 class CloudUnavailable(Exception):
@@ -34,10 +35,28 @@ class CloudSettings:
 class CloudTier:
     """Proxies one request at a time to the cloud; owns its client session (closed in `aclose`)."""
 
-    def __init__(self, settings: CloudSettings):
+    def __init__(self, settings: CloudSettings, latency: TierLatency | None = None):
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
         self.down_until = 0.0
+        self.latency = latency or TierLatency()  # measured on every streamed answer
+        self.rtt: float | None = None
+
+    async def probe(self, timeout: float = 5.0) -> None:
+        """Measure the round trip with GET /models (a request that generates nothing); a cloud that
+        does not answer is marked down."""
+        auth = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
+        began = time.perf_counter()
+        try:
+            async with self._client().get(f"{self.settings.url.rstrip('/')}/models", headers=auth,
+                                          timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                await r.read()
+        except (TimeoutError, aiohttp.ClientError):
+            self.mark_down()
+            return
+        self.rtt = time.perf_counter() - began
+        if self.latency.ttft.value is None:
+            self.latency.ttft.add(self.rtt)  # a lower bound until a real answer is measured
 
     @property
     def up(self) -> bool:
@@ -56,6 +75,7 @@ class CloudTier:
         """Send `body` to the cloud and relay its answer (SSE bytes as they come); raises CloudUnavailable."""
         body = dict(body) | ({"model": self.settings.model} if self.settings.model else {})
         auth = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
+        began = time.perf_counter()
         try:
             upstream = await self._client().post(f"{self.settings.url.rstrip('/')}{path}", json=body,
                                                  headers=auth)
@@ -69,15 +89,23 @@ class CloudTier:
             if upstream.status >= 400:
                 raise ApiError(upstream.status, f"cloud tier refused the request: {await upstream.text()}",
                                "upstream_error")
-            return await self._relay(request, upstream, headers)
+            return await self._relay(request, upstream, headers, began)
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                     headers: dict[str, str]) -> web.StreamResponse:
+                     headers: dict[str, str], began: float) -> web.StreamResponse:
+        """Relay the answer; a streamed one also measures the cloud's TTFT and time between tokens."""
         content_type = upstream.headers.get("Content-Type", "application/json")
         response = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type, **headers})
         await response.prepare(request)
+        streamed, last = content_type.startswith("text/event-stream"), None
         try:
             async for chunk in upstream.content.iter_any():
+                now = time.perf_counter()
+                if streamed and last is None:
+                    self.latency.ttft.add(now - began)
+                elif streamed:
+                    self.latency.tpot.add(now - last)
+                last = now
                 await response.write(chunk)
         except (TimeoutError, aiohttp.ClientError) as e:  # output already went out: end clearly
             self.mark_down()

@@ -19,15 +19,18 @@ from scheduler import openai_api as api
 from scheduler.cloud import CloudUnavailable
 from scheduler.errors import ApiError, as_api_error, error_body
 from scheduler.router import ROUTES, Decision, RouteInputs, RouteRefused, decide
-from scheduler.state import ADMISSION, CLOUD, ENGINE, METRICS, ROUTE_KEY, SETTINGS
+from scheduler.state import ADMISSION, CLOUD, ENGINE, MEASURED, METRICS, ROUTE_KEY, SETTINGS
 
 Indexed = tuple[int, TokenEvent]
 
 
 async def _observed(request: web.Request, stream: AsyncIterator[TokenEvent],
                     prompt_len: int) -> AsyncIterator[TokenEvent]:
-    """Pass events through while recording time to first token and time per output token."""
+    """Pass events through while recording time to first token and time per output token
+    (in /metrics, and in the route's moving averages the router reads)."""
     metrics = request.app[METRICS]
+    decision = request.get(ROUTE_KEY)
+    latency = request.app[MEASURED].tier(decision.route if decision is not None else "edge")
     last, first = time.perf_counter(), True
     metrics.running.inc()
     try:
@@ -35,9 +38,11 @@ async def _observed(request: web.Request, stream: AsyncIterator[TokenEvent],
             now = time.perf_counter()
             if first:
                 metrics.ttft.observe(now - last)
+                latency.ttft.add(now - last)
                 metrics.prompt_tokens.inc(prompt_len)
             else:
                 metrics.tpot.observe(now - last)
+                latency.tpot.add(now - last)
             first, last = False, now
             metrics.tokens.inc()
             yield event
@@ -102,14 +107,18 @@ async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
     api.check_model(body, settings.served_name)
     req = api.parse_request(body, engine.tokenizer, engine.config.max_position_embeddings, chat)
     decision = choose_route(request, req)
+    forced_route = req_forced(request)
     path = "/chat/completions" if chat else "/completions"
     if decision.route == "cloud":
         # a forced cloud route must not quietly land on the edge
-        return await _via_cloud(request, path, body, req, decision, edge_fallback=req_forced(request) is None)
+        return await _via_cloud(request, path, body, req, decision, edge_fallback=forced_route is None)
     _set_route(request, decision)
     try:
         return await _on_edge(request, req)
-    except WorkerUnavailable as e:  # nothing was sent yet: the cloud may still answer
+    except WorkerUnavailable as e:  # nothing was sent yet: the local ranks or the cloud may still answer
+        if decision.route == "offload" and not forced_route and not engine.missing_ranks():
+            _set_route(request, Decision("edge", f"offload failed before any output ({e})"))
+            return await _on_edge(request, req)
         cloud = request.app.get(CLOUD)
         if cloud is None or not cloud.up:
             raise
@@ -131,20 +140,12 @@ async def _on_edge(request: web.Request, req: api.ParsedRequest) -> web.StreamRe
 
 def choose_route(request: web.Request, req: api.ParsedRequest) -> Decision:
     """Measure the tiers and ask the pure policy; raises ApiError for an impossible forced route."""
-    engine, admission, cloud = request.app[ENGINE], request.app[ADMISSION], request.app.get(CLOUD)
+    engine, cloud = request.app[ENGINE], request.app.get(CLOUD)
     forced = req_forced(request)
     if forced is not None and forced not in ROUTES:
         raise ApiError(400, f"x-edge-route must be one of {list(ROUTES)}, got {forced!r}", param="x-edge-route")
     missing = engine.missing_ranks() if hasattr(engine, "missing_ranks") else []
-    config = engine.config
-    inputs = RouteInputs(
-        prompt_tokens=len(req.prompt_ids), max_tokens=req.params.max_tokens,
-        kv_bytes_per_token=2 * config.num_layers * config.num_kv_heads * config.head_dim * 4,
-        edge_free_kv_bytes=psutil.virtual_memory().available // 2,
-        edge_queue_full=admission.running >= admission.max_running and admission.waiting >= admission.max_queue,
-        edge_up=not missing, cloud_configured=cloud is not None, cloud_up=cloud is not None and cloud.up,
-        offload_nodes=engine.settings.attention_nodes if getattr(engine, "offload_ready", bool)() else 0,
-        forced=forced)  # type: ignore[arg-type]
+    inputs = _route_inputs(request, req, forced)
     try:
         return decide(inputs)
     except RouteRefused as e:
@@ -155,6 +156,40 @@ def choose_route(request: web.Request, req: api.ParsedRequest) -> Decision:
         raise ApiError(400 if forced else 503, f"{e}{detail}",
                        "invalid_request_error" if forced else "service_unavailable",
                        param="x-edge-route" if forced else None, code=None if forced else "worker_unavailable") from e
+
+
+def _latency_target(request: web.Request) -> float | None:
+    raw = request.headers.get("x-edge-latency-target-ms")
+    if raw is None:
+        return None
+    try:
+        target = float(raw)
+    except ValueError:
+        target = -1.0
+    if not target > 0:
+        raise ApiError(400, f"x-edge-latency-target-ms must be a positive number of milliseconds, got {raw!r}",
+                       param="x-edge-latency-target-ms")
+    return target / 1000
+
+
+def _route_inputs(request: web.Request, req: api.ParsedRequest, forced: str | None) -> RouteInputs:
+    """What the policy needs, measured now: memory, queue, tiers up, moving latencies."""
+    engine, admission, cloud = request.app[ENGINE], request.app[ADMISSION], request.app.get(CLOUD)
+    measured, config = request.app[MEASURED], engine.config
+    cluster = hasattr(engine, "offload_ready")
+    return RouteInputs(
+        prompt_tokens=len(req.prompt_ids), max_tokens=req.params.max_tokens,
+        kv_bytes_per_token=2 * config.num_layers * config.num_kv_heads * config.head_dim * 4,
+        edge_free_kv_bytes=engine.free_kv_bytes() if cluster else psutil.virtual_memory().available,
+        edge_queue_full=admission.running >= admission.max_running and admission.waiting >= admission.max_queue,
+        edge_up=not (engine.missing_ranks() if cluster else []),
+        cloud_configured=cloud is not None, cloud_up=cloud is not None and cloud.up,
+        offload_nodes=engine.settings.attention_nodes if cluster and engine.offload_ready() else 0,
+        offload_free_kv_bytes=engine.offload_free_kv_bytes() if cluster else 0,
+        edge_ttft_s=measured.ttft("edge"), edge_tpot_s=measured.tpot("edge"),
+        cloud_ttft_s=measured.ttft("cloud"), cloud_tpot_s=measured.tpot("cloud"),
+        latency_target_s=_latency_target(request), forced=forced,  # type: ignore[arg-type]
+        policy=request.app[SETTINGS].policy)
 
 
 def _set_route(request: web.Request, decision: Decision) -> None:

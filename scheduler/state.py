@@ -9,7 +9,9 @@ from aiohttp import web
 from models.generation import Engine
 from scheduler.admission import Admission
 from scheduler.cloud import CloudSettings, CloudTier
+from scheduler.measure import Measured
 from scheduler.metrics import Metrics
+from scheduler.router import Policy
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class ServerSettings:
     max_queue: int = 64
     api_key: str | None = None
     cloud: CloudSettings | None = None
+    policy: Policy = Policy()
 
 
 ENGINE = web.AppKey("engine", Engine)
@@ -29,4 +32,5 @@ SETTINGS = web.AppKey("settings", ServerSettings)
 METRICS = web.AppKey("metrics", Metrics)
 ADMISSION = web.AppKey("admission", Admission)
 CLOUD = web.AppKey("cloud", CloudTier)
+MEASURED = web.AppKey("measured", Measured)
 ROUTE_KEY = "edge_route"  # request-scoped: the Decision taken for this request

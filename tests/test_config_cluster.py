@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import aiohttp
+import pytest
 from hf_reference import hf_greedy, make_hf_checkpoint
 
 from edge.bench_allreduce import free_ports
@@ -35,29 +36,49 @@ weight = 2.0
 id = "jetson"
 address = "127.0.0.1"
 weight = 1.0
+
+[attention]
+nodes = 1
+
+[policy]
+offload_above_tokens = 16
 """)
     log = open(tmp_path / "log", "w")
     serve = subprocess.Popen([sys.executable, "-m", "edge_llm", "serve", "--config", str(config)],
                              stdout=log, stderr=log)
     worker = subprocess.Popen([sys.executable, "-m", "edge_llm", "worker", "--config", str(config),
                                "--rank", "1"], stdout=log, stderr=log)
+    node = subprocess.Popen([sys.executable, "-m", "edge_llm", "worker", "--config", str(config),
+                             "--role", "attention", "--node", "0"], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{http_port}"
     try:
         async with aiohttp.ClientSession() as s:
             for _ in range(600):
                 try:
                     async with s.get(f"{url}/health") as r:
-                        if r.status == 200:
+                        if r.status == 200 and (await r.json())["attention_nodes"]["ready"]:
                             break
                 except aiohttp.ClientConnectionError:
                     pass
                 await asyncio.sleep(0.1)
             body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "return_token_ids": True}
-            async with s.post(f"{url}/v1/completions", json=body) as r:
-                assert r.status == 200, (tmp_path / "log").read_text()[-2000:]
-                assert (await r.json())["choices"][0]["token_ids"] == ref_tokens
+            for route in ("offload", "edge"):  # 7 + 12 tokens > offload_above_tokens; then a short one
+                async with s.post(f"{url}/v1/completions", json=body) as r:
+                    assert r.status == 200, (tmp_path / "log").read_text()[-2000:]
+                    assert r.headers["x-edge-route"] == route, r.headers["x-edge-route-reason"]
+                    assert (await r.json())["choices"][0]["token_ids"] == ref_tokens[:body["max_tokens"]]
+                body["max_tokens"] = 4
     finally:
-        for p in (worker, serve):
+        for p in (node, worker, serve):
             p.terminate()
             p.wait(timeout=20)
         log.close()
+
+
+def test_bad_policy_keys_are_refused(tmp_path):
+    from edge.config import ConfigError, load_cluster_config
+
+    config = tmp_path / "cluster.toml"
+    config.write_text('model = "m"\n[[nodes]]\naddress = "127.0.0.1"\n[policy]\noffload_above = 5\n')
+    with pytest.raises(ConfigError, match=r"unknown \[policy\] key\(s\) \['offload_above'\]"):
+        load_cluster_config(config)

@@ -15,12 +15,14 @@ NEW_TOKENS = 24
 MB = 1 << 20
 
 
-async def complete(url: str, route: str, prompt=PROMPT, **fields) -> tuple[int, dict, str | None]:
+async def complete(url: str, route: str | None, prompt=PROMPT, **fields) -> tuple[int, dict, str | None]:
+    """POST /v1/completions (route forced unless None) -> status, body, and the route header."""
     body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "logprobs": 1,
             "return_token_ids": True} | fields
-    async with aiohttp.ClientSession() as s, \
-            s.post(f"{url}/v1/completions", json=body, headers={"x-edge-route": route}) as r:
-        return r.status, await r.json(), r.headers.get("x-edge-route")
+    headers = {"x-edge-route": route} if route else {}
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body, headers=headers) as r:
+        body = await r.json()
+        return r.status, body | {"reason": r.headers.get("x-edge-route-reason")}, r.headers.get("x-edge-route")
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +106,9 @@ async def test_kv_lives_only_on_the_attention_nodes(tmp_path):
 
 async def _stream(url: str, body: dict, route: str, on_chunk) -> list[dict]:
     chunks = []
-    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body,
-                                                    headers={"x-edge-route": route}) as r:
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
         assert r.status == 200, await r.text()
+        assert r.headers["x-edge-route"] == route, r.headers["x-edge-route-reason"]
         async for raw in r.content:
             line = raw.decode().strip()
             if line.startswith("data: {"):
@@ -125,7 +127,8 @@ async def _metric(url: str, name: str) -> float:
 
 async def test_lost_attention_node_is_rebuilt_and_used_again(reference, tmp_path):
     folder, _ = reference("llama")
-    cluster = ClusterProcess(folder, 2, tmp_path, "--attention-nodes", "2", "--step-timeout", "2")
+    cluster = ClusterProcess(folder, 2, tmp_path, "--attention-nodes", "2", "--step-timeout", "2",
+                             "--offload-above-tokens", "40")
     body = {"prompt": PROMPT, "max_tokens": 80, "temperature": 0, "ignore_eos": True, "stream": True,
             "return_token_ids": True}
     node = None
@@ -137,24 +140,28 @@ async def test_lost_attention_node_is_rebuilt_and_used_again(reference, tmp_path
             if n == 5:
                 cluster.kill_attention_node(1)
 
-        chunks = await _stream(cluster.url, body, "offload", kill_at_five)
+        chunks = await _stream(cluster.url, body, "offload", kill_at_five)  # routed there by its length
         assert not any("error" in c for c in chunks), [c for c in chunks if "error" in c]
         assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == expected  # same tokens
         assert await _metric(cluster.url, "edge_offload_kv_rebuilds_total") == 1
 
         status, refused, _ = await complete(cluster.url, "offload")  # the node is gone: refused, says why
         assert status == 400 and "attention node(s) [1]" in refused["error"]["message"]
+        status, local, route = await complete(cluster.url, None, max_tokens=80, ignore_eos=True)
+        assert (status, route) == (200, "edge") and "neither attention nodes" in local["reason"]
+        assert local["choices"][0]["token_ids"] == expected
         async with aiohttp.ClientSession() as s, s.get(f"{cluster.url}/health") as r:
             health = await r.json()
             assert r.status == 200 and health["attention_nodes"]["missing"] == [1]
 
         node = cluster.start_attention_node(1)  # back again: offload is used again
         for _ in range(200):
-            status, again, route = await complete(cluster.url, "offload", max_tokens=80, ignore_eos=True)
-            if status == 200:
+            status, again, route = await complete(cluster.url, None, max_tokens=80, ignore_eos=True)
+            if route == "offload":
                 break
             await asyncio.sleep(0.1)
         assert (status, route) == (200, "offload"), again
+        assert "above offload_above_tokens" in again["reason"]
         assert again["choices"][0]["token_ids"] == expected
         assert await _metric(cluster.url, "edge_offload_kv_rebuilds_total") == 1
     finally:

@@ -8,24 +8,39 @@ import pytest
 from cluster_proc import ClusterProcess, wait_health
 from hf_reference import make_hf_checkpoint
 
-from scheduler.router import RouteInputs, RouteRefused, decide
+from scheduler.router import Policy, RouteInputs, RouteRefused, decide
 
 MB = 1 << 20
+# 120 tokens x 1 KiB of KV: 120 KiB; the edge has 1000 MB free, of which the policy lets KV use half.
 BASE = dict(prompt_tokens=20, max_tokens=100, kv_bytes_per_token=1024, edge_free_kv_bytes=1000 * MB,
-            edge_queue_full=False, edge_up=True, cloud_configured=True, cloud_up=True)
+            edge_queue_full=False, edge_up=True, cloud_configured=True, cloud_up=True,
+            offload_free_kv_bytes=4000 * MB)
+TIGHT = {"edge_free_kv_bytes": 200_000}  # 50% of it is less than 120 KiB
+SLOW_EDGE = {"edge_ttft_s": 0.5, "edge_tpot_s": 0.1, "latency_target_s": 2.0}  # edge ~10.5 s for 100 tokens
 
 
 @pytest.mark.parametrize(("changes", "route", "reason"), [
     ({}, "edge", "room"),
-    ({"edge_free_kv_bytes": 10_000, "offload_nodes": 2}, "offload", "exceeds"),
-    ({"edge_free_kv_bytes": 10_000}, "cloud", "no attention node"),
+    (TIGHT | {"offload_nodes": 2}, "offload", "exceeds 50% of the compute devices' free memory"),
+    (TIGHT | {"offload_nodes": 2, "offload_free_kv_bytes": 100_000}, "cloud", "no attention node can take it"),
+    (TIGHT, "cloud", "no attention node can take it"),
+    (TIGHT | {"cloud_configured": False}, "edge", "serving on the edge"),
+    ({"policy": Policy(offload_above_tokens=64)}, "cloud", "no attention node can take it"),
+    ({"offload_nodes": 1, "policy": Policy(offload_above_tokens=64)}, "offload", "above offload_above_tokens"),
+    ({"offload_nodes": 1, "policy": Policy(cloud_above_tokens=64)}, "cloud", "above cloud_above_tokens"),
+    ({"policy": Policy(edge_kv_fraction=0.0001)}, "cloud", "exceeds 0% of"),
     ({"edge_queue_full": True}, "cloud", "queue is full"),
     ({"cloud_up": False}, "edge", "cloud tier is down"),
     ({"cloud_up": False, "edge_queue_full": True}, "edge", "cloud tier is down"),
     ({"edge_up": False}, "cloud", "edge cluster is down"),
+    (SLOW_EDGE | {"cloud_ttft_s": 0.1, "cloud_tpot_s": 0.01}, "cloud", "latency target 2000 ms"),
+    (SLOW_EDGE, "cloud", "not measured yet"),
+    (SLOW_EDGE | {"cloud_ttft_s": 0.1, "cloud_tpot_s": 0.5}, "edge", "room"),  # the cloud is slower still
+    (SLOW_EDGE | {"latency_target_s": 20.0}, "edge", "room"),
     ({"forced": "cloud", "edge_queue_full": True}, "cloud", "forced"),
     ({"forced": "edge"}, "edge", "forced"),
-    ({"cloud_configured": False, "edge_free_kv_bytes": 10_000}, "edge", "room"),
+    ({"forced": "offload", "offload_nodes": 1}, "offload", "forced"),
+    ({"cloud_configured": False, "edge_queue_full": True}, "edge", "room"),
 ])
 def test_policy_table(changes, route, reason):
     decision = decide(RouteInputs(**(BASE | changes)))
@@ -34,7 +49,7 @@ def test_policy_table(changes, route, reason):
 
 @pytest.mark.parametrize("changes", [
     {"forced": "cloud", "cloud_up": False}, {"forced": "offload"}, {"forced": "edge", "edge_up": False},
-    {"edge_up": False, "cloud_configured": False},
+    {"forced": "offload", "offload_nodes": 2, "edge_up": False}, {"edge_up": False, "cloud_configured": False},
 ])
 def test_impossible_routes_are_refused(changes):
     with pytest.raises(RouteRefused):
