@@ -82,12 +82,12 @@ class AttentionPool:
         addrs = {n: self.listen[n] for n in range(self.n_nodes)}
         msg = {"t": "ctl", "op": "attn", "epoch": self.epoch, "nodes": self.n_nodes,
                "addrs": {str(n): a for n, a in addrs.items()}}
-        for ch in list(workers.values()):
-            await ch.send(msg)
         if self.links is not None:
             await self.links.aclose()
             self.links = None
         try:
+            for ch in list(workers.values()):
+                await ch.send(msg)
             self.links = await AttentionLinks.connect(self.config, dims0, self.n_nodes, addrs, self.epoch,
                                                       self.secret, self.link_spec, self.timeout)
             for rank, ch in list(workers.items()):

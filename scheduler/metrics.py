@@ -65,7 +65,12 @@ class _ClusterCollector(Collector):
                     link.add_metric([str(node), str(rank), direction], counts.get(direction, 0))
         ready = GaugeMetricFamily("edge_attention_nodes_ready", "1 while every attention node is linked")
         ready.add_metric([], 1.0 if attention["ready"] else 0.0)
-        yield from (kv, rss, link, ready)
+        wait = CounterMetricFamily("edge_offload_attention_wait_seconds",
+                                   "Seconds rank 0's compute thread waited on attention round trips")
+        wait.add_metric([], attention["rank0_wait_s"])
+        trips = CounterMetricFamily("edge_offload_round_trips", "Attention round trips of rank 0 (one per layer)")
+        trips.add_metric([], attention["rank0_round_trips"])
+        yield from (kv, rss, link, ready, wait, trips)
 
     @staticmethod
     def _window(per_rank: dict) -> Iterable:

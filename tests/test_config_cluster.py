@@ -82,3 +82,13 @@ def test_bad_policy_keys_are_refused(tmp_path):
     config.write_text('model = "m"\n[[nodes]]\naddress = "127.0.0.1"\n[policy]\noffload_above = 5\n')
     with pytest.raises(ConfigError, match=r"unknown \[policy\] key\(s\) \['offload_above'\]"):
         load_cluster_config(config)
+
+
+def test_the_example_cluster_file_parses():
+    from pathlib import Path
+
+    from edge.config import load_cluster_config
+
+    config = load_cluster_config(Path(__file__).parent.parent / "configs" / "cluster.example.toml")
+    assert config.weights == [2.0, 1.0, 1.0] and config.attention_nodes == 1
+    assert config.http.policy.offload_above_tokens == 4096 and config.http.cloud is None
