@@ -4,8 +4,8 @@ against the formulas). Writes bench/tiers.json and bench/tiers.md.
 
     .venv/bin/python scripts/bench_tiers.py [--model DIR | --preset medium] [--workers 2] [--nodes 2]
 
-One edge cluster (N workers + K attention nodes, edge links 1 ms / 1 Gbit/s) serves the edge and
-offload routes (forced with x-edge-route); its cloud tier is another edge-llm server behind a
+One edge cluster (N workers + K attention nodes; edge links 1 ms / 1 Gbit/s, then plain loopback)
+serves the edge and offload routes (forced with x-edge-route); its cloud tier is another edge-llm server behind a
 TCP proxy that adds 30 ms each way and caps the link at 100 Mbit/s. Routes alternate per round.
 """
 
@@ -84,6 +84,8 @@ def counters(url: str) -> dict[str, float]:
     for labels, v in re.findall(r"^edge_attention_node_bytes_total\{(.*)\} (\S+)", text, re.M):
         label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
         out[f"node{label['node']}-r{label['rank']} {label['direction']}"] = float(v)
+    for name, rank, v in re.findall(r'edge_window_(compute_wait_s|disk_busy_s|bytes_read)_total\{rank="(\d+)"\} (\S+)', text):
+        out[f"window-r{rank} {name}"] = float(v)
     for name in ("edge_offload_attention_wait_seconds_total", "edge_offload_round_trips_total"):
         m = re.search(rf"^{name} (\S+)", text, re.M)
         out[name] = float(m[1]) if m else 0.0
@@ -113,11 +115,13 @@ def formulas(config: dict, workers: int) -> dict[str, float]:
             "offload_total": (2 + 2 / group) * d * 4 * layers}
 
 
-def run(model: str, workers: int, nodes: int, rounds: int, n: int) -> dict:
+def run(model: str, workers: int, nodes: int, rounds: int, n: int, edge_latency_ms: float,
+        extra: list[str]) -> dict:
     cloud = Cluster(model, 1)
     proxy = DelayProxy(int(cloud.url.rsplit(":", 1)[1]), 30.0, 100.0)
-    edge = Cluster(model, workers, ["--attention-nodes", str(nodes), "--link-latency-ms", "1",
-                                    "--link-bandwidth-mbps", "1000", "--cloud", f"http://127.0.0.1:{proxy.port}/v1"])
+    links = ["--link-latency-ms", str(edge_latency_ms), "--link-bandwidth-mbps", "1000"] if edge_latency_ms else []
+    edge = Cluster(model, workers, ["--attention-nodes", str(nodes), *links, *extra,
+                                    "--cloud", f"http://127.0.0.1:{proxy.port}/v1"])
     try:
         for route in ROUTES:
             stream(edge.url, route, 4)  # warm-up
@@ -137,6 +141,13 @@ def run(model: str, workers: int, nodes: int, rounds: int, n: int) -> dict:
         cloud.stop()
 
 
+def overlap(per: dict[str, float]) -> str:
+    """Weight-window overlap efficiency over all ranks: 1 - compute wait on disk / disk busy time."""
+    busy = sum(v for k, v in per.items() if k.endswith("disk_busy_s"))
+    wait = sum(v for k, v in per.items() if k.endswith("compute_wait_s"))
+    return f"{1 - wait / busy:.2f}" if busy else ""
+
+
 def _links(per: dict[str, float], direction: str) -> float:
     """Bytes per token over all node links in one direction, as the nodes count them."""
     return sum(v for k, v in per.items() if k.startswith("node") and k.endswith(direction))
@@ -145,16 +156,26 @@ def _links(per: dict[str, float], direction: str) -> float:
 def write(results: dict, out: Path) -> None:
     out.mkdir(exist_ok=True)
     (out / "tiers.json").write_text(json.dumps(results, indent=2))
-    f, r = results["formula"], results["routes"]
+    f = results["formula"]
     lines = [f"Model: {results['model']}, {results['workers']} compute workers + {results['nodes']} attention "
-             f"node(s); edge links 1 ms / 1 Gbit/s, cloud link 30 ms / 100 Mbit/s (the cloud is a 1-device "
-             f"edge-llm on the same model); prompt {len(PROMPT)} tokens, {results['new_tokens']} new tokens, "
-             f"median of {results['rounds']} rounds.", "",
-             "| route | TTFT ms | time per output token ms |", "|---|---|---|"]
-    lines += [f"| {route} | {r[route]['ttft_ms']:.0f} | {r[route]['tpot_ms']:.1f} |" for route in ROUTES]
+             f"node(s); cloud link 30 ms / 100 Mbit/s (the cloud is a 1-device edge-llm on the same model); "
+             f"prompt {len(PROMPT)} tokens, {results['new_tokens']} new tokens, median of {results['rounds']} "
+             "rounds; all processes share this machine's cores.", "",
+             "| edge links | route | TTFT ms | time per output token ms | rank 0 wait on attention per token ms "
+             "| weight-window overlap |", "|---|---|---|---|---|---|"]
+    for name, r in results["runs"].items():
+        o = r["offload"]["per_decode_token"]
+        wait = 1000 * o.get("edge_offload_attention_wait_seconds_total", 0.0)
+        for route in ROUTES:
+            extra = f"{wait:.1f} ({o.get('edge_offload_round_trips_total', 0):.0f} round trips)" \
+                if route == "offload" else ""
+            window = overlap(r[route].get("per_decode_token", {}))
+            lines.append(f"| {name} | {route} | {r[route]['ttft_ms']:.0f} | {r[route]['tpot_ms']:.1f} | {extra} "
+                         f"| {window} |")
+    r = next(iter(results["runs"].values()))
+    e, o = r["edge"]["per_decode_token"], r["offload"]["per_decode_token"]
     lines += ["", "Bytes per decode token (measured incl. frame headers; formula = payload):", "",
               "| link | edge route | offload route | formula |", "|---|---|---|---|"]
-    e, o = r["edge"]["per_decode_token"], r["offload"]["per_decode_token"]
     for w in range(1, results["workers"]):
         lines.append(f"| master -> rank {w} | {e.get(f'master-r{w} sent', 0):.0f} | "
                      f"{o.get(f'master-r{w} sent', 0):.0f} | {f['allreduce_master_sends_each']:.0f} |")
@@ -164,14 +185,10 @@ def write(results: dict, out: Path) -> None:
         for rank in range(results["workers"]):
             key = f"node{node}-r{rank}"
             if key + " received" in o:
-                lines.append(f"| rank {rank} <-> attention node {node} (to / from node) | 0 | "
+                lines.append(f"| rank {rank} -> / <- attention node {node} | 0 | "
                              f"{o[key + ' received']:.0f} / {o[key + ' sent']:.0f} | |")
     lines.append(f"| all ranks -> attention nodes | 0 | {_links(o, 'received'):.0f} | {f['offload_to_nodes']:.0f} |")
     lines.append(f"| attention nodes -> all ranks | 0 | {_links(o, 'sent'):.0f} | {f['offload_from_nodes']:.0f} |")
-    wait = o.get("edge_offload_attention_wait_seconds_total", 0.0)
-    trips = o.get("edge_offload_round_trips_total", 0.0)
-    lines += ["", f"Rank 0 waited {1000 * wait:.1f} ms per decode token on {trips:.0f} attention round trips "
-                  f"({1000 * wait / max(trips, 1):.2f} ms each, link latency 1 ms each way)."]
     (out / "tiers.md").write_text("\n".join(lines) + "\n")
 
 
@@ -180,14 +197,24 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=33)
+    parser.add_argument("--edge-latency-ms", default="1,0", help="emulated edge link latencies to run")
+    parser.add_argument("--budget-mb", type=float, default=120.0,
+                        help="also run with this per-device memory budget (weights streamed from the "
+                             "page cache; about half of a rank's layers for the medium preset); 0 skips")
     parser.set_defaults(preset="medium")
     args = parser.parse_args()
     model = benchmark_model(args)
     config = json.loads(Path(model, "config.json").read_text())
     workers = int(args.workers)
     results = {"model": model, "workers": workers, "nodes": args.nodes, "rounds": args.rounds,
-               "new_tokens": args.new_tokens, "formula": formulas(config, workers),
-               "routes": run(model, workers, args.nodes, args.rounds, args.new_tokens)}
+               "new_tokens": args.new_tokens, "formula": formulas(config, workers), "runs": {}}
+    runs = [(f"{x:g} ms / 1 Gbit/s" if x else "loopback", x, []) for x in map(float, args.edge_latency_ms.split(","))]
+    if args.budget_mb:  # the weight window keeps reading while compute waits on round trips
+        runs.append((f"1 ms / 1 Gbit/s, {args.budget_mb:g} MB budget", 1.0,
+                     ["--memory-budget-mb", str(args.budget_mb), "--keep-page-cache"]))
+    for name, latency, extra in runs:
+        results["runs"][name] = run(model, workers, args.nodes, args.rounds, args.new_tokens, latency, extra)
+        print(name, {r: results["runs"][name][r]["tpot_ms"] for r in ROUTES}, flush=True)
     write(results, Path(args.out))
     print((Path(args.out) / "tiers.md").read_text())
 
