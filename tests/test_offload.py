@@ -59,6 +59,8 @@ async def test_offloaded_attention_is_exact(reference, tmp_path, kind, workers, 
         assert local["choices"][0]["token_ids"] == ref_tokens
         assert local["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
             choice["logprobs"]["token_logprobs"], abs=1e-5)
+        together = await asyncio.gather(*[complete(cluster.url, "offload") for _ in range(3)])
+        assert [r[1]["choices"][0]["token_ids"] for r in together] == [ref_tokens] * 3  # KV kept apart
     finally:
         cluster.stop()
 
