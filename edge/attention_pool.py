@@ -7,7 +7,6 @@ that rejoins) triggers a relink with a new epoch, after which offload is used ag
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable

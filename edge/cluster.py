@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
 import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ class HttpSettings:
     request_timeout: float = 600.0
     api_key: str | None = None
     cloud: CloudSettings | None = None
-    policy: Policy = Policy()
+    policy: Policy = field(default_factory=Policy)
 
 
 def threads_per_process(world_size: int) -> int:

@@ -12,8 +12,13 @@ import asyncio
 import logging
 
 from transport.channel import Channel
-from transport.collectives import (AutoAllReduce, RingAllReduce, StarAllReduce, StepCollective,
-                                   measure_links)
+from transport.collectives import (
+    AutoAllReduce,
+    RingAllReduce,
+    StarAllReduce,
+    StepCollective,
+    measure_links,
+)
 from transport.errors import FrameError
 from transport.tcp import ChannelServer, TcpChannel, connect
 

@@ -9,9 +9,18 @@ from scheduler.admission import Admission
 from scheduler.cloud import CloudTier
 from scheduler.completions import complete, ensure_api_key, route_headers
 from scheduler.errors import error_middleware
-from scheduler.metrics import Metrics
 from scheduler.measure import Measured
-from scheduler.state import ADMISSION, CLOUD, ENGINE, MEASURED, METRICS, ROUTE_KEY, SETTINGS, ServerSettings
+from scheduler.metrics import Metrics
+from scheduler.state import (
+    ADMISSION,
+    CLOUD,
+    ENGINE,
+    MEASURED,
+    METRICS,
+    ROUTE_KEY,
+    SETTINGS,
+    ServerSettings,
+)
 
 __all__ = ["ServerSettings", "create_app"]
 

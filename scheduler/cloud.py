@@ -133,7 +133,7 @@ class CloudTier:
                         continue
                     choices = json.loads(text[6:]).get("choices") or [{}]
                     yield choices[0].get("text", ""), choices[0].get("finish_reason")
-        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as e:
+        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
             self.mark_down()
             raise CloudUnavailable(f"cloud tier failed: {e}") from e
 

@@ -140,7 +140,7 @@ async def _on_edge(request: web.Request, req: api.ParsedRequest) -> web.StreamRe
 
 def choose_route(request: web.Request, req: api.ParsedRequest) -> Decision:
     """Measure the tiers and ask the pure policy; raises ApiError for an impossible forced route."""
-    engine, cloud = request.app[ENGINE], request.app.get(CLOUD)
+    engine = request.app[ENGINE]
     forced = req_forced(request)
     if forced is not None and forced not in ROUTES:
         raise ApiError(400, f"x-edge-route must be one of {list(ROUTES)}, got {forced!r}", param="x-edge-route")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -24,7 +24,7 @@ class ServerSettings:
     max_queue: int = 64
     api_key: str | None = None
     cloud: CloudSettings | None = None
-    policy: Policy = Policy()
+    policy: Policy = field(default_factory=Policy)
 
 
 ENGINE = web.AppKey("engine", Engine)

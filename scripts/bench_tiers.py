@@ -12,6 +12,7 @@ TCP proxy that adds 30 ms each way and caps the link at 100 Mbit/s. Routes alter
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import statistics
@@ -81,13 +82,13 @@ def counters(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
     out = {f"master-r{r} {k}": float(v) for k, r, v in
            re.findall(r'edge_transport_bytes_(sent|received)_total\{rank="(\d+)"\} (\S+)', text)}
-    for labels, v in re.findall(r"^edge_attention_node_bytes_total\{(.*)\} (\S+)", text, re.M):
+    for labels, v in re.findall(r"^edge_attention_node_bytes_total\{(.*)\} (\S+)", text, re.MULTILINE):
         label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
         out[f"node{label['node']}-r{label['rank']} {label['direction']}"] = float(v)
     for name, rank, v in re.findall(r'edge_window_(compute_wait_s|disk_busy_s|bytes_read)_total\{rank="(\d+)"\} (\S+)', text):
         out[f"window-r{rank} {name}"] = float(v)
     for name in ("edge_offload_attention_wait_seconds_total", "edge_offload_round_trips_total"):
-        m = re.search(rf"^{name} (\S+)", text, re.M)
+        m = re.search(rf"^{name} (\S+)", text, re.MULTILINE)
         out[name] = float(m[1]) if m else 0.0
     return out
 
@@ -130,7 +131,7 @@ def run(model: str, workers: int, nodes: int, rounds: int, n: int, edge_latency_
             for route in ROUTES:
                 times = stream(edge.url, route, n)
                 samples[route]["ttft"].append(times[0])
-                samples[route]["tpot"].append(statistics.median(b - a for a, b in zip(times, times[1:])))
+                samples[route]["tpot"].append(statistics.median(b - a for a, b in itertools.pairwise(times)))
         result = {r: {"ttft_ms": 1000 * statistics.median(s["ttft"]), "tpot_ms": 1000 * statistics.median(s["tpot"])}
                   for r, s in samples.items()}
         for route in ("edge", "offload"):
@@ -157,12 +158,13 @@ def write(results: dict, out: Path) -> None:
     out.mkdir(exist_ok=True)
     (out / "tiers.json").write_text(json.dumps(results, indent=2))
     f = results["formula"]
-    lines = [f"Model: {results['model']}, {results['workers']} compute workers + {results['nodes']} attention "
+    title = (f"Model: {results['model']}, {results['workers']} compute workers + {results['nodes']} attention "
              f"node(s); cloud link 30 ms / 100 Mbit/s (the cloud is a 1-device edge-llm on the same model); "
              f"prompt {len(PROMPT)} tokens, {results['new_tokens']} new tokens, median of {results['rounds']} "
-             "rounds; all processes share this machine's cores.", "",
-             "| edge links | route | TTFT ms | time per output token ms | rank 0 wait on attention per token ms "
-             "| weight-window overlap |", "|---|---|---|---|---|---|"]
+             "rounds; all processes share this machine's cores.")
+    lines = [title, "",
+             ("| edge links | route | TTFT ms | time per output token ms | rank 0 wait on attention per token ms "
+              "| weight-window overlap |"), "|---|---|---|---|---|---|"]
     for name, r in results["runs"].items():
         o = r["offload"]["per_decode_token"]
         wait = 1000 * o.get("edge_offload_attention_wait_seconds_total", 0.0)

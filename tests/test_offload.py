@@ -122,7 +122,7 @@ async def _stream(url: str, body: dict, route: str, on_chunk) -> list[dict]:
 async def _metric(url: str, name: str) -> float:
     async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
         for line in (await r.text()).splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
+            if line.startswith((name + " ", name + "{")):
                 return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics")
 
