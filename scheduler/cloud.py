@@ -6,7 +6,6 @@ is marked down for a while so the router sends new requests elsewhere.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
