@@ -22,7 +22,7 @@ import torch
 from edge.attention_pool import AttentionPool
 from edge.engine import ShardModel, load_shard
 from edge.fetch import serve_fetches
-from edge.offload import RemoteKV
+from edge.offload import AttentionNodeFailed, RemoteKV
 from edge.profile import measure_device, weights_from_profiles
 from edge.ring import link_ring_from_master
 from edge.split import MANIFEST, SplitError, default_split_dir, rank_dir, split_model
@@ -33,7 +33,7 @@ from models.sharding import PlanError, local_dims
 from models.tokenizer import Tokenizer, load_tokenizer
 from transport.codec import pack_array
 from transport.collectives import StarAllReduce, StepCollective
-from transport.errors import TransportError
+from transport.errors import PeerFailed, TransportError
 from transport.link import LinkSpec
 from transport.tcp import ChannelServer, TcpChannel
 
@@ -259,11 +259,6 @@ class ClusterEngine:
     def offload_free_kv_bytes(self) -> int:
         return self.attention.free_kv_bytes() if self.attention is not None else 0
 
-    def kv_bytes_per_token(self) -> int:
-        """The whole model's KV per token (2 x layers x kv_heads x head_dim x 4 bytes)."""
-        c = self.config
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
-
     def offloaded(self) -> OffloadedEngine:
         return OffloadedEngine(self)
 
@@ -357,7 +352,7 @@ class ClusterEngine:
             try:
                 full = await self._step_locked(session, tokens)
             except (TransportError, TimeoutError, KeyError, SplitError) as e:
-                if not session.offload or self.missing_ranks():
+                if not (session.offload and self._attention_failed(e)) or self.missing_ranks():
                     session.failed = True
                     who = "rank 0" if isinstance(e, SplitError) else "a worker"
                     raise WorkerUnavailable(f"{who} failed during the step: {e or type(e).__name__}") from e
@@ -369,6 +364,11 @@ class ClusterEngine:
                     raise WorkerUnavailable(f"the request lost its attention node ({e}) and rebuilding its "
                                             f"KV on the compute ranks failed too: {e2}") from e2
         return torch.from_numpy(full)  # [V]
+
+    def _attention_failed(self, error: Exception) -> bool:
+        """Whether a failed step lost an attention node (here, or as a worker reported it to the hub)."""
+        return (isinstance(error, AttentionNodeFailed) or not self.offload_ready()
+                or (isinstance(error, PeerFailed) and AttentionNodeFailed.MARK in str(error)))
 
     async def _rebuild_locally(self, session: ClusterSession, reason: str) -> None:
         """Move an offloaded request's KV to the compute ranks; the next step replays its history."""

@@ -34,10 +34,15 @@ LINK_TIMEOUT = 30.0
 
 
 class AttentionNodeFailed(TransportError):
-    """An attention node died, timed out or refused a step; the request's KV there is lost."""
+    """An attention node died, timed out or refused a step; the request's KV there is lost.
+
+    Its message starts with MARK, which is how the hub recognises it in a worker's failure report.
+    """
+
+    MARK = "attention node"
 
     def __init__(self, node: int, reason: str):
-        super().__init__(f"attention node {node}: {reason}")
+        super().__init__(f"{self.MARK} {node}: {reason}")
         self.node = node
 
 

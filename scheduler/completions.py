@@ -13,8 +13,10 @@ import psutil
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
+from edge.engine import kv_bytes_per_token
 from edge.master import WorkerUnavailable
 from models.generation import Engine, TokenEvent, generate
+from models.sharding import full_dims
 from scheduler import openai_api as api
 from scheduler.cloud import CloudUnavailable
 from scheduler.errors import ApiError, as_api_error, error_body
@@ -179,7 +181,7 @@ def _route_inputs(request: web.Request, req: api.ParsedRequest, forced: str | No
     cluster = hasattr(engine, "offload_ready")
     return RouteInputs(
         prompt_tokens=len(req.prompt_ids), max_tokens=req.params.max_tokens,
-        kv_bytes_per_token=2 * config.num_layers * config.num_kv_heads * config.head_dim * 4,
+        kv_bytes_per_token=kv_bytes_per_token(config, full_dims(config)),
         edge_free_kv_bytes=engine.free_kv_bytes() if cluster else psutil.virtual_memory().available,
         edge_queue_full=admission.running >= admission.max_running and admission.waiting >= admission.max_queue,
         edge_up=not (engine.missing_ranks() if cluster else []),
