@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 import torch
 
+from edge.offload import batch_attend_for
 from edge.split import SplitError, SplitPlan, default_split_dir, split_model
 from edge.weights import BudgetTooSmall, WeightWindow
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
@@ -26,6 +27,7 @@ from models.llama import (
     KVCache,
     KVStore,
     LayerWeights,
+    forward_batch,
     forward_layers,
     load_layer,
     load_output_head,
@@ -87,9 +89,10 @@ class ShardModel:
         """Run torch work on this rank's compute thread."""
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn)
 
-    async def forward(self, h: torch.Tensor, kv: KVStore, star: StarAllReduce | StepCollective,
+    async def forward(self, h: torch.Tensor, kvs: list[KVStore], star: StarAllReduce | StepCollective,
                       timeout: float) -> np.ndarray | None:
-        """h: [1, S, D] -> next-token logits [V] at rank 0 (None elsewhere); raises collective errors."""
+        """h: [B, S, D], one row per request (S == 1 when B > 1) -> next-token logits [B, V] at rank 0
+        (None elsewhere); raises collective and attention-node errors."""
         loop = asyncio.get_running_loop()
 
         def reduce(partial: torch.Tensor) -> torch.Tensor:  # runs on the compute thread
@@ -99,10 +102,14 @@ class ShardModel:
 
         def run() -> np.ndarray:
             with torch.inference_mode():
-                out = forward_layers(h, self.layers, self.config, self.dims, kv, self.rotary, reduce)
-                return logits(out[:, -1:], self.output, self.config.rms_norm_eps)[0, -1].numpy()
+                if len(kvs) == 1:
+                    out = forward_layers(h, self.layers, self.config, self.dims, kvs[0], self.rotary, reduce)
+                else:
+                    attend = batch_attend_for(kvs, self.config, self.dims)
+                    out = forward_batch(h, self.layers, self.config, self.dims, kvs, self.rotary, reduce, attend)
+                return logits(out[:, -1:], self.output, self.config.rms_norm_eps)[:, -1].numpy()
 
-        local = await self.run(run)  # [V_local]: this rank's vocabulary slice
+        local = await self.run(run)  # [B, V_local]: this rank's vocabulary slice
         meta = self.stats() | {"mem_available": psutil.virtual_memory().available}  # the router's input
         return await star.gather(local, meta)
 

@@ -60,6 +60,20 @@ class MasterSettings:
     keep_page_cache: bool = False
     allreduce: Literal["star", "ring", "auto"] = "star"
     attention_nodes: int = 0
+    max_batch: int = 16  # decode steps of concurrent requests that run as one forward
+
+
+@dataclass
+class _StepRequest:
+    """A session's step waiting for the step runner; `result` gets its logits [V] or an error."""
+
+    session: ClusterSession
+    tokens: list[int]
+    result: asyncio.Future
+
+    @property
+    def decode(self) -> bool:
+        return len(self.tokens) == 1 and not self.session.replay
 
 
 class ClusterSession:
@@ -77,6 +91,7 @@ class ClusterSession:
         self.history: list[int] = []  # every token fed so far
         self.replay = False  # the next step feeds the history first (KV rebuilt on the compute ranks)
         self.failed = False
+        self.closed = False
 
     def ctl_open(self) -> dict:
         return {"op": "open", "rid": self.rid, "cap": self.capacity, "offload": self.offload}
@@ -85,6 +100,7 @@ class ClusterSession:
         return await self.engine.step(self, tokens)
 
     async def close(self) -> None:
+        self.closed = True
         await self.engine.broadcast_ctl({"op": "close", "rid": self.rid}, ignore_errors=True)
         if isinstance(self.kv, RemoteKV):
             await self.kv.close()
@@ -127,8 +143,11 @@ class ClusterEngine:
         self._ring_epoch = 0
         self.ring_ok = settings.allreduce == "star" or settings.world_size == 1
         self._server = ChannelServer(settings.secret, self._on_worker, settings.link)
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one cluster-wide step (or relink) at a time
         self._steps = itertools.count(1)
+        self._pending: list[_StepRequest] = []  # steps waiting for the step runner
+        self._work = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
         self._rids = itertools.count(1)
         self.worker_bytes: dict[int, int] = {}
         self.worker_fixed_rss: dict[int, int] = {}
@@ -137,6 +156,8 @@ class ClusterEngine:
         self.attention = (AttentionPool(settings.model, self.config, settings.attention_nodes, settings.secret,
                                         settings.link, settings.step_timeout) if settings.attention_nodes else None)
         self.kv_rebuilds = 0
+        self.steps_run = 0  # cluster-wide forwards
+        self.rows_run = 0  # request-steps they carried (rows / steps = mean decode batch)
 
     def _decide(self, weights: list[float] | None) -> None:
         """Fix the plan and load rank 0's shard (and embedding) for it."""
@@ -152,7 +173,8 @@ class ClusterEngine:
             self.embed = partial(torch.nn.functional.embedding, weight=table)
 
     async def start(self) -> int:
-        """Listen for workers; returns the port."""
+        """Listen for workers and start the step runner; returns the port."""
+        self._runner = asyncio.create_task(self._run_steps(), name="step-runner")
         self._planned = asyncio.Event()
         if not self.auto:
             self._planned.set()
@@ -304,7 +326,7 @@ class ClusterEngine:
         return {"links": links, "weight_bytes": {0: shard.nbytes() if shard else 0, **self.worker_bytes},
                 "window": window, "fixed_rss": self.worker_fixed_rss, "fetched": self.worker_fetched,
                 "attention": self.attention.snapshot() if self.attention else None,
-                "kv_rebuilds": self.kv_rebuilds}
+                "kv_rebuilds": self.kv_rebuilds, "steps": self.steps_run, "step_rows": self.rows_run}
 
     async def wait_ready(self, timeout: float, with_attention_nodes: bool = False) -> None:
         """Until every rank has joined (and, if asked, the attention nodes are linked); TimeoutError."""
@@ -339,31 +361,105 @@ class ClusterEngine:
                 else "the attention nodes are not linked to every rank yet")
 
     async def step(self, session: ClusterSession, tokens: list[int]) -> torch.Tensor:
-        """New tokens -> next-token logits [V]; one cluster-wide step at a time.
+        """New tokens -> next-token logits [V].
 
-        An offloaded request whose attention node fails gets its KV rebuilt on the compute ranks
-        from the tokens fed so far, and goes on; any other failure ends it with WorkerUnavailable.
+        Steps go through one runner: a prefill runs alone; decode steps of concurrent requests
+        run together as one batched forward (weights read once for all of them). A cancelled
+        request never interrupts a step that others share.
         """
         if session.failed:
             raise WorkerUnavailable("this request lost a worker earlier")
-        async with self._lock:
-            if session.offload and not self.offload_ready() and not self.missing_ranks():
-                await self._rebuild_locally(session, self.offload_unavailable_reason())
+        entry = _StepRequest(session, tokens, asyncio.get_running_loop().create_future())
+        self._pending.append(entry)
+        self._work.set()
+        return torch.from_numpy(await entry.result)  # [V]
+
+    async def _run_steps(self) -> None:
+        """The step runner (owned by the engine, cancelled by aclose): batches and runs pending steps."""
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            while batch := self._take_batch():
+                async with self._lock:
+                    try:
+                        await self._run_batch(batch)
+                    except BaseException as e:  # never leave a waiter hanging, even when cancelled
+                        if isinstance(e, Exception):
+                            log.exception("step runner: a step failed unexpectedly")
+                        for entry in batch:
+                            if not entry.result.done():
+                                entry.result.set_exception(WorkerUnavailable(f"the step failed: {e!r}"))
+                        if not isinstance(e, Exception):
+                            raise
+
+    def _take_batch(self) -> list[_StepRequest]:
+        """The next step: a prefill (or replay) alone, else up to max_batch decode steps in order."""
+        self._pending = [e for e in self._pending if not e.result.done() and not e.session.closed]
+        batch: list[_StepRequest] = []
+        for entry in list(self._pending):
+            solo = not entry.decode or (entry.session.offload and not self.offload_ready())
+            if solo and batch:
+                break
+            batch.append(entry)
+            self._pending.remove(entry)
+            if solo or len(batch) >= self.settings.max_batch:
+                break
+        return batch
+
+    async def _run_batch(self, batch: list[_StepRequest]) -> None:
+        """Run one step for every request of `batch` and set each one's logits [V] or error."""
+        if len(batch) == 1:
+            entry = batch[0]
             try:
-                full = await self._step_locked(session, tokens)
+                entry.result.set_result(await self._step_with_recovery(entry.session, entry.tokens))
+            except WorkerUnavailable as e:
+                entry.result.set_exception(e)
+            return
+        sessions = [e.session for e in batch]
+        try:
+            full = await self._forward(sessions, [e.tokens for e in batch])  # [B, V]
+        except (TransportError, TimeoutError, KeyError, SplitError) as e:
+            await self._recover_batch(batch, e)
+            return
+        for b, entry in enumerate(batch):
+            entry.result.set_result(full[b])
+
+    async def _recover_batch(self, batch: list[_StepRequest], error: Exception) -> None:
+        """A batched step failed. If it lost an attention node, every request of the batch (the
+        workers dropped them all) is rebuilt on the compute ranks and stepped alone; else all fail."""
+        attention = any(e.session.offload for e in batch) and self._attention_failed(error)
+        for entry in batch:
+            if not attention or self.missing_ranks():
+                entry.session.failed = True
+                entry.result.set_exception(WorkerUnavailable(f"a worker failed during the step: {error}"))
+                continue
+            await self._rebuild_locally(entry.session, str(error) or type(error).__name__)
+            try:
+                entry.result.set_result((await self._forward([entry.session], [entry.tokens]))[0])
             except (TransportError, TimeoutError, KeyError, SplitError) as e:
-                if not (session.offload and self._attention_failed(e)) or self.missing_ranks():
-                    session.failed = True
-                    who = "rank 0" if isinstance(e, SplitError) else "a worker"
-                    raise WorkerUnavailable(f"{who} failed during the step: {e or type(e).__name__}") from e
-                await self._rebuild_locally(session, str(e) or type(e).__name__)
-                try:
-                    full = await self._step_locked(session, tokens)
-                except (TransportError, TimeoutError, KeyError, SplitError) as e2:
-                    session.failed = True
-                    raise WorkerUnavailable(f"the request lost its attention node ({e}) and rebuilding its "
-                                            f"KV on the compute ranks failed too: {e2}") from e2
-        return torch.from_numpy(full)  # [V]
+                entry.session.failed = True
+                entry.result.set_exception(WorkerUnavailable(f"rebuilding the request's KV failed: {e}"))
+
+    async def _step_with_recovery(self, session: ClusterSession, tokens: list[int]) -> np.ndarray:
+        """One request's step -> logits [V]; an offloaded request whose attention node fails gets its
+        KV rebuilt on the compute ranks from the tokens fed so far and goes on; any other failure
+        raises WorkerUnavailable."""
+        if session.offload and not self.offload_ready() and not self.missing_ranks():
+            await self._rebuild_locally(session, self.offload_unavailable_reason())
+        try:
+            return (await self._forward([session], [tokens]))[0]
+        except (TransportError, TimeoutError, KeyError, SplitError) as e:
+            if not (session.offload and self._attention_failed(e)) or self.missing_ranks():
+                session.failed = True
+                who = "rank 0" if isinstance(e, SplitError) else "a worker"
+                raise WorkerUnavailable(f"{who} failed during the step: {e or type(e).__name__}") from e
+            await self._rebuild_locally(session, str(e) or type(e).__name__)
+            try:
+                return (await self._forward([session], [tokens]))[0]
+            except (TransportError, TimeoutError, KeyError, SplitError) as e2:
+                session.failed = True
+                raise WorkerUnavailable(f"the request lost its attention node ({e}) and rebuilding its "
+                                        f"KV on the compute ranks failed too: {e2}") from e2
 
     def _attention_failed(self, error: Exception) -> bool:
         """Whether a failed step lost an attention node (here, or as a worker reported it to the hub)."""
@@ -381,28 +477,38 @@ class ClusterEngine:
         self.kv_rebuilds += 1
         await self.broadcast_ctl(session.ctl_open())
 
-    async def _step_locked(self, session: ClusterSession, tokens: list[int]) -> np.ndarray:
-        """One forward of `tokens` (after the history, if the KV was just rebuilt) on every rank;
-        the caller holds the lock. Aborts the step on failure."""
+    async def _forward(self, sessions: list[ClusterSession], tokens: list[list[int]]) -> np.ndarray:
+        """One cluster-wide forward (the caller holds the lock): one row per session (its history
+        first if its KV was just rebuilt) -> logits [B, V]. Aborts the step on failure."""
         missing = self.missing_ranks()
         if missing:
-            session.failed = True
+            for s in sessions:
+                s.failed = True
             raise WorkerUnavailable(f"worker rank(s) {missing} disconnected during the request")
+        rows = [s.history + t if s.replay else t for s, t in zip(sessions, tokens, strict=True)]
         step = next(self._steps)
-        ids = torch.tensor([session.history + tokens if session.replay else tokens], dtype=torch.long)
-        h = await self.shard.run(lambda: self.embed(ids))  # [1, S, D]
-        await self.broadcast_ctl({"op": "step", "rid": session.rid, "step": step, "h": pack_array(h.numpy())})
+        ids = torch.tensor(rows, dtype=torch.long)  # [B, S]; S == 1 when B > 1
+        h = await self.shard.run(lambda: self.embed(ids))  # [B, S, D]
+        await self.broadcast_ctl({"op": "step", "rids": [s.rid for s in sessions], "step": step,
+                                  "h": pack_array(h.numpy())})
         self.collective.begin(step)
         try:
-            full = await self.shard.forward(h, session.kv, self.collective, self.settings.step_timeout)
+            full = await self.shard.forward(h, [s.kv for s in sessions], self.collective,
+                                            self.settings.step_timeout)
         except (TransportError, TimeoutError, KeyError, SplitError):
             await self.star.abort(f"step {step} failed")
             raise
-        session.history += tokens
-        session.replay = False
+        for s, t in zip(sessions, tokens, strict=True):
+            s.history += t
+            s.replay = False
+        self.steps_run += 1
+        self.rows_run += len(sessions)
         return full
 
     async def aclose(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
         await self._server.aclose()
         if self.attention is not None:
             await self.attention.aclose()

@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from models.config import LlamaConfig
-from models.llama import Attend
+from models.llama import Attend, batch_attend
 from models.sharding import AttentionSlice, LocalDims, attention_nodes_of, attention_slices
 from transport.codec import pack_array, unpack_array
 from transport.errors import FrameError, TransportError
@@ -44,6 +45,19 @@ class AttentionNodeFailed(TransportError):
     def __init__(self, node: int, reason: str):
         super().__init__(f"{self.MARK} {node}: {reason}")
         self.node = node
+
+
+@dataclass(frozen=True)
+class Row:
+    """One request's new q, k, v of one layer, for the attention nodes."""
+
+    rid: str
+    layer: int
+    start: int
+    cap: int
+    q: np.ndarray  # [1, H, S, hd]
+    k: np.ndarray  # [1, KV, S, hd]
+    v: np.ndarray
 
 
 class AttentionLinks:
@@ -85,18 +99,33 @@ class AttentionLinks:
     def link_bytes(self) -> dict[int, dict[str, int]]:
         return {n: {"sent": ch.bytes_sent, "received": ch.bytes_received} for n, ch in self.channels.items()}
 
-    async def attend(self, rid: str, layer: int, start: int, cap: int, q: np.ndarray, k: np.ndarray,
-                     v: np.ndarray) -> np.ndarray:
-        """q [1, H, S, hd], k, v [1, KV, S, hd] -> attention output [1, H, S, hd] from the nodes."""
-        for s in self.slices:  # every request goes out before any answer is awaited
-            msg = {"t": "attn", "op": "step", "rid": rid, "layer": layer, "start": start, "cap": cap,
-                   "q": pack_array(q[:, s.q_start:s.q_stop]), "k": pack_array(k[:, s.kv_start:s.kv_stop]),
-                   "v": pack_array(v[:, s.kv_start:s.kv_stop])}
-            if s.kv_map is not None:
-                msg["map"] = list(s.kv_map)
-            await self._send(s.node, msg)
-        outs = [await self._answer(s.node) for s in self.slices]
-        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
+    async def attend_many(self, rows: list[Row]) -> list[np.ndarray]:
+        """Per row (one request): q [1, H, S, hd], k, v [1, KV, S, hd] -> attention output [1, H, S, hd].
+
+        Every message of every row goes out before any answer is awaited: one round trip per layer
+        for the whole batch. Each node answers in the order it was asked.
+        """
+        for row in rows:
+            for s in self.slices:
+                msg = {"t": "attn", "op": "step", "rid": row.rid, "layer": row.layer, "start": row.start,
+                       "cap": row.cap, "q": pack_array(row.q[:, s.q_start:s.q_stop]),
+                       "k": pack_array(row.k[:, s.kv_start:s.kv_stop]), "v": pack_array(row.v[:, s.kv_start:s.kv_stop])}
+                if s.kv_map is not None:
+                    msg["map"] = list(s.kv_map)
+                await self._send(s.node, msg)
+        outs = []
+        for _ in rows:
+            parts = [await self._answer(s.node) for s in self.slices]
+            outs.append(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))
+        return outs
+
+    def call(self, loop: asyncio.AbstractEventLoop, rows: list[Row]) -> list[torch.Tensor]:
+        """From the compute thread: one round trip on the event loop; counts the time it waited."""
+        began = time.perf_counter()
+        outs = asyncio.run_coroutine_threadsafe(self.attend_many(rows), loop).result(self.timeout + 1.0)
+        self.wait_s += time.perf_counter() - began
+        self.round_trips += 1
+        return [torch.from_numpy(o if o.flags.writeable else o.copy()) for o in outs]
 
     async def _send(self, node: int, msg: dict) -> None:
         try:
@@ -136,16 +165,11 @@ class RemoteKV:
         self.length = 0
 
     def attend_for(self, config: LlamaConfig, dims: LocalDims, seqlen: int) -> Attend:
-        start, links = self.length, self.links
+        start = self.length
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            # runs on the compute thread; the round trip runs on the event loop
-            coro = links.attend(self.rid, layer, start, self.capacity, q.numpy(), k.numpy(), v.numpy())
-            began = time.perf_counter()
-            out = asyncio.run_coroutine_threadsafe(coro, self.loop).result(links.timeout + 1.0)
-            links.wait_s += time.perf_counter() - began
-            links.round_trips += 1
-            return torch.from_numpy(out if out.flags.writeable else out.copy())  # [1, H, S, hd]
+            row = Row(self.rid, layer, start, self.capacity, q.numpy(), k.numpy(), v.numpy())
+            return self.links.call(self.loop, [row])[0]  # [1, H, S, hd]
 
         return attend
 
@@ -154,6 +178,26 @@ class RemoteKV:
 
     async def close(self) -> None:
         await self.links.close_request(self.rid)
+
+
+def batch_attend_for(kvs: list, config: LlamaConfig, dims: LocalDims) -> Attend:
+    """The attend of a decode batch: local rows on their KV caches, and the offloaded rows of one
+    set of links together, in one round trip per layer."""
+    attends = [kv.attend_for(config, dims, 1) for kv in kvs]
+    remote = [b for b, kv in enumerate(kvs) if isinstance(kv, RemoteKV)]
+    if len(remote) < 2 or len({id(kvs[b].links) for b in remote}) > 1:
+        return batch_attend(attends)
+    links, loop = kvs[remote[0]].links, kvs[remote[0]].loop
+    starts = [kv.length for kv in kvs]
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rows = [Row(kvs[b].rid, layer, starts[b], kvs[b].capacity, q[b:b + 1].numpy(), k[b:b + 1].numpy(),
+                    v[b:b + 1].numpy()) for b in remote]
+        outs = dict(zip(remote, links.call(loop, rows), strict=True))
+        return torch.cat([outs[b] if b in outs else a(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1])
+                          for b, a in enumerate(attends)])
+
+    return attend
 
 
 def check_node_addrs(msg: dict) -> dict[int, list]:

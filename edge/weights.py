@@ -224,6 +224,6 @@ class EmbeddingRows:
         self._rows = self._file.get_slice("embed")
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [1, S] -> [1, S, D] float32."""
+        """tokens: [B, S] -> [B, S, D] float32."""
         rows = [self._rows[int(t):int(t) + 1] for t in tokens.reshape(-1)]
-        return torch.cat(rows).float().unsqueeze(0)
+        return torch.cat(rows).float().view(*tokens.shape, -1)

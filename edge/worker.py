@@ -136,7 +136,7 @@ class Worker:
             elif op == "close":
                 await self._close(rid)
             elif op == "step":
-                await self._step(collective, rid, msg)
+                await self._step(collective, msg)
             elif op == "ring":
                 collective = await self.links.link(ch, msg, world, star, timeout)
                 await ch.send({"t": "ring.ok", "epoch": msg["epoch"]})
@@ -176,25 +176,30 @@ class Worker:
             return
         await ch.send({"t": "attn.ok", "epoch": epoch})
 
-    async def _step(self, collective: StepCollective, rid: str, msg: dict) -> None:
-        kv = self.sessions.get(rid)
-        if kv is None:
-            return  # the master already gave up on this request
-        h = torch.from_numpy(unpack_array(msg["h"]).copy())  # [1, S, D]
+    async def _step(self, collective: StepCollective, msg: dict) -> None:
+        """One step for a batch of requests (rows of h). A row whose request this rank no longer
+        holds (closed meanwhile) runs on a scratch cache, so every rank stays in step."""
+        rids = [str(r) for r in msg.get("rids") or [msg.get("rid")]]
+        h = torch.from_numpy(unpack_array(msg["h"]).copy())  # [B, S, D]
+        kvs = [self.sessions.get(rid) or self.shard.new_cache(h.shape[1]) for rid in rids]
         collective.begin(int(msg["step"]))
         try:
-            await self.shard.forward(h, kv, collective, self.settings.step_timeout)
+            await self.shard.forward(h, kvs, collective, self.settings.step_timeout)
         except AttentionNodeFailed as e:  # tell the hub at once: it rebuilds the KV elsewhere
-            log.warning("step %s of request %s lost its attention node: %s", msg["step"], rid, e)
-            await self._close(rid)
+            log.warning("step %s of %s lost its attention node: %s", msg["step"], rids, e)
+            await self._close_all(rids)
             await collective.fail(f"rank {self.settings.rank}: {e}")
         except (TransportError, TimeoutError) as e:  # a peer or ring neighbour failed
-            log.warning("step %s of request %s failed: %s", msg["step"], rid, e)
-            await self._close(rid)
+            log.warning("step %s of %s failed: %s", msg["step"], rids, e)
+            await self._close_all(rids)
         except SplitError as e:  # our own weights failed: tell the hub, which fails the request
             log.error("rank %d: %s", self.settings.rank, e)
-            self.sessions.pop(rid, None)
+            await self._close_all(rids)
             await collective.fail(f"rank {self.settings.rank}: {e}")
+
+    async def _close_all(self, rids: list[str]) -> None:
+        for rid in rids:
+            await self._close(rid)
 
     async def run(self) -> None:
         """Join, serve, and rejoin after the master disappears; PlanRefused ends it."""

@@ -291,3 +291,34 @@ def forward_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], confi
         h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
     kv.advance(seqlen)
     return h
+
+
+def batch_attend(attends: list[Attend]) -> Attend:
+    """An attend over a batch: row b attends with attends[b] (its own request's KV store)."""
+    if len(attends) == 1:
+        return attends[0]
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]) for b, a in enumerate(attends)])
+
+    return attend
+
+
+def forward_batch(h: torch.Tensor, layers: Callable[[int], LayerWeights], config: LlamaConfig, dims: LocalDims,
+                  kvs: list[KVStore], rotary, reduce: Reduce = no_reduce, attend: Attend | None = None) -> torch.Tensor:
+    """h: [B, 1, D], one new token of each of B requests, each at its own position -> [B, 1, D].
+
+    Decode is memory-bound: the batch reads every weight once, so B tokens cost about one. Rows
+    attend over their own KV stores (`attend`, default: each store's own); every store advances.
+    """
+    if h.shape[1] != 1 or h.shape[0] != len(kvs):
+        raise ValueError(f"a decode batch is [B, 1, D] with one KV store per row, got {list(h.shape)} "
+                         f"for {len(kvs)} stores")
+    rows = [rotary.cos_sin(torch.tensor([kv.length])) for kv in kvs]  # per row: dynamic rope sees its own length
+    cos_sin = (torch.stack([c for c, _ in rows])[:, None], torch.stack([s for _, s in rows])[:, None])  # [B, 1, 1, hd]
+    attend = attend or batch_attend([kv.attend_for(config, dims, 1) for kv in kvs])
+    for layer in range(config.num_layers):
+        h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
+    for kv in kvs:
+        kv.advance(1)
+    return h

@@ -43,7 +43,13 @@ class _ClusterCollector(Collector):
 
     @staticmethod
     def _offload(snap: dict) -> Iterable:
-        """Attention-offload counters: KV rebuilds, and per node its KV bytes and link bytes per rank."""
+        """Step batching and attention-offload counters: KV rebuilds, per node its KV bytes and link bytes."""
+        steps = CounterMetricFamily("edge_cluster_steps", "Cluster-wide forward steps")
+        steps.add_metric([], snap.get("steps", 0))
+        rows = CounterMetricFamily("edge_cluster_step_rows", "Request-steps those forwards carried "
+                                   "(concurrent decode steps run as one batched forward)")
+        rows.add_metric([], snap.get("step_rows", 0))
+        yield from (steps, rows)
         rebuilds = CounterMetricFamily("edge_offload_kv_rebuilds",
                                        "Offloaded requests whose KV was rebuilt after losing an attention node")
         rebuilds.add_metric([], snap.get("kv_rebuilds", 0))

@@ -124,10 +124,14 @@ async def test_sixteen_concurrent_streams_equal_their_solo_runs(cluster, oai):
     solo = [await _stream_text(c, p) for p in prompts]
     master = psutil.Process(cluster.proc.pid)
     rss_idle = master.memory_info().rss
+    before = await _metrics(cluster)
     together = await asyncio.wait_for(asyncio.gather(*[_stream_text(c, p) for p in prompts]), 120)
     assert together == solo
     metrics = await _metrics(cluster)
     assert metrics["edge_requests_running"] == 0 and metrics["edge_queue_depth"] == 0
+    steps = metrics["edge_cluster_steps_total"] - before["edge_cluster_steps_total"]
+    rows = metrics["edge_cluster_step_rows_total"] - before["edge_cluster_step_rows_total"]
+    assert rows > 1.5 * steps, (rows, steps)  # concurrent decode steps ran batched
     assert master.memory_info().rss - rss_idle < 64 * 2**20
 
 

@@ -71,9 +71,43 @@ async def test_sharded_forward_in_memory_equals_whole_model(tmp_path, kind, worl
     mesh = memory_mesh(world)
     stars = [StarAllReduce(r, world, mesh[r]) for r in range(world)]
     h = embed(torch.tensor([tokens]), load_head(ckpt))
-    outs = await asyncio.gather(*[s.forward(h, s.new_cache(), star, 10.0) for s, star in zip(shards, stars)])
+    outs = await asyncio.gather(*[s.forward(h, [s.new_cache()], star, 10.0) for s, star in zip(shards, stars)])
     assert all(out is None for out in outs[1:])  # only the hub gathers the logits
-    torch.testing.assert_close(torch.from_numpy(outs[0]), expected[-1], rtol=0, atol=2e-5)
+    torch.testing.assert_close(torch.from_numpy(outs[0][0]), expected[-1], rtol=0, atol=2e-5)
+    for s in shards:
+        s.close()
+
+
+@pytest.mark.parametrize(("kind", "rope", "world"), [("llama", None, 2), ("llama", "dynamic", 3),
+                                                     ("mistral", None, 2), ("qwen2", None, 1)])
+async def test_batched_decode_equals_one_request_at_a_time(tmp_path, kind, rope, world):
+    """Requests at different positions decode together in one forward and get the logits each
+    would get alone (Mistral's window and dynamic RoPE depend on each row's own length)."""
+    # dynamic RoPE rescales past max_position_embeddings: only the 14-token row goes beyond 10
+    folder = make_hf_checkpoint(tmp_path / kind, kind, seed=2, rope=rope,
+                                max_position_embeddings=10 if rope == "dynamic" else 64)
+    whole = LocalModel(folder)
+    prompts = [list(range(3, 8)), list(range(20, 29)), list(range(40, 54))]  # 5, 9, 14 tokens
+    nxt = [7, 11, 13]
+
+    def alone(prompt: list[int], token: int) -> torch.Tensor:  # prefill, then one decode step
+        cache = whole.new_cache()
+        whole.forward(prompt, cache)
+        return whole.forward([token], cache)
+
+    expected = torch.stack([alone(p, t) for p, t in zip(prompts, nxt)])
+    ckpt = Checkpoint(folder)
+    shards = [ShardModel.from_checkpoint(ckpt, d) for d in local_dims(ckpt.config, world)]
+    mesh = memory_mesh(world)
+    stars = [StarAllReduce(r, world, mesh[r]) for r in range(world)]
+    head = load_head(ckpt)
+    caches = [[s.new_cache(4) for _ in prompts] for s in shards]  # small: prefill grows them
+    for i, p in enumerate(prompts):  # prefill one request at a time
+        h = embed(torch.tensor([p]), head)
+        await asyncio.gather(*[s.forward(h, [c[i]], star, 10.0) for s, c, star in zip(shards, caches, stars)])
+    h = embed(torch.tensor([[t] for t in nxt]), head)  # [3, 1, D]
+    outs = await asyncio.gather(*[s.forward(h, c, star, 10.0) for s, c, star in zip(shards, caches, stars)])
+    torch.testing.assert_close(torch.from_numpy(outs[0]), expected, rtol=0, atol=2e-5)
     for s in shards:
         s.close()
 

@@ -97,7 +97,7 @@ class StarAllReduce:
 
 
     async def gather(self, x: np.ndarray, meta: dict | None = None) -> np.ndarray | None:
-        """Concatenate every rank's 1-D slice in rank order at the hub (None elsewhere).
+        """Concatenate every rank's slice along the last axis in rank order at the hub (None elsewhere).
 
         `meta` (small counters) rides along; the hub keeps the latest per rank in `peer_meta`.
         """
@@ -108,10 +108,13 @@ class StarAllReduce:
         parts = [x]
         for r in range(1, self.world_size):
             msg = await _recv_current(self._channels[r], "ga", self._seq, self.timeout)
-            parts.append(unpack_array(msg["x"]))
+            part = unpack_array(msg["x"])
+            if part.shape[:-1] != x.shape[:-1]:
+                raise FrameError(f"rank {r} sent a slice of shape {part.shape}, expected {x.shape[:-1]} + (n,)")
+            parts.append(part)
             if isinstance(msg.get("meta"), dict):
                 self.peer_meta[r] = msg["meta"]
-        return np.concatenate(parts)
+        return np.concatenate(parts, axis=-1)
 
     async def fail(self, reason: str) -> None:
         """Non-hub: tell the hub this rank cannot finish the current step (it fails the request)."""
