@@ -1,7 +1,7 @@
 """Rank 0: accepts workers, hands out the plan, embeds, runs its own slice, samples, streams.
 
 `ClusterEngine` implements models.generation.Engine, so the same generation loop serves one
-device or a cluster. Steps of concurrent requests interleave one at a time over the cluster.
+device or a cluster. Decode steps of concurrent requests run as one batched forward.
 """
 
 from __future__ import annotations

@@ -64,6 +64,8 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-page-cache", action="store_true",
                    help="leave streamed layers in the OS page cache (default: drop them, as a "
                         "memory-starved device would have to)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="decode steps of concurrent requests that run as one batched forward (1: no batching)")
     p.add_argument("--attention-nodes", type=int, default=0,
                    help="attention-offload nodes (Lamina): they hold offloaded requests' KV caches "
                         "and compute their attention; the router sends long contexts there")

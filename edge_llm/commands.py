@@ -157,7 +157,9 @@ def cluster(args: argparse.Namespace) -> None:
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
                               memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir,
                               keep_page_cache=args.keep_page_cache, allreduce=args.allreduce,
-                              attention_nodes=args.attention_nodes)
+                              attention_nodes=args.attention_nodes, max_batch=args.max_batch)
+    if args.max_batch < 1:
+        raise UserError("--max-batch must be at least 1")
     from scheduler.cloud import CloudSettings
 
     cloud = CloudSettings(url=args.cloud, model=args.cloud_model,
