@@ -217,6 +217,14 @@ async def test_emulated_latency_costs_star_two_hops_and_ring_two_n_minus_one():
     assert 2 * (world - 1) * latency / 1000 <= ring < (2 * (world - 1) + 2) * latency / 1000
 
 
+async def test_two_ranks_exchange_in_one_hop():
+    """With 2 ranks the star is a direct exchange: one link latency per all-reduce, not two."""
+    latency = 20.0
+    star = await _median_time(StarAllReduce, 2, LinkSpec(latency_ms=latency), 1024)
+    assert latency / 1000 <= star < 1.5 * latency / 1000
+    assert LinkModel(alpha=1e-3, bandwidth=1e9).star_cost(4096, 2) < 1.1e-3
+
+
 async def test_emulated_low_bandwidth_makes_ring_beat_star_and_auto_agrees():
     world, size = 4, 1 << 16  # 256 KiB per rank over 10 Mbit/s: bandwidth-bound
     link = LinkSpec(latency_ms=1.0, bandwidth_mbps=10.0)

@@ -56,7 +56,8 @@ async def _recv_current(channel: Channel, tag: str, seq: int, timeout: float) ->
 class StarAllReduce:
     """Ranks send partials to rank 0, which sums in rank order in float32 and sends the sum back.
 
-    Rank-order float32 summation makes the result identical on every rank and every run.
+    Rank-order float32 summation makes the result identical on every rank and every run. With
+    two ranks the star degenerates to a direct exchange (both sum the same way): one hop, not two.
     """
 
     def __init__(self, rank: int, world_size: int, channels: Mapping[int, Channel],
@@ -75,6 +76,8 @@ class StarAllReduce:
         self._seq += 1
         if self.world_size == 1:
             return x
+        if self.world_size == 2:
+            return await self._exchange(x)
         if self.rank != 0:
             hub = self._channels[0]
             await hub.send({"t": "ar", "s": self._seq, "x": pack_array(x)})
@@ -95,6 +98,30 @@ class StarAllReduce:
             await self._channels[r].send(reply)
         return out
 
+
+    async def _exchange(self, x: np.ndarray) -> np.ndarray:
+        """Two ranks: each sends its partial to the other and both sum in rank order (float32), so
+        the result is the hub's sum, bit for bit, after one link latency instead of two."""
+        peer = self._channels[1 - self.rank]
+        if self.rank != 0:
+            await peer.send({"t": "ar", "s": self._seq, "x": pack_array(x)})
+            msg = await _recv_current(peer, "ar.sum", self._seq, self.timeout)
+            if msg.get("abort"):
+                raise CollectiveAborted(f"the hub aborted all-reduce #{self._seq}: {msg['abort']}")
+            mine, theirs = x, unpack_array(msg["x"])
+            if theirs.shape != x.shape:
+                raise FrameError(f"rank 0 sent shape {theirs.shape}, expected {x.shape}")
+            first, second = theirs, mine
+        else:
+            await peer.send({"t": "ar.sum", "s": self._seq, "x": pack_array(x)})
+            msg = await _recv_current(peer, "ar", self._seq, self.timeout)
+            theirs = unpack_array(msg["x"])
+            if theirs.shape != x.shape:
+                raise FrameError(f"rank 1 sent shape {theirs.shape}, expected {x.shape}")
+            first, second = x, theirs
+        acc = first.astype(np.float32, copy=True)
+        acc += second
+        return acc if x.dtype == np.float32 else acc.astype(x.dtype)
 
     async def gather(self, x: np.ndarray, meta: dict | None = None) -> np.ndarray | None:
         """Concatenate every rank's slice along the last axis in rank order at the hub (None elsewhere).
@@ -175,6 +202,8 @@ class LinkModel:
     bandwidth: float
 
     def star_cost(self, nbytes: int, n: int) -> float:
+        if n == 2:  # the direct exchange: one hop, both directions at once
+            return self.alpha + nbytes / self.bandwidth
         return 2 * self.alpha + 2 * (n - 1) * nbytes / self.bandwidth
 
     def ring_cost(self, nbytes: int, n: int) -> float:
