@@ -155,6 +155,7 @@ class ClusterEngine:
         self.worker_bytes: dict[int, int] = {}
         self.worker_fixed_rss: dict[int, int] = {}
         self.worker_fetched: dict[int, int] = {}
+        self._verified: dict[int, tuple] = {}  # rank -> state of its split files when last verified
         self.worker_free: dict[int, int] = {}  # free memory per rank: at join, then after every step
         self.attention = (AttentionPool(settings.model, self.config, settings.attention_nodes, settings.secret,
                                         settings.link, settings.step_timeout) if settings.attention_nodes else None)
@@ -311,10 +312,23 @@ class ClusterEngine:
     def split_dir(self) -> Path:
         return Path(self.settings.split_dir) if self.settings.split_dir else default_split_dir(self.settings.model)
 
+    def _rank_files_state(self, rank: int) -> tuple:
+        """(name, size, mtime) of a rank's split files and the manifest: unchanged means still verified."""
+        folder = self.split_dir / rank_dir(self.settings.world_size, rank)
+        paths = [self.split_dir / MANIFEST, *sorted(folder.glob("*"))] if folder.is_dir() else []
+        return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.is_file())
+
     async def _fetch_offer(self, rank: int) -> dict:
-        """Split `rank`'s files here if needed; offer their names and checksums plus config.json."""
+        """Split `rank`'s files here if needed; offer their names and checksums plus config.json.
+
+        Files verified (sha256) at an earlier join are not hashed again while their sizes and
+        modification times are unchanged: a rejoining worker costs no read of its shard.
+        """
         s = self.settings
-        await asyncio.to_thread(split_model, s.model, s.world_size, self.weights, self.split_dir, [rank], True)
+        state = await asyncio.to_thread(self._rank_files_state, rank)
+        if not state or self._verified.get(rank) != state:
+            await asyncio.to_thread(split_model, s.model, s.world_size, self.weights, self.split_dir, [rank], True)
+            self._verified[rank] = await asyncio.to_thread(self._rank_files_state, rank)
         manifest = json.loads((self.split_dir / MANIFEST).read_text())
         prefix = rank_dir(s.world_size, rank) + "/"
         files = {n: e for n, e in manifest["files"].items() if n.startswith(prefix)}

@@ -34,7 +34,7 @@ from models.llama import KVCache
 from models.sharding import local_dims
 from transport.codec import unpack_array
 from transport.collectives import StarAllReduce, StepCollective
-from transport.errors import AuthError, ChannelClosed, TransportError
+from transport.errors import AuthError, ChannelClosed, PeerFailed, TransportError
 from transport.link import LinkSpec
 from transport.tcp import TcpChannel, connect
 
@@ -187,15 +187,25 @@ class Worker:
             await self.shard.forward(h, kvs, collective, self.settings.step_timeout)
         except AttentionNodeFailed as e:  # tell the hub at once: it rebuilds the KV elsewhere
             log.warning("step %s of %s lost its attention node: %s", msg["step"], rids, e)
-            await self._close_all(rids)
-            await collective.fail(f"rank {self.settings.rank}: {e}")
-        except (TransportError, TimeoutError) as e:  # a peer or ring neighbour failed
+            await self._fail(collective, rids, f"rank {self.settings.rank}: {e}")
+        except PeerFailed as e:  # a ring predecessor could not finish: pass it on around the ring
+            log.warning("step %s of %s failed: %s", msg["step"], rids, e)
+            await self._fail(collective, rids, str(e))
+        except (TransportError, TimeoutError) as e:  # a peer or ring neighbour is gone
             log.warning("step %s of %s failed: %s", msg["step"], rids, e)
             await self._close_all(rids)
         except SplitError as e:  # our own weights failed: tell the hub, which fails the request
             log.error("rank %d: %s", self.settings.rank, e)
-            await self._close_all(rids)
-            await collective.fail(f"rank {self.settings.rank}: {e}")
+            await self._fail(collective, rids, f"rank {self.settings.rank}: {e}")
+
+    async def _fail(self, collective: StepCollective, rids: list[str], reason: str) -> None:
+        """Drop the step's requests and report why (to the hub and the ring successor) so the
+        cluster fails the step at once instead of at its timeout."""
+        await self._close_all(rids)
+        try:
+            await collective.fail(reason)
+        except TransportError as e:  # the peers are gone too: the master sees that by itself
+            log.info("could not report the failure: %s", e)
 
     async def _close_all(self, rids: list[str]) -> None:
         for rid in rids:

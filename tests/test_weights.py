@@ -130,21 +130,23 @@ def test_budget_too_small_fails_at_start_naming_the_size(big, tmp_path):
     assert "Traceback" not in out.stderr
 
 
-async def test_damaged_layer_fails_the_request_and_split_repairs_it(big, tmp_path):
-    split_dir = split_model(big, 2, out=tmp_path / "split", quiet=True)
-    budget_mb = shard_bytes(split_dir) / 2 / MB  # half resident, the last layers stream
+@pytest.mark.parametrize(("workers", "allreduce"), [(2, "star"), (3, "ring")])
+async def test_damaged_layer_fails_the_request_and_split_repairs_it(big, tmp_path, workers, allreduce):
+    split_dir = split_model(big, workers, out=tmp_path / "split", quiet=True)
+    budget_mb = shard_bytes(split_dir, world=workers) / 2 / MB  # half resident, the last layers stream
     (tmp_path / "c").mkdir()
-    cluster = ClusterProcess(big, 2, tmp_path / "c", "--memory-budget-mb", f"{budget_mb:.2f}",
-                             "--split-dir", str(split_dir), "--step-timeout", "3")
+    cluster = ClusterProcess(big, workers, tmp_path / "c", "--memory-budget-mb", f"{budget_mb:.2f}",
+                             "--split-dir", str(split_dir), "--step-timeout", "60", "--allreduce", allreduce)
     try:
         status, good = await complete(cluster.url, n=4)
         assert status == 200
-        victim = split_dir / layer_file(2, 1, 7)  # streamed every step
+        victim = split_dir / layer_file(workers, 1, 7)  # streamed every step
         victim.write_bytes(victim.read_bytes()[:-4096])
-        status, body = await asyncio.wait_for(complete(cluster.url, n=4), 30)
+        # rank 1 reports its failure (to the hub, and around the ring): no wait for the 60 s timeout
+        status, body = await asyncio.wait_for(complete(cluster.url, n=4), 20)
         assert status == 503
         assert "layer-007.safetensors" in body["error"]["message"]
-        repair = subprocess.run([sys.executable, "-m", "edge_llm", "split", str(big), "--workers", "2",
+        repair = subprocess.run([sys.executable, "-m", "edge_llm", "split", str(big), "--workers", str(workers),
                                  "--out", str(split_dir)], capture_output=True, text=True, timeout=120)
         assert repair.returncode == 0, repair.stderr
         status, again = await complete(cluster.url, n=4)

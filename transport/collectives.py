@@ -176,6 +176,13 @@ class RingAllReduce:
         await nxt.send({"t": tag, "s": self._seq, "x": pack_array(chunk)})
         return unpack_array((await _recv_current(prev, tag, self._seq, self.timeout))["x"])
 
+    async def fail(self, reason: str) -> None:
+        """Tell the successor this rank cannot finish the current all-reduce; it raises PeerFailed
+        and passes the news on, so the whole ring (rank 0 last) fails at once, not at a timeout."""
+        nxt = self._channels[(self.rank + 1) % self.world_size]
+        for tag in ("rs", "ag"):
+            await nxt.send({"t": tag, "s": self._seq + 1, "error": reason})
+
     async def allreduce(self, x: np.ndarray) -> np.ndarray:
         self._seq += 1
         n, r = self.world_size, self.rank
@@ -219,6 +226,10 @@ class AutoAllReduce:
     def __init__(self, star: StarAllReduce, ring: RingAllReduce, model: LinkModel):
         self.rank, self.world_size, self.model = star.rank, star.world_size, model
         self._star, self._ring = star, ring
+
+    @property
+    def ring(self) -> RingAllReduce:
+        return self._ring
 
     def begin(self, step: int) -> None:
         self._star.begin(step)
@@ -297,7 +308,11 @@ class StepCollective:
         return await self.star.gather(x, meta)
 
     async def fail(self, reason: str) -> None:
+        """Report to the hub, and to the ring successor when partial sums travel around a ring."""
         await self.star.fail(reason)
+        ring = getattr(self._allreduce, "ring", self._allreduce)
+        if isinstance(ring, RingAllReduce):
+            await ring.fail(reason)
 
     async def abort(self, reason: str) -> None:
         await self.star.abort(reason)
