@@ -104,6 +104,7 @@ class ClusterSession:
 
     async def close(self) -> None:
         self.closed = True
+        self.engine.wake_runner()  # it may be waiting for this request's next step
         await self.engine.broadcast_ctl({"op": "close", "rid": self.rid}, ignore_errors=True)
         if isinstance(self.kv, RemoteKV):
             await self.kv.close()
@@ -414,6 +415,9 @@ class ClusterEngine:
                                 entry.result.set_exception(WorkerUnavailable(f"the step failed: {e!r}"))
                         if not isinstance(e, Exception):
                             raise
+
+    def wake_runner(self) -> None:
+        self._work.set()
 
     async def _await_followers(self, ran: list[ClusterSession]) -> None:
         """Give the requests of the step just run a moment (FOLLOW_WINDOW_S) to ask for their next
