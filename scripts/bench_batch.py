@@ -31,16 +31,7 @@ def steps_and_rows(url: str) -> tuple[float, float]:
 def run_streams(cluster: Cluster, streams: int, tokens: int) -> dict:
     """`streams` concurrent requests of `tokens` tokens each (distinct prompts, greedy)."""
     def one(i: int) -> list[float]:
-        body = {"prompt": list(range(1 + i, 17 + i)), "max_tokens": tokens, "temperature": 0, "stream": True,
-                "ignore_eos": True}
-        req = urllib.request.Request(f"{cluster.url}/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        start, times = time.perf_counter(), []
-        with urllib.request.urlopen(req, timeout=600) as resp:
-            for line in resp:
-                if line.startswith(b"data: {"):
-                    times.append(time.perf_counter() - start)
-        return times
+        return cluster.request(tokens, prompt=list(range(1 + i, 17 + i)))
 
     steps0, rows0 = steps_and_rows(cluster.url)
     began = time.perf_counter()

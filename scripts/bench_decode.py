@@ -54,9 +54,9 @@ class Cluster:
             if m := re.search(r"on (http://\S+)", line):
                 self.url = m[1]
 
-    def request(self, n: int) -> list[float]:
+    def request(self, n: int, prompt: list[int] | None = None) -> list[float]:
         """Arrival times of the n streamed tokens, relative to the request."""
-        body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True}
+        body = {"prompt": prompt or PROMPT, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True}
         req = urllib.request.Request(f"{self.url}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         start, times = time.perf_counter(), []
