@@ -80,6 +80,7 @@ class Worker:
         self._plan: tuple[int, tuple[float, ...]] | None = None
         self.sessions: dict[str, KVCache | RemoteKV] = {}
         self.attn: AttentionLinks | None = None  # channels to the attention nodes, when linked
+        self.unlinked: set[str] = set()  # offloaded requests opened while the nodes were unreachable
 
     async def _join(self) -> TcpChannel:
         s = self.settings
@@ -103,6 +104,7 @@ class Worker:
                                     drop_cache=not s.keep_page_cache)
             self._plan = key
         self.sessions.clear()
+        self.unlinked.clear()
         await ch.send({"t": "ready", "rank": s.rank, "weight_bytes": self.shard.nbytes(),
                        "fixed_rss_bytes": self.fixed_rss, "fetched_bytes": self.fetched_bytes})
         log.info("rank %d joined the master (%d MB of weights)", s.rank, self.shard.nbytes() >> 20)
@@ -147,15 +149,18 @@ class Worker:
         """A request's KV store: local, or on the attention nodes when the master offloads it."""
         await self._close(rid)  # a re-open (KV rebuilt after an attention node died) starts over
         cap = int(msg.get("cap") or 64)
+        self.unlinked.discard(rid)
         if msg.get("offload"):
-            if self.attn is None:
+            if self.attn is None or not self.attn.up:
                 log.error("rank %d: offloaded request %s but no attention nodes linked", self.settings.rank, rid)
-                return  # its step finds no session; the master's step fails and rebuilds locally
+                self.unlinked.add(rid)  # its step reports an attention failure: the master rebuilds it
+                return
             self.sessions[rid] = RemoteKV(self.attn, rid, cap, asyncio.get_running_loop())
         else:
             self.sessions[rid] = self.shard.new_cache(cap)
 
     async def _close(self, rid: str) -> None:
+        self.unlinked.discard(rid)
         kv = self.sessions.pop(rid, None)
         if isinstance(kv, RemoteKV):
             await kv.close()
@@ -183,6 +188,10 @@ class Worker:
         h = torch.from_numpy(unpack_array(msg["h"]).copy())  # [B, S, D]
         kvs = [self.sessions.get(rid) or self.shard.new_cache(h.shape[1]) for rid in rids]
         collective.begin(int(msg["step"]))
+        if self.unlinked.intersection(rids):
+            failure = AttentionNodeFailed(-1, f"rank {self.settings.rank} is not linked to the attention nodes")
+            await self._fail(collective, rids, f"rank {self.settings.rank}: {failure}")
+            return
         try:
             await self.shard.forward(h, kvs, collective, self.settings.step_timeout)
         except AttentionNodeFailed as e:  # tell the hub at once: it rebuilds the KV elsewhere
