@@ -142,10 +142,10 @@ class AttentionNode:
                     continue
                 try:
                     out = await loop.run_in_executor(self.compute, self._attend, requests, msg)
-                except (FrameError, ValueError, KeyError, TypeError) as e:
-                    await ch.send({"t": "attn.out", "error": f"{type(e).__name__}: {e}"})
+                except (FrameError, ValueError, KeyError, TypeError, RuntimeError) as e:
+                    await ch.send({"t": "attn.out", "n": msg.get("n"), "error": f"{type(e).__name__}: {e}"})
                     continue
-                await ch.send({"t": "attn.out", "o": pack_array(out)})
+                await ch.send({"t": "attn.out", "n": msg.get("n"), "o": pack_array(out)})
         except TransportError as e:
             log.info("rank %d's channel ended: %s", rank, e)
         finally:

@@ -7,9 +7,9 @@ output (hidden each) plus k and v (hidden / G each), i.e. (2 + 2/G) x hidden x 4
 
 Messages on a rank's channel to a node:
   iam       rank -> node  {rank, epoch}                    once, after connecting
-  attn      rank -> node  {op: step, rid, layer, start, cap, q, k, v, map?}
+  attn      rank -> node  {op: step, n, rid, layer, start, cap, q, k, v, map?}
                           {op: close, rid}
-  attn.out  node -> rank  {o} or {error}                   one per step message, in order
+  attn.out  node -> rank  {n, o} or {n, error}             one per step message, in order
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class AttentionLinks:
         self.epoch, self.timeout = epoch, timeout
         self.wait_s = 0.0
         self.round_trips = 0
+        self._next_id = 0  # numbers step messages; a node's answer carries the number it answers
 
     @classmethod
     async def connect(cls, config: LlamaConfig, dims: LocalDims, n_nodes: int, addrs: dict[int, list],
@@ -105,17 +106,23 @@ class AttentionLinks:
         Every message of every row goes out before any answer is awaited: one round trip per layer
         for the whole batch. Each node answers in the order it was asked.
         """
+        first = self._next_id
         for row in rows:
             for s in self.slices:
-                msg = {"t": "attn", "op": "step", "rid": row.rid, "layer": row.layer, "start": row.start,
-                       "cap": row.cap, "q": pack_array(row.q[:, s.q_start:s.q_stop]),
+                msg = {"t": "attn", "op": "step", "n": self._next_id, "rid": row.rid, "layer": row.layer,
+                       "start": row.start, "cap": row.cap, "q": pack_array(row.q[:, s.q_start:s.q_stop]),
                        "k": pack_array(row.k[:, s.kv_start:s.kv_stop]), "v": pack_array(row.v[:, s.kv_start:s.kv_stop])}
                 if s.kv_map is not None:
                     msg["map"] = list(s.kv_map)
+                self._next_id += 1
                 await self._send(s.node, msg)
-        outs = []
-        for _ in rows:
-            parts = [await self._answer(s.node) for s in self.slices]
+        outs, n = [], first
+        for row in rows:
+            parts = []
+            for s in self.slices:
+                expected = (1, s.q_stop - s.q_start, row.q.shape[2], row.q.shape[3])
+                parts.append(await self._answer(s.node, n, expected))
+                n += 1
             outs.append(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))
         return outs
 
@@ -133,12 +140,23 @@ class AttentionLinks:
         except TransportError as e:
             raise AttentionNodeFailed(node, str(e)) from e
 
-    async def _answer(self, node: int) -> np.ndarray:
+    async def _answer(self, node: int, n: int, shape: tuple[int, ...]) -> np.ndarray:
+        """The node's answer to message `n`; answers to older messages (left by a step that timed
+        out) are skipped. Raises AttentionNodeFailed."""
         try:
-            reply = await self.channels[node].recv("attn.out", self.timeout)
+            while True:
+                reply = await self.channels[node].recv("attn.out", self.timeout)
+                got = reply.get("n")
+                if not isinstance(got, int) or got > n:
+                    raise FrameError(f"answer to message {got!r} while waiting for {n}")
+                if got == n:
+                    break
             if "error" in reply:
                 raise AttentionNodeFailed(node, str(reply["error"]))
-            return unpack_array(reply["o"])
+            out = unpack_array(reply["o"])
+            if out.shape != shape:
+                raise FrameError(f"attention output of shape {out.shape}, expected {shape}")
+            return out
         except (TransportError, KeyError) as e:
             if isinstance(e, AttentionNodeFailed):
                 raise

@@ -171,3 +171,42 @@ async def test_lost_attention_node_is_rebuilt_and_used_again(reference, tmp_path
             node.terminate()
             node.wait(timeout=10)
         cluster.stop()
+
+
+async def test_hung_attention_node_times_out_and_the_request_goes_on(reference, tmp_path):
+    """A node that stops answering (SIGSTOP, not dead: its sockets stay open) fails the step at
+    the step timeout; the request is rebuilt on the compute ranks and completes with the same
+    tokens. Resumed, the node rejoins and serves offload again."""
+    folder, _ = reference("llama")
+    cluster = ClusterProcess(folder, 2, tmp_path, "--attention-nodes", "1", "--step-timeout", "2")
+    body = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0, "ignore_eos": True, "stream": True,
+            "return_token_ids": True}
+    node = psutil.Process(cluster.node_pids[0])
+    try:
+        _, whole, _ = await complete(cluster.url, "edge", max_tokens=30, ignore_eos=True)
+
+        def stop_at_three(n: int) -> None:
+            if n == 3:
+                node.suspend()
+
+        async with aiohttp.ClientSession() as s, s.post(f"{cluster.url}/v1/completions", json=body,
+                                                        headers={"x-edge-route": "offload"}) as r:
+            chunks = []
+            async for raw in r.content:
+                if raw.startswith(b"data: {"):
+                    chunks.append(json.loads(raw[6:]))
+                    stop_at_three(len(chunks))
+        assert not any("error" in c for c in chunks), [c for c in chunks if "error" in c]
+        assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == whole["choices"][0]["token_ids"]
+        node.resume()
+        for _ in range(300):  # its heartbeat lapsed, so it rejoins and is linked again
+            status, again, route = await complete(cluster.url, "offload")
+            if status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert (status, route) == (200, "offload"), again
+        assert again["choices"][0]["token_ids"] == whole["choices"][0]["token_ids"][:NEW_TOKENS]
+    finally:
+        if node.status() == psutil.STATUS_STOPPED:
+            node.resume()
+        cluster.stop()
