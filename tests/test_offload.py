@@ -206,7 +206,25 @@ async def test_hung_attention_node_times_out_and_the_request_goes_on(reference, 
             await asyncio.sleep(0.1)
         assert (status, route) == (200, "offload"), again
         assert again["choices"][0]["token_ids"] == whole["choices"][0]["token_ids"][:NEW_TOKENS]
+        stranger = cluster.start_attention_node(5)  # this cluster has node 0 only: refused, exit 2
+        assert stranger.wait(timeout=60) == 2
+        log = (tmp_path / "node-5.log").read_text()
+        assert "attention node 5 is not in 0..0" in log and "Traceback" not in log
     finally:
         if node.status() == psutil.STATUS_STOPPED:
             node.resume()
+        cluster.stop()
+
+
+async def test_a_cluster_without_attention_nodes_refuses_them(reference, tmp_path):
+    folder, _ = reference("llama")
+    cluster = ClusterProcess(folder, 1, tmp_path)
+    try:
+        status, body, _ = await complete(cluster.url, "offload")
+        assert status == 400 and "no attention nodes are configured" in body["error"]["message"]
+        stranger = cluster.start_attention_node(0)
+        assert stranger.wait(timeout=60) == 2
+        log = (tmp_path / "node-0.log").read_text()
+        assert "runs without attention nodes" in log and "Traceback" not in log
+    finally:
         cluster.stop()
