@@ -34,6 +34,7 @@ from models.llama import (
     logits,
 )
 from models.rope import RotaryTable
+from models.scoring import slice_scores
 from models.sharding import LocalDims
 from transport.collectives import StarAllReduce, StepCollective
 
@@ -90,9 +91,13 @@ class ShardModel:
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn)
 
     async def forward(self, h: torch.Tensor, kvs: list[KVStore], star: StarAllReduce | StepCollective,
-                      timeout: float) -> np.ndarray | None:
+                      timeout: float, score: tuple[torch.Tensor, int] | None = None) -> np.ndarray | None:
         """h: [B, S, D], one row per request (S == 1 when B > 1) -> next-token logits [B, V] at rank 0
-        (None elsewhere); raises collective and attention-node errors."""
+        (None elsewhere); raises collective and attention-node errors.
+
+        With `score` (targets [S-1], k; B == 1): each rank's slice scores of positions 0..S-2
+        (models.scoring) instead, gathered side by side at rank 0: [S-1, N x (3 + 2k)].
+        """
         loop = asyncio.get_running_loop()
 
         def reduce(partial: torch.Tensor) -> torch.Tensor:  # runs on the compute thread
@@ -107,6 +112,9 @@ class ShardModel:
                 else:
                     attend = batch_attend_for(kvs, self.config, self.dims)
                     out = forward_batch(h, self.layers, self.config, self.dims, kvs, self.rotary, reduce, attend)
+                if score is not None:  # every position of the prompt but the last predicts the next token
+                    full = logits(out[:, :-1], self.output, self.config.rms_norm_eps)[0]  # [S-1, V_local]
+                    return slice_scores(full, score[0], self.dims.vocab_start, score[1]).numpy()
                 return logits(out[:, -1:], self.output, self.config.rms_norm_eps)[:, -1].numpy()
 
         local = await self.run(run)  # [B, V_local]: this rank's vocabulary slice

@@ -29,6 +29,7 @@ from edge.split import MANIFEST, SplitError, default_split_dir, rank_dir, split_
 from edge.weights import EmbeddingRows
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.llama import KVCache
+from models.scoring import combine_scores
 from models.sharding import PlanError, local_dims
 from models.tokenizer import Tokenizer, load_tokenizer
 from transport.codec import pack_array
@@ -73,10 +74,11 @@ class _StepRequest:
     session: ClusterSession
     tokens: list[int]
     result: asyncio.Future
+    score_k: int | None = None  # score the tokens (echo + logprobs) instead of predicting the next
 
     @property
     def decode(self) -> bool:
-        return len(self.tokens) == 1 and not self.session.replay
+        return len(self.tokens) == 1 and not self.session.replay and self.score_k is None
 
 
 class ClusterSession:
@@ -119,6 +121,9 @@ class OffloadedEngine:
 
     async def open_session(self, capacity: int = 64) -> ClusterSession:
         return await self.engine.open_session(capacity, offload=True)
+
+    async def score(self, prompt_ids: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+        return await self.engine.score(prompt_ids, k, offload=True)
 
 
 class ClusterEngine:
@@ -371,6 +376,23 @@ class ClusterEngine:
         await self.broadcast_ctl(session.ctl_open())
         return session
 
+    async def score(self, prompt_ids: list[int], k: int, offload: bool = False
+                    ) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Natural-log probability of every prompt token after the first given those before it, and
+        the top k at each position (`echo` with `logprobs`); one extra prefill, nothing generated."""
+        if len(prompt_ids) < 2:
+            return []
+        session = await self.open_session(len(prompt_ids), offload)
+        try:
+            entry = _StepRequest(session, list(prompt_ids), asyncio.get_running_loop().create_future(), k)
+            self._pending.append(entry)
+            self._work.set()
+            stats = await entry.result  # [S-1, N x (3 + 2k)]: every rank's slice side by side
+        finally:
+            await session.close()
+        parts = [torch.from_numpy(p) for p in np.split(stats, self.settings.world_size, axis=-1)]
+        return combine_scores(parts, k)
+
     def offload_unavailable_reason(self) -> str:
         if self.attention is None:
             return "no attention nodes are configured"
@@ -453,7 +475,8 @@ class ClusterEngine:
         if len(batch) == 1:
             entry = batch[0]
             try:
-                entry.result.set_result(await self._step_with_recovery(entry.session, entry.tokens))
+                out = await self._step_with_recovery(entry.session, entry.tokens, entry.score_k)
+                entry.result.set_result(out if entry.score_k is not None else out[0])
             except WorkerUnavailable as e:
                 entry.result.set_exception(e)
             return
@@ -482,14 +505,15 @@ class ClusterEngine:
                 entry.session.failed = True
                 entry.result.set_exception(WorkerUnavailable(f"rebuilding the request's KV failed: {e}"))
 
-    async def _step_with_recovery(self, session: ClusterSession, tokens: list[int]) -> np.ndarray:
-        """One request's step -> logits [V]; an offloaded request whose attention node fails gets its
-        KV rebuilt on the compute ranks from the tokens fed so far and goes on; any other failure
-        raises WorkerUnavailable."""
+    async def _step_with_recovery(self, session: ClusterSession, tokens: list[int],
+                                  score_k: int | None = None) -> np.ndarray:
+        """One request's step -> logits [1, V] (or prompt scores); an offloaded request whose
+        attention node fails gets its KV rebuilt on the compute ranks from the tokens fed so far and
+        goes on; any other failure raises WorkerUnavailable."""
         if session.offload and not self.offload_ready() and not self.missing_ranks():
             await self._rebuild_locally(session, self.offload_unavailable_reason())
         try:
-            return (await self._forward([session], [tokens]))[0]
+            return await self._forward([session], [tokens], score_k)
         except (TransportError, TimeoutError, KeyError, SplitError) as e:
             if not (session.offload and self._attention_failed(e)) or self.missing_ranks():
                 session.failed = True
@@ -497,7 +521,7 @@ class ClusterEngine:
                 raise WorkerUnavailable(f"{who} failed during the step: {e or type(e).__name__}") from e
             await self._rebuild_locally(session, str(e) or type(e).__name__)
             try:
-                return (await self._forward([session], [tokens]))[0]
+                return await self._forward([session], [tokens], score_k)
             except (TransportError, TimeoutError, KeyError, SplitError) as e2:
                 session.failed = True
                 raise WorkerUnavailable(f"the request lost its attention node ({e}) and rebuilding its "
@@ -519,7 +543,8 @@ class ClusterEngine:
         self.kv_rebuilds += 1
         await self.broadcast_ctl(session.ctl_open())
 
-    async def _forward(self, sessions: list[ClusterSession], tokens: list[list[int]]) -> np.ndarray:
+    async def _forward(self, sessions: list[ClusterSession], tokens: list[list[int]],
+                       score_k: int | None = None) -> np.ndarray:
         """One cluster-wide forward (the caller holds the lock): one row per session (its history
         first if its KV was just rebuilt) -> logits [B, V]. Aborts the step on failure."""
         missing = self.missing_ranks()
@@ -531,12 +556,16 @@ class ClusterEngine:
         step = next(self._steps)
         ids = torch.tensor(rows, dtype=torch.long)  # [B, S]; S == 1 when B > 1
         h = await self.shard.run(lambda: self.embed(ids))  # [B, S, D]
-        await self.broadcast_ctl({"op": "step", "rids": [s.rid for s in sessions], "step": step,
-                                  "h": pack_array(h.numpy())})
+        ctl = {"op": "step", "rids": [s.rid for s in sessions], "step": step, "h": pack_array(h.numpy())}
+        score = None
+        if score_k is not None:  # one session, no replay: its tokens are the prompt to score
+            ctl |= {"score": score_k, "targets": rows[0][1:]}
+            score = (torch.tensor(rows[0][1:], dtype=torch.long), score_k)
+        await self.broadcast_ctl(ctl)
         self.collective.begin(step)
         try:
             full = await self.shard.forward(h, [s.kv for s in sessions], self.collective,
-                                            self.settings.step_timeout)
+                                            self.settings.step_timeout, score)
         except (TransportError, TimeoutError, KeyError, SplitError):
             await self.star.abort(f"step {step} failed")
             raise

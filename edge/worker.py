@@ -193,7 +193,8 @@ class Worker:
             await self._fail(collective, rids, f"rank {self.settings.rank}: {failure}")
             return
         try:
-            await self.shard.forward(h, kvs, collective, self.settings.step_timeout)
+            score = (torch.tensor(msg["targets"], dtype=torch.long), int(msg["score"])) if "score" in msg else None
+            await self.shard.forward(h, kvs, collective, self.settings.step_timeout, score)
         except AttentionNodeFailed as e:  # tell the hub at once: it rebuilds the KV elsewhere
             log.warning("step %s of %s lost its attention node: %s", msg["step"], rids, e)
             await self._fail(collective, rids, f"rank {self.settings.rank}: {e}")

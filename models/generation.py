@@ -20,6 +20,7 @@ from models.detokenize import IncrementalText
 from models.errors import GenerationError
 from models.model import LocalModel
 from models.sampling import SamplingParams, apply_penalties, choose_token, make_generator
+from models.scoring import combine_scores, slice_scores
 from models.tokenizer import Tokenizer
 
 
@@ -80,6 +81,18 @@ class LocalEngine:
 
     async def open_session(self, capacity: int = 64) -> LocalSession:
         return LocalSession(self, capacity)
+
+    async def score(self, prompt_ids: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Log-probability of every prompt token after the first, and the top k at each position."""
+        if len(prompt_ids) < 2:
+            return []
+
+        def run() -> torch.Tensor:
+            logits = self.model.forward(prompt_ids, self.model.new_cache(len(prompt_ids)), all_logits=True)
+            return slice_scores(logits[:-1], torch.tensor(prompt_ids[1:]), 0, k)
+
+        part = await asyncio.get_running_loop().run_in_executor(self.compute, run)
+        return combine_scores([part], k)
 
     def close(self) -> None:
         self.compute.shutdown(wait=True)

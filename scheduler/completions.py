@@ -221,13 +221,25 @@ async def _via_cloud(request: web.Request, path: str, body: dict, req: api.Parse
         return await _on_edge(request, req)
 
 
+async def _echoed_logprobs(request: web.Request, req: api.ParsedRequest) -> dict | None:
+    """With `echo` and `logprobs` on /v1/completions: the prompt's own logprobs (one extra prefill)."""
+    if not (req.echo_text and req.want_logprobs):
+        return None
+    scores = await _engine_for(request).score(req.prompt_ids, req.params.logprobs)
+    return api.prompt_logprobs(req.prompt_ids, scores, request.app[ENGINE].tokenizer, req.echo_text)
+
+
 async def _whole(request: web.Request, req: api.ParsedRequest, head: dict) -> web.Response:
+    echoed = await _echoed_logprobs(request, req)
     events: list[list[TokenEvent]] = [[] for _ in range(req.n)]
     async for i, event in _merged(request, req):
         events[i].append(event)
     prefix = req.echo_text
     choices = [_choice(request, req, i, evs, prefix + "".join(e.text for e in evs), evs[-1].finish_reason,
                        len(prefix)) for i, evs in enumerate(events)]
+    for choice in choices:
+        if echoed is not None:
+            choice["logprobs"] = api.joined_logprobs(echoed, choice["logprobs"])
     completion_tokens = sum(len(evs) for evs in events)
     return web.json_response(head | {"choices": choices,
                                      "usage": api.usage(len(req.prompt_ids), completion_tokens)})
@@ -238,6 +250,7 @@ async def _stream(request: web.Request, req: api.ParsedRequest, head: dict) -> w
 
     A client that disconnects stops the generation: the streams close, which frees the KV caches.
     """
+    echoed = await _echoed_logprobs(request, req)
     merged = _merged(request, req)
     try:
         first = await anext(merged)  # errors before any output still get a proper HTTP status
@@ -254,7 +267,7 @@ async def _stream(request: web.Request, req: api.ParsedRequest, head: dict) -> w
     progress = {"text": "", "tokens": 0}
     try:
         async with asyncio.timeout(request.app[SETTINGS].request_timeout):
-            await _send_events(request, req, chunk_head, first, merged, send, progress)
+            await _send_events(request, req, chunk_head, first, merged, send, progress, echoed)
     except (ClientConnectionResetError, ConnectionResetError):
         request.app[METRICS].cancelled.inc()
         return response
@@ -296,12 +309,12 @@ async def _migrate(request: web.Request, req: api.ParsedRequest, chunk_head: dic
 
 
 async def _send_events(request: web.Request, req: api.ParsedRequest, chunk_head: dict, first: Indexed,
-                       merged: AsyncIterator[Indexed], send, progress: dict) -> None:
+                       merged: AsyncIterator[Indexed], send, progress: dict, echoed: dict | None) -> None:
     offsets, count = [len(req.echo_text)] * req.n, 0
     for i in range(req.n):
         opening = {"role": "assistant", "content": ""} if req.chat else None
         if opening or req.echo_text:
-            delta = {"delta": opening} if req.chat else {"text": req.echo_text, "logprobs": None}
+            delta = {"delta": opening} if req.chat else {"text": req.echo_text, "logprobs": echoed}
             await send(chunk_head | {"choices": [{"index": i, "finish_reason": None} | delta]})
     item: Indexed | None = first
     while item is not None:

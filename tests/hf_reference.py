@@ -90,3 +90,13 @@ def hf_greedy(folder: Path, prompt_ids: list[int], max_new_tokens: int) -> tuple
     tokens = out.sequences[0, len(prompt_ids):].tolist()
     logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens)]
     return tokens, logprobs
+
+
+def hf_prompt_logprobs(folder: Path, prompt_ids: list[int], k: int) -> tuple[list[float], list[list[float]]]:
+    """transformers' log-probability of each prompt token after the first, and the top-k logprobs there."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0].float(), dim=-1)  # [S, V]
+    targets = torch.tensor(prompt_ids[1:])
+    chosen = logprobs[:-1].gather(1, targets[:, None])[:, 0]
+    return chosen.tolist(), logprobs[:-1].topk(k, dim=-1).values.tolist()

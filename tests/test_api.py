@@ -106,6 +106,20 @@ async def test_completion_logprobs_echo_stop_and_n(cluster, oai):
     echo = await c.completions.create(model=cluster.model.name, prompt="abc", max_tokens=12, temperature=0,
                                       echo=True)
     assert echo.choices[0].text == "abc" + text
+    # echo + logprobs (how lm-eval scores text): the prompt's tokens get logprobs too, the first None
+    scored = await c.completions.create(model=cluster.model.name, prompt="abc", max_tokens=12, temperature=0,
+                                        echo=True, logprobs=3)
+    slp = scored.choices[0].logprobs
+    n_prompt = len(slp.tokens) - 12
+    assert n_prompt >= 2 and slp.token_logprobs[0] is None and slp.top_logprobs[0] is None
+    assert all(lp <= 0 for lp in slp.token_logprobs[1:])
+    assert slp.token_logprobs[n_prompt:] == lp.token_logprobs and slp.tokens[n_prompt:] == lp.tokens
+    assert "".join(slp.tokens[:n_prompt]).endswith("abc") and slp.text_offset[n_prompt] == 3  # after a BOS
+    assert slp.text_offset[:n_prompt] == sorted(slp.text_offset[:n_prompt])
+    chunks = [ch async for ch in await c.completions.create(
+        model=cluster.model.name, prompt="abc", max_tokens=4, temperature=0, echo=True, logprobs=3, stream=True)]
+    opening = chunks[0].choices[0]
+    assert opening.text == "abc" and opening.logprobs.token_logprobs == slp.token_logprobs[:n_prompt]
     many = await c.completions.create(model=cluster.model.name, prompt="abc", max_tokens=8, temperature=1.0,
                                       n=3, seed=5, extra_body={"return_token_ids": True})
     assert sorted(ch.index for ch in many.choices) == [0, 1, 2]

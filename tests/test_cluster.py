@@ -1,6 +1,7 @@
 """Real clusters on loopback: N worker processes give transformers' tokens; failures are clean."""
 
 import asyncio
+import functools
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import time
 import aiohttp
 import pytest
 from cluster_proc import ClusterProcess
-from hf_reference import hf_greedy, make_hf_checkpoint
+from hf_reference import hf_greedy, hf_prompt_logprobs, make_hf_checkpoint
 
 PROMPT = [0, 17, 250, 33, 99, 5, 120]
 NEW_TOKENS = 24
@@ -53,8 +54,22 @@ async def test_cluster_matches_transformers(request, tmp_path, kind, workers, we
         assert choice["logprobs"]["token_logprobs"] == pytest.approx(ref_logprobs, abs=1e-4)
         _, second = await complete(cluster.url, PROMPT)
         assert second["choices"][0]["logprobs"] == choice["logprobs"]  # bit-identical run to run
+        # echo + logprobs scores the prompt too (the vocabulary is split across the ranks)
+        status, echoed = await complete(cluster.url, PROMPT, echo=True, logprobs=2, max_tokens=2)
+        ref_prompt, ref_top = prompt_reference(folder)
+        logprobs = echoed["choices"][0]["logprobs"]
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        assert logprobs["token_logprobs"][1:len(PROMPT)] == pytest.approx(ref_prompt, abs=1e-4)
+        assert logprobs["token_logprobs"][len(PROMPT):] == choice["logprobs"]["token_logprobs"][:2]
+        best = [max(t.values()) for t in logprobs["top_logprobs"][1:len(PROMPT)]]  # texts may coincide
+        assert best == pytest.approx([top[0] for top in ref_top], abs=1e-4)
     finally:
         cluster.stop()
+
+
+@functools.cache
+def prompt_reference(folder) -> tuple[list[float], list[list[float]]]:
+    return hf_prompt_logprobs(folder, PROMPT, 2)
 
 
 @pytest.mark.parametrize(("workers", "weights", "message"), [
