@@ -27,6 +27,7 @@ from edge.profile import measure_device, weights_from_profiles
 from edge.ring import link_ring_from_master
 from edge.split import MANIFEST, SplitError, default_split_dir, rank_dir, split_model
 from edge.weights import EmbeddingRows
+from edge.worker import HEARTBEAT_TIMEOUT
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.llama import KVCache
 from models.scoring import combine_scores
@@ -262,6 +263,18 @@ class ClusterEngine:
         if self.settings.allreduce != "star":
             await self._link_ring()
         await self._link_attention()
+        await self._watch(rank, ch)
+
+    async def _watch(self, rank: int, ch: TcpChannel) -> None:
+        """Hold a worker's link while its heartbeats come; a silent (frozen) worker is dropped, so
+        requests fail fast and /health names it until it rejoins."""
+        try:
+            while True:
+                await ch.recv("hb", HEARTBEAT_TIMEOUT)
+        except TransportError as e:
+            if self.workers.get(rank) is ch and not ch.closed:
+                log.warning("rank %d went silent (%s); dropping its link until it rejoins", rank, e)
+                await ch.aclose()
 
     async def _on_attention_node(self, ch: TcpChannel, join: dict) -> None:
         if self.attention is None:

@@ -8,6 +8,7 @@ Protocol on the one channel to the master (tags):
          master -> worker  {op: ring, ...} (edge/ring.py), {op: attn, epoch, nodes, addrs} (edge/offload.py)
   ar / ar.sum              the star all-reduce of each layer
   ring.ok / attn.ok        worker -> master: linked to its ring neighbours / the attention nodes
+  hb     worker -> master  every HEARTBEAT_S while it serves; silence for HEARTBEAT_TIMEOUT drops it
 If the master goes away the worker reconnects and joins again, so a restarted master or a
 restarted worker both heal without operator action.
 """
@@ -40,6 +41,8 @@ from transport.tcp import TcpChannel, connect
 
 log = logging.getLogger("edge_llm.worker")
 IDLE_TIMEOUT = 3600.0
+HEARTBEAT_S = 0.5  # a worker says it is alive this often; the master gives up after HEARTBEAT_TIMEOUT
+HEARTBEAT_TIMEOUT = 10.0
 
 
 class PlanRefused(Exception):
@@ -127,6 +130,21 @@ class Worker:
         self._plan = key
 
     async def _serve(self, ch: TcpChannel) -> None:
+        beat = asyncio.create_task(self._heartbeat(ch), name="heartbeat")
+        try:
+            await self._serve_ctl(ch)
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+
+    async def _heartbeat(self, ch: TcpChannel) -> None:
+        """Tell the master this device is alive (from the event loop, so long steps do not stop it);
+        a frozen device (a laptop put to sleep) is noticed and, once awake, rejoins."""
+        while True:
+            await ch.send({"t": "hb"})
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _serve_ctl(self, ch: TcpChannel) -> None:
         world, timeout = int(self._plan[0]), self.settings.step_timeout
         star = StarAllReduce(self.settings.rank, world, {0: ch}, timeout)
         collective = StepCollective(star)

@@ -8,8 +8,9 @@ import sys
 import time
 
 import aiohttp
+import psutil
 import pytest
-from cluster_proc import ClusterProcess
+from cluster_proc import ClusterProcess, wait_health
 from hf_reference import hf_greedy, hf_prompt_logprobs, make_hf_checkpoint
 
 PROMPT = [0, 17, 250, 33, 99, 5, 120]
@@ -106,6 +107,29 @@ async def _stream_until_error(url: str) -> tuple[list[dict], float]:
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(__import__("json").loads(line[6:]))
     return events, time.monotonic() - start
+
+
+async def test_frozen_worker_is_dropped_then_rejoins_when_it_wakes(llama, tmp_path):
+    """A device that freezes (SIGSTOP: a laptop put to sleep, its sockets still open) fails the
+    request at the step timeout, is dropped when its heartbeats stop, and rejoins by itself."""
+    folder, (ref_tokens, _) = llama
+    cluster = ClusterProcess(folder, 2, tmp_path, "--step-timeout", "2")
+    worker = psutil.Process(cluster.worker_pids[1])
+    try:
+        worker.suspend()
+        status, body = await asyncio.wait_for(complete(cluster.url, PROMPT), 30)
+        assert status == 503 and "worker" in body["error"]["message"]
+        await wait_health(cluster.url, 503, tries=300)  # heartbeats stopped: rank 1 is named missing
+        async with aiohttp.ClientSession() as s, s.get(f"{cluster.url}/health") as r:
+            assert (await r.json())["missing_ranks"] == [1]
+        worker.resume()
+        await wait_health(cluster.url, 200, tries=300)
+        status, body = await complete(cluster.url, PROMPT)
+        assert status == 200 and body["choices"][0]["token_ids"] == ref_tokens
+    finally:
+        if worker.status() == psutil.STATUS_STOPPED:
+            worker.resume()
+        cluster.stop()
 
 
 @pytest.mark.parametrize(("workers", "allreduce"), [(2, "star"), (3, "ring")])
