@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -484,39 +485,39 @@ class ClusterEngine:
         return batch
 
     async def _run_batch(self, batch: list[_StepRequest]) -> None:
-        """Run one step for every request of `batch` and set each one's logits [V] or error."""
+        """Run one step for every request of `batch` and set each one's logits [V] or error.
+
+        A batched step that lost an attention node rebuilds every request of the batch on the
+        compute ranks (the workers dropped them all) and steps each alone; any other failure fails all.
+        """
         if len(batch) == 1:
-            entry = batch[0]
-            try:
-                out = await self._step_with_recovery(entry.session, entry.tokens, entry.score_k)
-                entry.result.set_result(out if entry.score_k is not None else out[0])
-            except WorkerUnavailable as e:
-                entry.result.set_exception(e)
+            await self._settle(batch[0], self._step_with_recovery(batch[0].session, batch[0].tokens,
+                                                                  batch[0].score_k))
             return
-        sessions = [e.session for e in batch]
         try:
-            full = await self._forward(sessions, [e.tokens for e in batch])  # [B, V]
-        except (TransportError, TimeoutError, KeyError, SplitError) as e:
-            await self._recover_batch(batch, e)
+            full = await self._forward([e.session for e in batch], [e.tokens for e in batch])  # [B, V]
+        except (TransportError, TimeoutError, KeyError, SplitError) as error:
+            attention = any(e.session.offload for e in batch) and self._attention_failed(error)
+            for entry in batch:
+                if not attention or self.missing_ranks():
+                    entry.session.failed = True
+                    entry.result.set_exception(WorkerUnavailable(f"a worker failed during the step: {error}"))
+                    continue
+                await self._rebuild_locally(entry.session, str(error) or type(error).__name__)
+                await self._settle(entry, self._step_with_recovery(entry.session, entry.tokens))
             return
         for b, entry in enumerate(batch):
             entry.result.set_result(full[b])
 
-    async def _recover_batch(self, batch: list[_StepRequest], error: Exception) -> None:
-        """A batched step failed. If it lost an attention node, every request of the batch (the
-        workers dropped them all) is rebuilt on the compute ranks and stepped alone; else all fail."""
-        attention = any(e.session.offload for e in batch) and self._attention_failed(error)
-        for entry in batch:
-            if not attention or self.missing_ranks():
-                entry.session.failed = True
-                entry.result.set_exception(WorkerUnavailable(f"a worker failed during the step: {error}"))
-                continue
-            await self._rebuild_locally(entry.session, str(error) or type(error).__name__)
-            try:
-                entry.result.set_result((await self._forward([entry.session], [entry.tokens]))[0])
-            except (TransportError, TimeoutError, KeyError, SplitError) as e:
-                entry.session.failed = True
-                entry.result.set_exception(WorkerUnavailable(f"rebuilding the request's KV failed: {e}"))
+    @staticmethod
+    async def _settle(entry: _StepRequest, step: Awaitable[np.ndarray]) -> None:
+        """Give a waiting request the outcome of its own step: logits [V] (or its prompt scores)."""
+        try:
+            out = await step
+        except WorkerUnavailable as e:
+            entry.result.set_exception(e)
+            return
+        entry.result.set_result(out if entry.score_k is not None else out[0])
 
     async def _step_with_recovery(self, session: ClusterSession, tokens: list[int],
                                   score_k: int | None = None) -> np.ndarray:

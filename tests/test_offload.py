@@ -142,10 +142,15 @@ async def test_lost_attention_node_is_rebuilt_and_used_again(reference, tmp_path
             if n == 5:
                 cluster.kill_attention_node(1)
 
-        chunks = await _stream(cluster.url, body, "offload", kill_at_five)  # routed there by its length
-        assert not any("error" in c for c in chunks), [c for c in chunks if "error" in c]
-        assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == expected  # same tokens
-        assert await _metric(cluster.url, "edge_offload_kv_rebuilds_total") == 1
+        # two streams, routed to offload by their length and decoding in one batch, lose a node
+        both = await asyncio.gather(_stream(cluster.url, body, "offload", kill_at_five),
+                                    _stream(cluster.url, body, "offload", lambda n: None))
+        for chunks in both:
+            assert not any("error" in c for c in chunks), [c for c in chunks if "error" in c]
+            assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == expected  # same tokens
+        assert await _metric(cluster.url, "edge_offload_kv_rebuilds_total") == 2
+        assert await _metric(cluster.url, "edge_cluster_step_rows_total") > \
+            await _metric(cluster.url, "edge_cluster_steps_total")  # they did share steps
 
         status, refused, _ = await complete(cluster.url, "offload")  # the node is gone: refused, says why
         assert status == 400 and "attention node(s) [1]" in refused["error"]["message"]
@@ -165,7 +170,7 @@ async def test_lost_attention_node_is_rebuilt_and_used_again(reference, tmp_path
         assert (status, route) == (200, "offload"), again
         assert "above offload_above_tokens" in again["reason"]
         assert again["choices"][0]["token_ids"] == expected
-        assert await _metric(cluster.url, "edge_offload_kv_rebuilds_total") == 1
+        assert await _metric(cluster.url, "edge_offload_kv_rebuilds_total") == 2
     finally:
         if node is not None:
             node.terminate()
