@@ -23,10 +23,11 @@ import numpy as np
 import psutil
 import torch
 
+from edge.rejoin import stay_joined
 from models.config import LlamaConfig, config_from_hf
 from models.llama import CacheAttention, KVCache
 from transport.codec import pack_array, unpack_array
-from transport.errors import AuthError, ChannelClosed, FrameError, TransportError
+from transport.errors import FrameError, TransportError
 from transport.link import LinkSpec
 from transport.tcp import ChannelServer, TcpChannel, connect
 
@@ -103,19 +104,7 @@ class AttentionNode:
     async def run(self) -> None:
         """Join, report, rejoin after the master disappears; NodeRefused ends it."""
         try:
-            while True:
-                try:
-                    ch = await self._join()
-                except (OSError, TimeoutError, AuthError, TransportError) as e:
-                    log.info("attention node %d: master not reachable (%s); retrying", self.settings.node, e)
-                    await asyncio.sleep(0.5)
-                    continue
-                try:
-                    await self._report(ch)
-                except ChannelClosed as e:
-                    log.warning("attention node %d lost the master: %s; rejoining", self.settings.node, e)
-                finally:
-                    await ch.aclose()
+            await stay_joined(self._join, self._report, f"attention node {self.settings.node}")
         finally:
             await self._server.aclose()
             self.compute.shutdown(wait=False, cancel_futures=True)

@@ -27,6 +27,7 @@ from edge.engine import ShardModel, load_shard
 from edge.fetch import fetch_files
 from edge.offload import AttentionLinks, AttentionNodeFailed, RemoteKV, check_node_addrs
 from edge.profile import measure_device
+from edge.rejoin import stay_joined
 from edge.ring import PeerLinks
 from edge.split import SplitError, SplitPlan
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
@@ -35,7 +36,7 @@ from models.llama import KVCache
 from models.sharding import local_dims
 from transport.codec import unpack_array
 from transport.collectives import StarAllReduce, StepCollective
-from transport.errors import AuthError, ChannelClosed, PeerFailed, TransportError
+from transport.errors import PeerFailed, TransportError
 from transport.link import LinkSpec
 from transport.tcp import TcpChannel, connect
 
@@ -244,16 +245,4 @@ class Worker:
 
     async def run(self) -> None:
         """Join, serve, and rejoin after the master disappears; PlanRefused ends it."""
-        while True:
-            try:
-                ch = await self._join()
-            except (OSError, TimeoutError, AuthError, TransportError) as e:
-                log.info("rank %d: master not reachable (%s); retrying", self.settings.rank, e)
-                await asyncio.sleep(0.5)
-                continue
-            try:
-                await self._serve(ch)
-            except ChannelClosed as e:
-                log.warning("rank %d lost the master: %s; rejoining", self.settings.rank, e)
-            finally:
-                await ch.aclose()
+        await stay_joined(self._join, self._serve, f"rank {self.settings.rank}")
