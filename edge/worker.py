@@ -226,7 +226,7 @@ class Worker:
         except SplitError as e:  # our own weights failed: tell the hub, which fails the request
             log.error("rank %d: %s", self.settings.rank, e)
             await self._fail(collective, rids, f"rank {self.settings.rank}: {e}")
-        except Exception as e:  # noqa: BLE001 - a bug must fail the step, not take the device down
+        except Exception as e:  # a bug must fail the step, not take the device down
             log.exception("rank %d: step %s failed unexpectedly", self.settings.rank, msg["step"])
             await self._fail(collective, rids, f"rank {self.settings.rank}: internal error {e!r}")
 
