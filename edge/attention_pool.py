@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from edge.offload import AttentionLinks
+from edge.profile import kv_room
+from edge.ring import epoch_ack
 from models.config import LlamaConfig
 from models.sharding import LocalDims, attention_nodes_of
 from transport.errors import TransportError
@@ -21,7 +23,6 @@ from transport.tcp import TcpChannel
 
 log = logging.getLogger("edge_llm.attention_pool")
 HEARTBEAT_TIMEOUT = 5.0
-LINK_TIMEOUT = 30.0
 
 
 class AttentionPool:
@@ -98,10 +99,7 @@ class AttentionPool:
         log.info("attention nodes linked (epoch %d, %d node(s))", self.epoch, self.n_nodes)
 
     async def _linked(self, rank: int, ch: TcpChannel) -> None:
-        while True:
-            ok = await ch.recv("attn.ok", LINK_TIMEOUT)
-            if ok.get("epoch") == self.epoch:
-                break
+        ok = await epoch_ack(ch, "attn.ok", self.epoch, rank)
         if "error" in ok:
             raise TransportError(f"rank {rank} cannot reach the attention nodes: {ok['error']}")
 
@@ -111,10 +109,10 @@ class AttentionPool:
         if not self.ready:
             return 0
         heads = attention_nodes_of(self.config, self.n_nodes)
-        free = [self.stats.get(n, {}).get("available") for n in range(self.n_nodes)]
-        if any(f is None for f in free):
+        free = {n: self.stats.get(n, {}).get("available") for n in range(self.n_nodes)}
+        if any(f is None for f in free.values()):
             return 0
-        return int(min(f * len(heads) / heads.count(n) for n, f in enumerate(free)))
+        return kv_room(free, {n: heads.count(n) for n in range(self.n_nodes)})
 
     def snapshot(self) -> dict:
         return {"nodes": self.n_nodes, "ready": self.ready, "missing": self.missing(), "lost": self.lost,

@@ -24,7 +24,7 @@ from edge.attention_pool import AttentionPool
 from edge.engine import ShardModel, load_shard
 from edge.fetch import serve_fetches
 from edge.offload import AttentionNodeFailed, RemoteKV
-from edge.profile import measure_device, weights_from_profiles
+from edge.profile import kv_room, measure_device, weights_from_profiles
 from edge.ring import link_ring_from_master
 from edge.split import MANIFEST, SplitError, default_split_dir, rank_dir, split_model
 from edge.weights import EmbeddingRows
@@ -298,9 +298,8 @@ class ClusterEngine:
         for rank, meta in self.star.peer_meta.items():
             if isinstance(meta.get("mem_available"), int):
                 free[rank] = meta["mem_available"]
-        kv = [d.n_local_kv_heads for d in self.plans] if self.shard is not None else []
-        ranks = [r for r in range(len(kv)) if r in free]
-        return int(min(free[r] * sum(kv) / kv[r] for r in ranks)) if ranks else 0
+        heads = {d.rank: d.n_local_kv_heads for d in self.plans} if self.shard is not None else {}
+        return kv_room({r: f for r, f in free.items() if r in heads}, heads)
 
     def offload_free_kv_bytes(self) -> int:
         return self.attention.free_kv_bytes() if self.attention is not None else 0

@@ -42,3 +42,11 @@ def weights_from_profiles(profiles: list[dict[str, float]], model_bytes: int) ->
         fixed |= {i: fits[i] for i in over}
     top = max(shares.values())
     return [max(round(shares[i] / top, 1), 0.1) for i in range(len(speed))]
+
+
+def kv_room(free: dict[int, int], kv_heads: dict[int, int]) -> int:
+    """Bytes of KV one request may take when every device holds the KV of its own heads: the
+    tightest device's free memory scaled up by its share of the heads (0 when none reported)."""
+    devices = [d for d in free if kv_heads.get(d)]
+    total = sum(kv_heads.values())
+    return int(min(free[d] * total / kv_heads[d] for d in devices)) if devices else 0

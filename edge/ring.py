@@ -99,9 +99,18 @@ async def link_ring_from_master(workers: dict[int, TcpChannel], addrs: dict[int,
         log.info("link model: alpha %.0f us, %.0f MB/s", model.alpha * 1e6, model.bandwidth / 1e6)
         collective = StepCollective(star, AutoAllReduce(star, ring, model))
     for rank, ch in list(workers.items()):
-        ok = await ch.recv("ring.ok", LINK_TIMEOUT)
-        while ok.get("epoch") != epoch:  # answers to an older epoch that was superseded
-            if not isinstance(ok.get("epoch"), int) or ok["epoch"] > epoch:
-                raise FrameError(f"rank {rank} linked ring epoch {ok.get('epoch')}, expected {epoch}")
-            ok = await ch.recv("ring.ok", LINK_TIMEOUT)
+        await epoch_ack(ch, "ring.ok", epoch, rank)
     return collective
+
+
+async def epoch_ack(ch: TcpChannel, tag: str, epoch: int, rank: int) -> dict:
+    """A worker's answer to a relink of this epoch; answers to older, superseded epochs are skipped.
+
+    Raises FrameError for an answer to an epoch never asked for, TransportError as the channel does.
+    """
+    while True:
+        ok = await ch.recv(tag, LINK_TIMEOUT)
+        if ok.get("epoch") == epoch:
+            return ok
+        if not isinstance(ok.get("epoch"), int) or ok["epoch"] > epoch:
+            raise FrameError(f"rank {rank} answered {tag} for epoch {ok.get('epoch')}, expected {epoch}")

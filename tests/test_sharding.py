@@ -123,3 +123,16 @@ def test_auto_weights_follow_bandwidth_and_memory(profiles, expected):
     from edge.profile import weights_from_profiles
 
     assert weights_from_profiles(profiles, model_bytes=1000) == expected
+
+
+@pytest.mark.parametrize(("free", "heads", "expected"), [
+    ({0: 1000, 1: 1000}, {0: 1, 1: 1}, 2000),  # even split: each holds half of a request's KV
+    ({0: 1000, 1: 300}, {0: 1, 1: 1}, 600),  # the tightest device decides
+    ({0: 1000, 1: 300}, {0: 3, 1: 1}, 1200),  # a device with fewer heads needs less of it
+    ({0: 1000}, {0: 1, 1: 1}, 2000),  # a device that has not reported yet is left out
+    ({}, {0: 1}, 0),
+])
+def test_kv_room_is_set_by_the_tightest_device(free, heads, expected):
+    from edge.profile import kv_room
+
+    assert kv_room(free, heads) == expected
