@@ -22,6 +22,7 @@ from edge.split import SplitError, SplitPlan, default_split_dir, split_model
 from edge.weights import BudgetTooSmall, WeightWindow
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.config import LlamaConfig
+from models.dtypes import dtype_name
 from models.llama import (
     HeadWeights,
     KVCache,
@@ -52,6 +53,7 @@ class ShardModel:
     def __init__(self, config: LlamaConfig, dims: LocalDims, layers: Callable[[int], LayerWeights],
                  output: HeadWeights, nbytes: int, window: WeightWindow | None = None):
         self.config, self.dims = config, dims
+        self.dtype = output.norm.dtype  # the weight (and activation, KV) dtype
         self.layers, self.output, self.window = layers, output, window
         self._nbytes = nbytes
         self.rotary = RotaryTable(self.config)
@@ -62,14 +64,15 @@ class ShardModel:
         """Every layer resident, sliced straight from the Hugging Face files."""
         layers = [load_layer(ckpt, i, dims) for i in range(ckpt.config.num_layers)]
         output = load_output_head(ckpt, dims)
-        nbytes = sum(w.nbytes() for w in layers) + output.lm_head.nbytes
+        nbytes = sum(w.nbytes() for w in layers) + output.lm_head.nbytes + output.norm.nbytes
         return cls(ckpt.config, dims, layers.__getitem__, output, nbytes)
 
     @classmethod
     def from_split(cls, config: LlamaConfig, dims: LocalDims, folder: Path, plan: SplitPlan,
                    budget_bytes: int, drop_cache: bool = True, kv_reserve_tokens: int = 2048) -> ShardModel:
         """Layers from per-layer shard files through a window that fits `budget_bytes`."""
-        reserve = kv_bytes_per_token(config, dims) * min(kv_reserve_tokens, config.max_position_embeddings)
+        reserve = kv_bytes_per_token(config, dims, plan.element_bytes) * min(kv_reserve_tokens,
+                                                                             config.max_position_embeddings)
         window = WeightWindow(folder, plan, dims.rank, config.num_layers, budget_bytes, reserve,
                               drop_cache=drop_cache)
         return cls(config, dims, window, window.head, window.nbytes(), window)
@@ -77,7 +80,8 @@ class ShardModel:
     def new_cache(self, capacity: int = 64) -> KVCache:
         """A request's local KV cache, reserved for `capacity` positions (pages fill as it grows)."""
         capacity = max(1, min(capacity, self.config.max_position_embeddings))
-        return KVCache(self.config.num_layers, self.dims.n_local_kv_heads, self.config.head_dim, capacity)
+        return KVCache(self.config.num_layers, self.dims.n_local_kv_heads, self.config.head_dim, capacity,
+                       self.dtype)
 
     def nbytes(self) -> int:
         """Resident weight bytes (with a window: what stays, not what streams)."""
@@ -101,9 +105,12 @@ class ShardModel:
         loop = asyncio.get_running_loop()
 
         def reduce(partial: torch.Tensor) -> torch.Tensor:  # runs on the compute thread
-            arr = partial.detach().contiguous().numpy()
+            # bf16/fp16 partials travel as float32 (exact) and are summed in float32 in rank order;
+            # every rank rounds the same sum to the activation dtype, so all ranks stay identical.
+            arr = partial.detach().float().contiguous().numpy()
             fut = asyncio.run_coroutine_threadsafe(star.allreduce(arr), loop)
-            return torch.from_numpy(np.asarray(fut.result(timeout + 1.0))).view(partial.shape)
+            summed = torch.from_numpy(np.asarray(fut.result(timeout + 1.0))).view(partial.shape)
+            return summed.to(partial.dtype)
 
         def run() -> np.ndarray:
             with torch.inference_mode():
@@ -127,23 +134,25 @@ class ShardModel:
             self.window.close()
 
 
-def kv_bytes_per_token(config: LlamaConfig, dims: LocalDims) -> int:
-    """KV-cache bytes one token costs on this rank: 2 x layers x local KV heads x head_dim x 4."""
-    return 2 * config.num_layers * dims.n_local_kv_heads * config.head_dim * 4
+def kv_bytes_per_token(config: LlamaConfig, dims: LocalDims, element_bytes: int = 4) -> int:
+    """KV-cache bytes one token costs on this rank: 2 x layers x local KV heads x head_dim x element bytes."""
+    return 2 * config.num_layers * dims.n_local_kv_heads * config.head_dim * element_bytes
 
 
 def load_shard(ckpt: Checkpoint, dims: LocalDims, world_size: int, weights: list[float] | None,
                budget_mb: float | None, split_dir: str | Path | None, split_all: bool = False,
                drop_cache: bool = True) -> ShardModel:
-    """This rank's shard: resident from the checkpoint, or windowed from split files under a budget.
+    """This rank's shard, in the checkpoint's read dtype (`ckpt.with_dtype`): resident from the
+    checkpoint, or windowed from split files (of that dtype) under a budget.
 
     Splits on first start (every rank with `split_all`, as the emulated cluster's master does;
     else only this rank) and repairs a damaged split the same way. Raises SplitError / BudgetTooSmall.
     """
     if budget_mb is None:
         return ShardModel.from_checkpoint(ckpt, dims)
-    folder = Path(split_dir) if split_dir else default_split_dir(ckpt.folder)
-    plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(ckpt.folder))
+    dtype = dtype_name(ckpt.dtype)
+    folder = Path(split_dir) if split_dir else default_split_dir(ckpt.folder, dtype)
+    plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(ckpt.folder), dtype)
     budget = int(budget_mb * (1 << 20))
     try:
         return ShardModel.from_split(ckpt.config, dims, folder, plan, budget, drop_cache)
@@ -151,5 +160,5 @@ def load_shard(ckpt: Checkpoint, dims: LocalDims, world_size: int, weights: list
         raise
     except SplitError as e:
         log.info("%s; splitting %s into %s", e, ckpt.folder, folder)
-    split_model(ckpt.folder, world_size, weights, folder, ranks=None if split_all else [dims.rank])
+    split_model(ckpt.folder, world_size, weights, folder, ranks=None if split_all else [dims.rank], dtype=dtype)
     return ShardModel.from_split(ckpt.config, dims, folder, plan, budget, drop_cache)

@@ -27,14 +27,15 @@ from edge.offload import AttentionNodeFailed, RemoteKV
 from edge.profile import kv_room, measure_device, weights_from_profiles
 from edge.ring import link_ring_from_master
 from edge.split import MANIFEST, SplitError, default_split_dir, rank_dir, split_model
+from edge.tensors import pack_tensor
 from edge.weights import EmbeddingRows
 from edge.worker import HEARTBEAT_TIMEOUT
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
+from models.dtypes import dtype_name, resolve_dtype
 from models.llama import KVCache
 from models.scoring import combine_scores
 from models.sharding import PlanError, local_dims
 from models.tokenizer import Tokenizer, load_tokenizer
-from transport.codec import pack_array
 from transport.collectives import StarAllReduce, StepCollective
 from transport.errors import PeerFailed, TransportError
 from transport.link import LinkSpec
@@ -67,6 +68,7 @@ class MasterSettings:
     allreduce: Literal["star", "ring", "auto"] = "star"
     attention_nodes: int = 0
     max_batch: int = 16  # decode steps of concurrent requests that run as one forward
+    dtype: str = "auto"  # weights (and activations, KV) in: auto = the checkpoint's torch_dtype
 
 
 @dataclass
@@ -134,6 +136,8 @@ class ClusterEngine:
     def __init__(self, settings: MasterSettings):
         self.settings = settings
         ckpt = Checkpoint(settings.model)
+        self.dtype = resolve_dtype(settings.dtype, ckpt.config.torch_dtype)
+        ckpt = ckpt.with_dtype(self.dtype)
         self.config = ckpt.config
         self.tokenizer: Tokenizer = load_tokenizer(ckpt.folder, self.config)
         self.fingerprint = checkpoint_fingerprint(settings.model)
@@ -178,11 +182,13 @@ class ClusterEngine:
         self.plans = local_dims(self.config, s.world_size, self.weights)
         self.shard = load_shard(self._ckpt, self.plans[0], s.world_size, self.weights, s.memory_budget_mb,
                                 s.split_dir, split_all=True, drop_cache=not s.keep_page_cache)
+        self.embed_bytes = 0  # resident embedding table bytes (none when mapped from the split)
         if self.shard.window is not None:  # rows mapped from the split, outside the budget
             self.embed = EmbeddingRows(self.shard.window.folder, s.world_size)
         else:
             table = self._ckpt.read("model.embed_tokens.weight")  # [V, D]: rank 0 embeds every token
             self.embed = partial(torch.nn.functional.embedding, weight=table)
+            self.embed_bytes = table.nbytes
 
     async def start(self) -> int:
         """Listen for workers and start the step runner; returns the port."""
@@ -239,7 +245,8 @@ class ClusterEngine:
                 return
             if self.auto:
                 await self._auto_plan(rank, join.get("profile"))
-            plan = {"t": "plan", "world_size": self.settings.world_size, "weights": self.weights}
+            plan = {"t": "plan", "world_size": self.settings.world_size, "weights": self.weights,
+                    "dtype": dtype_name(self.dtype)}
             if join.get("fingerprint") is None:  # no local checkpoint: it fetches its shard from us
                 plan |= await self._fetch_offer(rank)
             await ch.send(plan)
@@ -329,7 +336,8 @@ class ClusterEngine:
 
     @property
     def split_dir(self) -> Path:
-        return Path(self.settings.split_dir) if self.settings.split_dir else default_split_dir(self.settings.model)
+        s = self.settings
+        return Path(s.split_dir) if s.split_dir else default_split_dir(s.model, dtype_name(self.dtype))
 
     def _rank_files_state(self, rank: int) -> tuple:
         """(name, size, mtime) of a rank's split files and the manifest: unchanged means still verified."""
@@ -346,7 +354,8 @@ class ClusterEngine:
         s = self.settings
         state = await asyncio.to_thread(self._rank_files_state, rank)
         if not state or self._verified.get(rank) != state:
-            await asyncio.to_thread(split_model, s.model, s.world_size, self.weights, self.split_dir, [rank], True)
+            await asyncio.to_thread(split_model, s.model, s.world_size, self.weights, self.split_dir, [rank], True,
+                                    dtype_name(self.dtype))
             self._verified[rank] = await asyncio.to_thread(self._rank_files_state, rank)
         manifest = json.loads((self.split_dir / MANIFEST).read_text())
         prefix = rank_dir(s.world_size, rank) + "/"
@@ -359,7 +368,8 @@ class ClusterEngine:
         links = {r: {"sent": ch.bytes_sent, "received": ch.bytes_received} for r, ch in self.workers.items()}
         shard = self.shard
         window = {0: shard.stats(), **self.star.peer_meta} if shard is not None and shard.window else {}
-        return {"links": links, "weight_bytes": {0: shard.nbytes() if shard else 0, **self.worker_bytes},
+        rank0 = shard.nbytes() + self.embed_bytes if shard else 0
+        return {"links": links, "weight_bytes": {0: rank0, **self.worker_bytes},
                 "window": window, "fixed_rss": self.worker_fixed_rss, "fetched": self.worker_fetched,
                 "attention": self.attention.snapshot() if self.attention else None,
                 "kv_rebuilds": self.kv_rebuilds, "steps": self.steps_run, "step_rows": self.rows_run}
@@ -569,7 +579,7 @@ class ClusterEngine:
         step = next(self._steps)
         ids = torch.tensor(rows, dtype=torch.long)  # [B, S]; S == 1 when B > 1
         h = await self.shard.run(lambda: self.embed(ids))  # [B, S, D]
-        ctl = {"op": "step", "rids": [s.rid for s in sessions], "step": step, "h": pack_array(h.numpy())}
+        ctl = {"op": "step", "rids": [s.rid for s in sessions], "step": step, "h": pack_tensor(h)}
         score = None
         if score_k is not None:  # one session, no replay: its tokens are the prompt to score
             ctl |= {"score": score_k, "targets": rows[0][1:]}

@@ -175,6 +175,12 @@ class AttentionLinks:
             await ch.aclose()
 
 
+def _wire(t: torch.Tensor) -> np.ndarray:
+    """q, k or v for an attention node, in float32: nodes keep KV and attend in float32 whatever
+    the weight dtype (bf16/fp16 activations are upcast exactly)."""
+    return t.float().numpy()
+
+
 class RemoteKV:
     """A request's KV store on the attention nodes (models.llama.KVStore): only the length is local."""
 
@@ -186,8 +192,8 @@ class RemoteKV:
         start = self.length
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            row = Row(self.rid, layer, start, self.capacity, q.numpy(), k.numpy(), v.numpy())
-            return self.links.call(self.loop, [row])[0]  # [1, H, S, hd]
+            row = Row(self.rid, layer, start, self.capacity, _wire(q), _wire(k), _wire(v))
+            return self.links.call(self.loop, [row])[0].to(q.dtype)  # [1, H, S, hd]
 
         return attend
 
@@ -209,9 +215,9 @@ def batch_attend_for(kvs: list, config: LlamaConfig, dims: LocalDims) -> Attend:
     starts = [kv.length for kv in kvs]
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        rows = [Row(kvs[b].rid, layer, starts[b], kvs[b].capacity, q[b:b + 1].numpy(), k[b:b + 1].numpy(),
-                    v[b:b + 1].numpy()) for b in remote]
-        outs = dict(zip(remote, links.call(loop, rows), strict=True))
+        rows = [Row(kvs[b].rid, layer, starts[b], kvs[b].capacity, _wire(q[b:b + 1]), _wire(k[b:b + 1]),
+                    _wire(v[b:b + 1])) for b in remote]
+        outs = {b: o.to(q.dtype) for b, o in zip(remote, links.call(loop, rows), strict=True)}
         return torch.cat([outs[b] if b in outs else a(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1])
                           for b, a in enumerate(attends)])
 

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
+from models.dtypes import DTYPES, dtype_name, resolve_dtype
 from models.errors import CheckpointError
 from models.llama import load_layer, load_output_head
 from models.sharding import LocalDims, local_dims
@@ -33,12 +34,20 @@ class SplitError(CheckpointError):
 
 @dataclass(frozen=True)
 class SplitPlan:
+    """What a split folder holds: the device count, weights, source checkpoint and weight dtype."""
+
     world_size: int
     weights: tuple[float, ...]
     fingerprint: str
+    dtype: str = "float32"  # the bytes every tensor of the split is stored (and held) in
 
     def as_json(self) -> dict:
-        return {"world_size": self.world_size, "weights": list(self.weights), "fingerprint": self.fingerprint}
+        return {"world_size": self.world_size, "weights": list(self.weights), "fingerprint": self.fingerprint,
+                "dtype": self.dtype}
+
+    @property
+    def element_bytes(self) -> int:
+        return DTYPES[self.dtype].itemsize
 
 
 def rank_dir(world_size: int, rank: int) -> str:
@@ -65,9 +74,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def default_split_dir(model: str | Path) -> Path:
+def default_split_dir(model: str | Path, dtype: str = "float32") -> Path:
+    """MODEL.edge-split beside the model (MODEL.edge-split-bfloat16 for another dtype)."""
     model = Path(model).resolve()
-    return model.with_name(model.name + ".edge-split")
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    return model.with_name(f"{model.name}.edge-split{suffix}")
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -100,14 +111,18 @@ def _progress(done: int, total: int, name: str) -> None:
 
 
 def split_model(model: str | Path, world_size: int, weights: list[float] | None = None,
-                out: str | Path | None = None, ranks: list[int] | None = None, quiet: bool = False) -> Path:
-    """Write (or finish writing) the split of `model` for this plan; raises SplitError for another plan."""
+                out: str | Path | None = None, ranks: list[int] | None = None, quiet: bool = False,
+                dtype: str | None = "auto") -> Path:
+    """Write (or finish writing) the split of `model` for this plan, every tensor in `dtype` (auto:
+    the checkpoint's own); raises SplitError for another plan."""
     ckpt = Checkpoint(model)
+    ckpt = ckpt.with_dtype(resolve_dtype(dtype, ckpt.config.torch_dtype))
     plans = local_dims(ckpt.config, world_size, weights)  # PlanError before anything is written
-    plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(model))
-    out = Path(out) if out else default_split_dir(model)
+    plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(model),
+                     dtype_name(ckpt.dtype))
+    out = Path(out) if out else default_split_dir(model, plan.dtype)
     manifest = read_manifest(out) or {"plan": plan.as_json(), "files": {}}
-    if manifest["plan"] != plan.as_json():
+    if not same_plan(manifest["plan"], plan):
         raise SplitError(f"{out} holds a split for another plan ({manifest['plan']}); "
                          f"choose another --out or delete it")
     jobs = []
@@ -135,12 +150,17 @@ def split_model(model: str | Path, world_size: int, weights: list[float] | None 
     return out
 
 
+def same_plan(stored: dict, plan: SplitPlan) -> bool:
+    """Whether a manifest's plan is `plan` (manifests written before dtypes were float32)."""
+    return {"dtype": "float32"} | stored == plan.as_json()
+
+
 def verify_rank(out: Path, plan: SplitPlan, rank: int, num_layers: int) -> dict[str, dict]:
     """Check this rank's files against the manifest (size and sha256); raises SplitError naming a bad file."""
     manifest = read_manifest(out)
     if manifest is None:
         raise SplitError(f"{out}: no {MANIFEST}; run `edge-llm split`")
-    if manifest["plan"] != plan.as_json():
+    if not same_plan(manifest["plan"], plan):
         raise SplitError(f"{out}: split for another plan ({manifest['plan']}), expected {plan.as_json()}")
     names = [head_file(plan.world_size, rank)] + [layer_file(plan.world_size, rank, i) for i in range(num_layers)]
     if rank == 0:

@@ -224,6 +224,6 @@ class EmbeddingRows:
         self._rows = self._file.get_slice("embed")
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [B, S] -> [B, S, D] float32."""
+        """tokens: [B, S] -> [B, S, D] in the split's dtype."""
         rows = [self._rows[int(t):int(t) + 1] for t in tokens.reshape(-1)]
-        return torch.cat(rows).float().view(*tokens.shape, -1)
+        return torch.cat(rows).view(*tokens.shape, -1)

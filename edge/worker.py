@@ -30,11 +30,12 @@ from edge.profile import measure_device
 from edge.rejoin import stay_joined
 from edge.ring import PeerLinks
 from edge.split import SplitError, SplitPlan
+from edge.tensors import unpack_tensor
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.config import config_from_hf
+from models.dtypes import DTYPES
 from models.llama import KVCache
 from models.sharding import local_dims
-from transport.codec import unpack_array
 from transport.collectives import StarAllReduce, StepCollective
 from transport.errors import PeerFailed, TransportError
 from transport.link import LinkSpec
@@ -62,6 +63,7 @@ class WorkerSettings:
     memory_budget_mb: float | None = None
     split_dir: str | None = None
     keep_page_cache: bool = False
+    dtype: str | None = None  # refuse a master that holds weights in another dtype (None: follow it)
 
 
 class Worker:
@@ -81,7 +83,7 @@ class Worker:
         self.profile = measure_device()  # for --weights auto on the master
         self.links: PeerLinks | None = None
         self.shard: ShardModel | None = None
-        self._plan: tuple[int, tuple[float, ...]] | None = None
+        self._plan: tuple[int, tuple[float, ...], str] | None = None  # world size, weights, dtype
         self.sessions: dict[str, KVCache | RemoteKV] = {}
         self.attn: AttentionLinks | None = None  # channels to the attention nodes, when linked
         self.unlinked: set[str] = set()  # offloaded requests opened while the nodes were unreachable
@@ -97,15 +99,20 @@ class Worker:
         plan = await ch.recv("plan", 600.0)
         if "error" in plan:
             raise PlanRefused(plan["error"])
-        key = (int(plan["world_size"]), tuple(float(w) for w in plan["weights"]))
+        dtype = str(plan.get("dtype", "float32"))
+        if dtype not in DTYPES:
+            raise PlanRefused(f"the master holds weights in {dtype!r}, which this worker does not support")
+        if s.dtype not in (None, "auto", dtype):
+            raise PlanRefused(f"the master holds weights in {dtype}, this worker was started with --dtype {s.dtype}")
+        key = (int(plan["world_size"]), tuple(float(w) for w in plan["weights"]), dtype)
         if "fetch" in plan:
             await self._load_fetched(ch, plan, key)
         elif self._plan != key:  # load (or reload) only when the plan changes
             dims = local_dims(self.ckpt.config, key[0], list(key[1]))[s.rank]
             if self.shard is not None:
                 self.shard.close()
-            self.shard = load_shard(self.ckpt, dims, key[0], list(key[1]), s.memory_budget_mb, s.split_dir,
-                                    drop_cache=not s.keep_page_cache)
+            self.shard = load_shard(self.ckpt.with_dtype(DTYPES[dtype]), dims, key[0], list(key[1]),
+                                    s.memory_budget_mb, s.split_dir, drop_cache=not s.keep_page_cache)
             self._plan = key
         self.sessions.clear()
         self.unlinked.clear()
@@ -114,7 +121,7 @@ class Worker:
         log.info("rank %d joined the master (%d MB of weights)", s.rank, self.shard.nbytes() >> 20)
         return ch
 
-    async def _load_fetched(self, ch: TcpChannel, plan: dict, key: tuple[int, tuple[float, ...]]) -> None:
+    async def _load_fetched(self, ch: TcpChannel, plan: dict, key: tuple[int, tuple[float, ...], str]) -> None:
         """Fetch this rank's shard files from the master (only what is missing or stale), then load."""
         s = self.settings
         fetch = plan["fetch"]
@@ -123,7 +130,7 @@ class Worker:
         log.info("rank %d: fetched %d bytes of shard files into %s", s.rank, self.fetched_bytes, dest)
         config = config_from_hf(plan["config"])
         dims = local_dims(config, key[0], list(key[1]))[s.rank]
-        split_plan = SplitPlan(key[0], key[1], fetch["plan"]["fingerprint"])
+        split_plan = SplitPlan(key[0], key[1], fetch["plan"]["fingerprint"], key[2])
         budget = int(s.memory_budget_mb * (1 << 20)) if s.memory_budget_mb else 1 << 62
         if self.shard is not None:
             self.shard.close()
@@ -204,7 +211,7 @@ class Worker:
         """One step for a batch of requests (rows of h). A row whose request this rank no longer
         holds (closed meanwhile) runs on a scratch cache, so every rank stays in step."""
         rids = [str(r) for r in msg.get("rids") or [msg.get("rid")]]
-        h = torch.from_numpy(unpack_array(msg["h"]).copy())  # [B, S, D]
+        h = unpack_tensor(msg["h"])  # [B, S, D]
         kvs = [self.sessions.get(rid) or self.shard.new_cache(h.shape[1]) for rid in rids]
         collective.begin(int(msg["step"]))
         if self.unlinked.intersection(rids):

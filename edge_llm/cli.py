@@ -6,6 +6,12 @@ import argparse
 import sys
 
 from edge_llm import commands
+from models.dtypes import DTYPE_CHOICES
+
+
+def _dtype_flag(p: argparse.ArgumentParser, what: str = "hold weights (and activations, KV) in") -> None:
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                   help=f"{what}; auto (default) = the checkpoint's own torch_dtype")
 
 
 def _make_model(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +19,17 @@ def _make_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium", "large"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the dtype the weights are saved in (default float32)")
     p.set_defaults(func=commands.make_model)
+
+
+def _import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="convert a GGUF checkpoint into a Hugging Face-layout folder")
+    p.add_argument("gguf", help="MODEL.gguf (llama or qwen2 architecture)")
+    p.add_argument("out", help="the folder to write (config.json, model.safetensors, tokenizer files)")
+    _dtype_flag(p, "the dtype the weights are written in (quantized tensors are dequantized to it)")
+    p.set_defaults(func=commands.import_gguf)
 
 
 def _generate(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +48,7 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="print token ids and logprobs as JSON")
+    _dtype_flag(p)
     p.set_defaults(func=commands.generate)
 
 
@@ -69,6 +86,7 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-nodes", type=int, default=0,
                    help="attention-offload nodes (Lamina): they hold offloaded requests' KV caches "
                         "and compute their attention; the router sends long contexts there")
+    _dtype_flag(p)
 
 
 def _cluster(sub: argparse._SubParsersAction) -> None:
@@ -100,6 +118,8 @@ def _cluster(sub: argparse._SubParsersAction) -> None:
 def _serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the master device of a real cluster from a TOML config")
     p.add_argument("--config", required=True)
+    p.add_argument("--dtype", choices=list(DTYPE_CHOICES),
+                   help="hold weights in this dtype (default: the config's `dtype`, else auto)")
     p.set_defaults(func=commands.serve)
 
 
@@ -121,6 +141,8 @@ def _worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-budget-mb", type=float)
     p.add_argument("--split-dir")
     p.add_argument("--keep-page-cache", action="store_true")
+    p.add_argument("--dtype", choices=list(DTYPE_CHOICES),
+                   help="refuse to join unless the master holds weights in this dtype (default: the master's)")
     p.set_defaults(func=commands.worker)
 
 
@@ -129,14 +151,16 @@ def _split(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--weights")
-    p.add_argument("--out", help="default: MODEL.edge-split beside the model")
+    p.add_argument("--out", help="default: MODEL.edge-split beside the model (MODEL.edge-split-DTYPE "
+                                 "for bfloat16/float16)")
+    _dtype_flag(p, "the dtype the shard files hold")
     p.set_defaults(func=commands.split)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_make_model, _generate, _split, _cluster, _serve, _worker, _bench):
+    for add in (_make_model, _import, _generate, _split, _cluster, _serve, _worker, _bench):
         add(sub)
     return parser
 

@@ -21,8 +21,30 @@ class UserError(Exception):
 def make_model(args: argparse.Namespace) -> None:
     from models.factory import make_model as write
 
-    out = write(args.out, preset=args.preset, seed=args.seed)
-    print(f"wrote {args.preset} model to {out}")
+    out = write(args.out, preset=args.preset, seed=args.seed, dtype=args.dtype)
+    print(f"wrote {args.preset} model ({args.dtype}) to {out}")
+
+
+def import_gguf(args: argparse.Namespace) -> None:
+    from models.gguf_import import import_gguf as convert
+
+    try:
+        out = convert(args.gguf, args.out, args.dtype)
+    except CheckpointError as e:
+        raise UserError(str(e)) from e
+    print(f"imported {args.gguf} into {out}")
+
+
+def _model_folder(path: str | None) -> str | None:
+    """`--model` as a folder: a .gguf file is imported once into MODEL.gguf.edge-import beside it."""
+    if path is None or not path.endswith(".gguf"):
+        return path
+    from models.gguf_import import imported_folder
+
+    try:
+        return str(imported_folder(path))
+    except CheckpointError as e:
+        raise UserError(str(e)) from e
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
@@ -58,7 +80,7 @@ async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams)
     from edge.master import MasterSettings
     from transport.auth import new_secret
 
-    settings = MasterSettings(model=args.model, world_size=args.workers, secret=new_secret())
+    settings = MasterSettings(model=args.model, world_size=args.workers, secret=new_secret(), dtype=args.dtype)
     async with running_cluster(settings, spawn_workers=True, ready_timeout=300, announce=False) as engine:
         await _run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json)
 
@@ -69,6 +91,7 @@ def generate(args: argparse.Namespace) -> None:
     from models.model import LocalModel
     from transport.loop import run_loop
 
+    args.model = _model_folder(args.model)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             stop=tuple(args.stop), ignore_eos=args.ignore_eos,
@@ -77,7 +100,7 @@ def generate(args: argparse.Namespace) -> None:
         if args.workers > 1:
             run_loop(_generate_on_cluster(args, params))
             return
-        engine = LocalEngine(LocalModel(args.model))
+        engine = LocalEngine(LocalModel(args.model, args.dtype))
         try:
             asyncio.run(_run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json))
         finally:
@@ -151,7 +174,7 @@ def cluster(args: argparse.Namespace) -> None:
     from edge.cluster import HttpSettings, link_from_args
     from edge.master import MasterSettings
 
-    settings = MasterSettings(model=args.model, world_size=args.workers,
+    settings = MasterSettings(model=_model_folder(args.model), world_size=args.workers, dtype=args.dtype,
                               weights=_weights(args.weights, args.workers), secret=_secret(args.secret_file),
                               step_timeout=args.step_timeout,
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
@@ -186,7 +209,10 @@ def _cluster_config(path: str):
 
 
 def serve(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     cfg = _cluster_config(args.config)
+    cfg = replace(cfg, model=_model_folder(cfg.model), dtype=args.dtype or cfg.dtype)
     _run_master(cfg.master_settings(_secret(cfg.secret_file)), cfg.http, spawn=False)
 
 
@@ -195,10 +221,10 @@ def worker(args: argparse.Namespace) -> None:
     from edge.worker import PlanRefused, WorkerSettings
     from transport.loop import run_loop
 
-    model, master, secret_file = args.model, args.master, args.secret_file
+    model, master, secret_file = _model_folder(args.model), args.master, args.secret_file
     if args.config:
         cfg = _cluster_config(args.config)
-        model = model or cfg.model
+        model = model or _model_folder(cfg.model)
         master = master or f"{cfg.master_host}:{cfg.worker_port}"
         secret_file = secret_file or cfg.secret_file
     if not master or ":" not in master:
@@ -215,7 +241,7 @@ def worker(args: argparse.Namespace) -> None:
                               secret=_secret(secret_file), step_timeout=args.step_timeout,
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
                               memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir,
-                              keep_page_cache=args.keep_page_cache)
+                              keep_page_cache=args.keep_page_cache, dtype=args.dtype)
     try:
         run_loop(run_worker(settings, args.threads or __import__("torch").get_num_threads()))
     except (CheckpointError, PlanError, PlanRefused) as e:
@@ -246,7 +272,7 @@ def split(args: argparse.Namespace) -> None:
     if weights == "auto":
         raise UserError("split needs explicit --weights (the cluster splits by itself under --weights auto)")
     try:
-        out = split_model(args.model, args.workers, weights, args.out)
+        out = split_model(_model_folder(args.model), args.workers, weights, args.out, dtype=args.dtype)
     except (CheckpointError, PlanError) as e:
         raise UserError(str(e)) from e
     print(f"split {args.model} for {args.workers} workers into {out}")

@@ -6,6 +6,7 @@ message that names the file and the tensor.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import struct
@@ -99,7 +100,7 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 
 
 class Checkpoint:
-    """A validated checkpoint folder that reads whole tensors or one rank's slice, as float32."""
+    """A validated checkpoint folder that reads whole tensors or one rank's slice in `dtype`."""
 
     def __init__(self, folder: Path | str, dtype: torch.dtype = torch.float32):
         self.folder = Path(folder)
@@ -110,6 +111,12 @@ class Checkpoint:
         self.files = _tensor_files(self.folder)
         self._headers = self._validate()
         self._handles: dict[Path, object] = {}
+
+    def with_dtype(self, dtype: torch.dtype) -> Checkpoint:
+        """The same validated checkpoint, reading tensors in `dtype` (shares the open files)."""
+        other = copy.copy(self)
+        other.dtype = dtype
+        return other
 
     def _validate(self) -> dict[Path, dict[str, dict]]:
         headers: dict[Path, dict[str, dict]] = {}

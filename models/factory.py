@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from models.checkpoint import expected_tensors
 from models.config import PRESETS, config_from_hf
+from models.dtypes import DTYPES
 
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
 BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = range(4)
@@ -79,13 +80,14 @@ def _random_weights(raw: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def make_model(out: Path | str, preset: str = "tiny", seed: int = 0) -> Path:
-    """Write config.json, model.safetensors, tokenizer files and generation_config.json to `out`."""
+def make_model(out: Path | str, preset: str = "tiny", seed: int = 0, dtype: str = "float32") -> Path:
+    """Write config.json, model.safetensors (in `dtype`), tokenizer files and generation_config.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    raw = hf_config(preset)
+    raw = hf_config(preset, torch_dtype=dtype)
     weights = out / "model.safetensors"
-    save_file(_random_weights(raw, seed), str(weights), metadata={"format": "pt"})
+    tensors = {k: v.to(DTYPES[dtype]) for k, v in _random_weights(raw, seed).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
     weights.chmod(0o644)  # safetensors writes 0600; a model folder is meant to be shared
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "do_sample": False}

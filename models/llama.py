@@ -126,9 +126,11 @@ class KVCache:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [B, S, D] -> same; computed in float32 like the reference implementation."""
+    """x: [B, S, D] -> same dtype; normalised in float32, then scaled in x's dtype (as transformers)."""
+    dtype = x.dtype
+    x = x.float()
     variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
+    return weight * (x * torch.rsqrt(variance + eps)).to(dtype)
 
 
 def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor | None:

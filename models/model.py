@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import Checkpoint
+from models.dtypes import resolve_dtype
 from models.llama import KVCache, embed, forward_layers, load_head, load_layer, logits
 from models.rope import RotaryTable
 from models.sharding import full_dims
@@ -16,8 +17,10 @@ from models.tokenizer import Tokenizer, load_tokenizer
 class LocalModel:
     """All layers resident in this process; `forward` maps new tokens + cache to next-token logits."""
 
-    def __init__(self, folder: Path | str):
+    def __init__(self, folder: Path | str, dtype: str | None = "auto"):
         ckpt = Checkpoint(folder)
+        self.dtype = resolve_dtype(dtype, ckpt.config.torch_dtype)
+        ckpt = ckpt.with_dtype(self.dtype)
         self.folder = Path(folder)
         self.config = ckpt.config
         self.tokenizer: Tokenizer = load_tokenizer(self.folder, self.config)
@@ -30,7 +33,8 @@ class LocalModel:
     def new_cache(self, capacity: int = 64) -> KVCache:
         """A request's KV cache reserved for `capacity` positions (pages fill as it grows)."""
         capacity = max(1, min(capacity, self.config.max_position_embeddings))
-        return KVCache(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, capacity)
+        return KVCache(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, capacity,
+                       self.dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: list[int], kv: KVCache, all_logits: bool = False) -> torch.Tensor:

@@ -107,5 +107,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, S, head_dim]; cos, sin: [S, head_dim] -> rotated x, same shape."""
+    """x: [B, H, S, head_dim]; cos, sin: [S, head_dim] float32 -> rotated x, same shape and dtype.
+
+    cos and sin are rounded to x's dtype first, as transformers does for bf16/fp16 models.
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin
