@@ -60,8 +60,9 @@ def to_legacy_rope_form(folder: Path) -> None:
 
 
 def make_hf_checkpoint(folder: Path, kind: str, seed: int = 0, rope: str | None = None,
-                       legacy_form: bool = False, **overrides) -> Path:
-    """Save a random `kind` model with transformers (plus our tokenizer files) into `folder`."""
+                       legacy_form: bool = False, dtype: torch.dtype | None = None, **overrides) -> Path:
+    """Save a random `kind` model with transformers (plus our tokenizer files) into `folder`,
+    in `dtype` when given (as bf16/fp16 checkpoints ship)."""
     config_cls, model_cls, sizes = KINDS[kind]
     sizes = {"max_position_embeddings": 128} | dict(sizes) | overrides
     rope_name = rope or sizes.pop("rope")
@@ -71,6 +72,8 @@ def make_hf_checkpoint(folder: Path, kind: str, seed: int = 0, rope: str | None 
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     _randomise(model, seed)
+    if dtype is not None:
+        model = model.to(dtype)
     shard = "40KB" if kind == "qwen2" else "1GB"
     model.save_pretrained(folder, max_shard_size=shard)
     write_tokenizer(folder, VOCAB)
@@ -79,9 +82,12 @@ def make_hf_checkpoint(folder: Path, kind: str, seed: int = 0, rope: str | None 
     return folder
 
 
-def hf_greedy(folder: Path, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
-    """transformers' greedy tokens and the natural-log softmax of its logits at each step."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def hf_greedy(folder: Path, prompt_ids: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32,
+              attn: str | None = None) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens and the natural-log softmax of its logits at each step, computing
+    in `dtype` (with the `attn` attention implementation, e.g. "eager")."""
+    extra = {"attn_implementation": attn} if attn else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra).eval()
     with torch.no_grad():
         ids = torch.tensor([prompt_ids])
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -100,3 +106,12 @@ def hf_prompt_logprobs(folder: Path, prompt_ids: list[int], k: int) -> tuple[lis
     targets = torch.tensor(prompt_ids[1:])
     chosen = logprobs[:-1].gather(1, targets[:, None])[:, 0]
     return chosen.tolist(), logprobs[:-1].topk(k, dim=-1).values.tolist()
+
+
+def hf_forced_logprobs(folder: Path, prompt_ids: list[int], tokens: list[int],
+                       dtype: torch.dtype = torch.float32) -> list[float]:
+    """transformers' logprob of each of `tokens` given the prompt and the tokens before it (one forward)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + tokens])).logits[0, len(prompt_ids) - 1:-1].float()
+    return logits.log_softmax(-1).gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
