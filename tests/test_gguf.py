@@ -99,10 +99,12 @@ async def test_smollm2_cluster_matches_transformers(smollm2, smollm2_reference, 
         cluster.stop()
 
 
-# (kind, matrix type, embedding type): Llama 3 rope through rope_freqs and llama.cpp's Q/K permutation,
-# Qwen2's biases and tied embeddings; every tensor type the import supports appears in one of them.
-FILES = [("llama", Q.Q8_0, None), ("qwen2", Q.Q8_0, Q.BF16), ("llama", Q.Q4_0, Q.Q4_1),
-         ("llama", Q.Q6_K, None), ("llama", Q.Q4_K, Q.F16), ("qwen2", Q.Q5_K, None)]
+# (kind, matrix type, embedding type, device counts): Llama 3 rope through rope_freqs and llama.cpp's
+# Q/K permutation, Qwen2's biases and tied embeddings; every tensor type the import supports appears
+# in one of them, and each device count on both architectures.
+FILES = [("llama", Q.Q8_0, None, (1, 2, 3)), ("qwen2", Q.Q8_0, Q.BF16, (1, 2, 3)),
+         ("llama", Q.Q4_0, Q.Q4_1, (2,)), ("llama", Q.Q6_K, None, (1,)), ("llama", Q.Q4_K, Q.F16, (3,)),
+         ("qwen2", Q.Q5_K, None, (2,))]
 K_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -110,7 +112,7 @@ K_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, nu
 def written_gguf(request, tmp_path_factory):
     """A GGUF written here from a transformers checkpoint, and transformers' greedy run on that GGUF
     (given the source config for Llama 3 rope: its GGUF loader ignores rope_freqs)."""
-    kind, quant, embed = request.param
+    kind, quant, embed, workers = request.param
     tmp = tmp_path_factory.mktemp(f"{kind}-{quant.name}")
     sizes = K_SIZES if quant in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else {}
     source = make_hf_checkpoint(tmp / "source", kind, seed=1, **sizes)
@@ -118,21 +120,21 @@ def written_gguf(request, tmp_path_factory):
     config = {"config": transformers.AutoConfig.from_pretrained(source)} if kind == "llama" else {}
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp, gguf_file=path.name, dtype=torch.float32,
                                                               **config).eval()
-    return path, greedy(model, PROMPT, 24)
+    return path, workers, greedy(model, PROMPT, 24)
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
-def test_written_gguf_generates_like_transformers(written_gguf, workers):
-    """`--model X.gguf` directly: imported once beside the file, then served."""
-    path, (ref_tokens, ref_logprobs) = written_gguf
-    cmd = [sys.executable, "-m", "edge_llm", "generate", "--model", str(path), "--prompt-ids",
-           ",".join(map(str, PROMPT)), "--max-tokens", "24", "--json", "--workers", str(workers)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ours = json.loads(out.stdout.strip().splitlines()[-1])
-    n = len(ref_tokens)  # transformers stops at any eos of the source config; the file names one
-    assert n >= 16 and ours["token_ids"][:n] == ref_tokens
-    assert ours["logprobs"][:n] == pytest.approx(ref_logprobs, abs=1e-4)
+def test_written_gguf_generates_like_transformers(written_gguf):
+    """`--model X.gguf` directly: imported once beside the file, then served on each device count."""
+    path, device_counts, (ref_tokens, ref_logprobs) = written_gguf
+    for workers in device_counts:
+        cmd = [sys.executable, "-m", "edge_llm", "generate", "--model", str(path), "--prompt-ids",
+               ",".join(map(str, PROMPT)), "--max-tokens", "24", "--json", "--workers", str(workers)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        ours = json.loads(out.stdout.strip().splitlines()[-1])
+        n = len(ref_tokens)  # transformers stops at any eos of the source config; the file names one
+        assert n >= 16 and ours["token_ids"][:n] == ref_tokens, workers
+        assert ours["logprobs"][:n] == pytest.approx(ref_logprobs, abs=1e-4), workers
 
 
 def run_import(source: Path, out: Path) -> subprocess.CompletedProcess:
