@@ -38,6 +38,7 @@ from models.rope import RotaryTable
 from models.scoring import slice_scores
 from models.sharding import LocalDims
 from transport.collectives import StarAllReduce, StepCollective
+from transport.fastpath import FastStar
 
 T = TypeVar("T")
 log = logging.getLogger("edge_llm.engine")
@@ -95,12 +96,14 @@ class ShardModel:
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn)
 
     async def forward(self, h: torch.Tensor, kvs: list[KVStore], star: StarAllReduce | StepCollective,
-                      timeout: float, score: tuple[torch.Tensor, int] | None = None) -> np.ndarray | None:
+                      timeout: float, score: tuple[torch.Tensor, int] | None = None,
+                      fast: FastStar | None = None) -> np.ndarray | None:
         """h: [B, S, D], one row per request (S == 1 when B > 1) -> next-token logits [B, V] at rank 0
         (None elsewhere); raises collective and attention-node errors.
 
         With `score` (targets [S-1], k; B == 1): each rank's slice scores of positions 0..S-2
-        (models.scoring) instead, gathered side by side at rank 0: [S-1, N x (3 + 2k)].
+        (models.scoring) instead, gathered side by side at rank 0: [S-1, N x (3 + 2k)]. With `fast`
+        the all-reduces run on the compute thread over the data plane (every rank must agree).
         """
         loop = asyncio.get_running_loop()
 
@@ -108,6 +111,8 @@ class ShardModel:
             # bf16/fp16 partials travel as float32 (exact) and are summed in float32 in rank order;
             # every rank rounds the same sum to the activation dtype, so all ranks stay identical.
             arr = partial.detach().float().contiguous().numpy()
+            if fast is not None:
+                return torch.from_numpy(fast.allreduce(arr)).view(partial.shape).to(partial.dtype)
             fut = asyncio.run_coroutine_threadsafe(star.allreduce(arr), loop)
             summed = torch.from_numpy(np.asarray(fut.result(timeout + 1.0))).view(partial.shape)
             return summed.to(partial.dtype)

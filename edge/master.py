@@ -37,7 +37,8 @@ from models.scoring import combine_scores
 from models.sharding import PlanError, local_dims
 from models.tokenizer import Tokenizer, load_tokenizer
 from transport.collectives import StarAllReduce, StepCollective
-from transport.errors import PeerFailed, TransportError
+from transport.errors import FrameError, PeerFailed, TransportError
+from transport.fastpath import ABORT, DataLink, DataServer, FastStar
 from transport.link import LinkSpec
 from transport.tcp import ChannelServer, TcpChannel
 
@@ -153,6 +154,14 @@ class ClusterEngine:
             self._decide(settings.weights)  # PlanError / BudgetTooSmall at start
         self.workers: dict[int, TcpChannel] = {}
         self.star = StarAllReduce(0, settings.world_size, self.workers, settings.step_timeout)
+        # The all-reduce data plane (transport.fastpath): on plain star links only; emulated links
+        # and rings keep the event-loop path, which implements their delays and hops.
+        self.data_links: dict[int, DataLink] = {}
+        self.fast = FastStar(0, settings.world_size, self.data_links, self.star.next_seq)
+        plain = settings.allreduce == "star" and (settings.link is None or not settings.link.active)
+        self._data_server = DataServer(settings.secret, settings.step_timeout, self._on_data_link) \
+            if plain and settings.world_size > 1 else None
+        self._data_task: asyncio.Task[None] | None = None
         self.collective = StepCollective(self.star)
         self.listen: dict[int, list] = {}  # where each worker accepts its ring predecessor
         self._ring_epoch = 0
@@ -193,6 +202,9 @@ class ClusterEngine:
     async def start(self) -> int:
         """Listen for workers and start the step runner; returns the port."""
         self._runner = asyncio.create_task(self._run_steps(), name="step-runner")
+        if self._data_server is not None:
+            self.data_port = self._data_server.start(self.settings.host)
+            self._data_task = asyncio.create_task(self._data_server.serve(), name="data-links")
         self._planned = asyncio.Event()
         if not self.auto:
             self._planned.set()
@@ -247,6 +259,8 @@ class ClusterEngine:
                 await self._auto_plan(rank, join.get("profile"))
             plan = {"t": "plan", "world_size": self.settings.world_size, "weights": self.weights,
                     "dtype": dtype_name(self.dtype)}
+            if self._data_server is not None:
+                plan["data_port"] = self.data_port
             if join.get("fingerprint") is None:  # no local checkpoint: it fetches its shard from us
                 plan |= await self._fetch_offer(rank)
             await ch.send(plan)
@@ -272,6 +286,20 @@ class ClusterEngine:
             await self._link_ring()
         await self._link_attention()
         await self._watch(rank, ch)
+
+    def _on_data_link(self, rank: int, link: DataLink) -> None:
+        """A worker's data link (authenticated): it replaces the rank's old one."""
+        if not 0 < rank < self.settings.world_size:
+            raise FrameError(f"data link for rank {rank!r}, not in 1..{self.settings.world_size - 1}")
+        old = self.data_links.pop(rank, None)
+        if old is not None:
+            old.close()
+        self.data_links[rank] = link
+
+    def _fast_ready(self) -> bool:
+        """Whether this step's all-reduces can use the data plane: every worker has a live data link."""
+        return self._data_server is not None and all(
+            r in self.data_links and not self.data_links[r].closed for r in range(1, self.settings.world_size))
 
     async def _watch(self, rank: int, ch: TcpChannel) -> None:
         """Hold a worker's link while its heartbeats come; a silent (frozen) worker is dropped, so
@@ -579,7 +607,8 @@ class ClusterEngine:
         step = next(self._steps)
         ids = torch.tensor(rows, dtype=torch.long)  # [B, S]; S == 1 when B > 1
         h = await self.shard.run(lambda: self.embed(ids))  # [B, S, D]
-        ctl = {"op": "step", "rids": [s.rid for s in sessions], "step": step, "h": pack_tensor(h)}
+        fast = self._fast_ready()
+        ctl = {"op": "step", "rids": [s.rid for s in sessions], "step": step, "h": pack_tensor(h), "fast": fast}
         score = None
         if score_k is not None:  # one session, no replay: its tokens are the prompt to score
             ctl |= {"score": score_k, "targets": rows[0][1:]}
@@ -588,9 +617,11 @@ class ClusterEngine:
         self.collective.begin(step)
         try:
             full = await self.shard.forward(h, [s.kv for s in sessions], self.collective,
-                                            self.settings.step_timeout, score)
+                                            self.settings.step_timeout, score, self.fast if fast else None)
         except (TransportError, TimeoutError, KeyError, SplitError):
             await self.star.abort(f"step {step} failed")
+            if fast:  # workers waiting for a sum wait on their data links
+                self.fast.report(ABORT, self.star.seq, f"step {step} failed")
             raise
         for s, t in zip(sessions, tokens, strict=True):
             s.history += t
@@ -600,9 +631,14 @@ class ClusterEngine:
         return full
 
     async def aclose(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
+        for task in (self._runner, self._data_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._data_server is not None:
+            self._data_server.close()
+        for link in list(self.data_links.values()):
+            link.close()
         await self._server.aclose()
         if self.attention is not None:
             await self.attention.aclose()

@@ -37,6 +37,7 @@ from models.dtypes import DTYPES
 from models.llama import KVCache
 from models.sharding import local_dims
 from transport.collectives import StarAllReduce, StepCollective
+from transport.fastpath import ERROR, DataLink, FastStar, open_data_link
 from transport.errors import PeerFailed, TransportError
 from transport.link import LinkSpec
 from transport.tcp import TcpChannel, connect
@@ -87,6 +88,8 @@ class Worker:
         self.sessions: dict[str, KVCache | RemoteKV] = {}
         self.attn: AttentionLinks | None = None  # channels to the attention nodes, when linked
         self.unlinked: set[str] = set()  # offloaded requests opened while the nodes were unreachable
+        self.data: DataLink | None = None  # the all-reduce data plane to the master, when offered
+        self.fast: FastStar | None = None
 
     async def _join(self) -> TcpChannel:
         s = self.settings
@@ -116,10 +119,26 @@ class Worker:
             self._plan = key
         self.sessions.clear()
         self.unlinked.clear()
+        await self._open_data_link(plan)
         await ch.send({"t": "ready", "rank": s.rank, "weight_bytes": self.shard.nbytes(),
                        "fixed_rss_bytes": self.fixed_rss, "fetched_bytes": self.fetched_bytes})
         log.info("rank %d joined the master (%d MB of weights)", s.rank, self.shard.nbytes() >> 20)
         return ch
+
+    async def _open_data_link(self, plan: dict) -> None:
+        """The data plane for all-reduces (transport.fastpath) when the master offers one; without it
+        this rank's all-reduces go through the control channel (the master then uses that path)."""
+        s = self.settings
+        if self.data is not None:
+            self.data.close()
+            self.data = None
+        port = plan.get("data_port")
+        if not isinstance(port, int):
+            return
+        try:
+            self.data = await open_data_link(s.master_host, port, s.secret, s.rank, s.step_timeout)
+        except (OSError, TimeoutError, TransportError) as e:
+            log.warning("rank %d: no data link (%s); all-reduces go through the control channel", s.rank, e)
 
     async def _load_fetched(self, ch: TcpChannel, plan: dict, key: tuple[int, tuple[float, ...], str]) -> None:
         """Fetch this rank's shard files from the master (only what is missing or stale), then load."""
@@ -156,6 +175,7 @@ class Worker:
         world, timeout = int(self._plan[0]), self.settings.step_timeout
         star = StarAllReduce(self.settings.rank, world, {0: ch}, timeout)
         collective = StepCollective(star)
+        self.fast = FastStar(self.settings.rank, world, {0: self.data}, star.next_seq) if self.data else None
         while True:
             msg = await ch.recv("ctl", IDLE_TIMEOUT)
             op, rid = msg.get("op"), str(msg.get("rid"))
@@ -214,33 +234,38 @@ class Worker:
         h = unpack_tensor(msg["h"])  # [B, S, D]
         kvs = [self.sessions.get(rid) or self.shard.new_cache(h.shape[1]) for rid in rids]
         collective.begin(int(msg["step"]))
-        if self.unlinked.intersection(rids):
-            failure = AttentionNodeFailed(-1, f"rank {self.settings.rank} is not linked to the attention nodes")
-            await self._fail(collective, rids, f"rank {self.settings.rank}: {failure}")
+        fast = self.fast if msg.get("fast") else None
+        if self.unlinked.intersection(rids) or (msg.get("fast") and fast is None):
+            failure = AttentionNodeFailed(-1, f"rank {self.settings.rank} is not linked to the attention nodes") \
+                if self.unlinked.intersection(rids) else "no data link to the master"
+            await self._fail(collective, rids, f"rank {self.settings.rank}: {failure}", fast)
             return
         try:
             score = (torch.tensor(msg["targets"], dtype=torch.long), int(msg["score"])) if "score" in msg else None
-            await self.shard.forward(h, kvs, collective, self.settings.step_timeout, score)
+            await self.shard.forward(h, kvs, collective, self.settings.step_timeout, score, fast)
         except AttentionNodeFailed as e:  # tell the hub at once: it rebuilds the KV elsewhere
             log.warning("step %s of %s lost its attention node: %s", msg["step"], rids, e)
-            await self._fail(collective, rids, f"rank {self.settings.rank}: {e}")
+            await self._fail(collective, rids, f"rank {self.settings.rank}: {e}", fast)
         except PeerFailed as e:  # a ring predecessor could not finish: pass it on around the ring
             log.warning("step %s of %s failed: %s", msg["step"], rids, e)
-            await self._fail(collective, rids, str(e))
+            await self._fail(collective, rids, str(e), fast)
         except (TransportError, TimeoutError) as e:  # a peer or ring neighbour is gone
             log.warning("step %s of %s failed: %s", msg["step"], rids, e)
             await self._close_all(rids)
         except SplitError as e:  # our own weights failed: tell the hub, which fails the request
             log.error("rank %d: %s", self.settings.rank, e)
-            await self._fail(collective, rids, f"rank {self.settings.rank}: {e}")
+            await self._fail(collective, rids, f"rank {self.settings.rank}: {e}", fast)
         except Exception as e:  # a bug must fail the step, not take the device down
             log.exception("rank %d: step %s failed unexpectedly", self.settings.rank, msg["step"])
-            await self._fail(collective, rids, f"rank {self.settings.rank}: internal error {e!r}")
+            await self._fail(collective, rids, f"rank {self.settings.rank}: internal error {e!r}", fast)
 
-    async def _fail(self, collective: StepCollective, rids: list[str], reason: str) -> None:
-        """Drop the step's requests and report why (to the hub and the ring successor) so the
-        cluster fails the step at once instead of at its timeout."""
+    async def _fail(self, collective: StepCollective, rids: list[str], reason: str,
+                    fast: FastStar | None = None) -> None:
+        """Drop the step's requests and report why (to the hub, on the data plane when the step used
+        it, and to the ring successor) so the cluster fails the step at once, not at its timeout."""
         await self._close_all(rids)
+        if fast is not None:  # the hub's compute thread waits on the data link, not on the channel
+            fast.report(ERROR, collective.star.seq + 1, reason)
         try:
             await collective.fail(reason)
         except TransportError as e:  # the peers are gone too: the master sees that by itself

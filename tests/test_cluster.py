@@ -98,7 +98,9 @@ def test_worker_with_a_different_checkpoint_is_refused(llama, qwen2, tmp_path):
         cluster.stop()
 
 
-async def _stream_until_error(url: str) -> tuple[list[dict], float]:
+async def _stream_until_error(url: str, on_first_token=None) -> tuple[list[dict], float]:
+    """Stream a long greedy request; `on_first_token()` runs when its first token arrives (so a
+    failure injected there lands mid-stream however fast the cluster decodes)."""
     body = {"prompt": PROMPT, "max_tokens": 100, "temperature": 0, "stream": True, "ignore_eos": True}
     events, start = [], time.monotonic()
     async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
@@ -106,6 +108,8 @@ async def _stream_until_error(url: str) -> tuple[list[dict], float]:
             line = raw.decode().strip()
             if line.startswith("data: ") and line != "data: [DONE]":
                 events.append(__import__("json").loads(line[6:]))
+                if len(events) == 1 and on_first_token is not None:
+                    on_first_token()
     return events, time.monotonic() - start
 
 
@@ -137,10 +141,8 @@ async def test_killed_worker_fails_the_request_then_rejoins(llama, tmp_path, wor
     folder, (ref_tokens, _) = llama
     cluster = ClusterProcess(folder, workers, tmp_path, "--step-timeout", "2", "--allreduce", allreduce)
     try:
-        stream = asyncio.create_task(_stream_until_error(cluster.url))
-        await asyncio.sleep(0.3)
-        cluster.kill_worker(1)
-        events, elapsed = await asyncio.wait_for(stream, 30)
+        events, elapsed = await asyncio.wait_for(
+            _stream_until_error(cluster.url, lambda: cluster.kill_worker(1)), 30)
         assert "error" in events[-1] and "worker" in events[-1]["error"]["message"]
         assert elapsed < 10
         async with aiohttp.ClientSession() as s:

@@ -71,6 +71,15 @@ class StarAllReduce:
         """Align sequence numbers at a step boundary so ranks recover after a failed step."""
         self._seq = step << 16
 
+    def next_seq(self) -> int:
+        """The number of the next collective (the data plane, transport.fastpath, shares the count)."""
+        self._seq += 1
+        return self._seq
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
     async def allreduce(self, x: np.ndarray) -> np.ndarray:
         """Raises CollectiveTimeout / ChannelClosed when a peer fails; the caller fails the request."""
         self._seq += 1

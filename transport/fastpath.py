@@ -1,0 +1,277 @@
+"""The all-reduce data plane: raw float32 frames on blocking sockets, driven by the compute thread.
+
+Why: on the event-loop path every all-reduce hands the partial from the compute thread to the
+loop and the sum back, in each process: four thread wake-ups per all-reduce, two per layer, which
+on a 2-core device costs far more than the loopback round trip itself (bench/profile.md). Here the
+compute thread writes its partial and reads the sum itself. The control plane (steps, gathers,
+heartbeats) stays on the event loop; the sums are bit-identical to StarAllReduce's (rank order,
+float32).
+
+Frame: a 16-byte header (kind, payload bytes, collective sequence number) and the payload: the
+array's bytes for DATA, a UTF-8 reason for ERROR (a rank cannot finish the step) and ABORT (the
+hub gave up on the step). Frames of an abandoned step (lower sequence numbers) are skipped.
+Peers authenticate with the cluster's HMAC handshake before the first frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+
+import numpy as np
+
+from transport.auth import client_handshake, server_handshake
+from transport.codec import decode, encode
+from transport.errors import (AuthError, ChannelClosed, CollectiveAborted, CollectiveTimeout, FrameError,
+                              PeerFailed, TransportError)
+from transport.frames import HANDSHAKE_MAX_FRAME, HEADER
+
+log = logging.getLogger("edge_llm.transport")
+FRAME = struct.Struct("<BxxxIQ")  # kind, payload bytes, sequence number
+DATA, ERROR, ABORT = 1, 2, 3
+MAX_PAYLOAD = 256 << 20
+HANDSHAKE_TIMEOUT = 5.0
+
+
+class DataLink:
+    """One authenticated blocking socket to a peer; the compute thread sends and receives, the event
+    loop may only report failures (`send_nowait`)."""
+
+    def __init__(self, sock: socket.socket, peer: str, timeout: float):
+        sock.setblocking(True)
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock, self.peer, self.timeout = sock, peer, timeout
+        self.closed = False
+        self._lock = threading.Lock()
+        self._header = bytearray(FRAME.size)
+
+    def send(self, kind: int, seq: int, payload: bytes | memoryview = b"") -> None:
+        """Raises ChannelClosed when the peer is gone."""
+        data = memoryview(payload).cast("B")  # bytes, whatever the array's shape and dtype
+        with self._lock:
+            self._sendall([FRAME.pack(kind, len(data), seq), data])
+
+    def send_nowait(self, kind: int, seq: int, reason: str) -> None:
+        """A failure report from the event loop: never blocks it; dropped if the link is busy or full."""
+        if self.closed or not self._lock.acquire(timeout=0.5):
+            return
+        try:
+            data = reason.encode()[:4096]
+            self.sock.send(FRAME.pack(kind, len(data), seq) + data, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        finally:
+            self._lock.release()
+
+    def _sendall(self, parts: list) -> None:
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        try:
+            while views:
+                sent = self.sock.sendmsg(views)
+                while views and sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                if views and sent:
+                    views[0] = views[0][sent:]
+        except TimeoutError as e:
+            raise CollectiveTimeout(f"{self.peer} did not take data for {self.timeout:.1f} s") from e
+        except OSError as e:
+            self.closed = True
+            raise ChannelClosed(f"data link to {self.peer} closed ({e})") from e
+
+    def _read_exact(self, view: memoryview) -> None:
+        got = 0
+        try:
+            while got < len(view):
+                n = self.sock.recv_into(view[got:])
+                if n == 0:
+                    self.closed = True
+                    raise ChannelClosed(f"data link to {self.peer} closed by the peer")
+                got += n
+        except TimeoutError as e:
+            raise CollectiveTimeout(f"{self.peer} sent nothing for {self.timeout:.1f} s") from e
+        except OSError as e:
+            self.closed = True
+            raise ChannelClosed(f"data link to {self.peer} failed ({e})") from e
+
+    def recv_into(self, seq: int, out: np.ndarray) -> None:
+        """The peer's DATA frame for collective #seq, read straight into `out`; raises PeerFailed,
+        CollectiveAborted, CollectiveTimeout, ChannelClosed or FrameError."""
+        while True:
+            self._read_exact(memoryview(self._header))
+            kind, size, got = FRAME.unpack(self._header)
+            if size > MAX_PAYLOAD:
+                raise FrameError(f"{self.peer} announced a {size}-byte frame")
+            if kind in (ERROR, ABORT) or got < seq:
+                body = bytearray(size)
+                self._read_exact(memoryview(body))
+                if got < seq:
+                    continue  # left over from a step that failed
+                reason = body.decode(errors="replace")
+                raise (PeerFailed(reason) if kind == ERROR else
+                       CollectiveAborted(f"the hub aborted all-reduce #{seq}: {reason}"))
+            if kind != DATA or got != seq or size != out.nbytes:
+                raise FrameError(f"{self.peer}: frame kind {kind} #{got} of {size} bytes, expected data "
+                                 f"#{seq} of {out.nbytes}")
+            self._read_exact(memoryview(out).cast("B"))
+            return
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class FastStar:
+    """StarAllReduce's sums over DataLinks, on the calling thread (same sequence numbers, same order).
+
+    `next_seq` is the StarAllReduce's own counter, so gathers on the event loop stay in step.
+    """
+
+    def __init__(self, rank: int, world_size: int, links: Mapping[int, DataLink], next_seq: Callable[[], int]):
+        self.rank, self.world_size, self.links, self._next_seq = rank, world_size, links, next_seq
+
+    def allreduce(self, x: np.ndarray) -> np.ndarray:
+        """x: float32 partial -> the float32 sum of every rank's partial, in rank order."""
+        seq = self._next_seq()
+        if self.world_size == 1:
+            return x
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.rank != 0:
+            hub = self.links[0]
+            hub.send(DATA, seq, x.data)
+            out = np.empty_like(x)
+            hub.recv_into(seq, out)
+            if self.world_size == 2:  # direct exchange: both ranks sum rank 0's then rank 1's
+                first = out.copy()
+                first += x
+                return first
+            return out
+        if self.world_size == 2:
+            peer = self.links[1]
+            peer.send(DATA, seq, x.data)
+        acc = x.copy()
+        part = np.empty_like(x)
+        for r in range(1, self.world_size):
+            self.links[r].recv_into(seq, part)
+            acc += part
+        if self.world_size > 2:
+            for r in range(1, self.world_size):
+                self.links[r].send(DATA, seq, acc.data)
+        return acc
+
+    def report(self, kind: int, seq: int, reason: str) -> None:
+        """From the event loop: ERROR to the hub (a worker's failure) or ABORT to every worker (the hub's)."""
+        for link in list(self.links.values()):
+            link.send_nowait(kind, seq, reason)
+
+
+class _FramedSocket:
+    """Length-prefixed msgpack frames over a non-blocking socket, for the handshake only."""
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop):
+        self.sock, self.loop, self._pending = sock, loop, []
+
+    def send(self, msg: dict) -> None:
+        body = encode(msg)
+        self._pending.append(HEADER.pack(len(body)) + body)
+
+    async def flush(self) -> None:
+        for data in self._pending:
+            await self.loop.sock_sendall(self.sock, data)
+        self._pending.clear()
+
+    async def _exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = await self.loop.sock_recv(self.sock, n - len(buf))
+            if not chunk:
+                raise AuthError("the data link closed during the handshake")
+            buf += chunk
+        return buf
+
+    async def receive(self) -> dict:
+        await self.flush()
+        (size,) = HEADER.unpack(await self._exact(HEADER.size))
+        if size > HANDSHAKE_MAX_FRAME:
+            raise AuthError(f"handshake frame of {size} bytes")
+        return decode(await self._exact(size))
+
+
+async def open_data_link(host: str, port: int, secret: bytes, rank: int, timeout: float) -> DataLink:
+    """Worker side: connect, authenticate, name our rank; raises OSError, TimeoutError or AuthError."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            await loop.sock_connect(sock, (host, port))
+            framed = _FramedSocket(sock, loop)
+            await client_handshake(framed.send, framed.receive, secret)
+            framed.send({"t": "data", "rank": rank})
+            if (await framed.receive()).get("t") != "data.ok":
+                raise AuthError("the master refused the data link")
+    except BaseException:
+        sock.close()
+        raise
+    return DataLink(sock, f"{host}:{port}", timeout)
+
+
+class DataServer:
+    """Master side: accepts data links and hands each authenticated one, with its rank, to `on_link`."""
+
+    def __init__(self, secret: bytes, timeout: float, on_link: Callable[[int, DataLink], Awaitable[None] | None]):
+        self._secret, self._timeout, self._on_link = secret, timeout, on_link
+        self._sock: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, host: str) -> int:
+        """Listen on an ephemeral port of `host`; returns it. The accept loop starts with `serve`."""
+        self._sock = socket.create_server((host, 0), reuse_port=False)
+        self._sock.setblocking(False)
+        return self._sock.getsockname()[1]
+
+    async def serve(self) -> None:
+        """Accept until cancelled (the owner runs this as its task)."""
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            conn, addr = await loop.sock_accept(self._sock)
+            task = loop.create_task(self._admit(conn, f"{addr[0]}:{addr[1]}"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _admit(self, conn: socket.socket, peer: str) -> None:
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                framed = _FramedSocket(conn, loop)
+                await server_handshake(framed.send, framed.receive, self._secret)
+                hello = await framed.receive()
+                rank = hello.get("rank")
+                if hello.get("t") != "data" or not isinstance(rank, int):
+                    raise AuthError(f"expected a data-link hello, got {hello.get('t')!r}")
+                link = DataLink(conn, peer, self._timeout)
+                link.sock.setblocking(False)  # until the welcome is out
+                result = self._on_link(rank, link)
+                if result is not None:
+                    await result
+                framed.send({"t": "data.ok"})
+                await framed.flush()
+                link.sock.settimeout(self._timeout)  # blocking with a timeout from here on
+        except (TimeoutError, TransportError, OSError) as e:  # a bad or slow peer: drop it, keep serving
+            log.warning("data link from %s refused: %s", peer, e)
+            conn.close()
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._sock is not None:
+            self._sock.close()
