@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,7 @@ from models.llama import (
     load_layer,
     load_output_head,
     logits,
+    no_reduce,
 )
 from models.rope import RotaryTable
 from models.scoring import slice_scores
@@ -59,6 +61,9 @@ class ShardModel:
         self._nbytes = nbytes
         self.rotary = RotaryTable(self.config)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-r{dims.rank}")
+        # Where a step's time goes on this rank (/metrics, scripts/profile_decode.py): the whole
+        # forward on the compute thread, and the part of it spent in all-reduces (send + wait).
+        self.timing = {"forward_s": 0.0, "allreduce_s": 0.0, "allreduces": 0, "forwards": 0}
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, dims: LocalDims) -> ShardModel:
@@ -89,7 +94,9 @@ class ShardModel:
         return self._nbytes
 
     def stats(self) -> dict[str, float]:
-        return self.window.stats.as_dict() if self.window is not None else {}
+        """Counters that ride along with every step's gather: weight window and step timing."""
+        window = self.window.stats.as_dict() if self.window is not None else {}
+        return window | self.timing
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run torch work on this rank's compute thread."""
@@ -110,14 +117,29 @@ class ShardModel:
         def reduce(partial: torch.Tensor) -> torch.Tensor:  # runs on the compute thread
             # bf16/fp16 partials travel as float32 (exact) and are summed in float32 in rank order;
             # every rank rounds the same sum to the activation dtype, so all ranks stay identical.
+            began = time.perf_counter()
             arr = partial.detach().float().contiguous().numpy()
             if fast is not None:
-                return torch.from_numpy(fast.allreduce(arr)).view(partial.shape).to(partial.dtype)
-            fut = asyncio.run_coroutine_threadsafe(star.allreduce(arr), loop)
-            summed = torch.from_numpy(np.asarray(fut.result(timeout + 1.0))).view(partial.shape)
-            return summed.to(partial.dtype)
+                summed = fast.allreduce(arr)
+            else:
+                summed = asyncio.run_coroutine_threadsafe(star.allreduce(arr), loop).result(timeout + 1.0)
+            out = torch.from_numpy(np.asarray(summed)).view(partial.shape).to(partial.dtype)
+            self.timing["allreduce_s"] += time.perf_counter() - began
+            self.timing["allreduces"] += 1
+            return out
+
+        if self.dims.world_size == 1:  # nothing to sum: no hop to the event loop and back
+            reduce = no_reduce  # noqa: F811
 
         def run() -> np.ndarray:
+            began = time.perf_counter()
+            try:
+                return forward()
+            finally:
+                self.timing["forward_s"] += time.perf_counter() - began
+                self.timing["forwards"] += 1
+
+        def forward() -> np.ndarray:
             with torch.inference_mode():
                 if len(kvs) == 1:
                     out = forward_layers(h, self.layers, self.config, self.dims, kvs[0], self.rotary, reduce)

@@ -396,8 +396,10 @@ class ClusterEngine:
         links = {r: {"sent": ch.bytes_sent, "received": ch.bytes_received} for r, ch in self.workers.items()}
         shard = self.shard
         window = {0: shard.stats(), **self.star.peer_meta} if shard is not None and shard.window else {}
+        timing = {0: shard.timing} if shard is not None else {}
+        timing |= {r: m for r, m in self.star.peer_meta.items() if "forward_s" in m}
         rank0 = shard.nbytes() + self.embed_bytes if shard else 0
-        return {"links": links, "weight_bytes": {0: rank0, **self.worker_bytes},
+        return {"links": links, "weight_bytes": {0: rank0, **self.worker_bytes}, "timing": timing,
                 "window": window, "fixed_rss": self.worker_fixed_rss, "fetched": self.worker_fetched,
                 "attention": self.attention.snapshot() if self.attention else None,
                 "kv_rebuilds": self.kv_rebuilds, "steps": self.steps_run, "step_rows": self.rows_run}

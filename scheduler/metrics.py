@@ -39,7 +39,22 @@ class _ClusterCollector(Collector):
         for rank, nbytes in snap.get("fetched", {}).items():
             fetched.add_metric([str(rank)], nbytes)
         yield from (sent, received, weights, fixed, fetched, *self._window(snap.get("window", {})))
+        yield from self._timing(snap.get("timing", {}))
         yield from self._offload(snap)
+
+    @staticmethod
+    def _timing(per_rank: dict) -> Iterable:
+        """Where each rank's step time goes: forwards on its compute thread and their all-reduces."""
+        names = {"forward_s": ("edge_rank_forward_seconds", "Seconds of forward passes on the compute thread"),
+                 "allreduce_s": ("edge_rank_allreduce_seconds", "Seconds of those spent in all-reduces (send + wait)"),
+                 "forwards": ("edge_rank_forwards", "Forward passes"),
+                 "allreduces": ("edge_rank_allreduces", "All-reduces")}
+        for key, (name, doc) in names.items():
+            family = CounterMetricFamily(name, doc, labels=["rank"])
+            for rank, stats in per_rank.items():
+                if key in stats:
+                    family.add_metric([str(rank)], stats[key])
+            yield family
 
     @staticmethod
     def _offload(snap: dict) -> Iterable:

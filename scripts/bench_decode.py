@@ -4,7 +4,9 @@ checkpoint and the same cores. Writes bench/decode.json and bench/decode.md.
 
     .venv/bin/python scripts/bench_decode.py [--model DIR | --preset large] [--workers 1,2,3,4]
 
-Rounds alternate between the systems so drift of the machine hits all of them alike.
+Next to each cluster size: the memory-streaming floor measured in the same run (scripts/stream_floor.py:
+N one-thread processes streaming their rank's weight bytes through F.linear concurrently), and
+the cluster's time per token over it (its overhead).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stream_floor import measure_floor  # noqa: E402
 
 PROMPT = list(range(1, 17))
 HF_SCRIPT = r"""
@@ -134,18 +139,22 @@ def write(results: dict, out: Path) -> None:
     out.mkdir(exist_ok=True)
     (out / "decode.json").write_text(json.dumps(results, indent=2))
     hf = results["transformers"]
-    lines = [f"Model: {results['model']} ({results['model_bytes'] / 1e9:.2f} GB fp32), prompt {len(PROMPT)} "
+    lines = [f"Model: {results['model']} ({results['model_bytes'] / 1e9:.2f} GB on disk), prompt {len(PROMPT)} "
              f"tokens, {results['new_tokens']} new tokens, {results['cores']} cores, median of "
              f"{hf['rounds']} rounds.", "",
-             "| system | TTFT ms | time per output token ms | vs transformers | bytes/token worker->master | formula |",
-             "|---|---|---|---|---|---|",
-             f"| transformers generate() ({results['cores']} threads) | {hf['ttft_ms']:.0f} | {hf['tpot_ms']:.1f} | 1.00 | | |"]
+             "| system | TTFT ms | time per output token ms | vs transformers | floor ms | vs floor | "
+             "bytes/token worker->master | formula |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| transformers generate() ({results['cores']} threads) | {hf['ttft_ms']:.0f} | {hf['tpot_ms']:.1f} | 1.00 "
+             "| | | | |"]
     for n, r in results["edge"].items():
         bpt = r.get("bytes_per_token", {})
         measured = ", ".join(f"r{k}: {v['received']:.0f}" for k, v in sorted(bpt.items()))
         expected = f"{results['formula'][n]['worker_sends']:.0f}" if n in results["formula"] else ""
-        lines.append(f"| edge-llm cluster, {n} worker(s) | {r['ttft_ms']:.0f} | {r['tpot_ms']:.1f} | "
-                     f"{r['tpot_ms'] / hf['tpot_ms']:.2f} | {measured} | {expected} |")
+        floor = results.get("floor", {}).get(n, {}).get("ms")
+        vs_floor = f"{floor:.1f} | {r['tpot_ms'] / floor:.2f}" if floor else " | "
+        lines.append(f"| edge-llm cluster, {n} device(s) | {r['ttft_ms']:.0f} | {r['tpot_ms']:.1f} | "
+                     f"{r['tpot_ms'] / hf['tpot_ms']:.2f} | {vs_floor} | {measured} | {expected} |")
     (out / "decode.md").write_text("\n".join(lines) + "\n")
 
 
@@ -178,7 +187,9 @@ def main() -> None:
                "new_tokens": args.new_tokens, "cores": cores, "edge": {}, "formula": {}}
     results["transformers"] = bench_hf(model, cores, args.rounds, args.new_tokens)
     print("transformers", results["transformers"], flush=True)
+    results["floor"] = {}
     for n in (int(w) for w in args.workers.split(",")):
+        results["floor"][str(n)] = measure_floor(model, n)
         results["edge"][str(n)] = bench_cluster(model, n, args.rounds, args.new_tokens)
         if n > 1:
             results["formula"][str(n)] = formula(config, n)

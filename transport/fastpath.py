@@ -45,7 +45,8 @@ class DataLink:
     def __init__(self, sock: socket.socket, peer: str, timeout: float):
         sock.setblocking(True)
         sock.settimeout(timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.peer, self.timeout = sock, peer, timeout
         self.closed = False
         self._lock = threading.Lock()

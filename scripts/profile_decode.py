@@ -1,0 +1,120 @@
+"""Where one decode token's time goes, on 1 and 2 emulated devices: writes bench/profile.json and .md.
+
+    .venv/bin/python scripts/profile_decode.py [--model DIR ...] [--workers 1,2] [--tokens 64]
+
+Per model and device count, from the cluster's own counters (/metrics, per rank) over one streamed
+request: the forward on each rank's compute thread, the part of it in all-reduces (send, the
+peer's arrival, the sum: it includes waiting for the slower rank), the rest of the forward (GEMVs,
+attention, norms, the Python around them), and what the token costs outside the forward (the step
+runner, embedding, the logits gather, sampling, detokenising, the SSE write). Next to it, the
+memory-streaming floor of the same plan (scripts/stream_floor.py) and one process running the
+same layers with no cluster at all (models.model.LocalModel, one thread per device's share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import Cluster  # noqa: E402
+from stream_floor import measure_floor  # noqa: E402
+
+LOCAL = r"""
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from models.model import LocalModel
+torch.set_num_threads(int(sys.argv[3]))
+m = LocalModel(sys.argv[2]); kv = m.new_cache(512); m.forward([1, 2, 3], kv)
+times = []
+for _ in range(int(sys.argv[4])):
+    t = time.perf_counter(); m.forward([5], kv); times.append(time.perf_counter() - t)
+print(json.dumps(sorted(times)[len(times) // 2]))
+"""
+
+
+def counters(url: str) -> dict[str, dict[str, float]]:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    out: dict[str, dict[str, float]] = {}
+    for name, rank, value in re.findall(r'^edge_rank_(\w+?)(?:_seconds)?_total\{rank="(\d+)"\} (\S+)$', text, re.M):
+        out.setdefault(rank, {})[name] = float(value)
+    return out
+
+
+def profile_cluster(model: str, workers: int, tokens: int) -> dict:
+    cluster = Cluster(model, workers)
+    try:
+        cluster.request(8)
+        before = counters(cluster.url)
+        times = cluster.request(tokens)
+        after = counters(cluster.url)
+    finally:
+        cluster.stop()
+    tpot = (times[-1] - times[0]) / (len(times) - 1)
+    ranks = {}
+    for rank in after:
+        d = {k: after[rank][k] - before[rank].get(k, 0.0) for k in after[rank]}
+        per = 1000 / d["forwards"]
+        ranks[rank] = {"forward_ms": d["forward"] * per, "allreduce_ms": d["allreduce"] * per,
+                       "compute_ms": (d["forward"] - d["allreduce"]) * per,
+                       "allreduces_per_token": d["allreduces"] / d["forwards"]}
+    return {"tpot_ms": 1000 * tpot, "ranks": ranks, "outside_forward_ms": 1000 * tpot - ranks["0"]["forward_ms"]}
+
+
+def local_forward_ms(model: str, threads: int, tokens: int) -> float:
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", LOCAL, root, model, str(threads), str(tokens)],
+                         capture_output=True, text=True, check=True)
+    return 1000 * json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(results, indent=2))
+    lines = ["Per decode token (ms), median over one streamed request; all-reduce time includes waiting for "
+             "the slower rank. 'one process' runs the whole model's layers in one process on the same "
+             "cores (no cluster); 'floor' streams each rank's weight bytes through F.linear, concurrently.", "",
+             "| model | devices | time per token | floor | one process | rank | forward | of it all-reduce "
+             "(count) | of it compute | outside the forward (rank 0) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, per_n in results["models"].items():
+        for n, r in per_n.items():
+            for i, (rank, p) in enumerate(sorted(r["ranks"].items())):
+                head = (f"| {model} | {n} | {r['tpot_ms']:.2f} | {r['floor_ms']:.2f} | {r['local_ms']:.2f} " if i == 0
+                        else "| | | | | ")
+                tail = f"{r['outside_forward_ms']:.2f} |" if i == 0 else " |"
+                lines.append(f"{head}| {rank} | {p['forward_ms']:.2f} | {p['allreduce_ms']:.2f} "
+                             f"({p['allreduces_per_token']:.0f}) | {p['compute_ms']:.2f} | {tail}")
+    (out / "profile.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", help="checkpoint folder (repeatable; default: the small "
+                                                         "preset and the default model)")
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--out", default="bench")
+    args = parser.parse_args()
+    models = args.model or ["models-cache/small", "models-cache/smollm2-135m-instruct"]
+    if "models-cache/small" in models and not Path("models-cache/small/config.json").is_file():
+        subprocess.run([sys.executable, "-m", "edge_llm", "make-model", "models-cache/small", "--preset", "small"],
+                       check=True)
+    results: dict = {"models": {}}
+    for model in models:
+        for n in (int(w) for w in args.workers.split(",")):
+            r = profile_cluster(model, n, args.tokens)
+            r["floor_ms"] = measure_floor(model, n)["ms"]
+            r["local_ms"] = local_forward_ms(model, max(1, 2 // n), args.tokens)
+            results["models"].setdefault(Path(model).name, {})[str(n)] = r
+            print(model, n, json.dumps(r), flush=True)
+    write(results, Path(args.out))
+    print((Path(args.out) / "profile.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

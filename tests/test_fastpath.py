@@ -1,0 +1,118 @@
+"""The all-reduce data plane (transport.fastpath): sums, stale frames, failures and the handshake."""
+
+import asyncio
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from transport.errors import AuthError, ChannelClosed, CollectiveAborted, CollectiveTimeout, FrameError, PeerFailed
+from transport.fastpath import ABORT, DATA, ERROR, DataLink, DataServer, FastStar, open_data_link
+
+SECRET = b"s" * 32
+
+
+OPEN: list[DataLink] = []
+
+
+@pytest.fixture(autouse=True)
+def close_links():
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
+def star_links(world: int, timeout: float = 2.0) -> list[dict[int, DataLink]]:
+    """Hub-and-spoke DataLinks over socket pairs: links[rank] maps peer rank -> link (closed after the test)."""
+    links: list[dict[int, DataLink]] = [{} for _ in range(world)]
+    for r in range(1, world):
+        a, b = socket.socketpair()
+        links[0][r], links[r][0] = DataLink(a, f"rank {r}", timeout), DataLink(b, "rank 0", timeout)
+        OPEN.extend((links[0][r], links[r][0]))
+    return links
+
+
+def run_ranks(world: int, partials: list[np.ndarray], start_seq: int = 0) -> list[np.ndarray]:
+    links = star_links(world)
+    counters = [iter(range(start_seq + 1, start_seq + 100)) for _ in range(world)]
+    outs: list[np.ndarray | None] = [None] * world
+
+    def rank(r: int) -> None:
+        outs[r] = FastStar(r, world, links[r], counters[r].__next__).allreduce(partials[r])
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return outs
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sums_in_rank_order_identical_on_every_rank(world):
+    rng = np.random.default_rng(world)
+    partials = [rng.standard_normal((1, 1, 96)).astype(np.float32) * 10 ** r for r in range(world)]
+    expected = partials[0].copy()
+    for p in partials[1:]:
+        expected += p  # the hub's order: rank 0, then 1, 2, ...
+    outs = run_ranks(world, partials)
+    for out in outs:
+        assert out.tobytes() == expected.tobytes()
+
+
+def test_stale_frames_of_a_failed_step_are_skipped():
+    hub, worker = star_links(2)
+    worker[0].send(DATA, 5, np.ones(4, np.float32).data)  # left over from an aborted step
+    worker[0].send(ERROR, 6, b"old failure")
+    worker[0].send(DATA, 9, np.full(4, 2, np.float32).data)
+    out = np.empty(4, np.float32)
+    hub[1].recv_into(9, out)
+    assert out.tolist() == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize(("kind", "error"), [(ERROR, PeerFailed), (ABORT, CollectiveAborted)])
+def test_reports_fail_the_waiting_rank(kind, error):
+    hub, worker = star_links(2)
+    FastStar(0, 2, {1: hub[1]}, lambda: 3).report(kind, 3, "rank 1: shard file damaged")
+    with pytest.raises(error, match="shard file damaged"):
+        worker[0].recv_into(3, np.empty(4, np.float32))
+
+
+def test_silence_times_out_and_a_gone_peer_is_closed():
+    hub, worker = star_links(2, timeout=0.2)
+    with pytest.raises(CollectiveTimeout):
+        hub[1].recv_into(1, np.empty(4, np.float32))
+    worker[0].close()
+    with pytest.raises(ChannelClosed):
+        hub[1].recv_into(1, np.empty(4, np.float32))
+
+
+def test_a_frame_of_the_wrong_size_is_refused():
+    hub, worker = star_links(2)
+    worker[0].send(DATA, 1, np.ones(3, np.float32).data)
+    with pytest.raises(FrameError):
+        hub[1].recv_into(1, np.empty(4, np.float32))
+
+
+async def test_handshake_admits_the_secret_only():
+    accepted: dict[int, DataLink] = {}
+    server = DataServer(SECRET, 2.0, lambda rank, link: accepted.__setitem__(rank, link))
+    port = server.start("127.0.0.1")
+    task = asyncio.create_task(server.serve())
+    try:
+        with pytest.raises((AuthError, ConnectionError)):
+            await open_data_link("127.0.0.1", port, b"w" * 32, 1, 2.0)
+        link = await open_data_link("127.0.0.1", port, SECRET, 1, 2.0)
+        assert set(accepted) == {1}
+        out = np.empty(8, np.float32)
+        await asyncio.to_thread(link.send, DATA, 7, np.arange(8, dtype=np.float32).data)
+        await asyncio.to_thread(accepted[1].recv_into, 7, out)
+        assert out.tolist() == list(range(8))
+        link.close()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()
+        for link in accepted.values():
+            link.close()
