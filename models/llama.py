@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from models.checkpoint import Checkpoint, layer_prefix
 from models.config import LlamaConfig
-from models.rope import apply_rope
+from models.rope import apply_rope_tables, rope_tables
 from models.sharding import LocalDims
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -208,8 +208,8 @@ def qkv(x: torch.Tensor, w: LayerWeights, dims: LocalDims,
     q = F.linear(x, w.wq, w.bq).view(bsz, seqlen, dims.n_local_heads, head_dim).transpose(1, 2)
     k = F.linear(x, w.wk, w.bk).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
     v = F.linear(x, w.wv, w.bv).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
-    cos, sin = cos_sin
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    cos, signed_sin = cos_sin  # from rope_tables, in the activation dtype
+    return apply_rope_tables(q, cos, signed_sin), apply_rope_tables(k, cos, signed_sin), v
 
 
 def attention(x: torch.Tensor, w: LayerWeights, dims: LocalDims, attend: Attend, layer: int,
@@ -287,7 +287,7 @@ def forward_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], confi
     `layers(i)` yields layer i's weights, so a caller may stream them from disk (weight window).
     """
     seqlen = h.shape[1]
-    cos_sin = rotary.cos_sin(torch.arange(kv.length, kv.length + seqlen))
+    cos_sin = rope_tables(*rotary.cos_sin(torch.arange(kv.length, kv.length + seqlen)), h.dtype)
     attend = kv.attend_for(config, dims, seqlen)
     for layer in range(config.num_layers):
         h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
@@ -317,7 +317,8 @@ def forward_batch(h: torch.Tensor, layers: Callable[[int], LayerWeights], config
         raise ValueError(f"a decode batch is [B, 1, D] with one KV store per row, got {list(h.shape)} "
                          f"for {len(kvs)} stores")
     rows = [rotary.cos_sin(torch.tensor([kv.length])) for kv in kvs]  # per row: dynamic rope sees its own length
-    cos_sin = (torch.stack([c for c, _ in rows])[:, None], torch.stack([s for _, s in rows])[:, None])  # [B, 1, 1, hd]
+    cos_sin = rope_tables(torch.stack([c for c, _ in rows])[:, None], torch.stack([s for _, s in rows])[:, None],
+                          h.dtype)  # [B, 1, 1, hd]
     attend = attend or batch_attend([kv.attend_for(config, dims, 1) for kv in kvs])
     for layer in range(config.num_layers):
         h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)

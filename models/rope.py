@@ -113,3 +113,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and a signed sin in the activation dtype, once per forward, for `apply_rope_tables`:
+    signed_sin = cat(-sin_first_half, sin_second_half), so rotate_half becomes one roll."""
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos.to(dtype), signed.to(dtype)
+
+
+def apply_rope_tables(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` in 4 ops instead of 9, bit for bit: cat(-x2, x1) * sin == roll(x) * signed_sin
+    element by element (negating either factor is exact); x: [B, H, S, hd], tables from `rope_tables`."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
