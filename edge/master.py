@@ -394,6 +394,10 @@ class ClusterEngine:
     def snapshot(self) -> dict:
         """Live counters for /metrics: bytes on each link, resident weights, weight-window counters."""
         links = {r: {"sent": ch.bytes_sent, "received": ch.bytes_received} for r, ch in self.workers.items()}
+        for r, data in list(self.data_links.items()):  # the all-reduce data plane of the same link
+            if r in links:
+                links[r] = {"sent": links[r]["sent"] + data.bytes_sent,
+                            "received": links[r]["received"] + data.bytes_received}
         shard = self.shard
         window = {0: shard.stats(), **self.star.peer_meta} if shard is not None and shard.window else {}
         timing = {0: shard.timing} if shard is not None else {}

@@ -49,6 +49,7 @@ class DataLink:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.peer, self.timeout = sock, peer, timeout
         self.closed = False
+        self.bytes_sent = self.bytes_received = 0  # headers included, as the control channel counts them
         self._lock = threading.Lock()
         self._header = bytearray(FRAME.size)
 
@@ -57,6 +58,7 @@ class DataLink:
         data = memoryview(payload).cast("B")  # bytes, whatever the array's shape and dtype
         with self._lock:
             self._sendall([FRAME.pack(kind, len(data), seq), data])
+            self.bytes_sent += FRAME.size + len(data)
 
     def send_nowait(self, kind: int, seq: int, reason: str) -> None:
         """A failure report from the event loop: never blocks it; dropped if the link is busy or full."""
@@ -95,6 +97,7 @@ class DataLink:
                     self.closed = True
                     raise ChannelClosed(f"data link to {self.peer} closed by the peer")
                 got += n
+            self.bytes_received += got
         except TimeoutError as e:
             raise CollectiveTimeout(f"{self.peer} sent nothing for {self.timeout:.1f} s") from e
         except OSError as e:
