@@ -114,7 +114,7 @@ class ShardModel:
         """
         loop = asyncio.get_running_loop()
 
-        def reduce(partial: torch.Tensor) -> torch.Tensor:  # runs on the compute thread
+        def reduce_across(partial: torch.Tensor) -> torch.Tensor:  # runs on the compute thread
             # bf16/fp16 partials travel as float32 (exact) and are summed in float32 in rank order;
             # every rank rounds the same sum to the activation dtype, so all ranks stay identical.
             began = time.perf_counter()
@@ -128,8 +128,8 @@ class ShardModel:
             self.timing["allreduces"] += 1
             return out
 
-        if self.dims.world_size == 1:  # nothing to sum: no hop to the event loop and back
-            reduce = no_reduce  # noqa: F811
+        # One device has nothing to sum: no hop to the event loop and back.
+        reduce = no_reduce if self.dims.world_size == 1 else reduce_across
 
         def run() -> np.ndarray:
             began = time.perf_counter()

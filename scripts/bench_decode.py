@@ -30,7 +30,8 @@ PROMPT = list(range(1, 17))
 HF_SCRIPT = r"""
 import json, sys, time, torch, transformers
 torch.set_num_threads(int(sys.argv[2]))
-model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+dtype = getattr(torch, sys.argv[4]) if len(sys.argv) > 4 else torch.float32
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=dtype).eval()
 ids = torch.tensor([json.loads(sys.argv[3])]); mask = torch.ones_like(ids)
 def run(n):
     t = time.perf_counter()
@@ -39,6 +40,7 @@ def run(n):
                        pad_token_id=None)
     return time.perf_counter() - t
 run(2)
+print(json.dumps({"weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}), flush=True)
 for line in sys.stdin:
     n = int(line)
     t1, tn = run(1), run(n)
@@ -106,6 +108,7 @@ def formula(config: dict, workers: int) -> dict[str, float]:
 def bench_hf(model: str, threads: int, rounds: int, n: int) -> dict:
     proc = subprocess.Popen([sys.executable, "-c", HF_SCRIPT, model, str(threads), json.dumps(PROMPT)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc.stdout.readline()  # loaded and warmed up
     samples = []
     for _ in range(rounds):
         proc.stdin.write(f"{n}\n")

@@ -22,28 +22,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import PROMPT, Cluster  # noqa: E402
+from bench_decode import HF_SCRIPT, PROMPT, Cluster  # noqa: E402
 
-HF_SCRIPT = r"""
-import json, sys, time, torch, transformers
-torch.set_num_threads(int(sys.argv[2]))
-dtype = getattr(torch, sys.argv[4])
-model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=dtype).eval()
-ids = torch.tensor([json.loads(sys.argv[3])]); mask = torch.ones_like(ids)
-def run(n):
-    t = time.perf_counter()
-    with torch.no_grad():
-        model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
-                       pad_token_id=None)
-    return time.perf_counter() - t
-run(2)
-bytes_ = sum(p.numel() * p.element_size() for p in model.parameters())
-print(json.dumps({"ready": True, "weight_bytes": bytes_}), flush=True)
-for line in sys.stdin:
-    n = int(line)
-    t1, tn = run(1), run(n)
-    print(json.dumps({"ttft": t1, "tpot": (tn - t1) / (n - 1)}), flush=True)
-"""
 GEMV_SCRIPT = r"""
 import json, statistics, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))

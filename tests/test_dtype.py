@@ -128,3 +128,27 @@ async def test_bf16_split_files_stream_through_the_window(root, tmp_path):
     assert '"dtype": "bfloat16"' in manifest
     with safe_open(str(split / "rank-1-of-2" / "layer-000.safetensors"), framework="pt") as f:
         assert {f.get_tensor(n).dtype for n in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+
+
+async def test_fetching_worker_gets_bf16_shard_files(root, tmp_path):
+    """A worker without a checkpoint fetches its shard in the master's dtype: 2 bytes per parameter."""
+    from test_fetch import _restart_worker
+
+    folder, ref_tokens, ref_logprobs, tol = checkpoint(root, torch.bfloat16, 2)
+    (tmp_path / "c").mkdir()
+    cluster = ClusterProcess(folder, 2, tmp_path / "c", "--split-dir", str(tmp_path / "master-split"))
+    shards, running = tmp_path / "device-disk", []
+    try:
+        await _restart_worker(cluster, shards, running)
+        status, body = await complete(cluster.url, PROMPT)
+        assert status == 200, body
+        assert body["choices"][0]["token_ids"] == ref_tokens
+        assert body["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(ref_logprobs, abs=tol)
+        assert (await weight_bytes(cluster.url))[1] == expected_bytes(folder, 2, 2)[1]
+    finally:
+        for worker in running:
+            worker.kill()
+            worker.wait(timeout=20)
+        cluster.stop()
+    with safe_open(str(shards / "rank-1-of-2" / "layer-000.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(n).dtype for n in f.keys()} == {torch.bfloat16}  # noqa: SIM118
