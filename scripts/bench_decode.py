@@ -4,9 +4,10 @@ checkpoint and the same cores. Writes bench/decode.json and bench/decode.md.
 
     .venv/bin/python scripts/bench_decode.py [--model DIR | --preset large] [--workers 1,2,3,4]
 
-Next to each cluster size: the memory-streaming floor measured in the same run (scripts/stream_floor.py:
-N one-thread processes streaming their rank's weight bytes through F.linear concurrently), and
-the cluster's time per token over it (its overhead).
+Next to each cluster size: the memory-streaming floor (scripts/stream_floor.py: N one-thread
+processes streaming their rank's weight bytes through F.linear concurrently), one floor round
+before each cluster round so both see the same state of the machine, and the cluster's time per
+token over it (its overhead).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stream_floor import measure_floor  # noqa: E402
+from stream_floor import Floor  # noqa: E402
 
 PROMPT = list(range(1, 17))
 HF_SCRIPT = r"""
@@ -120,17 +121,22 @@ def bench_hf(model: str, threads: int, rounds: int, n: int) -> dict:
             "tpot_ms": 1000 * statistics.median(s["tpot"] for s in samples), "rounds": rounds}
 
 
-def bench_cluster(model: str, workers: int, rounds: int, n: int) -> dict:
+def bench_cluster(model: str, workers: int, rounds: int, n: int, floor: Floor | None = None) -> dict:
+    """Rounds of one streamed request; with `floor`, a floor round before each (the same drift)."""
     cluster = Cluster(model, workers)
     try:
         cluster.request(4)  # warm-up: page in weights, JIT nothing
-        ttfts, tpots = [], []
+        ttfts, tpots, floors = [], [], []
         for _ in range(rounds):
+            if floor is not None:
+                floors.append(floor.round())
             times = cluster.request(n)
             ttfts.append(times[0])
             tpots.append(statistics.median(b - a for a, b in zip(times, times[1:])))
         result = {"ttft_ms": 1000 * statistics.median(ttfts), "tpot_ms": 1000 * statistics.median(tpots),
                   "rounds": rounds}
+        if floors:
+            result["floor_ms"] = 1000 * statistics.median(floors)
         if workers > 1:
             result["bytes_per_token"] = decode_bytes_per_token(cluster, 9)
         return result
@@ -154,7 +160,7 @@ def write(results: dict, out: Path) -> None:
         bpt = r.get("bytes_per_token", {})
         measured = ", ".join(f"r{k}: {v['received']:.0f}" for k, v in sorted(bpt.items()))
         expected = f"{results['formula'][n]['worker_sends']:.0f}" if n in results["formula"] else ""
-        floor = results.get("floor", {}).get(n, {}).get("ms")
+        floor = r.get("floor_ms")
         vs_floor = f"{floor:.1f} | {r['tpot_ms'] / floor:.2f}" if floor else " | "
         lines.append(f"| edge-llm cluster, {n} device(s) | {r['ttft_ms']:.0f} | {r['tpot_ms']:.1f} | "
                      f"{r['tpot_ms'] / hf['tpot_ms']:.2f} | {vs_floor} | {measured} | {expected} |")
@@ -190,10 +196,12 @@ def main() -> None:
                "new_tokens": args.new_tokens, "cores": cores, "edge": {}, "formula": {}}
     results["transformers"] = bench_hf(model, cores, args.rounds, args.new_tokens)
     print("transformers", results["transformers"], flush=True)
-    results["floor"] = {}
     for n in (int(w) for w in args.workers.split(",")):
-        results["floor"][str(n)] = measure_floor(model, n)
-        results["edge"][str(n)] = bench_cluster(model, n, args.rounds, args.new_tokens)
+        floor = Floor(model, n)
+        try:
+            results["edge"][str(n)] = bench_cluster(model, n, args.rounds, args.new_tokens, floor)
+        finally:
+            floor.close()
         if n > 1:
             results["formula"][str(n)] = formula(config, n)
         print(f"{n} worker(s)", results["edge"][str(n)], flush=True)

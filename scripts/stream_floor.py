@@ -42,28 +42,52 @@ def token():
     torch.nn.functional.linear(x[D], head)
 token()
 print("ready", flush=True)
-sys.stdin.readline()  # every rank allocated: all start together
-times = []
-for _ in range(tokens):
-    t = time.perf_counter(); token(); times.append(time.perf_counter() - t)
-print(json.dumps({"rank": rank, "times": times, "bytes": nbytes}))
+for line in sys.stdin:  # each "go": every rank allocated, all start together; EOF ends
+    times = []
+    for _ in range(tokens):
+        t = time.perf_counter(); token(); times.append(time.perf_counter() - t)
+    print(json.dumps({"rank": rank, "times": times, "bytes": nbytes}), flush=True)
 """
 
 
-def measure_floor(model: str, world: int, dtype: str = "auto", tokens: int = 20) -> dict:
+class Floor:
+    """N floor processes, allocated once; `round()` runs one concurrent round, so a benchmark can
+    alternate floor and system rounds and drift of the machine hits both alike."""
+
+    def __init__(self, model: str, world: int, dtype: str = "auto", tokens: int = 20):
+        root = str(Path(__file__).resolve().parent.parent)
+        self.tokens = tokens
+        self.procs = [subprocess.Popen([sys.executable, "-c", WORKER, root, model, str(world), str(r), dtype,
+                                        str(tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                      for r in range(world)]
+        for p in self.procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("a floor process failed to start")
+        self.bytes_per_rank: list[int] = []
+
+    def round(self) -> float:
+        """Seconds per token of this round: the median over tokens of the slowest rank's time."""
+        for p in self.procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = [json.loads(p.stdout.readline()) for p in self.procs]
+        self.bytes_per_rank = [r["bytes"] for r in results]
+        return statistics.median(max(r["times"][i] for r in results) for i in range(self.tokens))
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.stdin.close()
+            p.wait()
+
+
+def measure_floor(model: str, world: int, dtype: str = "auto", tokens: int = 20, rounds: int = 1) -> dict:
     """Median time per token of the slowest rank (they run concurrently), and bytes per rank."""
-    root = str(Path(__file__).resolve().parent.parent)
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, root, model, str(world), str(r), dtype, str(tokens)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for r in range(world)]
-    for p in procs:
-        if p.stdout.readline().strip() != "ready":
-            raise RuntimeError("a floor process failed to start")
-    for p in procs:
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    results = [json.loads(p.communicate()[0]) for p in procs]
-    per_token = [max(r["times"][i] for r in results) for i in range(tokens)]
-    return {"ms": 1000 * statistics.median(per_token), "bytes_per_rank": [r["bytes"] for r in results]}
+    floor = Floor(model, world, dtype, tokens)
+    try:
+        ms = [1000 * floor.round() for _ in range(rounds)]
+    finally:
+        floor.close()
+    return {"ms": statistics.median(ms), "bytes_per_rank": floor.bytes_per_rank}
 
 
 def main() -> None:
