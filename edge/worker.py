@@ -37,8 +37,8 @@ from models.dtypes import DTYPES
 from models.llama import KVCache
 from models.sharding import local_dims
 from transport.collectives import StarAllReduce, StepCollective
-from transport.fastpath import ERROR, DataLink, FastStar, open_data_link
 from transport.errors import PeerFailed, TransportError
+from transport.fastpath import ERROR, DataLink, FastStar, open_data_link
 from transport.link import LinkSpec
 from transport.tcp import TcpChannel, connect
 

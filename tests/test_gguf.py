@@ -188,3 +188,17 @@ def test_bad_gguf_fails_with_one_clear_line(tmp_path, make, says):
         assert len(lines) == 1 and lines[0].startswith("edge-llm: error: "), out.stderr
         assert str(path) in lines[0] and says in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_written_gguf_tokenizer_and_template_match_transformers(written_gguf, tmp_path):
+    path, _, _ = written_gguf
+    assert run_import(path, tmp_path / "out").returncode == 0
+    ours = load_tokenizer(tmp_path / "out", load_config(tmp_path / "out"))
+    ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # This vocabulary has no <|endoftext|>: transformers' GPT2Tokenizer adds its default one as id
+    # 384, past the model's 384 rows; we keep it as text, as llama.cpp does.
+    for text in (t for t in HARD_STRINGS if "<|endoftext|>" not in t):
+        assert ours.encode(text) == ref.encode(text), text
+    for messages in CHATS:
+        assert ours.render_chat(messages) == ref.apply_chat_template(messages, tokenize=False,
+                                                                     add_generation_prompt=True)

@@ -27,8 +27,15 @@ import numpy as np
 
 from transport.auth import client_handshake, server_handshake
 from transport.codec import decode, encode
-from transport.errors import (AuthError, ChannelClosed, CollectiveAborted, CollectiveTimeout, FrameError,
-                              PeerFailed, TransportError)
+from transport.errors import (
+    AuthError,
+    ChannelClosed,
+    CollectiveAborted,
+    CollectiveTimeout,
+    FrameError,
+    PeerFailed,
+    TransportError,
+)
 from transport.frames import HANDSHAKE_MAX_FRAME, HEADER
 
 log = logging.getLogger("edge_llm.transport")
