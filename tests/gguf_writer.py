@@ -152,3 +152,50 @@ def write_gguf(folder: Path, out: Path, quant: Q = Q.Q8_0, arch: str | None = No
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def write_spm_gguf(folder: Path, out: Path, corpus: list[str], vocab_size: int = 400) -> Path:
+    """`folder`'s llama weights with a sentencepiece-style BPE vocabulary (as Llama 2 and Mistral GGUFs
+    carry it: '▁' for spaces, <0xNN> byte tokens, scores, no merges), trained here on `corpus`."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    spm = SentencePieceBPETokenizer(add_prefix_space=True)
+    spm.train_from_iterator(corpus, vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                            show_progress=False)
+    learned = [t for t, _ in sorted(spm.get_vocab().items(), key=lambda kv: kv[1])]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tokens = learned[:3] + byte_tokens + [t for t in learned[3:] if t not in byte_tokens]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259)  # unknown, control, byte, normal
+    scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)]  # earlier merges score higher
+    cfg = json.loads((folder / "config.json").read_text())
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors |= load_file(str(path))
+    for name, t in tensors.items():
+        data = t.float().numpy()
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):  # one row per token of this vocabulary
+            data = np.resize(data, (len(tokens), data.shape[1]))
+        if ".q_proj." in name or ".k_proj." in name:
+            data = _permute(data, cfg["num_attention_heads"] if ".q_proj." in name else cfg["num_key_value_heads"])
+        writer.add_tensor(_gguf_name(name), data.astype(np.float16 if data.ndim > 1 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

@@ -14,6 +14,7 @@ from cluster_proc import ClusterProcess
 from gguf_writer import write_gguf
 from hf_reference import make_hf_checkpoint
 from test_cluster import complete
+from tokenizers import Tokenizer
 
 from models.config import load_config
 from models.default_model import default_gguf
@@ -202,3 +203,28 @@ def test_written_gguf_tokenizer_and_template_match_transformers(written_gguf, tm
     for messages in CHATS:
         assert ours.render_chat(messages) == ref.apply_chat_template(messages, tokenize=False,
                                                                      add_generation_prompt=True)
+
+
+def test_sentencepiece_vocabulary_tokenizes_like_transformers(tmp_path):
+    """A `llama` (sentencepiece BPE) vocabulary without merges, as Llama 2 and Mistral GGUFs carry it:
+    merges rebuilt from the scores, spaces as '▁', unknown characters as byte tokens."""
+    from gguf_writer import write_spm_gguf
+
+    corpus = [t for t in HARD_STRINGS if t] * 3 + [c["content"] for chat in CHATS for c in chat] * 3
+    source = make_hf_checkpoint(tmp_path / "source", "llama", seed=0)
+    path = write_spm_gguf(source, tmp_path / "spm.gguf", corpus)
+    assert run_import(path, tmp_path / "out").returncode == 0
+    ours = load_tokenizer(tmp_path / "out", load_config(tmp_path / "out"))
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    unseen = ["Zebra quartz ☃ ünïcödé", "spaced   out  ", "numbers 0123456789"]
+    texts = [t for t in HARD_STRINGS if "<|" not in t] + unseen
+    for text in (t for t in texts if not t[:1].isspace()):
+        assert ours.encode(text) == ref.encode(text), text
+        assert ours.decode(ours.encode(text)) == ref.decode(ref.encode(text), skip_special_tokens=True), text
+    # Text that starts with a space: sentencepiece (and llama.cpp) always add the dummy '▁' prefix, so
+    # "  two" is "▁▁▁two"; transformers' Metaspace adds it only when the text does not already start
+    # with one. We follow the tokenizer the model was trained with.
+    pieces = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    for text in (t for t in texts if t[:1].isspace() and t.isascii()):
+        assert "".join(pieces.encode(text, add_special_tokens=False).tokens) == "\u2581" + text.replace(" ", "\u2581")
+        assert ours.decode(ours.encode(text)) == text
