@@ -6,6 +6,17 @@ import argparse
 import sys
 
 from edge_llm import commands
+from edge_llm.argtypes import (
+    OneLineParser,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    port,
+    positive_float,
+    positive_int,
+    temperature,
+    top_p,
+)
 from models.dtypes import DTYPE_CHOICES
 
 
@@ -39,11 +50,11 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt")
     p.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
     p.add_argument("--chat", action="store_true", help="render the prompt as a user chat message")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--workers", type=positive_int, default=1, help="emulated devices (default 1: this process)")
+    p.add_argument("--max-tokens", type=positive_int, default=32)
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0..2; 0 is greedy")
+    p.add_argument("--top-p", type=top_p, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0: no limit")
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--ignore-eos", action="store_true")
@@ -56,11 +67,11 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that write bench/*.json and *.md")
     which = p.add_subparsers(dest="bench", required=True)
     ar = which.add_parser("allreduce", help="star, ring and gloo all-reduce on N loopback processes")
-    ar.add_argument("--workers", type=int, default=2)
-    ar.add_argument("--size", type=int, default=4096, help="float32 elements")
-    ar.add_argument("--iters", type=int, default=500)
-    ar.add_argument("--link-latency-ms", type=float, default=0.0)
-    ar.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
+    ar.add_argument("--workers", type=positive_int, default=2)
+    ar.add_argument("--size", type=positive_int, default=4096, help="float32 elements")
+    ar.add_argument("--iters", type=positive_int, default=500)
+    ar.add_argument("--link-latency-ms", type=non_negative_float, default=0.0)
+    ar.add_argument("--link-bandwidth-mbps", type=non_negative_float, default=0.0)
     ar.add_argument("--json", action="store_true")
     ar.add_argument("--out", default="bench")
     ar.set_defaults(func=commands.bench_allreduce)
@@ -69,21 +80,21 @@ def _bench(sub: argparse._SubParsersAction) -> None:
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="device weights, e.g. 2,1,1 (heads, MLP columns and vocabulary in "
                                      "proportion), or 'auto' from what each device measures at start")
-    p.add_argument("--step-timeout", type=float, default=5.0, help="seconds a step waits for a worker")
-    p.add_argument("--link-latency-ms", type=float, default=0.0)
-    p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
+    p.add_argument("--step-timeout", type=positive_float, default=5.0, help="seconds a step waits for a worker")
+    p.add_argument("--link-latency-ms", type=non_negative_float, default=0.0)
+    p.add_argument("--link-bandwidth-mbps", type=non_negative_float, default=0.0)
     p.add_argument("--allreduce", default="star", choices=["star", "ring", "auto"],
                    help="star (default: 2 hops, best on latency-bound links), ring, or auto (per message "
                         "size from link latency and bandwidth measured at start)")
-    p.add_argument("--memory-budget-mb", type=float,
+    p.add_argument("--memory-budget-mb", type=positive_float,
                    help="per-device budget for weights + KV reserve; layers beyond it stream from disk")
     p.add_argument("--split-dir", help="per-layer shard files (default: MODEL.edge-split beside the model)")
     p.add_argument("--keep-page-cache", action="store_true",
                    help="leave streamed layers in the OS page cache (default: drop them, as a "
                         "memory-starved device would have to)")
-    p.add_argument("--max-batch", type=int, default=16,
+    p.add_argument("--max-batch", type=positive_int, default=16,
                    help="decode steps of concurrent requests that run as one batched forward (1: no batching)")
-    p.add_argument("--attention-nodes", type=int, default=0,
+    p.add_argument("--attention-nodes", type=non_negative_int, default=0,
                    help="attention-offload nodes (Lamina): they hold offloaded requests' KV caches "
                         "and compute their attention; the router sends long contexts there")
     _dtype_flag(p)
@@ -92,24 +103,24 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
 def _cluster(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="emulate an N-device cluster on this machine and serve HTTP")
     p.add_argument("--model", required=True)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=positive_int, default=2, help="devices: rank 0 + N-1 worker processes")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one)")
+    p.add_argument("--port", type=port, default=8000, help="HTTP port (0 picks a free one)")
     p.add_argument("--served-name")
     p.add_argument("--secret-file", help="cluster secret (default: a fresh random one)")
-    p.add_argument("--max-running", type=int, default=16, help="requests generating at once")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting; beyond it 429")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--max-running", type=positive_int, default=16, help="requests generating at once")
+    p.add_argument("--max-queue", type=non_negative_int, default=64, help="requests waiting; beyond it 429")
+    p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds per request")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--cloud", help="base URL (with /v1) of an OpenAI-compatible cloud tier")
     p.add_argument("--cloud-model", help="model name on the cloud tier (default: the request's)")
     p.add_argument("--cloud-api-key-env", default="EDGE_LLM_CLOUD_API_KEY",
                    help="environment variable holding the cloud tier's API key")
-    p.add_argument("--edge-kv-fraction", type=float, default=0.5,
+    p.add_argument("--edge-kv-fraction", type=fraction, default=0.5,
                    help="routing: share of a compute device's free memory KV caches may take")
-    p.add_argument("--offload-above-tokens", type=int,
+    p.add_argument("--offload-above-tokens", type=non_negative_int,
                    help="routing: contexts (prompt + max_tokens) above this go to the attention nodes")
-    p.add_argument("--cloud-above-tokens", type=int,
+    p.add_argument("--cloud-above-tokens", type=non_negative_int,
                    help="routing: contexts above this go to the cloud tier")
     _cluster_flags(p)
     p.set_defaults(func=commands.cluster)
@@ -129,16 +140,16 @@ def _worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--role", default="compute", choices=["compute", "attention"],
                    help="compute: a tensor-parallel rank (--rank); attention: an attention-offload "
                         "node (--node) that holds KV caches and needs no checkpoint")
-    p.add_argument("--rank", type=int, help="compute rank, 1..N-1")
-    p.add_argument("--node", type=int, help="attention node index, 0..K-1")
+    p.add_argument("--rank", type=positive_int, help="compute rank, 1..N-1")
+    p.add_argument("--node", type=non_negative_int, help="attention node index, 0..K-1")
     p.add_argument("--model")
     p.add_argument("--master", help="HOST:PORT where the master accepts workers")
     p.add_argument("--secret-file")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--step-timeout", type=float, default=5.0)
-    p.add_argument("--link-latency-ms", type=float, default=0.0)
-    p.add_argument("--link-bandwidth-mbps", type=float, default=0.0)
-    p.add_argument("--memory-budget-mb", type=float)
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--step-timeout", type=positive_float, default=5.0)
+    p.add_argument("--link-latency-ms", type=non_negative_float, default=0.0)
+    p.add_argument("--link-bandwidth-mbps", type=non_negative_float, default=0.0)
+    p.add_argument("--memory-budget-mb", type=positive_float)
     p.add_argument("--split-dir")
     p.add_argument("--keep-page-cache", action="store_true")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES),
@@ -149,7 +160,7 @@ def _worker(sub: argparse._SubParsersAction) -> None:
 def _split(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("split", help="write per-rank, per-layer shard files (resumable, checksummed)")
     p.add_argument("model")
-    p.add_argument("--workers", type=int, required=True)
+    p.add_argument("--workers", type=positive_int, required=True)
     p.add_argument("--weights")
     p.add_argument("--out", help="default: MODEL.edge-split beside the model (MODEL.edge-split-DTYPE "
                                  "for bfloat16/float16)")
@@ -158,7 +169,7 @@ def _split(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm", description=__doc__)
+    parser = OneLineParser(prog="edge-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_make_model, _import, _generate, _split, _cluster, _serve, _worker, _bench):
         add(sub)

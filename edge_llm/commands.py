@@ -19,9 +19,17 @@ class UserError(Exception):
 
 
 def make_model(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from models.factory import make_model as write
 
-    out = write(args.out, preset=args.preset, seed=args.seed, dtype=args.dtype)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty folder; choose another OUT or remove it")
+    try:
+        out = write(out, preset=args.preset, seed=args.seed, dtype=args.dtype)
+    except OSError as e:
+        raise UserError(f"cannot write the model to {out}: {e.strerror or e}") from e
     print(f"wrote {args.preset} model ({args.dtype}) to {out}")
 
 
@@ -231,6 +239,8 @@ def worker(args: argparse.Namespace) -> None:
         raise UserError("a worker needs --master HOST:PORT (or --config); without --model it fetches "
                         "its shard files from the master into --split-dir")
     host, port = master.rsplit(":", 1)
+    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise UserError(f"--master {master!r} is not HOST:PORT with a port in 1..65535")
     if args.role == "attention":
         _attention_node(args, host, int(port), secret_file)
         return

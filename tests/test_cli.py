@@ -1,0 +1,58 @@
+"""The CLI refuses nonsense with one line on stderr and exit status 2, before starting anything."""
+
+import pytest
+
+from edge_llm.cli import main
+
+REFUSED = [
+    (["cluster", "--model", "m", "--workers", "0"], "--workers: 0 is out of range"),
+    (["cluster", "--model", "m", "--workers", "-1"], "--workers: -1 is out of range"),
+    (["cluster", "--model", "m", "--workers", "two"], "'two' is not an integer"),
+    (["cluster", "--model", "m", "--max-running", "0"], "--max-running: 0 is out of range"),
+    (["cluster", "--model", "m", "--max-queue", "-1"], "--max-queue: -1 is out of range"),
+    (["cluster", "--model", "m", "--step-timeout", "0"], "--step-timeout: 0 is out of range"),
+    (["cluster", "--model", "m", "--request-timeout", "-5"], "--request-timeout: -5 is out of range"),
+    (["cluster", "--model", "m", "--port", "99999"], "--port: 99999 is out of range"),
+    (["cluster", "--model", "m", "--port", "-1"], "--port: -1 is out of range"),
+    (["cluster", "--model", "m", "--max-batch", "0"], "--max-batch: 0 is out of range"),
+    (["cluster", "--model", "m", "--edge-kv-fraction", "1.5"], "--edge-kv-fraction: 1.5 is out of range"),
+    (["cluster", "--model", "m", "--link-latency-ms", "-3"], "--link-latency-ms: -3 is out of range"),
+    (["cluster", "--model", "m", "--memory-budget-mb", "0"], "--memory-budget-mb: 0 is out of range"),
+    (["cluster", "--model", "m", "--dtype", "int3"], "invalid choice: 'int3'"),
+    (["generate", "--model", "m", "--temperature", "-1", "hi"], "--temperature: -1 is out of range"),
+    (["generate", "--model", "m", "--temperature", "nan", "hi"], "'nan' is not a finite number"),
+    (["generate", "--model", "m", "--top-p", "0", "hi"], "--top-p: 0 is out of range"),
+    (["generate", "--model", "m", "--top-k", "-2", "hi"], "--top-k: -2 is out of range"),
+    (["generate", "--model", "m", "--max-tokens", "0", "hi"], "--max-tokens: 0 is out of range"),
+    (["generate", "--model", "m", "--workers", "0", "hi"], "--workers: 0 is out of range"),
+    (["split", "m", "--workers", "0"], "--workers: 0 is out of range"),
+    (["worker", "--master", "h:1", "--rank", "0"], "--rank: 0 is out of range"),
+    (["worker", "--master", "h:1", "--threads", "-1"], "--threads: -1 is out of range"),
+    (["bench", "allreduce", "--iters", "0"], "--iters: 0 is out of range"),
+    (["worker", "--master", "host:abc", "--rank", "1"], "is not HOST:PORT"),
+    (["worker", "--master", "host:70000", "--rank", "1"], "is not HOST:PORT"),
+    (["worker", "--master", ":29500", "--rank", "1"], "is not HOST:PORT"),
+]
+
+
+@pytest.mark.parametrize(("argv", "says"), REFUSED, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_nonsense_is_refused_in_one_line(capsys, argv, says):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("edge-llm") and says in err[0], err
+
+
+def test_make_model_refuses_a_folder_with_files_and_an_unwritable_place(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert main(["make-model", str(tmp_path / "taken")]) == 2
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"  # nothing overwritten
+    (tmp_path / "file").write_text("x")
+    assert main(["make-model", str(tmp_path / "file" / "sub")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not an empty folder" in err[0] and "cannot write the model" in err[1], err
+    assert main(["make-model", str(tmp_path / "fresh")]) == 0  # an empty or new folder is fine
