@@ -17,6 +17,7 @@ MAX_STOP = 4
 
 
 MAX_N = 8
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
 @dataclass(frozen=True)
@@ -33,15 +34,26 @@ class ParsedRequest:
 
 
 async def read_json(request: Any) -> Any:
-    """The request body as JSON; raises ApiError(400) that quotes the parser."""
+    """The request body as UTF-8 JSON; raises ApiError(400) that quotes the parser, also for another
+    declared charset, nesting too deep or numbers too long to parse (never a 500)."""
+    charset = (request.charset or "utf-8").lower()
+    if charset not in ("utf-8", "utf8"):
+        raise ApiError(400, f"charset {request.charset!r} is not supported; send the JSON body as UTF-8")
+    raw = await request.read()
     try:
-        return await request.json()
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise ApiError(400, "request body is not valid JSON: nested too deeply") from e
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
         raise ApiError(400, f"request body is not valid JSON: {e}") from e
 
 
 def check_model(body: Any, served_name: str) -> None:
     model = body.get("model") if isinstance(body, dict) else None
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, f"'model' must be a string, got {type(model).__name__}", param="model")
     if model is not None and model != served_name:
         raise ApiError(404, f"model {model!r} does not exist; this server serves {served_name!r}",
                        "not_found_error", param="model", code="model_not_found")
@@ -63,6 +75,16 @@ def _in_range(key: str, value: float, low: float, high: float) -> None:
         raise ApiError(400, f"'{key}' must be between {low} and {high}, got {value}", param=key)
 
 
+def _text(value: str, key: str) -> str:
+    """A string the tokenizer can take: valid Unicode (no lone surrogates such as "\\ud800")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"'{key}' is not valid Unicode text ({e.reason} at position {e.start})",
+                       param=key) from e
+    return value
+
+
 def _stop(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
@@ -72,7 +94,7 @@ def _stop(body: dict) -> tuple[str, ...]:
         raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
     if len(stops) > MAX_STOP:
         raise ApiError(400, f"'stop' takes at most {MAX_STOP} strings", param="stop")
-    return tuple(stops)
+    return tuple(_text(s, "stop") for s in stops)
 
 
 def _prompt_ids(body: dict, tokenizer: Tokenizer) -> list[int]:
@@ -80,10 +102,10 @@ def _prompt_ids(body: dict, tokenizer: Tokenizer) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return tokenizer.encode(_text(prompt, "prompt"))
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return list(prompt)
-    raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt")
+    raise ApiError(400, "'prompt' must be a string or a non-empty list of token ids", param="prompt")
 
 
 def _messages(body: dict) -> list[dict[str, Any]]:
@@ -93,12 +115,26 @@ def _messages(body: dict) -> list[dict[str, Any]]:
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError(400, "each message needs a string 'role'", param="messages")
+        if m["role"] not in ROLES:
+            raise ApiError(400, f"message role {m['role'][:40]!r} is not one of {sorted(ROLES)}", param="messages")
         content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            m["content"] = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if isinstance(content, list):  # content parts: text only
+            m["content"] = "".join(_text_part(p) for p in content)
         elif not isinstance(content, str):
             raise ApiError(400, "each message needs string 'content'", param="messages")
+        _text(m["content"], "messages")
     return messages
+
+
+def _text_part(part: Any) -> str:
+    """One content part of a chat message; only {"type": "text", "text": str} is served here."""
+    if not isinstance(part, dict) or part.get("type", "text") != "text":
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        raise ApiError(400, f"content parts of type {kind!r} are not supported; send text parts",
+                       param="messages")
+    if not isinstance(part.get("text"), str):
+        raise ApiError(400, "a text content part needs a string 'text'", param="messages")
+    return part["text"]
 
 
 def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> ParsedRequest:
@@ -110,7 +146,8 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
         raise ApiError(413, f"the prompt has {len(prompt_ids)} tokens; the context window is {context}",
                        param="messages" if chat else "prompt", code="context_length_exceeded")
     max_tokens = _typed(body, "max_completion_tokens", int, None) if chat else None
-    max_tokens = max_tokens or _typed(body, "max_tokens", int, 16 if not chat else context - len(prompt_ids))
+    if max_tokens is None:
+        max_tokens = _typed(body, "max_tokens", int, 16 if not chat else context - len(prompt_ids))
     _in_range("max_tokens", max_tokens, 1, context)
     temperature = float(_typed(body, "temperature", (int, float), 1.0))
     _in_range("temperature", temperature, 0.0, 2.0)
@@ -133,6 +170,8 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
     for key, value in penalties.items():
         _in_range(key, value, -2.0, 2.0)
     seed = _typed(body, "seed", int, None)
+    if seed is not None:  # choice i samples with seed + i: every one must fit a 64-bit generator seed
+        _in_range("seed", seed, -(1 << 63), (1 << 63) - n)
     stream_options = _typed(body, "stream_options", dict, {})
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                             top_k=max(top_k, 0), seed=seed, stop=_stop(body),

@@ -1,6 +1,7 @@
 """The OpenAI-compatible API of a live 2-worker cluster, driven by the official `openai` package."""
 
 import asyncio
+import io
 import json
 
 import aiohttp
@@ -230,16 +231,99 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 30}, 400,
      "'top_logprobs' must be between"),
     ("/v1/nothing", {}, 404, "Not Found"),
+    # types, ranges and encodings a client can get wrong (none may reach the engine or answer 500)
+    ("/v1/completions", {"prompt": "\ud800"}, 400, "not valid Unicode"),
+    ("/v1/completions", {"prompt": "ok", "stop": ["\udfff"]}, 400, "not valid Unicode"),
+    ("/v1/completions", {"prompt": []}, 400, "non-empty list of token ids"),
+    ("/v1/completions", {"prompt": [[1, 2], [3]]}, 400, "'prompt' must be"),
+    ("/v1/completions", {"prompt": [1.5]}, 400, "'prompt' must be"),
+    ("/v1/completions", {"prompt": [True, 2]}, 400, "'prompt' must be"),
+    ("/v1/completions", {"prompt": [-1]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": {"text": "x"}}, 400, "'prompt' must be"),
+    ("/v1/completions", {}, 400, "'prompt' must be"),
+    ("/v1/completions", {"prompt": "x", "seed": 10**30}, 400, "'seed' must be between"),
+    ("/v1/completions", {"prompt": "x", "seed": -(2**63) - 1}, 400, "'seed' must be between"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**64 - 1, "n": 2}, 400, "'seed' must be between"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**63 - 1, "n": 2}, 400, "'seed' must be between"),
+    ("/v1/completions", {"prompt": "x", "seed": "abc"}, 400, "'seed' has the wrong type"),
+    ("/v1/completions", {"prompt": "x", "seed": True}, 400, "got a boolean"),
+    ("/v1/completions", {"prompt": "x", "model": 5}, 400, "'model' must be a string"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "'max_tokens' must be between"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 1.5}, 400, "'max_tokens' has the wrong type"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, 400, "got a boolean"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "'temperature' has the wrong type"),
+    ("/v1/completions", {"prompt": "x", "temperature": -0.1}, 400, "'temperature' must be between"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "'top_p' must be between"),
+    ("/v1/completions", {"prompt": "x", "top_p": -1}, 400, "'top_p' must be between"),
+    ("/v1/completions", {"prompt": "x", "top_k": -5}, 400, "'top_k' must be between"),
+    ("/v1/completions", {"prompt": "x", "top_k": 2**21}, 400, "'top_k' must be between"),
+    ("/v1/completions", {"prompt": "x", "n": 9}, 400, "'n' must be between"),
+    ("/v1/completions", {"prompt": "x", "n": 2.0}, 400, "'n' has the wrong type"),
+    ("/v1/completions", {"prompt": "x", "logprobs": -1}, 400, "'logprobs' must be between"),
+    ("/v1/completions", {"prompt": "x", "logprobs": "3"}, 400, "'logprobs' has the wrong type"),
+    ("/v1/completions", {"prompt": "x", "echo": "yes"}, 400, "'echo' has the wrong type"),
+    ("/v1/completions", {"prompt": "x", "ignore_eos": 1}, 400, "'ignore_eos' has the wrong type"),
+    ("/v1/completions", {"prompt": "x", "stream_options": "x"}, 400, "'stream_options' has the wrong type"),
+    ("/v1/completions", {"prompt": "x", "stop": [1, 2]}, 400, "'stop' must be"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 400, "'frequency_penalty' must be between"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": "a"}, 400, "'presence_penalty' has the wrong type"),
+    ("/v1/completions", {"prompt": "x", "return_token_ids": "no"}, 400, "'return_token_ids' has the wrong type"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages' must be"),
+    ("/v1/chat/completions", {"messages": [None]}, 400, "'role'"),
+    ("/v1/chat/completions", {"messages": [{"role": 5, "content": "x"}]}, 400, "'role'"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "is not one of"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400,
+     "needs a string 'text'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                          "image_url": {"url": "x"}}]}]},
+     400, "'image_url' are not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": ["hi"]}]}, 400, "are not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "not valid Unicode"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, 400,
+     "'max_tokens' must be between"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}, 400,
+     "'logprobs' has the wrong type"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": -1}, 400,
+     "'top_logprobs' must be between"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 400}]}, 413, "context window"),
+]
+
+# Bodies no JSON encoder would write: raw bytes, odd headers, sizes.
+BAD_RAW = [
+    (b'{"prompt": "x"}', "application/json; charset=bogus", 400, "charset 'bogus' is not supported"),
+    (b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "nested too deeply"),
+    (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "application/json", 400, "not valid JSON"),
+    (b'{"prompt": "\xff\xfe"}', "application/json", 400, "not valid JSON"),
+    (b"", "application/json", 400, "not valid JSON"),
+    (b"null", "application/json", 400, "JSON object"),
+    (b'"just text"', "application/json", 400, "JSON object"),
+    (b'{"prompt": "x", "temperature": NaN}', "application/json", 400, "'temperature' must be between"),
+    (b'{"prompt": "x", "top_p": Infinity}', "application/json", 400, "'top_p' must be between"),
+    (b'{"prompt": "' + b"x" * (9 << 20) + b'"}', "application/json", 413, "Request Entity Too Large"),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "status", "message"), BAD)
 async def test_bad_input_gets_a_clear_error(cluster, path, body, status, message):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with aiohttp.ClientSession() as s, s.post(f"{cluster.url}{path}", data=data,
-                                                    headers={"Content-Type": "application/json"}) as r:
-        assert r.status == status
-        err = (await r.json())["error"]
-    assert message in err["message"]
+    await _expect_error(cluster, path, data, "application/json", status, message)
+
+
+@pytest.mark.parametrize(("data", "content_type", "status", "message"), BAD_RAW,
+                         ids=[f"raw{i}" for i in range(len(BAD_RAW))])
+async def test_malformed_bodies_get_a_clear_error(cluster, data, content_type, status, message):
+    await _expect_error(cluster, "/v1/completions", data, content_type, status, message)
+
+
+async def _expect_error(cluster, path: str, data: bytes, content_type: str, status: int, message: str) -> None:
+    """One bad request: the status, the one error shape, and a server that still answers."""
+    async with aiohttp.ClientSession() as s:
+        body = io.BytesIO(data) if len(data) > 1 << 20 else data  # aiohttp warns on big raw bodies
+        async with s.post(f"{cluster.url}{path}", data=body, headers={"Content-Type": content_type}) as r:
+            assert r.status == status
+            err = (await r.json())["error"]
+        async with s.get(f"{cluster.url}/health") as r:
+            assert r.status == 200
+    assert message in err["message"], err
     assert set(err) == {"message", "type", "param", "code"}
     assert "Traceback" not in err["message"]
