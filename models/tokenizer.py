@@ -30,6 +30,30 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-in for each byte (byte-level BPE vocabularies are spelled in it), inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) \
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    stand_in, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            stand_in[chr(b)] = b
+        else:
+            stand_in[chr(256 + extra)] = b
+            extra += 1
+    return stand_in
+
+
+_UNICODE_TO_BYTE = _byte_alphabet()
+
+
+def _uses_byte_level(tokenizer: HFTokenizer) -> bool:
+    """Whether the tokenizer's decoder (or one step of it) is ByteLevel: pieces are byte-alphabet text."""
+    decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+    steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(step.get("type") == "ByteLevel" for step in steps)
+
+
 def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
@@ -46,6 +70,8 @@ class Tokenizer:
         self.eos_token = _token_text(settings.get("eos_token"))
         self.eos_ids = eos_ids
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._byte_level = _uses_byte_level(tokenizer)
+        self._special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals.update(raise_exception=_raise_exception,
                            strftime_now=lambda fmt: datetime.now().strftime(fmt))
@@ -62,6 +88,24 @@ class Tokenizer:
     def decode_with_special(self, ids: list[int]) -> str:
         """Text that re-encodes to the same prompt (special tokens kept), e.g. to hand it to another server."""
         return self._tok.decode(ids, skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, also when it holds part of a UTF-8 character (OpenAI chat
+        logprobs `bytes`): byte-level BPE pieces map back through GPT-2's byte alphabet,
+        sentencepiece byte tokens (<0xE2>) are their byte, '▁' is a space; special tokens their text."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._special_ids:
+            return piece.encode()
+        if self._byte_level and all(ch in _UNICODE_TO_BYTE for ch in piece):
+            return bytes(_UNICODE_TO_BYTE[ch] for ch in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return piece.replace("\u2581", " ").encode()
 
     def token_text(self, token_id: int) -> str:
         """The text of one token as OpenAI `logprobs.tokens` shows it (special tokens included)."""

@@ -8,7 +8,7 @@ from models.generation import Engine
 from scheduler.admission import Admission
 from scheduler.cloud import CloudTier
 from scheduler.completions import complete, ensure_api_key, route_headers
-from scheduler.errors import error_middleware
+from scheduler.errors import ApiError, error_middleware
 from scheduler.measure import Measured
 from scheduler.metrics import Metrics
 from scheduler.state import (
@@ -48,11 +48,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await complete(request, chat=True)
 
 
+def _model_card(request: web.Request) -> dict:
+    return {"id": request.app[SETTINGS].served_name, "object": "model", "created": 0, "owned_by": "edge-llm",
+            "max_model_len": request.app[ENGINE].config.max_position_embeddings}
+
+
 async def models(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
-    return web.json_response({"object": "list", "data": [
-        {"id": settings.served_name, "object": "model", "created": 0, "owned_by": "edge-llm",
-         "max_model_len": request.app[ENGINE].config.max_position_embeddings}]})
+    return web.json_response({"object": "list", "data": [_model_card(request)]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id} (the SDK's models.retrieve): the served model, else 404 in the error shape."""
+    card = _model_card(request)
+    if request.match_info["model_id"] != card["id"]:
+        raise ApiError(404, f"model {request.match_info['model_id']!r} does not exist; this server serves "
+                            f"{card['id']!r}", "not_found_error", param="model", code="model_not_found")
+    return web.json_response(card)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -110,6 +121,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> web.Application:
         web.post("/v1/completions", completions),
         web.post("/v1/chat/completions", chat_completions),
         web.get("/v1/models", models),
+        web.get("/v1/models/{model_id:.+}", model),
         web.get("/health", health),
         web.get("/metrics", metrics),
     ])

@@ -238,8 +238,8 @@ def joined_logprobs(first: dict | None, second: dict | None) -> dict | None:
 def chat_logprobs(events: list[TokenEvent], tokenizer: Tokenizer) -> dict:
     """OpenAI chat `logprobs.content` entries."""
     def entry(token_id: int, logprob: float) -> dict:
-        text = tokenizer.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": tokenizer.token_text(token_id), "logprob": logprob,
+                "bytes": list(tokenizer.token_bytes(token_id))}
 
     return {"content": [entry(e.token_id, e.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in e.top_logprobs]}
                         for e in events]}

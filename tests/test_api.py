@@ -59,6 +59,13 @@ async def test_models_lists_the_served_name(oai, model):
     assert [m.id for m in models.data] == [model.name]
 
 
+async def test_models_retrieve_names_the_served_model_or_404s(oai, model):
+    card = await oai.models.retrieve(model.name)
+    assert card.id == model.name and card.object == "model"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        await oai.models.retrieve("gpt-4/turbo")
+
+
 async def test_streamed_text_equals_whole_text_for_the_same_seed(cluster, oai):
     c = oai
     args = dict(model=cluster.model.name, prompt="The quick brown fox", max_tokens=30, temperature=0.9,

@@ -74,6 +74,18 @@ def test_smollm2_tokenizer_matches_transformers(smollm2):
         assert ours.decode(ours.encode(text)) == ref_tok.decode(ref_tok.encode(text), skip_special_tokens=True)
 
 
+def test_token_bytes_rebuild_the_text_even_when_tokens_split_characters(smollm2):
+    """OpenAI chat logprobs `bytes`: each token's own bytes (an emoji spans byte tokens), which
+    concatenated are the text's UTF-8."""
+    _, folder, _ = smollm2
+    ours = load_tokenizer(folder, load_config(folder))
+    for text in HARD_STRINGS:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert b"".join(ours.token_bytes(i) for i in ids) == text.encode(), text
+    emoji = ours.encode("🙂", add_special_tokens=False)
+    assert len(emoji) > 1 and all(ours.token_bytes(i) != "\ufffd".encode() for i in emoji)
+
+
 def test_smollm2_chat_template_matches_transformers(smollm2):
     _, folder, ref_tok = smollm2
     ours = load_tokenizer(folder, load_config(folder))
@@ -225,6 +237,9 @@ def test_sentencepiece_vocabulary_tokenizes_like_transformers(tmp_path):
     # "  two" is "▁▁▁two"; transformers' Metaspace adds it only when the text does not already start
     # with one. We follow the tokenizer the model was trained with.
     pieces = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    for text in texts:  # byte fallback and '▁' give back every byte, after the dummy prefix
+        ids = ours.encode(text, add_special_tokens=False)
+        assert b"".join(ours.token_bytes(i) for i in ids) == (" " + text if text else "").encode(), text
     for text in (t for t in texts if t[:1].isspace() and t.isascii()):
         assert "".join(pieces.encode(text, add_special_tokens=False).tokens) == "\u2581" + text.replace(" ", "\u2581")
         assert ours.decode(ours.encode(text)) == text
