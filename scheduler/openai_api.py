@@ -137,10 +137,25 @@ def _text_part(part: Any) -> str:
     return part["text"]
 
 
+# OpenAI fields this server does not implement, with the values that ask for nothing (accepted).
+UNSUPPORTED = {"tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+               "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+               "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, "")}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """A field we would otherwise ignore silently is a 400 that names it (as the client relies on it)."""
+    for key, harmless in UNSUPPORTED.items():
+        if key in body and not any(body[key] == h and type(body[key]) is type(h) for h in harmless):
+            raise ApiError(400, f"'{key}' is not supported by this server; remove it from the request",
+                           param=key, code="unsupported_parameter")
+
+
 def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> ParsedRequest:
     """Validate a completions or chat body; raises ApiError(400/413) that says what to change."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    _refuse_unsupported(body)
     prompt_ids = tokenizer.encode_chat(_messages(body)) if chat else _prompt_ids(body, tokenizer)
     if len(prompt_ids) >= context:
         raise ApiError(413, f"the prompt has {len(prompt_ids)} tokens; the context window is {context}",
@@ -149,6 +164,11 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
     if max_tokens is None:
         max_tokens = _typed(body, "max_tokens", int, 16 if not chat else context - len(prompt_ids))
     _in_range("max_tokens", max_tokens, 1, context)
+    if len(prompt_ids) + max_tokens > context:  # as vLLM: say so rather than stop short silently
+        raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}: "
+                            f"{len(prompt_ids) + max_tokens} in all, more than the context window of {context}; "
+                            f"ask for at most {context - len(prompt_ids)} tokens", param="max_tokens",
+                       code="context_length_exceeded")
     temperature = float(_typed(body, "temperature", (int, float), 1.0))
     _in_range("temperature", temperature, 0.0, 2.0)
     top_p = float(_typed(body, "top_p", (int, float), 1.0))

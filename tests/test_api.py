@@ -293,6 +293,16 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": -1}, 400,
      "'top_logprobs' must be between"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 400}]}, 413, "context window"),
+    ("/v1/completions", {"prompt": [5] * 100, "max_tokens": 60}, 400, "160 in all, more than the context window of 128"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     400, "'tools' is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, 400, "'response_format' is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
+     "'tool_choice' is not supported"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 100}}, 400, "'logit_bias' is not supported"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "'best_of' is not supported"),
+    ("/v1/completions", {"prompt": "x", "suffix": "end"}, 400, "'suffix' is not supported"),
 ]
 
 # Bodies no JSON encoder would write: raw bytes, odd headers, sizes.
@@ -334,3 +344,13 @@ async def _expect_error(cluster, path: str, data: bytes, content_type: str, stat
     assert message in err["message"], err
     assert set(err) == {"message", "type", "param", "code"}
     assert "Traceback" not in err["message"]
+
+
+async def test_fields_that_ask_for_nothing_are_accepted(oai, cluster):
+    """Clients send defaults of fields we do not implement; only a value that asks for something is refused."""
+    resp = await oai.chat.completions.create(
+        model=cluster.model.name, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0,
+        tool_choice="none", response_format={"type": "text"}, logit_bias={})
+    assert resp.choices[0].message.content is not None
+    done = await oai.completions.create(model=cluster.model.name, prompt="hi", max_tokens=3, best_of=1, suffix="")
+    assert done.usage.completion_tokens >= 1
