@@ -93,6 +93,7 @@ def test_a_frame_of_the_wrong_size_is_refused():
     worker[0].send(DATA, 1, np.ones(3, np.float32).data)
     with pytest.raises(FrameError):
         hub[1].recv_into(1, np.empty(4, np.float32))
+    assert hub[1].closed  # out of step: the master stops using this link until the worker rejoins
 
 
 async def test_handshake_admits_the_secret_only():

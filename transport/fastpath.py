@@ -106,6 +106,8 @@ class DataLink:
                 got += n
             self.bytes_received += got
         except TimeoutError as e:
+            if got:  # cut mid-frame: the stream is out of step, so this link serves no more steps
+                self.closed = True
             raise CollectiveTimeout(f"{self.peer} sent nothing for {self.timeout:.1f} s") from e
         except OSError as e:
             self.closed = True
@@ -118,6 +120,7 @@ class DataLink:
             self._read_exact(memoryview(self._header))
             kind, size, got = FRAME.unpack(self._header)
             if size > MAX_PAYLOAD:
+                self.closed = True
                 raise FrameError(f"{self.peer} announced a {size}-byte frame")
             if kind in (ERROR, ABORT) or got < seq:
                 body = bytearray(size)
@@ -128,6 +131,7 @@ class DataLink:
                 raise (PeerFailed(reason) if kind == ERROR else
                        CollectiveAborted(f"the hub aborted all-reduce #{seq}: {reason}"))
             if kind != DATA or got != seq or size != out.nbytes:
+                self.closed = True  # the peer is out of step: no more steps on this link
                 raise FrameError(f"{self.peer}: frame kind {kind} #{got} of {size} bytes, expected data "
                                  f"#{seq} of {out.nbytes}")
             self._read_exact(memoryview(out).cast("B"))
