@@ -101,18 +101,11 @@ class RotaryTable:
         return emb.cos() * scale, emb.sin() * scale
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, S, head_dim]; cos, sin: [S, head_dim] float32 -> rotated x, same shape and dtype.
-
-    cos and sin are rounded to x's dtype first, as transformers does for bf16/fp16 models.
-    """
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    """x: [B, H, S, head_dim]; cos, sin: [S, head_dim] float32 -> rotated x, same shape and dtype:
+    x * cos + rotate_half(x) * sin, with cos and sin rounded to x's dtype first (as transformers does
+    for bf16/fp16). The forward builds the tables once per step instead (`rope_tables`)."""
+    return apply_rope_tables(x, *rope_tables(cos, sin, x.dtype))
 
 
 def rope_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
