@@ -8,9 +8,10 @@ from models.generation import Engine
 from scheduler.admission import Admission
 from scheduler.cloud import CloudTier
 from scheduler.completions import complete, ensure_api_key, route_headers
-from scheduler.errors import ApiError, error_middleware
+from scheduler.errors import error_middleware
 from scheduler.measure import Measured
 from scheduler.metrics import Metrics
+from scheduler.openai_api import check_model
 from scheduler.state import (
     ADMISSION,
     CLOUD,
@@ -60,9 +61,7 @@ async def models(request: web.Request) -> web.Response:
 async def model(request: web.Request) -> web.Response:
     """GET /v1/models/{id} (the SDK's models.retrieve): the served model, else 404 in the error shape."""
     card = _model_card(request)
-    if request.match_info["model_id"] != card["id"]:
-        raise ApiError(404, f"model {request.match_info['model_id']!r} does not exist; this server serves "
-                            f"{card['id']!r}", "not_found_error", param="model", code="model_not_found")
+    check_model({"model": request.match_info["model_id"]}, card["id"])
     return web.json_response(card)
 
 

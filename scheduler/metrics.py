@@ -43,20 +43,6 @@ class _ClusterCollector(Collector):
         yield from self._offload(snap)
 
     @staticmethod
-    def _timing(per_rank: dict) -> Iterable:
-        """Where each rank's step time goes: forwards on its compute thread and their all-reduces."""
-        names = {"forward_s": ("edge_rank_forward_seconds", "Seconds of forward passes on the compute thread"),
-                 "allreduce_s": ("edge_rank_allreduce_seconds", "Seconds of those spent in all-reduces (send + wait)"),
-                 "forwards": ("edge_rank_forwards", "Forward passes"),
-                 "allreduces": ("edge_rank_allreduces", "All-reduces")}
-        for key, (name, doc) in names.items():
-            family = CounterMetricFamily(name, doc, labels=["rank"])
-            for rank, stats in per_rank.items():
-                if key in stats:
-                    family.add_metric([str(rank)], stats[key])
-            yield family
-
-    @staticmethod
     def _offload(snap: dict) -> Iterable:
         """Step batching and attention-offload counters: KV rebuilds, per node its KV bytes and link bytes."""
         steps = CounterMetricFamily("edge_cluster_steps", "Cluster-wide forward steps")
@@ -96,16 +82,30 @@ class _ClusterCollector(Collector):
     @staticmethod
     def _window(per_rank: dict) -> Iterable:
         """Weight-window counters per rank: disk bytes and seconds, compute wait, forwards."""
-        names = {"bytes_read": "Bytes read from disk by the weight window",
-                 "disk_busy_s": "Seconds the weight reader spent reading",
-                 "compute_wait_s": "Seconds compute waited for the disk",
-                 "forwards": "Forward passes through the streamed layers"}
-        for key, doc in names.items():
-            family = CounterMetricFamily(f"edge_window_{key}", doc, labels=["rank"])
-            for rank, stats in per_rank.items():
-                if key in stats:
-                    family.add_metric([str(rank)], stats[key])
-            yield family
+        yield from _per_rank_counters(per_rank, {
+            "bytes_read": ("edge_window_bytes_read", "Bytes read from disk by the weight window"),
+            "disk_busy_s": ("edge_window_disk_busy_s", "Seconds the weight reader spent reading"),
+            "compute_wait_s": ("edge_window_compute_wait_s", "Seconds compute waited for the disk"),
+            "forwards": ("edge_window_forwards", "Forward passes through the streamed layers")})
+
+    @staticmethod
+    def _timing(per_rank: dict) -> Iterable:
+        """Where each rank's step time goes: forwards on its compute thread and their all-reduces."""
+        yield from _per_rank_counters(per_rank, {
+            "forward_s": ("edge_rank_forward_seconds", "Seconds of forward passes on the compute thread"),
+            "allreduce_s": ("edge_rank_allreduce_seconds", "Seconds of those spent in all-reduces (send + wait)"),
+            "forwards": ("edge_rank_forwards", "Forward passes"),
+            "allreduces": ("edge_rank_allreduces", "All-reduces")})
+
+
+def _per_rank_counters(per_rank: dict, families: dict[str, tuple[str, str]]) -> Iterable:
+    """One counter family per key (metric name, help), a sample per rank that reported the key."""
+    for key, (name, doc) in families.items():
+        family = CounterMetricFamily(name, doc, labels=["rank"])
+        for rank, stats in per_rank.items():
+            if key in stats:
+                family.add_metric([str(rank)], stats[key])
+        yield family
 
 
 class Metrics:
