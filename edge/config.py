@@ -10,6 +10,7 @@ from pathlib import Path
 from edge.cluster import HttpSettings, link_from_args
 from edge.master import MasterSettings
 from models.dtypes import DTYPE_CHOICES
+from models.quant import QUANT_CHOICES
 from scheduler.cloud import CloudSettings
 from scheduler.router import Policy
 
@@ -31,13 +32,14 @@ class ClusterConfig:
     bandwidth_mbps: float = 0.0
     attention_nodes: int = 0
     dtype: str = "auto"
+    quantize: str = "none"
 
     def master_settings(self, secret: bytes) -> MasterSettings:
         return MasterSettings(model=self.model, world_size=len(self.weights), weights=self.weights,
                               host=self.master_host, port=self.worker_port, secret=secret,
                               step_timeout=self.step_timeout,
                               link=link_from_args(self.latency_ms, self.bandwidth_mbps),
-                              attention_nodes=self.attention_nodes, dtype=self.dtype)
+                              attention_nodes=self.attention_nodes, dtype=self.dtype, quantize=self.quantize)
 
 
 def _policy(raw: dict) -> Policy:
@@ -71,6 +73,12 @@ def _dtype(value: object) -> str:
     return str(value)
 
 
+def _quantize(value: object) -> str:
+    if value not in QUANT_CHOICES:
+        raise ConfigError(f"quantize = {value!r} is not one of {list(QUANT_CHOICES)}")
+    return str(value)
+
+
 def load_cluster_config(path: str | Path) -> ClusterConfig:
     """Parse a cluster file; raises ConfigError (reported by the CLI) on missing keys."""
     try:
@@ -86,6 +94,7 @@ def load_cluster_config(path: str | Path) -> ClusterConfig:
             attention_nodes=int(raw.get("attention", {}).get("nodes", 0)),
             weights=[float(n.get("weight", 1.0)) for n in nodes], secret_file=raw.get("secret_file"),
             step_timeout=float(raw.get("step_timeout", 5.0)), dtype=_dtype(raw.get("dtype", "auto")),
+            quantize=_quantize(raw.get("quantize", "none")),
             latency_ms=float(link.get("latency_ms", 0.0)), bandwidth_mbps=float(link.get("bandwidth_mbps", 0.0)))
     except (OSError, KeyError, IndexError, TypeError, ValueError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: invalid cluster file ({type(e).__name__}: {e})") from e

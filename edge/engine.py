@@ -35,6 +35,7 @@ from models.llama import (
     load_output_head,
     logits,
     no_reduce,
+    weight_bytes,
 )
 from models.rope import RotaryTable
 from models.scoring import slice_scores
@@ -70,7 +71,7 @@ class ShardModel:
         """Every layer resident, sliced straight from the Hugging Face files."""
         layers = [load_layer(ckpt, i, dims) for i in range(ckpt.config.num_layers)]
         output = load_output_head(ckpt, dims)
-        nbytes = sum(w.nbytes() for w in layers) + output.lm_head.nbytes + output.norm.nbytes
+        nbytes = sum(w.nbytes() for w in layers) + weight_bytes(output.lm_head) + output.norm.nbytes
         return cls(ckpt.config, dims, layers.__getitem__, output, nbytes)
 
     @classmethod
@@ -169,17 +170,18 @@ def kv_bytes_per_token(config: LlamaConfig, dims: LocalDims, element_bytes: int 
 def load_shard(ckpt: Checkpoint, dims: LocalDims, world_size: int, weights: list[float] | None,
                budget_mb: float | None, split_dir: str | Path | None, split_all: bool = False,
                drop_cache: bool = True) -> ShardModel:
-    """This rank's shard, in the checkpoint's read dtype (`ckpt.with_dtype`): resident from the
-    checkpoint, or windowed from split files (of that dtype) under a budget.
+    """This rank's shard, in the checkpoint's read dtype and quantization (`ckpt.with_dtype`,
+    `with_quant`): resident from the checkpoint, or windowed from split files (of that format) under a budget.
 
     Splits on first start (every rank with `split_all`, as the emulated cluster's master does;
     else only this rank) and repairs a damaged split the same way. Raises SplitError / BudgetTooSmall.
     """
     if budget_mb is None:
         return ShardModel.from_checkpoint(ckpt, dims)
-    dtype = dtype_name(ckpt.dtype)
-    folder = Path(split_dir) if split_dir else default_split_dir(ckpt.folder, dtype)
-    plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(ckpt.folder), dtype)
+    dtype, quantize = dtype_name(ckpt.dtype), ckpt.quant or "none"
+    folder = Path(split_dir) if split_dir else default_split_dir(ckpt.folder, dtype, quantize)
+    plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(ckpt.folder), dtype,
+                     quantize)
     budget = int(budget_mb * (1 << 20))
     try:
         return ShardModel.from_split(ckpt.config, dims, folder, plan, budget, drop_cache)
@@ -187,5 +189,6 @@ def load_shard(ckpt: Checkpoint, dims: LocalDims, world_size: int, weights: list
         raise
     except SplitError as e:
         log.info("%s; splitting %s into %s", e, ckpt.folder, folder)
-    split_model(ckpt.folder, world_size, weights, folder, ranks=None if split_all else [dims.rank], dtype=dtype)
+    split_model(ckpt.folder, world_size, weights, folder, ranks=None if split_all else [dims.rank], dtype=dtype,
+                quantize=quantize)
     return ShardModel.from_split(ckpt.config, dims, folder, plan, budget, drop_cache)

@@ -33,6 +33,7 @@ from edge.worker import HEARTBEAT_TIMEOUT
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.dtypes import dtype_name, resolve_dtype
 from models.llama import KVCache
+from models.quant import check_quantizable, plan_group
 from models.scoring import combine_scores
 from models.sharding import PlanError, local_dims
 from models.tokenizer import Tokenizer, load_tokenizer
@@ -70,6 +71,7 @@ class MasterSettings:
     attention_nodes: int = 0
     max_batch: int = 16  # decode steps of concurrent requests that run as one forward
     dtype: str = "auto"  # weights (and activations, KV) in: auto = the checkpoint's torch_dtype
+    quantize: str = "none"  # Linear weights: none | int8 | int4 (models.quant)
 
 
 @dataclass
@@ -138,7 +140,10 @@ class ClusterEngine:
         self.settings = settings
         ckpt = Checkpoint(settings.model)
         self.dtype = resolve_dtype(settings.dtype, ckpt.config.torch_dtype)
-        ckpt = ckpt.with_dtype(self.dtype)
+        ckpt = ckpt.with_dtype(self.dtype).with_quant(settings.quantize)
+        check_quantizable(ckpt.config, ckpt.quant)
+        self.quantize = ckpt.quant or "none"
+        self.group = plan_group(self.quantize)  # slices of o_proj / down_proj never cut a quantization group
         self.config = ckpt.config
         self.tokenizer: Tokenizer = load_tokenizer(ckpt.folder, self.config)
         self.fingerprint = checkpoint_fingerprint(settings.model)
@@ -148,7 +153,7 @@ class ClusterEngine:
         self._planned: asyncio.Event | None = None
         self.shard: ShardModel | None = None
         if self.auto:  # the plan waits for every device's measurements
-            local_dims(self.config, settings.world_size)  # still refuse impossible worker counts now
+            local_dims(self.config, settings.world_size, group=self.group)  # refuse impossible worker counts now
             self._profiles[0] = measure_device()
         else:
             self._decide(settings.weights)  # PlanError / BudgetTooSmall at start
@@ -188,7 +193,7 @@ class ClusterEngine:
         """Fix the plan and load rank 0's shard (and embedding) for it."""
         s = self.settings
         self.weights = weights or [1.0] * s.world_size
-        self.plans = local_dims(self.config, s.world_size, self.weights)
+        self.plans = local_dims(self.config, s.world_size, self.weights, self.group)
         self.shard = load_shard(self._ckpt, self.plans[0], s.world_size, self.weights, s.memory_budget_mb,
                                 s.split_dir, split_all=True, drop_cache=not s.keep_page_cache)
         self.embed_bytes = 0  # resident embedding table bytes (none when mapped from the split)
@@ -221,7 +226,7 @@ class ClusterEngine:
             profiles = [self._profiles[r] for r in range(self.settings.world_size)]
             weights = weights_from_profiles(profiles, self._ckpt.model_bytes())
             try:
-                local_dims(self.config, self.settings.world_size, weights)
+                local_dims(self.config, self.settings.world_size, weights, self.group)
             except PlanError as e:
                 log.warning("measured weights %s cannot work (%s); splitting evenly", weights, e)
                 weights = None
@@ -258,7 +263,7 @@ class ClusterEngine:
             if self.auto:
                 await self._auto_plan(rank, join.get("profile"))
             plan = {"t": "plan", "world_size": self.settings.world_size, "weights": self.weights,
-                    "dtype": dtype_name(self.dtype)}
+                    "dtype": dtype_name(self.dtype), "quantize": self.quantize}
             if self._data_server is not None:
                 plan["data_port"] = self.data_port
             if join.get("fingerprint") is None:  # no local checkpoint: it fetches its shard from us
@@ -365,7 +370,7 @@ class ClusterEngine:
     @property
     def split_dir(self) -> Path:
         s = self.settings
-        return Path(s.split_dir) if s.split_dir else default_split_dir(s.model, dtype_name(self.dtype))
+        return Path(s.split_dir) if s.split_dir else default_split_dir(s.model, dtype_name(self.dtype), self.quantize)
 
     def _rank_files_state(self, rank: int) -> tuple:
         """(name, size, mtime) of a rank's split files and the manifest: unchanged means still verified."""
@@ -383,7 +388,7 @@ class ClusterEngine:
         state = await asyncio.to_thread(self._rank_files_state, rank)
         if not state or self._verified.get(rank) != state:
             await asyncio.to_thread(split_model, s.model, s.world_size, self.weights, self.split_dir, [rank], True,
-                                    dtype_name(self.dtype))
+                                    dtype_name(self.dtype), self.quantize)
             self._verified[rank] = await asyncio.to_thread(self._rank_files_state, rank)
         manifest = json.loads((self.split_dir / MANIFEST).read_text())
         prefix = rank_dir(s.world_size, rank) + "/"

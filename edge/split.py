@@ -23,6 +23,7 @@ from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.dtypes import DTYPES, dtype_name, resolve_dtype
 from models.errors import CheckpointError
 from models.llama import load_layer, load_output_head
+from models.quant import QuantWeight, check_quantizable, plan_group
 from models.sharding import LocalDims, local_dims
 
 MANIFEST = "manifest.json"
@@ -34,16 +35,22 @@ class SplitError(CheckpointError):
 
 @dataclass(frozen=True)
 class SplitPlan:
-    """What a split folder holds: the device count, weights, source checkpoint and weight dtype."""
+    """What a split folder holds: the device count, weights, source checkpoint, dtype and quantization."""
 
     world_size: int
     weights: tuple[float, ...]
     fingerprint: str
     dtype: str = "float32"  # the bytes every tensor of the split is stored (and held) in
+    quantize: str = "none"  # Linear weights quantized (models.quant) or not
 
     def as_json(self) -> dict:
         return {"world_size": self.world_size, "weights": list(self.weights), "fingerprint": self.fingerprint,
-                "dtype": self.dtype}
+                "dtype": self.dtype, "quantize": self.quantize}
+
+    @property
+    def group(self) -> int:
+        """The plan's alignment of input-feature slices (sharding.local_dims)."""
+        return plan_group(self.quantize)
 
     @property
     def element_bytes(self) -> int:
@@ -74,10 +81,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def default_split_dir(model: str | Path, dtype: str = "float32") -> Path:
-    """MODEL.edge-split beside the model (MODEL.edge-split-bfloat16 for another dtype)."""
+def default_split_dir(model: str | Path, dtype: str = "float32", quantize: str = "none") -> Path:
+    """MODEL.edge-split beside the model (MODEL.edge-split-bfloat16, -int4, -bfloat16-int8 otherwise)."""
     model = Path(model).resolve()
-    suffix = "" if dtype == "float32" else f"-{dtype}"
+    suffix = "".join(f"-{part}" for part, plain in ((dtype, "float32"), (quantize, "none")) if part != plain)
     return model.with_name(f"{model.name}.edge-split{suffix}")
 
 
@@ -91,14 +98,25 @@ def read_manifest(out: Path) -> dict | None:
         raise SplitError(f"{path}: corrupt manifest ({e}); delete the folder and split again") from e
 
 
+def stored_tensors(weights: dict[str, torch.Tensor | QuantWeight | None]) -> dict[str, torch.Tensor]:
+    """What a shard file holds: plain tensors by field, quantized ones as FIELD.q/.scale/.min
+    (models.quant.gather_quantized reads them back)."""
+    out = {}
+    for name, value in weights.items():
+        if isinstance(value, QuantWeight):
+            out |= value.contiguous().tensors(name)
+        elif value is not None:
+            out[name] = value.contiguous()
+    return out
+
+
 def _tensors_of_layer(ckpt: Checkpoint, layer: int, dims: LocalDims) -> dict[str, torch.Tensor]:
-    weights = load_layer(ckpt, layer, dims)
-    return {k: v for k, v in vars(weights).items() if v is not None}
+    return stored_tensors(vars(load_layer(ckpt, layer, dims)))
 
 
 def _tensors_of_head(ckpt: Checkpoint, dims: LocalDims) -> dict[str, torch.Tensor]:
     head = load_output_head(ckpt, dims)
-    return {"norm": head.norm.contiguous(), "lm_head": head.lm_head.contiguous()}
+    return stored_tensors({"norm": head.norm, "lm_head": head.lm_head})
 
 
 def _progress(done: int, total: int, name: str) -> None:
@@ -112,15 +130,17 @@ def _progress(done: int, total: int, name: str) -> None:
 
 def split_model(model: str | Path, world_size: int, weights: list[float] | None = None,
                 out: str | Path | None = None, ranks: list[int] | None = None, quiet: bool = False,
-                dtype: str | None = "auto") -> Path:
+                dtype: str | None = "auto", quantize: str = "none") -> Path:
     """Write (or finish writing) the split of `model` for this plan, every tensor in `dtype` (auto:
-    the checkpoint's own); raises SplitError for another plan."""
+    the checkpoint's own), Linear weights quantized by `quantize`; raises SplitError for another plan."""
+    quantize = quantize or "none"
     ckpt = Checkpoint(model)
-    ckpt = ckpt.with_dtype(resolve_dtype(dtype, ckpt.config.torch_dtype))
-    plans = local_dims(ckpt.config, world_size, weights)  # PlanError before anything is written
+    ckpt = ckpt.with_dtype(resolve_dtype(dtype, ckpt.config.torch_dtype)).with_quant(quantize)
+    check_quantizable(ckpt.config, ckpt.quant)
     plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(model),
-                     dtype_name(ckpt.dtype))
-    out = Path(out) if out else default_split_dir(model, plan.dtype)
+                     dtype_name(ckpt.dtype), quantize)
+    plans = local_dims(ckpt.config, world_size, weights, plan.group)  # PlanError before anything is written
+    out = Path(out) if out else default_split_dir(model, plan.dtype, plan.quantize)
     manifest = read_manifest(out) or {"plan": plan.as_json(), "files": {}}
     if not same_plan(manifest["plan"], plan):
         raise SplitError(f"{out} holds a split for another plan ({manifest['plan']}); "
@@ -151,8 +171,8 @@ def split_model(model: str | Path, world_size: int, weights: list[float] | None 
 
 
 def same_plan(stored: dict, plan: SplitPlan) -> bool:
-    """Whether a manifest's plan is `plan` (manifests written before dtypes were float32)."""
-    return {"dtype": "float32"} | stored == plan.as_json()
+    """Whether a manifest's plan is `plan` (manifests written before dtypes were float32, unquantized)."""
+    return {"dtype": "float32", "quantize": "none"} | stored == plan.as_json()
 
 
 def verify_rank(out: Path, plan: SplitPlan, rank: int, num_layers: int) -> dict[str, dict]:

@@ -23,6 +23,7 @@ import torch
 
 from edge.split import SplitError, SplitPlan, embed_file, head_file, layer_file, verify_rank
 from models.llama import HeadWeights, LayerWeights
+from models.quant import gather_quantized
 
 MB = 1 << 20
 
@@ -49,7 +50,7 @@ class WindowStats:
                 "resident_bytes": self.resident_bytes, "streamed_layers": self.streamed_layers}
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8}
 
 
 def _tensor_views(buf: bytearray, path: Path) -> dict[str, torch.Tensor]:
@@ -88,7 +89,7 @@ def read_layer_file(path: Path, expected_bytes: int, drop_cache: bool,
                 raise SplitError(f"{path}: shard file shrank while reading; run `edge-llm split`")
             if drop_cache and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        return _tensor_views(buf, path), size
+        return gather_quantized(_tensor_views(buf, path)), size
     except (struct.error, KeyError, TypeError, ValueError, OSError) as e:
         raise SplitError(f"{path}: cannot read shard file ({e}); run `edge-llm split` to repair it") from e
 

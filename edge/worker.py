@@ -35,6 +35,7 @@ from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.config import config_from_hf
 from models.dtypes import DTYPES
 from models.llama import KVCache
+from models.quant import QUANT_CHOICES, plan_group
 from models.sharding import local_dims
 from transport.collectives import StarAllReduce, StepCollective
 from transport.errors import PeerFailed, TransportError
@@ -65,6 +66,7 @@ class WorkerSettings:
     split_dir: str | None = None
     keep_page_cache: bool = False
     dtype: str | None = None  # refuse a master that holds weights in another dtype (None: follow it)
+    quantize: str | None = None  # refuse a master that quantizes otherwise (None: follow it)
 
 
 class Worker:
@@ -84,7 +86,7 @@ class Worker:
         self.profile = measure_device()  # for --weights auto on the master
         self.links: PeerLinks | None = None
         self.shard: ShardModel | None = None
-        self._plan: tuple[int, tuple[float, ...], str] | None = None  # world size, weights, dtype
+        self._plan: tuple[int, tuple[float, ...], str, str] | None = None  # world size, weights, dtype, quantize
         self.sessions: dict[str, KVCache | RemoteKV] = {}
         self.attn: AttentionLinks | None = None  # channels to the attention nodes, when linked
         self.unlinked: set[str] = set()  # offloaded requests opened while the nodes were unreachable
@@ -107,14 +109,20 @@ class Worker:
             raise PlanRefused(f"the master holds weights in {dtype!r}, which this worker does not support")
         if s.dtype not in (None, "auto", dtype):
             raise PlanRefused(f"the master holds weights in {dtype}, this worker was started with --dtype {s.dtype}")
-        key = (int(plan["world_size"]), tuple(float(w) for w in plan["weights"]), dtype)
+        quantize = str(plan.get("quantize", "none"))
+        if quantize not in QUANT_CHOICES:
+            raise PlanRefused(f"the master quantizes weights as {quantize!r}, which this worker does not support")
+        if s.quantize not in (None, quantize):
+            raise PlanRefused(f"the master quantizes weights as {quantize}, this worker was started with "
+                              f"--quantize {s.quantize}")
+        key = (int(plan["world_size"]), tuple(float(w) for w in plan["weights"]), dtype, quantize)
         if "fetch" in plan:
             await self._load_fetched(ch, plan, key)
         elif self._plan != key:  # load (or reload) only when the plan changes
-            dims = local_dims(self.ckpt.config, key[0], list(key[1]))[s.rank]
+            dims = local_dims(self.ckpt.config, key[0], list(key[1]), plan_group(quantize))[s.rank]
             if self.shard is not None:
                 self.shard.close()
-            self.shard = load_shard(self.ckpt.with_dtype(DTYPES[dtype]), dims, key[0], list(key[1]),
+            self.shard = load_shard(self.ckpt.with_dtype(DTYPES[dtype]).with_quant(quantize), dims, key[0], list(key[1]),
                                     s.memory_budget_mb, s.split_dir, drop_cache=not s.keep_page_cache)
             self._plan = key
         self.sessions.clear()
@@ -140,7 +148,7 @@ class Worker:
         except (OSError, TimeoutError, TransportError) as e:
             log.warning("rank %d: no data link (%s); all-reduces go through the control channel", s.rank, e)
 
-    async def _load_fetched(self, ch: TcpChannel, plan: dict, key: tuple[int, tuple[float, ...], str]) -> None:
+    async def _load_fetched(self, ch: TcpChannel, plan: dict, key: tuple[int, tuple[float, ...], str, str]) -> None:
         """Fetch this rank's shard files from the master (only what is missing or stale), then load."""
         s = self.settings
         fetch = plan["fetch"]
@@ -148,8 +156,8 @@ class Worker:
         self.fetched_bytes = await fetch_files(ch, fetch["files"], fetch["plan"], dest)
         log.info("rank %d: fetched %d bytes of shard files into %s", s.rank, self.fetched_bytes, dest)
         config = config_from_hf(plan["config"])
-        dims = local_dims(config, key[0], list(key[1]))[s.rank]
-        split_plan = SplitPlan(key[0], key[1], fetch["plan"]["fingerprint"], key[2])
+        dims = local_dims(config, key[0], list(key[1]), plan_group(key[3]))[s.rank]
+        split_plan = SplitPlan(key[0], key[1], fetch["plan"]["fingerprint"], key[2], key[3])
         budget = int(s.memory_budget_mb * (1 << 20)) if s.memory_budget_mb else 1 << 62
         if self.shard is not None:
             self.shard.close()

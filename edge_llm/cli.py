@@ -18,11 +18,18 @@ from edge_llm.argtypes import (
     top_p,
 )
 from models.dtypes import DTYPE_CHOICES
+from models.quant import QUANT_CHOICES
 
 
 def _dtype_flag(p: argparse.ArgumentParser, what: str = "hold weights (and activations, KV) in") -> None:
     p.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
                    help=f"{what}; auto (default) = the checkpoint's own torch_dtype")
+
+
+def _quantize_flag(p: argparse.ArgumentParser, default: str | None = "none") -> None:
+    p.add_argument("--quantize", default=default, choices=list(QUANT_CHOICES),
+                   help="weight-only quantization of the Linear layers and the LM head: int8 (per output "
+                        "channel) or int4 (groups of 32, scale + min); default none")
 
 
 def _make_model(sub: argparse._SubParsersAction) -> None:
@@ -60,6 +67,7 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="print token ids and logprobs as JSON")
     _dtype_flag(p)
+    _quantize_flag(p)
     p.set_defaults(func=commands.generate)
 
 
@@ -98,6 +106,7 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="attention-offload nodes (Lamina): they hold offloaded requests' KV caches "
                         "and compute their attention; the router sends long contexts there")
     _dtype_flag(p)
+    _quantize_flag(p)
 
 
 def _cluster(sub: argparse._SubParsersAction) -> None:
@@ -131,6 +140,8 @@ def _serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES),
                    help="hold weights in this dtype (default: the config's `dtype`, else auto)")
+    p.add_argument("--quantize", choices=list(QUANT_CHOICES),
+                   help="int8 | int4 | none (default: the config's `quantize`, else none)")
     p.set_defaults(func=commands.serve)
 
 
@@ -154,6 +165,8 @@ def _worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-page-cache", action="store_true")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES),
                    help="refuse to join unless the master holds weights in this dtype (default: the master's)")
+    p.add_argument("--quantize", choices=list(QUANT_CHOICES),
+                   help="refuse to join unless the master quantizes weights so (default: the master's)")
     p.set_defaults(func=commands.worker)
 
 
@@ -163,8 +176,9 @@ def _split(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=positive_int, required=True)
     p.add_argument("--weights")
     p.add_argument("--out", help="default: MODEL.edge-split beside the model (MODEL.edge-split-DTYPE "
-                                 "for bfloat16/float16)")
+                                 "for bfloat16/float16, -int8/-int4 when quantized)")
     _dtype_flag(p, "the dtype the shard files hold")
+    _quantize_flag(p)
     p.set_defaults(func=commands.split)
 
 

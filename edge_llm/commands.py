@@ -88,7 +88,8 @@ async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams)
     from edge.master import MasterSettings
     from transport.auth import new_secret
 
-    settings = MasterSettings(model=args.model, world_size=args.workers, secret=new_secret(), dtype=args.dtype)
+    settings = MasterSettings(model=args.model, world_size=args.workers, secret=new_secret(), dtype=args.dtype,
+                              quantize=args.quantize)
     async with running_cluster(settings, spawn_workers=True, ready_timeout=300, announce=False) as engine:
         await _run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json)
 
@@ -108,7 +109,7 @@ def generate(args: argparse.Namespace) -> None:
         if args.workers > 1:
             run_loop(_generate_on_cluster(args, params))
             return
-        engine = LocalEngine(LocalModel(args.model, args.dtype))
+        engine = LocalEngine(LocalModel(args.model, args.dtype, args.quantize))
         try:
             asyncio.run(_run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json))
         finally:
@@ -183,6 +184,7 @@ def cluster(args: argparse.Namespace) -> None:
     from edge.master import MasterSettings
 
     settings = MasterSettings(model=_model_folder(args.model), world_size=args.workers, dtype=args.dtype,
+                              quantize=args.quantize,
                               weights=_weights(args.weights, args.workers), secret=_secret(args.secret_file),
                               step_timeout=args.step_timeout,
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
@@ -220,7 +222,8 @@ def serve(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     cfg = _cluster_config(args.config)
-    cfg = replace(cfg, model=_model_folder(cfg.model), dtype=args.dtype or cfg.dtype)
+    cfg = replace(cfg, model=_model_folder(cfg.model), dtype=args.dtype or cfg.dtype,
+                  quantize=args.quantize or cfg.quantize)
     _run_master(cfg.master_settings(_secret(cfg.secret_file)), cfg.http, spawn=False)
 
 
@@ -251,7 +254,7 @@ def worker(args: argparse.Namespace) -> None:
                               secret=_secret(secret_file), step_timeout=args.step_timeout,
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
                               memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir,
-                              keep_page_cache=args.keep_page_cache, dtype=args.dtype)
+                              keep_page_cache=args.keep_page_cache, dtype=args.dtype, quantize=args.quantize)
     try:
         run_loop(run_worker(settings, args.threads or __import__("torch").get_num_threads()))
     except (CheckpointError, PlanError, PlanRefused) as e:
@@ -282,7 +285,8 @@ def split(args: argparse.Namespace) -> None:
     if weights == "auto":
         raise UserError("split needs explicit --weights (the cluster splits by itself under --weights auto)")
     try:
-        out = split_model(_model_folder(args.model), args.workers, weights, args.out, dtype=args.dtype)
+        out = split_model(_model_folder(args.model), args.workers, weights, args.out, dtype=args.dtype,
+                          quantize=args.quantize)
     except (CheckpointError, PlanError) as e:
         raise UserError(str(e)) from e
     print(f"split {args.model} for {args.workers} workers into {out}")

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from models.config import LlamaConfig, load_config
 from models.errors import CheckpointError
+from models.quant import QuantWeight, quantize
 from models.sharding import LocalDims, split_for
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -100,14 +101,16 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 
 
 class Checkpoint:
-    """A validated checkpoint folder that reads whole tensors or one rank's slice in `dtype`."""
+    """A validated checkpoint folder that reads whole tensors or one rank's slice in `dtype`, and
+    Linear weights quantized by `quant` ('int8' | 'int4', None: as the other tensors)."""
 
-    def __init__(self, folder: Path | str, dtype: torch.dtype = torch.float32):
+    def __init__(self, folder: Path | str, dtype: torch.dtype = torch.float32, quant: str | None = None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: model folder does not exist")
         self.config = load_config(self.folder)
         self.dtype = dtype
+        self.quant = quant
         self.files = _tensor_files(self.folder)
         self._headers = self._validate()
         self._handles: dict[Path, object] = {}
@@ -116,6 +119,12 @@ class Checkpoint:
         """The same validated checkpoint, reading tensors in `dtype` (shares the open files)."""
         other = copy.copy(self)
         other.dtype = dtype
+        return other
+
+    def with_quant(self, quant: str | None) -> Checkpoint:
+        """The same checkpoint, reading Linear weights quantized by `quant` ('none' or None: not)."""
+        other = copy.copy(self)
+        other.quant = None if quant in (None, "none") else quant
         return other
 
     def _validate(self) -> dict[Path, dict[str, dict]]:
@@ -165,8 +174,27 @@ class Checkpoint:
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
         return None if tensor is None else tensor.to(self.dtype).contiguous()
 
+    def read_weight(self, name: str, dims: LocalDims | None = None) -> torch.Tensor | QuantWeight:
+        """A Linear weight [out, in] (or this rank's slice): quantized by `self.quant`, else as `read`.
+
+        Quantized whole rows, then sliced, so every plan holds the same quantized values: an output
+        slice quantizes its own rows; an input slice takes its columns of the quantized tensor.
+        """
+        if self.quant is None:
+            return self.read(name, dims)
+        raw = self.with_quant(None).with_dtype(torch.float32)
+        kind, unit = self._split(name)
+        if dims is None or kind != "in":
+            return quantize(raw.read(name, dims), self.quant)
+        start, stop = dims.rows(unit)
+        return quantize(raw.read(name), self.quant).cols(start, stop).contiguous()
+
+    @staticmethod
+    def _split(name: str):
+        return split_for(name.split(".", 3)[-1] if name.startswith("model.layers.") else name)
+
     def _slice(self, view, name: str, dims: LocalDims) -> torch.Tensor | None:
-        kind, unit = split_for(name.split(".", 3)[-1] if name.startswith("model.layers.") else name)
+        kind, unit = self._split(name)
         if kind == "replicated":
             return view[:]
         if kind == "rank0":

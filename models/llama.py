@@ -15,10 +15,13 @@ import torch.nn.functional as F
 
 from models.checkpoint import Checkpoint, layer_prefix
 from models.config import LlamaConfig
+from models.quant import QuantWeight
+from models.quant_kernels import linear
 from models.rope import apply_rope_tables, rope_tables
 from models.sharding import LocalDims
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+Weight = torch.Tensor | QuantWeight  # a Linear weight [out, in]: plain, or quantized (models.quant)
 
 
 def no_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -31,14 +34,14 @@ class LayerWeights:
     """One decoder layer's weights (or one rank's slice); optional biases are None when absent."""
 
     attn_norm: torch.Tensor  # [D]
-    wq: torch.Tensor  # [local_heads * head_dim, D]
-    wk: torch.Tensor  # [local_kv_heads * head_dim, D]
-    wv: torch.Tensor  # [local_kv_heads * head_dim, D]
-    wo: torch.Tensor  # [D, local_heads * head_dim]
+    wq: Weight  # [local_heads * head_dim, D]
+    wk: Weight  # [local_kv_heads * head_dim, D]
+    wv: Weight  # [local_kv_heads * head_dim, D]
+    wo: Weight  # [D, local_heads * head_dim]
     mlp_norm: torch.Tensor  # [D]
-    w_gate: torch.Tensor  # [local_intermediate, D]
-    w_up: torch.Tensor  # [local_intermediate, D]
-    w_down: torch.Tensor  # [D, local_intermediate]
+    w_gate: Weight  # [local_intermediate, D]
+    w_up: Weight  # [local_intermediate, D]
+    w_down: Weight  # [D, local_intermediate]
     bq: torch.Tensor | None = None
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
@@ -48,9 +51,15 @@ class LayerWeights:
     b_down: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if t is not None)
+        return sum(weight_bytes(t) for t in vars(self).values() if t is not None)
 
 
+def weight_bytes(t: Weight) -> int:
+    """Bytes a weight holds: elements x element size, or a quantized weight's codes and scales."""
+    return t.nbytes if isinstance(t, QuantWeight) else t.numel() * t.element_size()
+
+
+LINEAR_FIELDS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 _LAYER_FIELDS = {
     "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight",
     "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
@@ -71,7 +80,8 @@ def load_layer(ckpt: Checkpoint, layer: int, dims: LocalDims) -> LayerWeights:
     """Read one layer's slice for `dims` from a checkpoint (absent biases stay None)."""
     tensors = {}
     for field, name in layer_tensor_names(layer).items():
-        tensors[field] = ckpt.read(name, dims) if name in ckpt.files else None
+        read = ckpt.read_weight if field in LINEAR_FIELDS else ckpt.read
+        tensors[field] = read(name, dims) if name in ckpt.files else None
     return LayerWeights(**tensors)
 
 
@@ -205,9 +215,9 @@ def qkv(x: torch.Tensor, w: LayerWeights, dims: LocalDims,
     """x: [B, S, D] (normed) -> q [B, H, S, hd], k, v [B, KV, S, hd] for this rank's heads, RoPE applied."""
     bsz, seqlen, _ = x.shape
     head_dim = dims.head_dim
-    q = F.linear(x, w.wq, w.bq).view(bsz, seqlen, dims.n_local_heads, head_dim).transpose(1, 2)
-    k = F.linear(x, w.wk, w.bk).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
-    v = F.linear(x, w.wv, w.bv).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
+    q = linear(x, w.wq, w.bq).view(bsz, seqlen, dims.n_local_heads, head_dim).transpose(1, 2)
+    k = linear(x, w.wk, w.bk).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
+    v = linear(x, w.wv, w.bv).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
     cos, signed_sin = cos_sin  # from rope_tables, in the activation dtype
     return apply_rope_tables(q, cos, signed_sin), apply_rope_tables(k, cos, signed_sin), v
 
@@ -219,13 +229,12 @@ def attention(x: torch.Tensor, w: LayerWeights, dims: LocalDims, attend: Attend,
     q, k, v = qkv(x, w, dims, cos_sin)
     out = attend(layer, q, k, v)  # [B, H, S, hd]
     out = out.transpose(1, 2).reshape(bsz, seqlen, dims.n_local_heads * dims.head_dim)
-    return F.linear(out, w.wo, w.bo)
+    return linear(out, w.wo, w.bo)
 
 
 def mlp(x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
     """SwiGLU over this rank's columns: x: [B, S, D] -> partial [B, S, D]."""
-    return F.linear(F.silu(F.linear(x, w.w_gate, w.b_gate)) * F.linear(x, w.w_up, w.b_up),
-                    w.w_down, w.b_down)
+    return linear(F.silu(linear(x, w.w_gate, w.b_gate)) * linear(x, w.w_up, w.b_up), w.w_down, w.b_down)
 
 
 def decoder_layer(h: torch.Tensor, w: LayerWeights, config: LlamaConfig, dims: LocalDims,
@@ -244,12 +253,13 @@ class HeadWeights:
 
     embed: torch.Tensor  # [V, D]
     norm: torch.Tensor  # [D]
-    lm_head: torch.Tensor  # [V, D], the same storage as `embed` when tied
+    lm_head: Weight  # [V, D], the same storage as `embed` when tied (and not quantized)
 
 
 def load_head(ckpt: Checkpoint) -> HeadWeights:
     embed = ckpt.read("model.embed_tokens.weight")
-    head = embed if ckpt.config.tie_word_embeddings else ckpt.read("lm_head.weight")
+    name = "model.embed_tokens.weight" if ckpt.config.tie_word_embeddings else "lm_head.weight"
+    head = embed if ckpt.quant is None and ckpt.config.tie_word_embeddings else ckpt.read_weight(name)
     return HeadWeights(embed=embed, norm=ckpt.read("model.norm.weight"), lm_head=head)
 
 
@@ -257,7 +267,7 @@ def load_output_head(ckpt: Checkpoint, dims: LocalDims) -> HeadWeights:
     """Final norm and this rank's vocabulary rows of the LM head (no embedding table)."""
     name = "model.embed_tokens.weight" if ckpt.config.tie_word_embeddings else "lm_head.weight"
     empty = torch.empty(0)
-    return HeadWeights(embed=empty, norm=ckpt.read("model.norm.weight"), lm_head=ckpt.read(name, dims))
+    return HeadWeights(embed=empty, norm=ckpt.read("model.norm.weight"), lm_head=ckpt.read_weight(name, dims))
 
 
 def embed(tokens: torch.Tensor, head: HeadWeights) -> torch.Tensor:
@@ -267,7 +277,7 @@ def embed(tokens: torch.Tensor, head: HeadWeights) -> torch.Tensor:
 
 def logits(h: torch.Tensor, head: HeadWeights, eps: float) -> torch.Tensor:
     """h: [B, S, D] -> logits [B, S, V] (or this rank's vocabulary slice of them) in float32."""
-    return F.linear(rms_norm(h, head.norm, eps), head.lm_head).float()
+    return linear(rms_norm(h, head.norm, eps), head.lm_head).float()
 
 
 class KVStore(Protocol):

@@ -9,6 +9,7 @@ import torch
 from models.checkpoint import Checkpoint
 from models.dtypes import resolve_dtype
 from models.llama import KVCache, embed, forward_layers, load_head, load_layer, logits
+from models.quant import check_quantizable
 from models.rope import RotaryTable
 from models.sharding import full_dims
 from models.tokenizer import Tokenizer, load_tokenizer
@@ -17,10 +18,11 @@ from models.tokenizer import Tokenizer, load_tokenizer
 class LocalModel:
     """All layers resident in this process; `forward` maps new tokens + cache to next-token logits."""
 
-    def __init__(self, folder: Path | str, dtype: str | None = "auto"):
+    def __init__(self, folder: Path | str, dtype: str | None = "auto", quantize: str | None = "none"):
         ckpt = Checkpoint(folder)
         self.dtype = resolve_dtype(dtype, ckpt.config.torch_dtype)
-        ckpt = ckpt.with_dtype(self.dtype)
+        ckpt = ckpt.with_dtype(self.dtype).with_quant(quantize)
+        check_quantizable(ckpt.config, ckpt.quant)
         self.folder = Path(folder)
         self.config = ckpt.config
         self.tokenizer: Tokenizer = load_tokenizer(self.folder, self.config)

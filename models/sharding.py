@@ -5,6 +5,7 @@ The model math never sees a rank; a rank's weights are sliced from outside with 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -106,8 +107,13 @@ def _starts(counts: list[int]) -> list[int]:
     return starts
 
 
-def local_dims(config: LlamaConfig, world_size: int, weights: list[float] | None = None) -> list[LocalDims]:
-    """The plan for every rank; raises PlanError (reported to the user at start) when it cannot work."""
+def local_dims(config: LlamaConfig, world_size: int, weights: list[float] | None = None,
+               group: int = 1) -> list[LocalDims]:
+    """The plan for every rank; raises PlanError (reported to the user at start) when it cannot work.
+
+    `group`: the input features of o_proj and down_proj (heads x head_dim, MLP columns) are cut only
+    at multiples of it, so a quantization group (models.quant) never straddles two ranks.
+    """
     weights = weights or [1.0] * world_size
     if len(weights) != world_size:
         raise PlanError(f"{len(weights)} device weights given for {world_size} workers")
@@ -116,15 +122,22 @@ def local_dims(config: LlamaConfig, world_size: int, weights: list[float] | None
             f"{world_size} workers but the model has only {config.num_heads} attention heads; "
             f"use at most {config.num_heads} workers"
         )
-    heads = split_integer(config.num_heads, weights)
-    cols = split_integer(config.intermediate_size, weights)
+    head_unit = group // math.gcd(group, config.head_dim) if world_size > 1 else 1
+    col_unit = group if world_size > 1 else 1
+    if config.num_heads % head_unit or config.intermediate_size % col_unit:
+        raise PlanError(f"quantization groups of {group} cannot be split over {world_size} workers: the model's "
+                        f"{config.num_heads} heads of {config.head_dim} and {config.intermediate_size} MLP "
+                        "columns do not come in whole groups; use one worker or --quantize int8")
+    heads = [h * head_unit for h in split_integer(config.num_heads // head_unit, weights)]
+    cols = [c * col_unit for c in split_integer(config.intermediate_size // col_unit, weights)]
     vocab = split_integer(config.vocab_size, weights)
     for rank, (h, c) in enumerate(zip(heads, cols, strict=True)):
         if h == 0 or c == 0:
             raise PlanError(
                 f"device weights {weights} leave rank {rank} with {h} attention heads and {c} MLP "
-                f"columns of {config.num_heads} heads / {config.intermediate_size} columns; "
-                "make its weight larger or use fewer workers"
+                f"columns of {config.num_heads} heads / {config.intermediate_size} columns"
+                + (f" (quantization groups of {group} make heads go {head_unit} and columns {col_unit} at a time)"
+                   if group > 1 else "") + "; make its weight larger or use fewer workers"
             )
     group = config.kv_group_size
     plans = []

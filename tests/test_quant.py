@@ -1,0 +1,265 @@
+"""int8 / int4 weight-only quantization: the formats, the GEMV kernels, and whole clusters against
+transformers running the same quantized weights.
+
+Oracles: the grouped formats are checked against llama.cpp's own block definitions (the `gguf`
+package's Q4_1 / Q8_0 dequantizers, fed our bytes re-packed as GGUF blocks); the kernels against a
+float64 product of the dequantized weights; the cluster against a float32 transformers model whose
+Linear weights are replaced by the dequantized int8/int4 weights.
+
+Tolerance of the cluster test: our kernels and transformers multiply the same float32 weights
+(dequantized values, exact in float32 up to one rounding of scale x q + min) by the same
+activations; they differ only in the order of float32 additions, per dot product at most
+gamma_K = K x 2^-24 relative to sum |w||x| (K <= 520 here: 3e-5), the same kind and size of
+difference as between transformers' own kernels and our float32 path. So the float32 bound of
+the project applies unchanged: logprobs within 1e-4 (the kernel test below checks gamma_K itself).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+from cluster_proc import ClusterProcess
+from hf_reference import hf_greedy, make_hf_checkpoint
+from test_cluster import complete
+from test_dtype import weight_bytes
+
+from models.config import load_config
+from models.errors import CheckpointError
+from models.quant import GROUP, QuantWeight, quantize
+from models.quant_kernels import GEMV_ROWS, gemv, linear
+from models.sharding import PlanError, local_dims
+
+PROMPT = [0, 17, 250, 33, 99, 5, 120]
+NEW_TOKENS = 24
+U = 2.0**-24  # float32 unit roundoff
+
+
+def random_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=gen) * k**-0.5
+
+
+# --- formats ---------------------------------------------------------------------------------------
+
+def as_gguf_q4_1(w: QuantWeight) -> np.ndarray:
+    """Our int4 bytes as GGUF Q4_1 blocks: [N, G] blocks of (d f16, m f16, 16 bytes of nibbles)."""
+    n, k = w.shape
+    qs = w.q.transpose(1, 2).numpy()  # [N, G, 16]: byte j = element j (low), j + 16 (high)
+    d = w.scale.numpy().view(np.uint8).reshape(n, k // GROUP, 2)
+    m = w.min.numpy().view(np.uint8).reshape(n, k // GROUP, 2)
+    return np.concatenate([d, m, qs], axis=2).reshape(n, -1)
+
+
+def test_int4_is_gguf_q4_1_byte_for_byte():
+    w = random_weight(24, 96)
+    qw = quantize(w, "int4")
+    blocks = as_gguf_q4_1(qw)
+    theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1)
+    np.testing.assert_array_equal(qw.dequantize().numpy(), theirs)
+    # 15 steps between each group's min and max: every weight within half a step of its original
+    step = qw.scale.float().repeat_interleave(GROUP, 1)
+    assert ((qw.dequantize() - w).abs() <= step / 2 + 1e-3 * step + 1e-6).all()
+
+
+def test_int8g_is_gguf_q8_0():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (8, GROUP, 4), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(8, 4, generator=gen) * 0.01).to(torch.float16)
+    qw = QuantWeight("int8g", q, scale)
+    blocks = np.concatenate([scale.numpy().view(np.uint8).reshape(8, 4, 2),
+                             q.transpose(1, 2).numpy().view(np.uint8)], axis=2).reshape(8, -1)
+    theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(qw.dequantize().numpy(), theirs)
+
+
+def test_int8_per_channel_rounds_to_nearest():
+    w = random_weight(16, 80)
+    w[3] = 0.0  # an all-zero row keeps a usable scale
+    qw = quantize(w, "int8")
+    assert qw.q.dtype == torch.int8 and qw.scale.shape == (16,)
+    amax = w.abs().amax(1)
+    np.testing.assert_allclose(qw.scale[amax > 0].numpy(), (amax[amax > 0] / 127).numpy(), rtol=1e-7)
+    assert (qw.q.abs().amax(1)[amax > 0] == 127).all()
+    assert ((qw.dequantize() - w).abs() <= qw.scale[:, None] / 2 * (1 + 1e-6)).all()
+    assert (qw.dequantize()[3] == 0).all()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_slices_of_the_quantized_tensor_are_its_values(method):
+    """What a rank holds is the whole tensor's quantization, sliced: the same values on any plan."""
+    w = random_weight(40, 128, seed=1)
+    whole = quantize(w, method).dequantize()
+    np.testing.assert_array_equal(quantize(w, method).rows(8, 24).dequantize(), whole[8:24])
+    np.testing.assert_array_equal(quantize(w, method).cols(32, 96).dequantize(), whole[:, 32:96])
+    if method == "int4":
+        with pytest.raises(CheckpointError, match="cuts a quantization group"):
+            quantize(w, method).cols(16, 96)
+
+
+def test_plans_align_input_slices_to_groups(llama):
+    cfg = load_config(llama)  # 6 heads of 16, 320 MLP columns
+    for workers in (2, 3):
+        for dims in local_dims(cfg, workers, group=GROUP):
+            assert dims.head_start * dims.head_dim % GROUP == 0 and dims.n_local_heads * dims.head_dim % GROUP == 0
+            assert dims.mlp_start % GROUP == 0 and dims.local_intermediate % GROUP == 0
+    with pytest.raises(PlanError, match="quantization groups"):
+        local_dims(cfg, 4, group=GROUP)  # 3 pairs of 16-wide heads cannot make 4 ranks
+
+
+def test_int4_refuses_a_model_without_whole_groups(tmp_path):
+    from models.model import LocalModel
+
+    folder = make_hf_checkpoint(tmp_path / "odd", "llama", intermediate_size=200)
+    with pytest.raises(CheckpointError, match="intermediate_size in multiples of 32"):
+        LocalModel(folder, quantize="int4")
+
+
+# --- kernels ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["int8", "int4", "int8g"])
+@pytest.mark.parametrize("rows", [1, 3, GEMV_ROWS + 5])
+def test_kernel_error_within_float32_dot_product_bound(method, rows):
+    """|y - exact| <= K u sum|w||x| (the float32 dot-product bound, with the exact product in float64)."""
+    n, k = 72, 576
+    w = random_weight(n, k, seed=2)
+    if method == "int8g":
+        q8 = quantize(w, "int8").q.view(n, k // GROUP, GROUP).transpose(1, 2).contiguous()
+        qw = QuantWeight("int8g", q8, torch.full((n, k // GROUP), 0.004, dtype=torch.float16))
+    else:
+        qw = quantize(w, method)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(5))
+    deq = qw.dequantize().double()
+    exact = x.double() @ deq.T
+    bound = k * U * (x.double().abs() @ deq.abs().T)
+    y = linear(x, qw)
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_kernel_is_bit_identical_across_thread_counts_and_runs(method):
+    qw = quantize(random_weight(300, 256, seed=4), method)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(6))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = gemv(x, qw)
+        torch.set_num_threads(2)
+        parallel, again = gemv(x, qw), gemv(x, qw)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(serial, parallel) and torch.equal(parallel, again)
+
+
+# --- whole clusters against transformers ------------------------------------------------------------
+
+def make_quant_checkpoint(root, kind: str = "llama", seed: int = 7):
+    """A llama whose Linear inputs come in whole groups on 1-3 devices (6 heads of 16, 320 columns)."""
+    sizes = {"intermediate_size": 320} if kind == "llama" else {"intermediate_size": 192}
+    return make_hf_checkpoint(root / f"{kind}-{seed}", kind, seed=seed, **sizes)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_quant_checkpoint(tmp_path_factory.mktemp("quant"))
+
+
+def dequantized_reference(folder, method: str):
+    """transformers' float32 model of `folder` with every Linear weight (LM head included) replaced by
+    its dequantized `method` weights; the embedding stays as shipped. Returns its greedy run."""
+    out = folder.with_name(f"{folder.name}-ref-{method}")
+    if not out.exists():
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight = torch.nn.Parameter(quantize(module.weight.data, method).dequantize())
+        model.config.tie_word_embeddings = False  # the LM head is quantized, the embedding is not
+        model.save_pretrained(out)
+    return hf_greedy(out, PROMPT, NEW_TOKENS)
+
+
+@functools.cache
+def reference(folder, method: str):
+    return folder, dequantized_reference(folder, method)
+
+
+def expected_quant_bytes(folder, workers: int, method: str) -> dict[int, int]:
+    """Per rank: Linear parameters x bits / 8 plus their scales (int8: float32 per output row; int4:
+    float16 scale and min per 32 weights), norms at 4 bytes, rank 0's float32 embedding table."""
+    cfg = load_config(folder)
+    d, hd = cfg.hidden_size, cfg.head_dim
+
+    def linear_bytes(n, k):
+        return n * k + 4 * n if method == "int8" else n * k // 2 + 4 * (n * k // GROUP)
+
+    out = {}
+    for dims in local_dims(cfg, workers, group=GROUP if method == "int4" else 1):
+        q, kv, f = dims.n_local_heads * hd, dims.n_local_kv_heads * hd, dims.local_intermediate
+        layer = (linear_bytes(q, d) + 2 * linear_bytes(kv, d) + linear_bytes(d, q) + 2 * linear_bytes(f, d)
+                 + linear_bytes(d, f) + 2 * d * 4)
+        out[dims.rank] = (cfg.num_layers * layer + linear_bytes(dims.local_vocab, d) + d * 4
+                          + (cfg.vocab_size * d * 4 if dims.rank == 0 else 0))
+    return out
+
+
+@pytest.mark.parametrize(("method", "workers"), [(m, w) for m in ("int8", "int4") for w in (1, 2, 3)])
+async def test_quantized_cluster_matches_transformers_with_the_same_weights(llama, tmp_path, method, workers):
+    folder, (ref_tokens, ref_logprobs) = reference(llama, method)
+    cluster = ClusterProcess(folder, workers, tmp_path, "--quantize", method)
+    try:
+        status, body = await complete(cluster.url, PROMPT)
+        assert status == 200, body
+        choice = body["choices"][0]
+        assert choice["token_ids"] == ref_tokens
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(ref_logprobs, abs=1e-4)
+        assert await weight_bytes(cluster.url) == expected_quant_bytes(folder, workers, method)
+    finally:
+        cluster.stop()
+
+
+async def test_quantized_qwen2_with_biases_and_tied_head(tmp_path):
+    """q/k/v biases and a tied LM head (quantized on its own, the embedding left whole), on 2 devices."""
+    folder = make_quant_checkpoint(tmp_path, "qwen2", seed=8)
+    ref_tokens, ref_logprobs = dequantized_reference(folder, "int4")
+    cluster = ClusterProcess(folder, 2, tmp_path, "--quantize", "int4")
+    try:
+        status, body = await complete(cluster.url, PROMPT)
+        assert status == 200, body
+        assert body["choices"][0]["token_ids"] == ref_tokens
+        assert body["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(ref_logprobs, abs=1e-4)
+    finally:
+        cluster.stop()
+
+
+async def test_quantized_split_streams_quantized_bytes_through_the_window(llama, tmp_path):
+    """Under a memory budget the split files hold the int4 codes and scales, and the window reads them."""
+    from safetensors import safe_open
+
+    folder, (ref_tokens, ref_logprobs) = reference(llama, "int4")
+    split = tmp_path / "split"
+    cluster = ClusterProcess(folder, 2, tmp_path, "--quantize", "int4", "--memory-budget-mb", "0.2",
+                             "--split-dir", str(split))
+    try:
+        status, body = await complete(cluster.url, PROMPT)
+        assert status == 200, body
+        assert body["choices"][0]["token_ids"] == ref_tokens
+        assert body["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(ref_logprobs, abs=1e-4)
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s, s.get(f"{cluster.url}/metrics") as r:
+            metrics = await r.text()
+        assert re.search(r'^edge_window_bytes_read_total\{rank="0"\} [1-9]', metrics, re.M), metrics
+    finally:
+        cluster.stop()
+    assert '"quantize": "int4"' in (split / "manifest.json").read_text()
+    with safe_open(str(split / "rank-1-of-2" / "layer-000.safetensors"), framework="pt") as f:
+        dtypes = {n: f.get_tensor(n).dtype for n in f.keys()}  # noqa: SIM118
+    assert dtypes["w_down.q"] == torch.uint8 and dtypes["w_down.scale"] == torch.float16
+    assert dtypes["attn_norm"] == torch.float32 and "w_down" not in dtypes
