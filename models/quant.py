@@ -2,13 +2,14 @@
 
 Three formats, all for a Linear weight W [N out, K in] (y = x @ W^T):
   int8   one float32 scale per output channel:       W[n, k] = scale[n] * q[n, k]        8 bits/weight
-  int8g  groups of 32 along K, float16 scale (Q8_0):  W[n, 32g + j] = scale[n, g] * q   8.5 bits/weight
+  int8g  groups of 32 along K, float16 scale (Q8_0):  W[n, 32g + j] = scale[g, n] * q[g, j, n]   8.5 bits
   int4   groups of 32 along K, float16 scale and min (Q4_1; Q4_0 is min = -8 scale):
-         W[n, 32g + j] = scale[n, g] * q + min[n, g], q in 0..15                      5 bits/weight
-Grouped formats store q "j-major", [N, 32 or 16, G], so the GEMV kernel's inner loop runs over the
-groups of one row contiguously (it vectorizes; a loop over the 32 elements of one group does not).
-An int4 byte holds element j of its group in the low nibble and element j + 16 in the high one, as
-GGUF's Q4 blocks do, so a GGUF block is a byte shuffle away, never a dequantize-requantize.
+         W[n, 32g + j] = scale[g, n] * q + min[g, n], q in 0..15                       5 bits/weight
+Grouped formats store q output-channel innermost, [G, 32 or 16, N], so the GEMV kernel's inner loop
+runs over output channels with x broadcast (it vectorizes at any width; a loop over the 32
+elements of one group does not). An int4 byte holds element j of its group in the low nibble and
+element j + 16 in the high one, as GGUF's Q4 blocks do, so a GGUF block is a byte shuffle away,
+never a dequantize-requantize.
 
 Quantization is per output row and per group, so it does not depend on the plan: a tensor-parallel
 slice of the quantized tensor is the quantized slice, as long as a column slice never cuts a group.
@@ -32,15 +33,15 @@ class QuantWeight:
     """A quantized Linear weight of logical shape [N, K]; `linear` (models.quant_kernels) applies it."""
 
     kind: str
-    q: torch.Tensor  # int8 [N, K] | int8 [N, 32, G] | uint8 [N, 16, G]
-    scale: torch.Tensor  # float32 [N] | float16 [N, G]
-    min: torch.Tensor | None = None  # float16 [N, G] (int4 only)
+    q: torch.Tensor  # int8 [N, K] | int8 [G, 32, N] | uint8 [G, 16, N]
+    scale: torch.Tensor  # float32 [N] | float16 [G, N]
+    min: torch.Tensor | None = None  # float16 [G, N] (int4 only)
 
     @property
     def shape(self) -> tuple[int, int]:
         if self.kind == "int8":
             return tuple(self.q.shape)
-        n, _, groups = self.q.shape
+        groups, _, n = self.q.shape
         return n, groups * GROUP
 
     @property
@@ -55,18 +56,20 @@ class QuantWeight:
         """W [N, K] in float32 (then `dtype`): the weights the kernels compute with, exactly."""
         n, k = self.shape
         if self.kind == "int8":
-            w = self.q.float() * self.scale[:, None]
-        elif self.kind == "int8g":
-            w = self.q.float().transpose(1, 2) * self.scale.float()[:, :, None]  # [N, G, 32]
+            return (self.q.float() * self.scale[:, None]).to(dtype)
+        if self.kind == "int8g":
+            w = self.q.float() * self.scale.float()[:, None, :]  # [G, 32, N]
         else:
-            lo, hi = (self.q & 15).transpose(1, 2), (self.q >> 4).transpose(1, 2)  # [N, G, 16] each
-            w = torch.cat([lo, hi], 2).float() * self.scale.float()[:, :, None] + self.min.float()[:, :, None]
-        return w.reshape(n, k).to(dtype)
+            codes = torch.cat([self.q & 15, self.q >> 4], 1).float()  # [G, 32, N]: low nibbles, then high
+            w = codes * self.scale.float()[:, None, :] + self.min.float()[:, None, :]
+        return w.reshape(k, n).T.contiguous().to(dtype)
 
     def rows(self, start: int, stop: int) -> QuantWeight:
         """Output channels start..stop (a column-parallel slice: q/k/v, gate/up, LM-head rows)."""
-        return QuantWeight(self.kind, self.q[start:stop], self.scale[start:stop],
-                           None if self.min is None else self.min[start:stop])
+        if self.kind == "int8":
+            return QuantWeight("int8", self.q[start:stop], self.scale[start:stop])
+        return QuantWeight(self.kind, self.q[:, :, start:stop], self.scale[:, start:stop],
+                           None if self.min is None else self.min[:, start:stop])
 
     def cols(self, start: int, stop: int) -> QuantWeight:
         """Input features start..stop (a row-parallel slice: o_proj, down_proj). Per-channel scales are
@@ -77,8 +80,8 @@ class QuantWeight:
             raise CheckpointError(f"a slice of input features {start}:{stop} cuts a quantization group of "
                                   f"{GROUP}; the plan must align slices to {GROUP}")
         g0, g1 = start // GROUP, stop // GROUP
-        return QuantWeight(self.kind, self.q[:, :, g0:g1], self.scale[:, g0:g1],
-                           None if self.min is None else self.min[:, g0:g1])
+        return QuantWeight(self.kind, self.q[g0:g1], self.scale[g0:g1],
+                           None if self.min is None else self.min[g0:g1])
 
     def contiguous(self) -> QuantWeight:
         return QuantWeight(self.kind, self.q.contiguous(), self.scale.contiguous(),
@@ -93,7 +96,7 @@ class QuantWeight:
 
 
 def kind_of(q: torch.Tensor) -> str:
-    """The format of stored tensors: int8 [N, K] -> int8, int8 [N, 32, G] -> int8g, uint8 [N, 16, G] -> int4."""
+    """The format of stored tensors: int8 [N, K] -> int8, int8 [G, 32, N] -> int8g, uint8 [G, 16, N] -> int4."""
     if q.dtype == torch.int8 and q.dim() == 2:
         return "int8"
     if q.dtype == torch.int8 and q.dim() == 3 and q.shape[1] == GROUP:
@@ -154,13 +157,13 @@ def quantize_int4(w: torch.Tensor) -> QuantWeight:
     step = scale.float()
     safe = torch.where(step > 0, step, torch.ones_like(step))
     q = torch.round((groups - minimum.float()[:, :, None]) / safe[:, :, None]).clamp_(0, 15).to(torch.uint8)
-    return QuantWeight("int4", pack_int4(q), scale, minimum)
+    return QuantWeight("int4", pack_int4(q), scale.T.contiguous(), minimum.T.contiguous())
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q [N, G, 32] in 0..15 -> bytes [N, 16, G]: low nibble element j, high nibble element j + 16."""
+    """q [N, G, 32] in 0..15 -> bytes [G, 16, N]: low nibble element j, high nibble element j + 16."""
     packed = q[:, :, : GROUP // 2] | (q[:, :, GROUP // 2:] << 4)  # [N, G, 16]
-    return packed.transpose(1, 2).contiguous()
+    return packed.permute(1, 2, 0).contiguous()
 
 
 def plan_group(quant: str | None) -> int:

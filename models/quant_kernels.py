@@ -23,12 +23,26 @@ from models.quant import QuantWeight
 
 log = logging.getLogger("edge_llm.quant")
 GEMV_ROWS = 8  # rows of x up to which the GEMV kernel beats dequantize + GEMM
+CHUNK = 256  # output channels per task of the grouped kernels: their sums stay in L1
 
 try:
     import numba
     from numba import njit, prange
 except ImportError:  # pragma: no cover - numba ships wheels for every platform we target
     numba = None
+
+
+if numba is not None:
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def half_to_float(h, bits, dst):
+        """float16 bits [n] -> float32 [n], exact for finite values, vectorized (numba has no float16):
+        the sign and the exponent-and-mantissa bits moved into a float32, then scaled by 2^112."""
+        for i in range(h.shape[0]):
+            v = np.uint32(h[i])
+            bits[i] = ((v & np.uint32(0x8000)) << np.uint32(16)) | ((v & np.uint32(0x7FFF)) << np.uint32(13))
+        f = bits[: h.shape[0]].view(np.float32)
+        for i in range(h.shape[0]):
+            dst[i] = f[i] * np.float32(2.0**112)
 
 
 def _kernels(parallel: bool) -> dict:
@@ -39,63 +53,74 @@ def _kernels(parallel: bool) -> dict:
     @jit
     def int8(q, scale, x, out):  # q [N, K] int8, scale [N] f32, x [T, K] f32 -> out [T, N]
         n_rows, k_in = q.shape
-        for r in rng(n_rows):
-            row = q[r]
+        for block in rng((n_rows + 3) // 4):  # 4 rows at a time: 4 independent sums share each x load
+            r = min(4 * block, n_rows - 4) if n_rows >= 4 else 0
             for t in range(x.shape[0]):
                 xt = x[t]
-                acc = np.float32(0.0)
+                if n_rows < 4:
+                    for i in range(n_rows):
+                        acc = np.float32(0.0)
+                        for k in range(k_in):
+                            acc += np.float32(q[i, k]) * xt[k]
+                        out[t, i] = acc * scale[i]
+                    continue
+                q0, q1, q2, q3 = q[r], q[r + 1], q[r + 2], q[r + 3]
+                a0 = a1 = a2 = a3 = np.float32(0.0)
                 for k in range(k_in):
-                    acc += np.float32(row[k]) * xt[k]
-                out[t, r] = acc * scale[r]
+                    xk = xt[k]
+                    a0 += np.float32(q0[k]) * xk
+                    a1 += np.float32(q1[k]) * xk
+                    a2 += np.float32(q2[k]) * xk
+                    a3 += np.float32(q3[k]) * xk
+                out[t, r], out[t, r + 1] = a0 * scale[r], a1 * scale[r + 1]
+                out[t, r + 2], out[t, r + 3] = a2 * scale[r + 2], a3 * scale[r + 3]
 
     @jit
-    def int8g(q, scale, x, half, out):  # q [N, 32, G] int8, scale [N, G] f16 bits, x [T, K] f32 -> [T, N]
-        n_rows, width, groups = q.shape
-        rows = x.shape[0]
-        xg = np.empty((rows, width, groups), np.float32)  # x in q's j-major order
-        for t in range(rows):
-            for g in range(groups):
-                for j in range(width):
-                    xg[t, j, g] = x[t, g * width + j]
-        for r in rng(n_rows):
-            sums = np.empty(groups, np.float32)
-            for t in range(rows):
-                sums[:] = 0.0
-                for j in range(width):
-                    qj, xj = q[r, j], xg[t, j]
-                    for g in range(groups):
-                        sums[g] += np.float32(qj[g]) * xj[g]
-                acc = np.float32(0.0)
+    def int8g(q, scale, x, out):  # q [G, 32, N] int8, scale [G, N] f16 bits, x [T, K] f32 -> out [T, N]
+        groups, width, n = q.shape
+        for chunk in rng((n + CHUNK - 1) // CHUNK):  # a task: CHUNK output channels, all groups
+            r0, r1 = chunk * CHUNK, min(n, (chunk + 1) * CHUNK)
+            sums, acc = np.empty(r1 - r0, np.float32), np.empty(r1 - r0, np.float32)
+            bits, sc = np.empty(r1 - r0, np.uint32), np.empty(r1 - r0, np.float32)
+            for t in range(x.shape[0]):
+                acc[:] = 0.0
                 for g in range(groups):
-                    acc += half[scale[r, g]] * sums[g]
-                out[t, r] = acc
+                    sums[:] = 0.0
+                    for j in range(width):
+                        xj, qj = x[t, g * width + j], q[g, j, r0:r1]
+                        for i in range(r1 - r0):
+                            sums[i] += np.float32(qj[i]) * xj
+                    half_to_float(scale[g, r0:r1], bits, sc)
+                    for i in range(r1 - r0):
+                        acc[i] += sc[i] * sums[i]
+                out[t, r0:r1] = acc
 
     @jit
-    def int4(q, scale, minimum, x, half, out):  # q [N, 16, G] uint8, scale/min [N, G] f16 bits, x [T, K]
-        n_rows, width, groups = q.shape
-        rows = x.shape[0]
-        lo = np.empty((rows, width, groups), np.float32)  # x[t, 32g + j], j-major like q's low nibbles
-        hi = np.empty((rows, width, groups), np.float32)  # x[t, 32g + 16 + j]: the high nibbles
-        xsum = np.zeros((rows, groups), np.float32)  # the min term: min * sum of the group's x
-        for t in range(rows):
-            for g in range(groups):
-                for j in range(width):
-                    a, b = x[t, g * 2 * width + j], x[t, g * 2 * width + width + j]
-                    lo[t, j, g], hi[t, j, g] = a, b
-                    xsum[t, g] += a + b
-        for r in rng(n_rows):
-            sums = np.empty(groups, np.float32)
-            for t in range(rows):
-                sums[:] = 0.0
-                for j in range(width):
-                    qj, xl, xh = q[r, j], lo[t, j], hi[t, j]
-                    for g in range(groups):
-                        v = np.int32(qj[g])
-                        sums[g] += np.float32(v & 15) * xl[g] + np.float32(v >> 4) * xh[g]
-                acc = np.float32(0.0)
+    def int4(q, scale, minimum, x, out):  # q [G, 16, N] uint8, scale/min [G, N] f16 bits, x [T, K] -> [T, N]
+        groups, width, n = q.shape
+        low, four = np.uint8(15), np.uint8(4)
+        for chunk in rng((n + CHUNK - 1) // CHUNK):
+            r0, r1 = chunk * CHUNK, min(n, (chunk + 1) * CHUNK)
+            sums, acc = np.empty(r1 - r0, np.float32), np.empty(r1 - r0, np.float32)
+            bits = np.empty(r1 - r0, np.uint32)
+            sc, mn = np.empty(r1 - r0, np.float32), np.empty(r1 - r0, np.float32)
+            for t in range(x.shape[0]):
+                acc[:] = 0.0
                 for g in range(groups):
-                    acc += half[scale[r, g]] * sums[g] + half[minimum[r, g]] * xsum[t, g]
-                out[t, r] = acc
+                    sums[:] = 0.0
+                    xsum = np.float32(0.0)  # the min term: min x the sum of the group's x
+                    for j in range(width):
+                        a, b = x[t, g * 2 * width + j], x[t, g * 2 * width + width + j]  # low, high nibble
+                        xsum += a + b
+                        qj = q[g, j, r0:r1]
+                        for i in range(r1 - r0):  # uint8 masks keep 16 lanes per vector (int64 gives 8)
+                            v = qj[i]
+                            sums[i] += np.float32(np.uint8(v & low)) * a + np.float32(np.uint8(v >> four)) * b
+                    half_to_float(scale[g, r0:r1], bits, sc)
+                    half_to_float(minimum[g, r0:r1], bits, mn)
+                    for i in range(r1 - r0):
+                        acc[i] += sc[i] * sums[i] + mn[i] * xsum
+                out[t, r0:r1] = acc
 
     return {"int8": int8, "int8g": int8g, "int4": int4}
 
@@ -114,10 +139,6 @@ def _kernel(kind: str):
     return _COMPILED[parallel][kind]
 
 
-# float16 bits -> float32 (numba has no float16): 256 KB, stays in L2; read once per group of 32.
-_HALF = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
-
-
 def _bits(t: torch.Tensor) -> np.ndarray:
     """A float16 tensor's bits as uint16 (no copy)."""
     return t.view(torch.int16).numpy().view(np.uint16)
@@ -129,9 +150,9 @@ def gemv(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     if w.kind == "int8":
         _kernel("int8")(w.q.numpy(), w.scale.numpy(), x.numpy(), out)
     elif w.kind == "int8g":
-        _kernel("int8g")(w.q.numpy(), _bits(w.scale), x.numpy(), _HALF, out)
+        _kernel("int8g")(w.q.numpy(), _bits(w.scale), x.numpy(), out)
     else:
-        _kernel("int4")(w.q.numpy(), _bits(w.scale), _bits(w.min), x.numpy(), _HALF, out)
+        _kernel("int4")(w.q.numpy(), _bits(w.scale), _bits(w.min), x.numpy(), out)
     return torch.from_numpy(out)
 
 
