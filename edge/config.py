@@ -32,7 +32,7 @@ class ClusterConfig:
     bandwidth_mbps: float = 0.0
     attention_nodes: int = 0
     dtype: str = "auto"
-    quantize: str = "none"
+    quantize: str = "auto"
 
     def master_settings(self, secret: bytes) -> MasterSettings:
         return MasterSettings(model=self.model, world_size=len(self.weights), weights=self.weights,
@@ -94,7 +94,7 @@ def load_cluster_config(path: str | Path) -> ClusterConfig:
             attention_nodes=int(raw.get("attention", {}).get("nodes", 0)),
             weights=[float(n.get("weight", 1.0)) for n in nodes], secret_file=raw.get("secret_file"),
             step_timeout=float(raw.get("step_timeout", 5.0)), dtype=_dtype(raw.get("dtype", "auto")),
-            quantize=_quantize(raw.get("quantize", "none")),
+            quantize=_quantize(raw.get("quantize", "auto")),
             latency_ms=float(link.get("latency_ms", 0.0)), bandwidth_mbps=float(link.get("bandwidth_mbps", 0.0)))
     except (OSError, KeyError, IndexError, TypeError, ValueError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: invalid cluster file ({type(e).__name__}: {e})") from e

@@ -178,10 +178,10 @@ def load_shard(ckpt: Checkpoint, dims: LocalDims, world_size: int, weights: list
     """
     if budget_mb is None:
         return ShardModel.from_checkpoint(ckpt, dims)
-    dtype, quantize = dtype_name(ckpt.dtype), ckpt.quant or "none"
+    dtype, quantize = dtype_name(ckpt.dtype), ckpt.quant_label
     folder = Path(split_dir) if split_dir else default_split_dir(ckpt.folder, dtype, quantize)
     plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(ckpt.folder), dtype,
-                     quantize)
+                     quantize, ckpt.plan_align())
     budget = int(budget_mb * (1 << 20))
     try:
         return ShardModel.from_split(ckpt.config, dims, folder, plan, budget, drop_cache)

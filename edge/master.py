@@ -33,7 +33,7 @@ from edge.worker import HEARTBEAT_TIMEOUT
 from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.dtypes import dtype_name, resolve_dtype
 from models.llama import KVCache
-from models.quant import check_quantizable, plan_group
+from models.quant import check_quantizable
 from models.scoring import combine_scores
 from models.sharding import PlanError, local_dims
 from models.tokenizer import Tokenizer, load_tokenizer
@@ -71,7 +71,7 @@ class MasterSettings:
     attention_nodes: int = 0
     max_batch: int = 16  # decode steps of concurrent requests that run as one forward
     dtype: str = "auto"  # weights (and activations, KV) in: auto = the checkpoint's torch_dtype
-    quantize: str = "none"  # Linear weights: none | int8 | int4 (models.quant)
+    quantize: str = "auto"  # Linear weights: auto (as stored) | none | int8 | int4 (models.quant)
 
 
 @dataclass
@@ -133,6 +133,22 @@ class OffloadedEngine:
         return await self.engine.score(prompt_ids, k, offload=True)
 
 
+def _plannable(ckpt: Checkpoint, settings: MasterSettings) -> Checkpoint:
+    """The checkpoint as the cluster will hold it. Under --quantize auto, stored blocks whose groups
+    this plan would cut (a head narrower than a group, say) are served as floats instead, with a
+    warning; an explicit int4 that cannot be planned raises PlanError / CheckpointError at start."""
+    check_quantizable(ckpt.config, ckpt.quant)
+    weights = None if settings.weights == "auto" else settings.weights
+    try:
+        local_dims(ckpt.config, settings.world_size, weights, ckpt.plan_align())
+    except PlanError as e:
+        if settings.quantize != "auto" or ckpt.plan_align() == (1, 1):
+            raise
+        log.warning("%s; serving the checkpoint's quantized blocks dequantized to %s instead", e, dtype_name(ckpt.dtype))
+        return ckpt.with_quant("none")
+    return ckpt
+
+
 class ClusterEngine:
     """The master of a tensor-parallel cluster; raises WorkerUnavailable when a rank is gone."""
 
@@ -140,10 +156,9 @@ class ClusterEngine:
         self.settings = settings
         ckpt = Checkpoint(settings.model)
         self.dtype = resolve_dtype(settings.dtype, ckpt.config.torch_dtype)
-        ckpt = ckpt.with_dtype(self.dtype).with_quant(settings.quantize)
-        check_quantizable(ckpt.config, ckpt.quant)
-        self.quantize = ckpt.quant or "none"
-        self.group = plan_group(self.quantize)  # slices of o_proj / down_proj never cut a quantization group
+        ckpt = _plannable(ckpt.with_dtype(self.dtype).with_quant(settings.quantize), settings)
+        self.quantize = ckpt.quant_label
+        self.align = ckpt.plan_align()  # slices of o_proj / down_proj never cut a quantization group
         self.config = ckpt.config
         self.tokenizer: Tokenizer = load_tokenizer(ckpt.folder, self.config)
         self.fingerprint = checkpoint_fingerprint(settings.model)
@@ -153,7 +168,7 @@ class ClusterEngine:
         self._planned: asyncio.Event | None = None
         self.shard: ShardModel | None = None
         if self.auto:  # the plan waits for every device's measurements
-            local_dims(self.config, settings.world_size, group=self.group)  # refuse impossible worker counts now
+            local_dims(self.config, settings.world_size, align=self.align)  # refuse impossible worker counts now
             self._profiles[0] = measure_device()
         else:
             self._decide(settings.weights)  # PlanError / BudgetTooSmall at start
@@ -193,7 +208,7 @@ class ClusterEngine:
         """Fix the plan and load rank 0's shard (and embedding) for it."""
         s = self.settings
         self.weights = weights or [1.0] * s.world_size
-        self.plans = local_dims(self.config, s.world_size, self.weights, self.group)
+        self.plans = local_dims(self.config, s.world_size, self.weights, self.align)
         self.shard = load_shard(self._ckpt, self.plans[0], s.world_size, self.weights, s.memory_budget_mb,
                                 s.split_dir, split_all=True, drop_cache=not s.keep_page_cache)
         self.embed_bytes = 0  # resident embedding table bytes (none when mapped from the split)
@@ -226,7 +241,7 @@ class ClusterEngine:
             profiles = [self._profiles[r] for r in range(self.settings.world_size)]
             weights = weights_from_profiles(profiles, self._ckpt.model_bytes())
             try:
-                local_dims(self.config, self.settings.world_size, weights, self.group)
+                local_dims(self.config, self.settings.world_size, weights, self.align)
             except PlanError as e:
                 log.warning("measured weights %s cannot work (%s); splitting evenly", weights, e)
                 weights = None
@@ -263,7 +278,7 @@ class ClusterEngine:
             if self.auto:
                 await self._auto_plan(rank, join.get("profile"))
             plan = {"t": "plan", "world_size": self.settings.world_size, "weights": self.weights,
-                    "dtype": dtype_name(self.dtype), "quantize": self.quantize}
+                    "dtype": dtype_name(self.dtype), "quantize": self.quantize, "align": list(self.align)}
             if self._data_server is not None:
                 plan["data_port"] = self.data_port
             if join.get("fingerprint") is None:  # no local checkpoint: it fetches its shard from us

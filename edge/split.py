@@ -23,7 +23,7 @@ from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.dtypes import DTYPES, dtype_name, resolve_dtype
 from models.errors import CheckpointError
 from models.llama import load_layer, load_output_head
-from models.quant import QuantWeight, check_quantizable, plan_group
+from models.quant import QuantWeight, check_quantizable
 from models.sharding import LocalDims, local_dims
 
 MANIFEST = "manifest.json"
@@ -42,15 +42,11 @@ class SplitPlan:
     fingerprint: str
     dtype: str = "float32"  # the bytes every tensor of the split is stored (and held) in
     quantize: str = "none"  # Linear weights quantized (models.quant) or not
+    align: tuple[int, int] = (1, 1)  # o_proj / down_proj input slices in multiples of these (sharding)
 
     def as_json(self) -> dict:
         return {"world_size": self.world_size, "weights": list(self.weights), "fingerprint": self.fingerprint,
-                "dtype": self.dtype, "quantize": self.quantize}
-
-    @property
-    def group(self) -> int:
-        """The plan's alignment of input-feature slices (sharding.local_dims)."""
-        return plan_group(self.quantize)
+                "dtype": self.dtype, "quantize": self.quantize, "align": list(self.align)}
 
     @property
     def element_bytes(self) -> int:
@@ -130,16 +126,15 @@ def _progress(done: int, total: int, name: str) -> None:
 
 def split_model(model: str | Path, world_size: int, weights: list[float] | None = None,
                 out: str | Path | None = None, ranks: list[int] | None = None, quiet: bool = False,
-                dtype: str | None = "auto", quantize: str = "none") -> Path:
+                dtype: str | None = "auto", quantize: str | None = "auto") -> Path:
     """Write (or finish writing) the split of `model` for this plan, every tensor in `dtype` (auto:
     the checkpoint's own), Linear weights quantized by `quantize`; raises SplitError for another plan."""
-    quantize = quantize or "none"
     ckpt = Checkpoint(model)
     ckpt = ckpt.with_dtype(resolve_dtype(dtype, ckpt.config.torch_dtype)).with_quant(quantize)
     check_quantizable(ckpt.config, ckpt.quant)
     plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(model),
-                     dtype_name(ckpt.dtype), quantize)
-    plans = local_dims(ckpt.config, world_size, weights, plan.group)  # PlanError before anything is written
+                     dtype_name(ckpt.dtype), ckpt.quant_label, ckpt.plan_align())
+    plans = local_dims(ckpt.config, world_size, weights, plan.align)  # PlanError before anything is written
     out = Path(out) if out else default_split_dir(model, plan.dtype, plan.quantize)
     manifest = read_manifest(out) or {"plan": plan.as_json(), "files": {}}
     if not same_plan(manifest["plan"], plan):
@@ -172,7 +167,7 @@ def split_model(model: str | Path, world_size: int, weights: list[float] | None 
 
 def same_plan(stored: dict, plan: SplitPlan) -> bool:
     """Whether a manifest's plan is `plan` (manifests written before dtypes were float32, unquantized)."""
-    return {"dtype": "float32", "quantize": "none"} | stored == plan.as_json()
+    return {"dtype": "float32", "quantize": "none", "align": [1, 1]} | stored == plan.as_json()
 
 
 def verify_rank(out: Path, plan: SplitPlan, rank: int, num_layers: int) -> dict[str, dict]:

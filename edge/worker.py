@@ -35,7 +35,7 @@ from models.checkpoint import Checkpoint, checkpoint_fingerprint
 from models.config import config_from_hf
 from models.dtypes import DTYPES
 from models.llama import KVCache
-from models.quant import QUANT_CHOICES, plan_group
+from models.quant import QUANT_CHOICES
 from models.sharding import local_dims
 from transport.collectives import StarAllReduce, StepCollective
 from transport.errors import PeerFailed, TransportError
@@ -86,7 +86,7 @@ class Worker:
         self.profile = measure_device()  # for --weights auto on the master
         self.links: PeerLinks | None = None
         self.shard: ShardModel | None = None
-        self._plan: tuple[int, tuple[float, ...], str, str] | None = None  # world size, weights, dtype, quantize
+        self._plan: tuple | None = None  # world size, weights, dtype, quantize, alignment
         self.sessions: dict[str, KVCache | RemoteKV] = {}
         self.attn: AttentionLinks | None = None  # channels to the attention nodes, when linked
         self.unlinked: set[str] = set()  # offloaded requests opened while the nodes were unreachable
@@ -112,14 +112,17 @@ class Worker:
         quantize = str(plan.get("quantize", "none"))
         if quantize not in QUANT_CHOICES:
             raise PlanRefused(f"the master quantizes weights as {quantize!r}, which this worker does not support")
-        if s.quantize not in (None, quantize):
+        if s.quantize not in (None, "auto", quantize):
             raise PlanRefused(f"the master quantizes weights as {quantize}, this worker was started with "
                               f"--quantize {s.quantize}")
-        key = (int(plan["world_size"]), tuple(float(w) for w in plan["weights"]), dtype, quantize)
+        align = plan.get("align", [1, 1])
+        if not (isinstance(align, list) and len(align) == 2 and all(isinstance(a, int) and a > 0 for a in align)):
+            raise PlanRefused(f"the master's plan has alignment {align!r}, expected two positive integers")
+        key = (int(plan["world_size"]), tuple(float(w) for w in plan["weights"]), dtype, quantize, tuple(align))
         if "fetch" in plan:
             await self._load_fetched(ch, plan, key)
         elif self._plan != key:  # load (or reload) only when the plan changes
-            dims = local_dims(self.ckpt.config, key[0], list(key[1]), plan_group(quantize))[s.rank]
+            dims = local_dims(self.ckpt.config, key[0], list(key[1]), key[4])[s.rank]
             if self.shard is not None:
                 self.shard.close()
             self.shard = load_shard(self.ckpt.with_dtype(DTYPES[dtype]).with_quant(quantize), dims, key[0], list(key[1]),
@@ -148,7 +151,7 @@ class Worker:
         except (OSError, TimeoutError, TransportError) as e:
             log.warning("rank %d: no data link (%s); all-reduces go through the control channel", s.rank, e)
 
-    async def _load_fetched(self, ch: TcpChannel, plan: dict, key: tuple[int, tuple[float, ...], str, str]) -> None:
+    async def _load_fetched(self, ch: TcpChannel, plan: dict, key: tuple) -> None:
         """Fetch this rank's shard files from the master (only what is missing or stale), then load."""
         s = self.settings
         fetch = plan["fetch"]
@@ -156,8 +159,8 @@ class Worker:
         self.fetched_bytes = await fetch_files(ch, fetch["files"], fetch["plan"], dest)
         log.info("rank %d: fetched %d bytes of shard files into %s", s.rank, self.fetched_bytes, dest)
         config = config_from_hf(plan["config"])
-        dims = local_dims(config, key[0], list(key[1]), plan_group(key[3]))[s.rank]
-        split_plan = SplitPlan(key[0], key[1], fetch["plan"]["fingerprint"], key[2], key[3])
+        dims = local_dims(config, key[0], list(key[1]), key[4])[s.rank]
+        split_plan = SplitPlan(key[0], key[1], fetch["plan"]["fingerprint"], key[2], key[3], key[4])
         budget = int(s.memory_budget_mb * (1 << 20)) if s.memory_budget_mb else 1 << 62
         if self.shard is not None:
             self.shard.close()

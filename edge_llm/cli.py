@@ -26,10 +26,11 @@ def _dtype_flag(p: argparse.ArgumentParser, what: str = "hold weights (and activ
                    help=f"{what}; auto (default) = the checkpoint's own torch_dtype")
 
 
-def _quantize_flag(p: argparse.ArgumentParser, default: str | None = "none") -> None:
-    p.add_argument("--quantize", default=default, choices=list(QUANT_CHOICES),
+def _quantize_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default="auto", choices=list(QUANT_CHOICES),
                    help="weight-only quantization of the Linear layers and the LM head: int8 (per output "
-                        "channel) or int4 (groups of 32, scale + min); default none")
+                        "channel), int4 (groups of 32, scale + min), none (floats), or auto (default: as the "
+                        "checkpoint stores them; a GGUF's Q8_0/Q4_0/Q4_1 blocks are kept)")
 
 
 def _make_model(sub: argparse._SubParsersAction) -> None:
@@ -141,7 +142,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES),
                    help="hold weights in this dtype (default: the config's `dtype`, else auto)")
     p.add_argument("--quantize", choices=list(QUANT_CHOICES),
-                   help="int8 | int4 | none (default: the config's `quantize`, else none)")
+                   help="auto | none | int8 | int4 (default: the config's `quantize`, else auto)")
     p.set_defaults(func=commands.serve)
 
 

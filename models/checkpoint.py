@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from models.config import LlamaConfig, load_config
 from models.errors import CheckpointError
-from models.quant import QuantWeight, quantize
+from models.quant import GROUP, QuantWeight, kind_of, quantize
 from models.sharding import LocalDims, split_for
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -25,6 +25,9 @@ SINGLE_FILE = "model.safetensors"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+# A Linear weight stored as quantized blocks (an imported GGUF's Q8_0/Q4_0/Q4_1): NAME.q, NAME.scale
+# and, for int4, NAME.min, in models.quant's layout; read natively, or dequantized where floats are asked.
+_BLOCK_PARTS = (".q", ".scale", ".min")
 
 
 def layer_prefix(layer: int) -> str:
@@ -102,7 +105,8 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 
 class Checkpoint:
     """A validated checkpoint folder that reads whole tensors or one rank's slice in `dtype`, and
-    Linear weights quantized by `quant` ('int8' | 'int4', None: as the other tensors)."""
+    Linear weights by `quant`: 'int8' | 'int4' (quantized), 'auto' (as stored: blocks stay blocks),
+    None (floats: stored blocks dequantized)."""
 
     def __init__(self, folder: Path | str, dtype: torch.dtype = torch.float32, quant: str | None = None):
         self.folder = Path(folder)
@@ -122,7 +126,7 @@ class Checkpoint:
         return other
 
     def with_quant(self, quant: str | None) -> Checkpoint:
-        """The same checkpoint, reading Linear weights quantized by `quant` ('none' or None: not)."""
+        """The same checkpoint, reading Linear weights by `quant` (auto | none | int8 | int4)."""
         other = copy.copy(self)
         other.quant = None if quant in (None, "none") else quant
         return other
@@ -133,7 +137,11 @@ class Checkpoint:
             if not path.is_file():
                 raise CheckpointError(f"{path}: weight file named by {INDEX_FILE} is missing")
             headers[path] = read_safetensors_header(path)
+        self._blocks: dict[str, str] = {}  # Linear weights stored as quantized blocks -> their format
         for name, shape in expected_tensors(self.config).items():
+            if name + ".q" in self.files:
+                self._blocks[name] = self._validate_blocks(name, shape, headers)
+                continue
             path = self.files.get(name)
             if path is None or name not in headers[path]:
                 where = path or self.folder
@@ -147,6 +155,47 @@ class Checkpoint:
                                       "expected a float type")
         return headers
 
+    def _validate_blocks(self, name: str, shape: tuple[int, ...], headers: dict[Path, dict[str, dict]]) -> str:
+        entries = {}
+        for part in _BLOCK_PARTS:
+            path = self.files.get(name + part)
+            if path is not None and name + part in headers[path]:
+                entries[part] = headers[path][name + part]
+        q = entries[".q"]
+        kind = {"I8": "int8g", "U8": "int4"}.get(q["dtype"])
+        width = GROUP if kind == "int8g" else GROUP // 2
+        groups, n = shape[1] // GROUP, shape[0]
+        wanted = {".q": [groups, width, n], ".scale": [groups, n]} | ({".min": [groups, n]} if kind == "int4" else {})
+        got = {part: entries[part]["shape"] if part in entries else None for part in wanted}
+        if kind is None or shape[1] % GROUP or got != wanted:
+            raise CheckpointError(f"{self.folder}: quantized tensor {name!r} has parts {got} of {q['dtype']}, "
+                                  f"config.json implies {wanted} for a {list(shape)} weight")
+        return kind
+
+    def keeps_blocks(self, name: str) -> bool:
+        """Whether `read_weight` serves `name` from its stored blocks (no dequantize-requantize)."""
+        kind = self._blocks.get(name)
+        return kind is not None and (self.quant == "auto" or (self.quant, kind) in (("int8", "int8g"), ("int4", "int4")))
+
+    @property
+    def quant_label(self) -> str:
+        """What the Linear weights are held as, for plans and split folders: none | int8 | int4 | auto."""
+        if self.quant in (None, "auto") and not any(self.keeps_blocks(n) for n in self._blocks):
+            return "none"
+        return self.quant
+
+    def plan_align(self) -> tuple[int, int]:
+        """Input-feature alignment of o_proj and down_proj slices (sharding.local_dims): a group of 32
+        where that weight is held in groups."""
+        def grouped(suffix: str) -> bool:
+            name = layer_prefix(0) + suffix
+            return self.quant == "int4" or (self.keeps_blocks(name) and self._blocks[name] in ("int8g", "int4"))
+
+        return (GROUP if grouped("self_attn.o_proj.weight") else 1, GROUP if grouped("mlp.down_proj.weight") else 1)
+
+    def has(self, name: str) -> bool:
+        return name in self.files or name in self._blocks
+
     def _handle(self, path: Path):
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="pt")
@@ -157,15 +206,20 @@ class Checkpoint:
         return sum(self.nbytes(name) for name in expected_tensors(self.config))
 
     def nbytes(self, name: str) -> int:
-        entry = self._headers[self.files[name]][name]
-        start, stop = entry["data_offsets"]
-        return int(stop) - int(start)
+        parts = [name + p for p in _BLOCK_PARTS if name + p in self.files] if name in self._blocks else [name]
+        return sum(int(e["data_offsets"][1]) - int(e["data_offsets"][0])
+                   for e in (self._headers[self.files[p]][p] for p in parts))
 
     def read(self, name: str, dims: LocalDims | None = None) -> torch.Tensor | None:
         """The tensor (or, with `dims`, this rank's slice of it by TENSOR_SPLITS) in `self.dtype`.
 
         None when the split gives this rank nothing (a rank-0-only bias on another rank).
         """
+        if name in self._blocks:  # as floats: this rank's blocks, or all of them when its slice cuts a group
+            kind, unit = self._split(name)
+            if dims is None or kind != "in" or not any(r % GROUP for r in dims.rows(unit)):
+                return self._read_blocks(name, dims).dequantize(self.dtype)
+            return self._slice(self._read_blocks(name, None).dequantize(self.dtype), name, dims).contiguous()
         path = self.files[name]
         try:
             view = self._handle(path).get_slice(name)
@@ -180,7 +234,9 @@ class Checkpoint:
         Quantized whole rows, then sliced, so every plan holds the same quantized values: an output
         slice quantizes its own rows; an input slice takes its columns of the quantized tensor.
         """
-        if self.quant is None:
+        if self.keeps_blocks(name):
+            return self._read_blocks(name, dims)
+        if self.quant in (None, "auto"):
             return self.read(name, dims)
         raw = self.with_quant(None).with_dtype(torch.float32)
         kind, unit = self._split(name)
@@ -188,6 +244,32 @@ class Checkpoint:
             return quantize(raw.read(name, dims), self.quant)
         start, stop = dims.rows(unit)
         return quantize(raw.read(name), self.quant).cols(start, stop).contiguous()
+
+    def _read_blocks(self, name: str, dims: LocalDims | None) -> QuantWeight:
+        """A stored quantized weight, or this rank's slice of its blocks (output channels, or whole
+        groups of input features)."""
+        kind, unit = self._split(name)
+        start, stop = dims.rows(unit) if dims is not None and kind in ("out", "in") else (None, None)
+        if kind == "in" and start is not None and (start % GROUP or stop % GROUP):
+            raise CheckpointError(f"{name}: input features {start}:{stop} cut a quantization group of {GROUP}")
+        parts = {}
+        for part in _BLOCK_PARTS:
+            if name + part not in self.files:
+                continue
+            path = self.files[name + part]
+            try:
+                view = self._handle(path).get_slice(name + part)
+                if start is None:
+                    parts[part] = view[:]
+                elif kind == "in":
+                    parts[part] = view[start // GROUP: stop // GROUP]
+                else:  # output channels are the last axis of every part
+                    parts[part] = view[:, :, start:stop] if part == ".q" else view[:, start:stop]
+            except SafetensorError as e:
+                raise CheckpointError(f"{path}: cannot read tensor {name + part!r} ({e})") from e
+        q = parts[".q"].contiguous()
+        return QuantWeight(kind_of(q), q, parts[".scale"].contiguous(),
+                           None if ".min" not in parts else parts[".min"].contiguous())
 
     @staticmethod
     def _split(name: str):

@@ -4,6 +4,10 @@ Parsing and dequantizing are the `gguf` package's (llama.cpp's own reader). What
 llama.cpp's tensor names mapped back to Hugging Face's, its Q/K row permutation undone for the
 llama architecture, Llama 3's `rope_freqs` factors turned back into the `rope_scaling` they came
 from, and the tokenizer and chat template rebuilt from the metadata (models.gguf_tokenizer).
+
+Q8_0, Q4_0 and Q4_1 matrices are kept as they are: their blocks are moved, byte for byte, into
+models.quant's int8-in-groups and int4 layouts (NAME.q, NAME.scale, NAME.min), which the kernels
+compute with directly. Other quantized types (K-quants) are dequantized to the import dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from safetensors.torch import save_file
 
 from models.dtypes import dtype_name, resolve_dtype
 from models.errors import CheckpointError
+from models.quant import GROUP, QuantWeight
 from models.gguf_rope import rope_from_freqs
 from models.gguf_tokenizer import build_tokenizer
 
@@ -163,6 +168,41 @@ def _dequantized(t, arch: str, config: dict[str, Any], dtype: torch.dtype) -> to
     return torch.from_numpy(np.array(data, dtype=np.float32, order="C", copy=True)).to(dtype)
 
 
+def _blocks(t, arch: str, config: dict[str, Any]) -> QuantWeight | None:
+    """A Q8_0 / Q4_0 / Q4_1 matrix as models.quant blocks (bytes moved, never re-rounded); None for
+    other types, or a Q4_0 scale whose min (-8 x scale) would overflow float16."""
+    kind = t.tensor_type.name
+    if kind not in ("Q8_0", "Q4_0", "Q4_1") or len(t.shape) != 2:
+        return None
+    n, k = int(t.shape[1]), int(t.shape[0])
+    blocks = np.asarray(t.data, dtype=np.uint8).reshape(n, -1)  # [N, G x block bytes]
+    if arch == "llama" and t.name.split(".")[-2] in ("attn_q", "attn_k"):
+        heads = config["num_attention_heads"] if ".attn_q." in t.name else config["num_key_value_heads"]
+        blocks = _unpermute(blocks, heads)  # a permutation of output rows: whole blocks move
+    blocks = np.ascontiguousarray(blocks).reshape(n, k // GROUP, -1)  # [N, G, block bytes]
+    scale = blocks[:, :, 0:2].copy().view(np.float16)[:, :, 0]  # [N, G]
+    if kind == "Q8_0":
+        q = blocks[:, :, 2:].copy().view(np.int8)  # [N, G, 32]
+        return QuantWeight("int8g", torch.from_numpy(q.transpose(1, 2, 0).copy()), torch.from_numpy(scale.T.copy()))
+    if kind == "Q4_0":  # w = (q - 8) d = d q + (-8 d): exact in float16 unless it overflows
+        with np.errstate(over="ignore"):
+            minimum = scale * np.float16(-8)
+        if not np.isfinite(minimum).all():
+            return None
+        codes = blocks[:, :, 2:]
+    else:
+        minimum, codes = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0], blocks[:, :, 4:]
+    return QuantWeight("int4", torch.from_numpy(codes.transpose(1, 2, 0).copy()), torch.from_numpy(scale.T.copy()),
+                       torch.from_numpy(np.ascontiguousarray(minimum.T)))
+
+
+def _stored(t, arch: str, config: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The safetensors entries of one GGUF tensor: its blocks (NAME.q/.scale/.min) or NAME as floats."""
+    name = hf_tensor_name(t.name)
+    blocks = _blocks(t, arch, config)
+    return blocks.tensors(name) if blocks is not None else {name: _dequantized(t, arch, config, dtype)}
+
+
 def _write_weights(reader, arch: str, config: dict[str, Any], dtype: torch.dtype, out: Path) -> None:
     """model.safetensors, or shards of at most SHARD_BYTES with an index, as transformers writes them."""
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -170,13 +210,14 @@ def _write_weights(reader, arch: str, config: dict[str, Any], dtype: torch.dtype
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             continue
-        tensor = _dequantized(t, arch, config, dtype)
-        if size and size + tensor.nbytes > SHARD_BYTES:
+        tensors = _stored(t, arch, config, dtype)
+        nbytes = sum(v.nbytes for v in tensors.values())
+        if size and size + nbytes > SHARD_BYTES:
             _save_shard(shards[-1], out, len(shards))
             shards.append({})
             size = 0
-        shards[-1][hf_tensor_name(t.name)] = tensor
-        size += tensor.nbytes
+        shards[-1] |= tensors
+        size += nbytes
     if len(shards) == 1:
         save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
         (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; a model folder is shared
@@ -233,7 +274,8 @@ def imported_folder(gguf_path: str | Path, dtype: str | None = "auto") -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
     stat = path.stat()
-    stamp = {"source": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": dtype or "auto"}
+    stamp = {"source": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": dtype or "auto",
+             "layout": 2}  # 2: Q8_0/Q4_0/Q4_1 kept as blocks
     out = path.with_name(path.name + ".edge-import")
     if not os.access(path.parent, os.W_OK):
         out = Path.home() / ".cache" / "edge-llm" / (path.name + ".edge-import")

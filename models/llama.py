@@ -81,7 +81,7 @@ def load_layer(ckpt: Checkpoint, layer: int, dims: LocalDims) -> LayerWeights:
     tensors = {}
     for field, name in layer_tensor_names(layer).items():
         read = ckpt.read_weight if field in LINEAR_FIELDS else ckpt.read
-        tensors[field] = read(name, dims) if name in ckpt.files else None
+        tensors[field] = read(name, dims) if ckpt.has(name) else None
     return LayerWeights(**tensors)
 
 

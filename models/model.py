@@ -18,7 +18,7 @@ from models.tokenizer import Tokenizer, load_tokenizer
 class LocalModel:
     """All layers resident in this process; `forward` maps new tokens + cache to next-token logits."""
 
-    def __init__(self, folder: Path | str, dtype: str | None = "auto", quantize: str | None = "none"):
+    def __init__(self, folder: Path | str, dtype: str | None = "auto", quantize: str | None = "auto"):
         ckpt = Checkpoint(folder)
         self.dtype = resolve_dtype(dtype, ckpt.config.torch_dtype)
         ckpt = ckpt.with_dtype(self.dtype).with_quant(quantize)

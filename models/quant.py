@@ -24,7 +24,7 @@ import torch
 from models.errors import CheckpointError
 
 GROUP = 32  # elements per group of the grouped formats (GGUF's block size)
-QUANT_CHOICES = ("none", "int8", "int4")
+QUANT_CHOICES = ("auto", "none", "int8", "int4")  # auto: as the checkpoint stores them (GGUF blocks kept)
 KINDS = ("int8", "int8g", "int4")
 
 
@@ -166,15 +166,10 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return packed.permute(1, 2, 0).contiguous()
 
 
-def plan_group(quant: str | None) -> int:
-    """The input-feature granularity a tensor-parallel plan must respect for `quant` (sharding.local_dims)."""
-    return GROUP if quant in ("int4", "int8g") else 1
-
-
 def check_quantizable(config, method: str | None) -> None:
     """Refuse, at start, a model whose Linear inputs do not come in whole groups for `method`
     (config: a models.config.LlamaConfig)."""
-    if method != "int4":
+    if method != "int4":  # int8 is per row; blocks stored by a GGUF file come in whole groups
         return
     inputs = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
               "heads x head_dim": config.num_heads * config.head_dim}

@@ -108,11 +108,11 @@ def _starts(counts: list[int]) -> list[int]:
 
 
 def local_dims(config: LlamaConfig, world_size: int, weights: list[float] | None = None,
-               group: int = 1) -> list[LocalDims]:
+               align: tuple[int, int] = (1, 1)) -> list[LocalDims]:
     """The plan for every rank; raises PlanError (reported to the user at start) when it cannot work.
 
-    `group`: the input features of o_proj and down_proj (heads x head_dim, MLP columns) are cut only
-    at multiples of it, so a quantization group (models.quant) never straddles two ranks.
+    `align`: the input features of o_proj (heads x head_dim) and of down_proj (MLP columns) are cut
+    only at multiples of these, so a quantization group (models.quant) never straddles two ranks.
     """
     weights = weights or [1.0] * world_size
     if len(weights) != world_size:
@@ -122,12 +122,12 @@ def local_dims(config: LlamaConfig, world_size: int, weights: list[float] | None
             f"{world_size} workers but the model has only {config.num_heads} attention heads; "
             f"use at most {config.num_heads} workers"
         )
-    head_unit = group // math.gcd(group, config.head_dim) if world_size > 1 else 1
-    col_unit = group if world_size > 1 else 1
+    head_unit = align[0] // math.gcd(align[0], config.head_dim) if world_size > 1 else 1
+    col_unit = align[1] if world_size > 1 else 1
     if config.num_heads % head_unit or config.intermediate_size % col_unit:
-        raise PlanError(f"quantization groups of {group} cannot be split over {world_size} workers: the model's "
-                        f"{config.num_heads} heads of {config.head_dim} and {config.intermediate_size} MLP "
-                        "columns do not come in whole groups; use one worker or --quantize int8")
+        raise PlanError(f"quantization groups of {max(align)} cannot be split over {world_size} workers: the "
+                        f"model's {config.num_heads} heads of {config.head_dim} and {config.intermediate_size} "
+                        "MLP columns do not come in whole groups; use fewer workers, or --quantize none or int8")
     heads = [h * head_unit for h in split_integer(config.num_heads // head_unit, weights)]
     cols = [c * col_unit for c in split_integer(config.intermediate_size // col_unit, weights)]
     vocab = split_integer(config.vocab_size, weights)
@@ -136,8 +136,8 @@ def local_dims(config: LlamaConfig, world_size: int, weights: list[float] | None
             raise PlanError(
                 f"device weights {weights} leave rank {rank} with {h} attention heads and {c} MLP "
                 f"columns of {config.num_heads} heads / {config.intermediate_size} columns"
-                + (f" (quantization groups of {group} make heads go {head_unit} and columns {col_unit} at a time)"
-                   if group > 1 else "") + "; make its weight larger or use fewer workers"
+                + (f" (quantization groups make heads go {head_unit} and columns {col_unit} at a time)"
+                   if max(align) > 1 else "") + "; make its weight larger or use fewer workers"
             )
     group = config.kv_group_size
     plans = []

@@ -105,11 +105,11 @@ def test_slices_of_the_quantized_tensor_are_its_values(method):
 def test_plans_align_input_slices_to_groups(llama):
     cfg = load_config(llama)  # 6 heads of 16, 320 MLP columns
     for workers in (2, 3):
-        for dims in local_dims(cfg, workers, group=GROUP):
+        for dims in local_dims(cfg, workers, align=(GROUP, GROUP)):
             assert dims.head_start * dims.head_dim % GROUP == 0 and dims.n_local_heads * dims.head_dim % GROUP == 0
             assert dims.mlp_start % GROUP == 0 and dims.local_intermediate % GROUP == 0
     with pytest.raises(PlanError, match="quantization groups"):
-        local_dims(cfg, 4, group=GROUP)  # 3 pairs of 16-wide heads cannot make 4 ranks
+        local_dims(cfg, 4, align=(GROUP, GROUP))  # 3 pairs of 16-wide heads cannot make 4 ranks
 
 
 def test_int4_refuses_a_model_without_whole_groups(tmp_path):
@@ -207,7 +207,7 @@ def expected_quant_bytes(folder, workers: int, method: str) -> dict[int, int]:
         return n * k + 4 * n if method == "int8" else n * k // 2 + 4 * (n * k // GROUP)
 
     out = {}
-    for dims in local_dims(cfg, workers, group=GROUP if method == "int4" else 1):
+    for dims in local_dims(cfg, workers, align=(GROUP, GROUP) if method == "int4" else (1, 1)):
         q, kv, f = dims.n_local_heads * hd, dims.n_local_kv_heads * hd, dims.local_intermediate
         layer = (linear_bytes(q, d) + 2 * linear_bytes(kv, d) + linear_bytes(d, q) + 2 * linear_bytes(f, d)
                  + linear_bytes(d, f) + 2 * d * 4)
@@ -270,3 +270,38 @@ async def test_quantized_split_streams_quantized_bytes_through_the_window(llama,
         dtypes = {n: f.get_tensor(n).dtype for n in f.keys()}  # noqa: SIM118
     assert dtypes["w_down.q"] == torch.uint8 and dtypes["w_down.scale"] == torch.float16
     assert dtypes["attn_norm"] == torch.float32 and "w_down" not in dtypes
+
+
+# --- GGUF blocks kept as they are -------------------------------------------------------------------
+
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_are_moved_not_rounded_again(tmp_path, quant):
+    """An imported Q4_0/Q4_1/Q8_0 matrix is stored as our blocks whose values are exactly llama.cpp's
+    dequantization of the file's blocks (Q/K rows un-permuted), and served from those blocks."""
+    from gguf_writer import write_gguf
+
+    from models.checkpoint import Checkpoint
+    from models.gguf_import import _unpermute, import_gguf
+
+    kind = gguf.GGMLQuantizationType[quant]
+    source = make_hf_checkpoint(tmp_path / "src", "llama", seed=3, intermediate_size=320)
+    path = write_gguf(source, tmp_path / "m.gguf", kind)
+    folder = import_gguf(path, tmp_path / "imported")
+    ckpt = Checkpoint(folder).with_quant("auto")
+    reader = gguf.GGUFReader(str(path))
+    for t in reader.tensors:
+        if t.name not in ("blk.1.attn_q.weight", "blk.0.ffn_down.weight", "blk.0.attn_output.weight"):
+            continue
+        assert t.tensor_type == kind
+        theirs = gguf.quants.dequantize(t.data, kind).reshape(int(t.shape[1]), int(t.shape[0]))
+        if ".attn_q." in t.name:
+            theirs = _unpermute(theirs, 6)
+        name = {"blk.1.attn_q.weight": "model.layers.1.self_attn.q_proj.weight",
+                "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj.weight",
+                "blk.0.attn_output.weight": "model.layers.0.self_attn.o_proj.weight"}[t.name]
+        held = ckpt.read_weight(name)
+        assert isinstance(held, QuantWeight) and held.kind == ("int8g" if quant == "Q8_0" else "int4")
+        assert held.nbytes == t.n_bytes + (2 * held.scale.numel() if quant == "Q4_0" else 0)  # + Q4_0's min
+        np.testing.assert_array_equal(held.dequantize().numpy(), theirs)
+    assert Checkpoint(folder).with_quant("none").read_weight("model.layers.0.mlp.down_proj.weight").dtype == \
+        torch.float32
