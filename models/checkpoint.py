@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from models.config import LlamaConfig, load_config
 from models.errors import CheckpointError
-from models.quant import GROUP, QuantWeight, kind_of, quantize
+from models.quant import GROUP, QuantWeight, quantize
 from models.sharding import LocalDims, split_for
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -267,9 +267,7 @@ class Checkpoint:
                     parts[part] = view[:, :, start:stop] if part == ".q" else view[:, start:stop]
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: cannot read tensor {name + part!r} ({e})") from e
-        q = parts[".q"].contiguous()
-        return QuantWeight(kind_of(q), q, parts[".scale"].contiguous(),
-                           None if ".min" not in parts else parts[".min"].contiguous())
+        return QuantWeight.from_plain(self._blocks[name], parts[".q"], parts[".scale"], parts.get(".min"))
 
     @staticmethod
     def _split(name: str):

@@ -183,7 +183,8 @@ def _blocks(t, arch: str, config: dict[str, Any]) -> QuantWeight | None:
     scale = blocks[:, :, 0:2].copy().view(np.float16)[:, :, 0]  # [N, G]
     if kind == "Q8_0":
         q = blocks[:, :, 2:].copy().view(np.int8)  # [N, G, 32]
-        return QuantWeight("int8g", torch.from_numpy(q.transpose(1, 2, 0).copy()), torch.from_numpy(scale.T.copy()))
+        return QuantWeight.from_plain("int8g", torch.from_numpy(q.transpose(1, 2, 0).copy()),
+                                      torch.from_numpy(scale.T.copy()))
     if kind == "Q4_0":  # w = (q - 8) d = d q + (-8 d): exact in float16 unless it overflows
         with np.errstate(over="ignore"):
             minimum = scale * np.float16(-8)
@@ -192,15 +193,15 @@ def _blocks(t, arch: str, config: dict[str, Any]) -> QuantWeight | None:
         codes = blocks[:, :, 2:]
     else:
         minimum, codes = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0], blocks[:, :, 4:]
-    return QuantWeight("int4", torch.from_numpy(codes.transpose(1, 2, 0).copy()), torch.from_numpy(scale.T.copy()),
-                       torch.from_numpy(np.ascontiguousarray(minimum.T)))
+    return QuantWeight.from_plain("int4", torch.from_numpy(codes.transpose(1, 2, 0).copy()),
+                                  torch.from_numpy(scale.T.copy()), torch.from_numpy(np.ascontiguousarray(minimum.T)))
 
 
 def _stored(t, arch: str, config: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The safetensors entries of one GGUF tensor: its blocks (NAME.q/.scale/.min) or NAME as floats."""
     name = hf_tensor_name(t.name)
     blocks = _blocks(t, arch, config)
-    return blocks.tensors(name) if blocks is not None else {name: _dequantized(t, arch, config, dtype)}
+    return blocks.plain_tensors(name) if blocks is not None else {name: _dequantized(t, arch, config, dtype)}
 
 
 def _write_weights(reader, arch: str, config: dict[str, Any], dtype: torch.dtype, out: Path) -> None:

@@ -23,7 +23,6 @@ from models.quant import QuantWeight
 
 log = logging.getLogger("edge_llm.quant")
 GEMV_ROWS = 8  # rows of x up to which the GEMV kernel beats dequantize + GEMM
-CHUNK = 256  # output channels per task of the grouped kernels: their sums stay in L1
 
 try:
     import numba
@@ -33,6 +32,8 @@ except ImportError:  # pragma: no cover - numba ships wheels for every platform 
 
 
 if numba is not None:
+    tile_jit = njit(fastmath=True, cache=True, nogil=True)
+
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
     def half_to_float(h, bits, dst):
         """float16 bits [n] -> float32 [n], exact for finite values, vectorized (numba has no float16):
@@ -44,83 +45,85 @@ if numba is not None:
         for i in range(h.shape[0]):
             dst[i] = f[i] * np.float32(2.0**112)
 
+    # One tile of T output channels each: its codes are one contiguous block, read front to back, with
+    # x broadcast and the T channels as the vectorized inner loop. out[t, c*T:(c+1)*T] for every row t.
+
+    @tile_jit
+    def int8_tile(q, scale, x, out, c):  # q [K, T] int8, scale [N] f32, x [R, K] f32
+        k_in, tw = q.shape
+        acc = np.empty(tw, np.float32)
+        for t in range(x.shape[0]):
+            acc[:] = 0.0
+            for k in range(k_in):
+                xk, qk = x[t, k], q[k]
+                for i in range(tw):
+                    acc[i] += np.float32(qk[i]) * xk
+            for i in range(tw):
+                out[t, c * tw + i] = acc[i] * scale[c * tw + i]
+
+    @tile_jit
+    def int8g_tile(q, scale, x, out, c):  # q [G, 32, T] int8, scale [G, T] f16 bits
+        groups, width, tw = q.shape
+        sums, acc = np.empty(tw, np.float32), np.empty(tw, np.float32)
+        bits, sc = np.empty(tw, np.uint32), np.empty(tw, np.float32)
+        for t in range(x.shape[0]):
+            acc[:] = 0.0
+            for g in range(groups):
+                sums[:] = 0.0
+                for j in range(width):
+                    xj, qj = x[t, g * width + j], q[g, j]
+                    for i in range(tw):
+                        sums[i] += np.float32(qj[i]) * xj
+                half_to_float(scale[g], bits, sc)
+                for i in range(tw):
+                    acc[i] += sc[i] * sums[i]
+            out[t, c * tw:(c + 1) * tw] = acc
+
+    @tile_jit
+    def int4_tile(q, scale, minimum, x, out, c):  # q [G, 16, T] uint8, scale/min [G, T] f16 bits
+        groups, width, tw = q.shape
+        low, four = np.uint8(15), np.uint8(4)
+        sums, acc = np.empty(tw, np.float32), np.empty(tw, np.float32)
+        bits, sc, mn = np.empty(tw, np.uint32), np.empty(tw, np.float32), np.empty(tw, np.float32)
+        for t in range(x.shape[0]):
+            acc[:] = 0.0
+            for g in range(groups):
+                sums[:] = 0.0
+                xsum = np.float32(0.0)  # the min term: min x the sum of the group's x
+                for j in range(width):
+                    a, b = x[t, g * 2 * width + j], x[t, g * 2 * width + width + j]  # low, high nibble
+                    xsum += a + b
+                    qj = q[g, j]
+                    for i in range(tw):  # uint8 masks keep 16 lanes per vector (int64 gives 8)
+                        v = qj[i]
+                        sums[i] += np.float32(np.uint8(v & low)) * a + np.float32(np.uint8(v >> four)) * b
+                half_to_float(scale[g], bits, sc)
+                half_to_float(minimum[g], bits, mn)
+                for i in range(tw):
+                    acc[i] += sc[i] * sums[i] + mn[i] * xsum
+            out[t, c * tw:(c + 1) * tw] = acc
+
 
 def _kernels(parallel: bool) -> dict:
-    """The three GEMV kernels, compiled (once, cached on disk) serial or with `prange` over rows."""
-    jit = njit(parallel=parallel, fastmath=True, cache=True, nogil=True)
+    """The three GEMV kernels over all tiles, compiled (once, cached on disk) serial or with `prange`
+    over tiles. The tile loops are plain functions: numba vectorizes them worse inside a parfor."""
+    jit = njit(parallel=parallel, cache=True, nogil=True)
     rng = prange if parallel else range
 
     @jit
-    def int8(q, scale, x, out):  # q [N, K] int8, scale [N] f32, x [T, K] f32 -> out [T, N]
-        n_rows, k_in = q.shape
-        for block in rng((n_rows + 3) // 4):  # 4 rows at a time: 4 independent sums share each x load
-            r = min(4 * block, n_rows - 4) if n_rows >= 4 else 0
-            for t in range(x.shape[0]):
-                xt = x[t]
-                if n_rows < 4:
-                    for i in range(n_rows):
-                        acc = np.float32(0.0)
-                        for k in range(k_in):
-                            acc += np.float32(q[i, k]) * xt[k]
-                        out[t, i] = acc * scale[i]
-                    continue
-                q0, q1, q2, q3 = q[r], q[r + 1], q[r + 2], q[r + 3]
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for k in range(k_in):
-                    xk = xt[k]
-                    a0 += np.float32(q0[k]) * xk
-                    a1 += np.float32(q1[k]) * xk
-                    a2 += np.float32(q2[k]) * xk
-                    a3 += np.float32(q3[k]) * xk
-                out[t, r], out[t, r + 1] = a0 * scale[r], a1 * scale[r + 1]
-                out[t, r + 2], out[t, r + 3] = a2 * scale[r + 2], a3 * scale[r + 3]
+    def int8(q, scale, x, out):  # q [C, K, T] -> out [R, N]
+        for c in rng(q.shape[0]):
+            int8_tile(q[c], scale, x, out, c)
 
     @jit
-    def int8g(q, scale, x, out):  # q [G, 32, N] int8, scale [G, N] f16 bits, x [T, K] f32 -> out [T, N]
-        groups, width, n = q.shape
-        for chunk in rng((n + CHUNK - 1) // CHUNK):  # a task: CHUNK output channels, all groups
-            r0, r1 = chunk * CHUNK, min(n, (chunk + 1) * CHUNK)
-            sums, acc = np.empty(r1 - r0, np.float32), np.empty(r1 - r0, np.float32)
-            bits, sc = np.empty(r1 - r0, np.uint32), np.empty(r1 - r0, np.float32)
-            for t in range(x.shape[0]):
-                acc[:] = 0.0
-                for g in range(groups):
-                    sums[:] = 0.0
-                    for j in range(width):
-                        xj, qj = x[t, g * width + j], q[g, j, r0:r1]
-                        for i in range(r1 - r0):
-                            sums[i] += np.float32(qj[i]) * xj
-                    half_to_float(scale[g, r0:r1], bits, sc)
-                    for i in range(r1 - r0):
-                        acc[i] += sc[i] * sums[i]
-                out[t, r0:r1] = acc
+    def int8g(q, scale, x, out):  # q [C, G, 32, T], scale [C, G, T]
+        for c in rng(q.shape[0]):
+            int8g_tile(q[c], scale[c], x, out, c)
 
     @jit
-    def int4(q, scale, minimum, x, out):  # q [G, 16, N] uint8, scale/min [G, N] f16 bits, x [T, K] -> [T, N]
-        groups, width, n = q.shape
-        low, four = np.uint8(15), np.uint8(4)
-        for chunk in rng((n + CHUNK - 1) // CHUNK):
-            r0, r1 = chunk * CHUNK, min(n, (chunk + 1) * CHUNK)
-            sums, acc = np.empty(r1 - r0, np.float32), np.empty(r1 - r0, np.float32)
-            bits = np.empty(r1 - r0, np.uint32)
-            sc, mn = np.empty(r1 - r0, np.float32), np.empty(r1 - r0, np.float32)
-            for t in range(x.shape[0]):
-                acc[:] = 0.0
-                for g in range(groups):
-                    sums[:] = 0.0
-                    xsum = np.float32(0.0)  # the min term: min x the sum of the group's x
-                    for j in range(width):
-                        a, b = x[t, g * 2 * width + j], x[t, g * 2 * width + width + j]  # low, high nibble
-                        xsum += a + b
-                        qj = q[g, j, r0:r1]
-                        for i in range(r1 - r0):  # uint8 masks keep 16 lanes per vector (int64 gives 8)
-                            v = qj[i]
-                            sums[i] += np.float32(np.uint8(v & low)) * a + np.float32(np.uint8(v >> four)) * b
-                    half_to_float(scale[g, r0:r1], bits, sc)
-                    half_to_float(minimum[g, r0:r1], bits, mn)
-                    for i in range(r1 - r0):
-                        acc[i] += sc[i] * sums[i] + mn[i] * xsum
-                out[t, r0:r1] = acc
+    def int4(q, scale, minimum, x, out):  # q [C, G, 16, T], scale/min [C, G, T]
+        for c in rng(q.shape[0]):
+            int4_tile(q[c], scale[c], minimum[c], x, out, c)
 
     return {"int8": int8, "int8g": int8g, "int4": int4}
 

@@ -50,9 +50,10 @@ def random_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
 def as_gguf_q4_1(w: QuantWeight) -> np.ndarray:
     """Our int4 bytes as GGUF Q4_1 blocks: [N, G] blocks of (d f16, m f16, 16 bytes of nibbles)."""
     n, k = w.shape
-    qs = w.q.permute(2, 0, 1).numpy()  # [N, G, 16]: byte j = element j (low), j + 16 (high)
-    d = w.scale.T.contiguous().numpy().view(np.uint8).reshape(n, k // GROUP, 2)
-    m = w.min.T.contiguous().numpy().view(np.uint8).reshape(n, k // GROUP, 2)
+    q, scale, minimum = w.plain()  # [G, 16, N], [G, N], [G, N]
+    qs = q.permute(2, 0, 1).numpy()  # [N, G, 16]: byte j = element j (low), j + 16 (high)
+    d = scale.T.contiguous().numpy().view(np.uint8).reshape(n, k // GROUP, 2)
+    m = minimum.T.contiguous().numpy().view(np.uint8).reshape(n, k // GROUP, 2)
     return np.concatenate([d, m, qs], axis=2).reshape(n, -1)
 
 
@@ -63,7 +64,7 @@ def test_int4_is_gguf_q4_1_byte_for_byte():
     theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1)
     np.testing.assert_array_equal(qw.dequantize().numpy(), theirs)
     # 15 steps between each group's min and max: every weight within half a step of its original
-    step = qw.scale.float().T.repeat_interleave(GROUP, 1)
+    step = qw.plain()[1].float().T.repeat_interleave(GROUP, 1)
     assert ((qw.dequantize() - w).abs() <= step / 2 + 1e-3 * step + 1e-6).all()
 
 
@@ -71,7 +72,7 @@ def test_int8g_is_gguf_q8_0():
     gen = torch.Generator().manual_seed(3)
     q = torch.randint(-127, 128, (4, GROUP, 8), generator=gen, dtype=torch.int8)  # [G, 32, N]
     scale = (torch.rand(4, 8, generator=gen) * 0.01).to(torch.float16)  # [G, N]
-    qw = QuantWeight("int8g", q, scale)
+    qw = QuantWeight.from_plain("int8g", q, scale)
     blocks = np.concatenate([scale.T.contiguous().numpy().view(np.uint8).reshape(8, 4, 2),
                              q.permute(2, 0, 1).numpy().view(np.uint8)], axis=2).reshape(8, -1)
     theirs = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
@@ -82,10 +83,11 @@ def test_int8_per_channel_rounds_to_nearest():
     w = random_weight(16, 80)
     w[3] = 0.0  # an all-zero row keeps a usable scale
     qw = quantize(w, "int8")
-    assert qw.q.dtype == torch.int8 and qw.scale.shape == (16,)
+    q = qw.plain()[0].T  # [N, K]
+    assert q.dtype == torch.int8 and qw.scale.shape == (16,)
     amax = w.abs().amax(1)
     np.testing.assert_allclose(qw.scale[amax > 0].numpy(), (amax[amax > 0] / 127).numpy(), rtol=1e-7)
-    assert (qw.q.abs().amax(1)[amax > 0] == 127).all()
+    assert (q.abs().amax(1)[amax > 0] == 127).all()
     assert ((qw.dequantize() - w).abs() <= qw.scale[:, None] / 2 * (1 + 1e-6)).all()
     assert (qw.dequantize()[3] == 0).all()
 
@@ -129,9 +131,9 @@ def test_kernel_error_within_float32_dot_product_bound(method, rows):
     n, k = 72, 576
     w = random_weight(n, k, seed=2)
     if method == "int8g":
-        q8 = quantize(w, "int8").q.view(n, k // GROUP, GROUP).permute(1, 2, 0).contiguous()  # [G, 32, N]
+        q8 = quantize(w, "int8").plain()[0].T.reshape(n, k // GROUP, GROUP).permute(1, 2, 0)  # [G, 32, N]
         scale = (0.002 + 0.004 * torch.rand(k // GROUP, n, generator=torch.Generator().manual_seed(9)))
-        qw = QuantWeight("int8g", q8, scale.to(torch.float16))
+        qw = QuantWeight.from_plain("int8g", q8, scale.to(torch.float16))
     else:
         qw = quantize(w, method)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(5))
@@ -152,8 +154,8 @@ def test_kernel_is_deterministic(method, threads):
     w = random_weight(300, 256, seed=4)
     qw = quantize(w, "int8" if method == "int8g" else method)
     if method == "int8g":
-        qw = QuantWeight("int8g", qw.q.view(300, 8, GROUP).permute(1, 2, 0).contiguous(),
-                         torch.full((8, 300), 0.003, dtype=torch.float16))
+        qw = QuantWeight.from_plain("int8g", qw.plain()[0].T.reshape(300, 8, GROUP).permute(1, 2, 0),
+                                    torch.full((8, 300), 0.003, dtype=torch.float16))
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(6))
     before = torch.get_num_threads()
     try:
