@@ -18,7 +18,9 @@ slice of the quantized tensor is the quantized slice, as long as a column slice 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 import torch
 
 from models.errors import CheckpointError
@@ -87,6 +89,15 @@ class QuantWeight:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.q, self.scale, self.min) if t is not None)
+
+    @cached_property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The kernel's arguments, made once (views, no copies): codes, then scales (float16 as their
+        uint16 bits) and mins."""
+        def bits(t: torch.Tensor) -> np.ndarray:
+            return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.float16 else t.numpy()
+
+        return tuple(bits(t) for t in (self.q, self.scale, self.min) if t is not None)
 
     def numel(self) -> int:
         n, k = self.shape

@@ -5,10 +5,15 @@ Writes bench/quant.json and bench/quant.md.
     .venv/bin/python scripts/bench_quant.py [--model DIR] [--rounds 3] [--new-tokens 33]
 
 Rounds alternate between the systems (all started first), so drift of this shared machine hits
-all of them alike. Floor: N processes (one per device, one thread each) each reading its rank's
-resident weight bytes (from the cluster's /metrics) with one streaming pass (torch.sum over a
-buffer of that size), concurrently, once per token: the time per token if decode did nothing
-but read every weight byte once. GB/s = resident weight bytes of all ranks / time per token.
+all of them alike. Then peak memory: a 2-device cluster per format whose worker loads its shard
+from split files (as a device too small for the float32 weights would), and rank 1's peak RSS
+(VmHWM) against its resident weight bytes and the runtime's fixed overhead.
+
+Floor: N processes (one per device, one thread each) each reading the weight bytes its rank
+streams per token (resident bytes from the cluster's /metrics, less rank 0's embedding table, of
+which a token reads one row) with one streaming pass (torch.sum over a buffer of that size),
+concurrently, once per token: the time per token if decode did nothing but read every weight byte
+once. GB/s = those streamed bytes of all ranks / time per token.
 """
 
 from __future__ import annotations
@@ -88,7 +93,10 @@ class Edge:
         text = urllib.request.urlopen(f"{self.cluster.url}/metrics", timeout=10).read().decode()
         self.weight_bytes = {r: int(float(v)) for r, v in
                              re.findall(r'^edge_worker_weight_bytes\{rank="(\d+)"\} (\S+)$', text, re.M)}
-        self.floor = ReadFloor([self.weight_bytes[str(r)] for r in range(workers)])
+        config = json.loads(Path(model, "config.json").read_text())
+        embed = config["vocab_size"] * config["hidden_size"] * (2 if "bfloat16" in flags else 4)
+        self.streamed = {r: b - (embed if r == "0" else 0) for r, b in self.weight_bytes.items()}
+        self.floor = ReadFloor([self.streamed[str(r)] for r in range(workers)])
         self.floor_s: list[float] = []
 
     def round(self, n: int) -> float:
@@ -101,6 +109,33 @@ class Edge:
         self.cluster.stop()
 
 
+def peak_rss(model: str, flags: list[str], split_dir: str) -> dict:
+    """Rank 1's peak RSS, fixed overhead (RSS before any weight) and resident weight bytes, loading
+    from split files (written first by `edge-llm split`, so the worker itself only reads them)."""
+    subprocess.run([sys.executable, "-m", "edge_llm", "split", model, "--workers", "2", "--out", split_dir, *flags],
+                   check=True, capture_output=True)
+    cmd = [sys.executable, "-m", "edge_llm", "cluster", "--model", model, "--workers", "2", "--port", "0",
+           "--split-dir", split_dir, "--memory-budget-mb", "100000", *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid, url = None, None
+    while url is None:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"cluster failed to start: {proc.stderr.read()[-2000:]}")
+        pid = int(m[1]) if (m := re.search(r"worker rank 1 pid (\d+)", line)) else pid
+        url = m[1] if (m := re.search(r"on (http://\S+)", line)) else None
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) * 1024
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+        weights = int(float(re.search(r'^edge_worker_weight_bytes\{rank="1"\} (\S+)$', text, re.M)[1]))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    fixed = int(re.search(r"rank 1 fixed overhead (\d+) MB RSS", proc.stderr.read())[1]) << 20
+    return {"peak_rss": peak, "fixed_rss": fixed, "weight_bytes": weights}
+
+
 def measure(systems: dict, rounds: int, n: int) -> dict:
     samples: dict[str, list[float]] = {name: [] for name in systems}
     for _ in range(rounds):
@@ -109,7 +144,7 @@ def measure(systems: dict, rounds: int, n: int) -> dict:
     results = {}
     for name, system in systems.items():
         tpot = statistics.median(samples[name])
-        total = sum(system.weight_bytes.values())
+        total = sum(getattr(system, "streamed", system.weight_bytes).values())
         results[name] = {"tpot_ms": 1000 * tpot, "weight_bytes": system.weight_bytes, "gb_s": total / tpot / 1e9}
         if isinstance(system, Edge):
             results[name]["floor_ms"] = 1000 * statistics.median(system.floor_s)
@@ -122,8 +157,9 @@ def write(results: dict, out: Path) -> None:
     base = results["systems"]["transformers float32"]["tpot_ms"]
     lines = [f"Model: {results['model']} (`large` preset), prompt {len(PROMPT)} tokens, {results['new_tokens']} "
              f"new tokens, {results['cores']} cores ({results['cpu']}), median of {results['rounds']} alternating "
-             "rounds. Floor: each rank's resident weight bytes read once per token by one streaming pass "
-             "(one process and thread per rank, concurrently), measured before each round of the same system.", "",
+             "rounds. Floor: the weight bytes each rank streams per token (resident, less rank 0's embedding "
+             "table) read once by one streaming pass (one process and thread per rank, concurrently), measured "
+             "before each round of the same system. GB/s: those bytes / time per token.", "",
              "| system | time per output token ms | vs transformers float32 | resident weight MB per rank | "
              "weights GB/s | floor ms | vs floor |", "|---|---|---|---|---|---|---|"]
     for name, r in results["systems"].items():
@@ -131,6 +167,17 @@ def write(results: dict, out: Path) -> None:
         floor = f"{r['floor_ms']:.1f} | {r['tpot_ms'] / r['floor_ms']:.2f}" if "floor_ms" in r else "- | -"
         lines.append(f"| {name} | {r['tpot_ms']:.1f} | {r['tpot_ms'] / base:.2f} | {per_rank} | {r['gb_s']:.1f} | "
                      f"{floor} |")
+    if "peak" in results:
+        f32 = results["peak"]["float32"]["weight_bytes"]
+        lines += ["", "Peak memory of worker rank 1 (of 2), loading its shard from split files (`edge-llm split "
+                  "--quantize ...` first), VmHWM; the goal for int4: at most a third of float32's weight bytes "
+                  "plus the fixed overhead.", "",
+                  "| format | resident weight MB | fixed overhead MB | peak RSS MB | peak - fixed | "
+                  "float32 weights / 3 + fixed |", "|---|---|---|---|---|---|"]
+        for name, r in results["peak"].items():
+            lines.append(f"| {name} | {r['weight_bytes'] / 1e6:.0f} | {r['fixed_rss'] / 1e6:.0f} | "
+                         f"{r['peak_rss'] / 1e6:.0f} | {(r['peak_rss'] - r['fixed_rss']) / 1e6:.0f} | "
+                         f"{(f32 / 3 + r['fixed_rss']) / 1e6:.0f} |")
     (out / "quant.md").write_text("\n".join(lines) + "\n")
 
 
@@ -141,6 +188,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=33)
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--out", default="bench")
+    parser.add_argument("--skip-peak", action="store_true", help="skip the peak-memory part")
     args = parser.parse_args()
     if not Path(args.model, "config.json").is_file():
         subprocess.run([sys.executable, "-m", "edge_llm", "make-model", args.model, "--preset", "large"], check=True)
@@ -161,6 +209,12 @@ def main() -> None:
     finally:
         for system in systems.values():
             system.stop()
+    if not args.skip_peak:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            results["peak"] = {name: peak_rss(args.model, flags, f"{tmp}/{name}") for name, flags in formats.items()
+                               if name != "bfloat16"}
     write(results, Path(args.out))
     print((Path(args.out) / "quant.md").read_text())
 
