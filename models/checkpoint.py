@@ -172,10 +172,17 @@ class Checkpoint:
                                   f"config.json implies {wanted} for a {list(shape)} weight")
         return kind
 
+    def method_for(self, name: str) -> str | None:
+        """How `name` is quantized: `self.quant`, except that int4 leaves the LM head at int8 (its
+        errors go straight into the logits: on SmolLM2-135M an int4 head alone moves the mean token
+        logprob by 0.21 nats, int4 layers with an 8-bit head by 0.00; README)."""
+        head = name in ("lm_head.weight", "model.embed_tokens.weight")
+        return "int8" if head and self.quant == "int4" else self.quant
+
     def keeps_blocks(self, name: str) -> bool:
         """Whether `read_weight` serves `name` from its stored blocks (no dequantize-requantize)."""
-        kind = self._blocks.get(name)
-        return kind is not None and (self.quant == "auto" or (self.quant, kind) in (("int8", "int8g"), ("int4", "int4")))
+        kind, method = self._blocks.get(name), self.method_for(name)
+        return kind is not None and (method == "auto" or (method, kind) in (("int8", "int8g"), ("int4", "int4")))
 
     @property
     def quant_label(self) -> str:
@@ -236,14 +243,15 @@ class Checkpoint:
         """
         if self.keeps_blocks(name):
             return self._read_blocks(name, dims)
-        if self.quant in (None, "auto"):
+        method = self.method_for(name)
+        if method in (None, "auto"):
             return self.read(name, dims)
         raw = self.with_quant(None).with_dtype(torch.float32)
         kind, unit = self._split(name)
         if dims is None or kind != "in":
-            return quantize(raw.read(name, dims), self.quant)
+            return quantize(raw.read(name, dims), method)
         start, stop = dims.rows(unit)
-        return quantize(raw.read(name), self.quant).cols(start, stop).contiguous()
+        return quantize(raw.read(name), method).cols(start, stop).contiguous()
 
     def _read_blocks(self, name: str, dims: LocalDims | None) -> QuantWeight:
         """A stored quantized weight, or this rank's slice of its blocks (output channels, or whole

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.default_model import default_gguf  # noqa: E402
 from models.gguf_import import imported_folder  # noqa: E402
 from models.model import LocalModel  # noqa: E402
-from models.quant import quantize  # noqa: E402
+from models.quant import QuantWeight, quantize  # noqa: E402
 
 MODULES = ["json/__init__.py", "textwrap.py", "argparse.py", "collections/__init__.py", "pathlib.py",
            "functools.py", "subprocess.py", "shutil.py", "string.py", "difflib.py", "heapq.py", "bisect.py"]
@@ -46,11 +46,16 @@ def docstrings() -> str:
     return "\n\n".join(texts)
 
 
-def requantized(model: LocalModel, method: str) -> LocalModel:
-    """`model` with every Linear weight (and the LM head) quantized by our own quantizer from its floats."""
+def requantized(model: LocalModel, method: str, head: bool = True) -> LocalModel:
+    """`model` with every Linear weight (and with `head` the LM head) quantized by our own quantizer
+    from its floats."""
     fields = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-    model.layers = [replace(w, **{f: quantize(getattr(w, f), method) for f in fields}) for w in model.layers]
-    model.head = replace(model.head, lm_head=quantize(model.head.lm_head, method))
+    def floats(w):
+        return w.dequantize() if isinstance(w, QuantWeight) else w
+
+    model.layers = [replace(w, **{f: quantize(floats(getattr(w, f)), method) for f in fields}) for w in model.layers]
+    if head:
+        model.head = replace(model.head, lm_head=quantize(model.head.lm_head, method))
     return model
 
 
@@ -87,9 +92,12 @@ def main() -> None:
     systems = {
         "float32 (the file's weights, dequantized)": lambda: LocalModel(folder, "float32", "none"),
         "as shipped (--quantize auto: the file's blocks)": lambda: LocalModel(folder, "float32", "auto"),
-        "int8 (--quantize int8)": lambda: LocalModel(folder, "float32", "int8"),
-        "int4 requantized from the float32 weights": lambda: requantized(LocalModel(folder, "float32", "none"),
-                                                                         "int4"),
+        "int8 (--quantize int8: layers and LM head requantized per channel)":
+            lambda: LocalModel(folder, "float32", "int8"),
+        "int4 layers requantized from the float32 weights by our quantizer, LM head as shipped (Q8_0)":
+            lambda: requantized(LocalModel(folder, "float32", "auto"), "int4", head=False),
+        "int4 layers and an int4 LM head (why --quantize int4 keeps the head at int8)":
+            lambda: requantized(LocalModel(folder, "float32", "none"), "int4"),
     }
     reference = LocalModel(folder, "float32", "none")
     ids = reference.tokenizer.encode(docstrings())[: args.tokens + 1]

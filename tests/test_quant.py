@@ -180,15 +180,17 @@ def llama(tmp_path_factory):
 
 
 def dequantized_reference(folder, method: str):
-    """transformers' float32 model of `folder` with every Linear weight (LM head included) replaced by
-    its dequantized `method` weights; the embedding stays as shipped. Returns its greedy run."""
+    """transformers' float32 model of `folder` with every Linear weight replaced by its dequantized
+    `method` weights (the LM head: int8 under int4, as the README states); the embedding stays as
+    shipped. Returns its greedy run."""
     out = folder.with_name(f"{folder.name}-ref-{method}")
     if not out.exists():
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
             for module in model.modules():
                 if isinstance(module, torch.nn.Linear):
-                    module.weight = torch.nn.Parameter(quantize(module.weight.data, method).dequantize())
+                    how = "int8" if module is model.lm_head else method
+                    module.weight = torch.nn.Parameter(quantize(module.weight.data, how).dequantize())
         model.config.tie_word_embeddings = False  # the LM head is quantized, the embedding is not
         model.save_pretrained(out)
     return hf_greedy(out, PROMPT, NEW_TOKENS)
@@ -201,19 +203,20 @@ def reference(folder, method: str):
 
 def expected_quant_bytes(folder, workers: int, method: str) -> dict[int, int]:
     """Per rank: Linear parameters x bits / 8 plus their scales (int8: float32 per output row; int4:
-    float16 scale and min per 32 weights), norms at 4 bytes, rank 0's float32 embedding table."""
+    float16 scale and min per 32 weights; the LM head int8 either way), norms at 4 bytes, rank 0's
+    float32 embedding table."""
     cfg = load_config(folder)
     d, hd = cfg.hidden_size, cfg.head_dim
 
-    def linear_bytes(n, k):
-        return n * k + 4 * n if method == "int8" else n * k // 2 + 4 * (n * k // GROUP)
+    def linear_bytes(n, k, how=method):
+        return n * k + 4 * n if how == "int8" else n * k // 2 + 4 * (n * k // GROUP)
 
     out = {}
     for dims in local_dims(cfg, workers, align=(GROUP, GROUP) if method == "int4" else (1, 1)):
         q, kv, f = dims.n_local_heads * hd, dims.n_local_kv_heads * hd, dims.local_intermediate
         layer = (linear_bytes(q, d) + 2 * linear_bytes(kv, d) + linear_bytes(d, q) + 2 * linear_bytes(f, d)
                  + linear_bytes(d, f) + 2 * d * 4)
-        out[dims.rank] = (cfg.num_layers * layer + linear_bytes(dims.local_vocab, d) + d * 4
+        out[dims.rank] = (cfg.num_layers * layer + linear_bytes(dims.local_vocab, d, "int8") + d * 4
                           + (cfg.vocab_size * d * 4 if dims.rank == 0 else 0))
     return out
 
