@@ -46,6 +46,7 @@ if numba is not None:
 
     # One tile of T output channels each: its codes are one contiguous block, read front to back, with
     # x broadcast and the T channels as the vectorized inner loop. out[t, c*T:(c+1)*T] for every row t.
+    # Two input features per pass halve the loads and stores of the accumulators (10-20% faster).
 
     @tile_jit
     def int8_tile(q, scale, x, out, c):  # q [K, T] int8, scale [N] f32, x [R, K] f32
@@ -53,8 +54,12 @@ if numba is not None:
         acc = np.empty(tw, np.float32)
         for t in range(x.shape[0]):
             acc[:] = 0.0
-            for k in range(k_in):
-                xk, qk = x[t, k], q[k]
+            for k in range(0, k_in - 1, 2):
+                x0, x1, q0, q1 = x[t, k], x[t, k + 1], q[k], q[k + 1]
+                for i in range(tw):
+                    acc[i] += np.float32(q0[i]) * x0 + np.float32(q1[i]) * x1
+            if k_in % 2:
+                xk, qk = x[t, k_in - 1], q[k_in - 1]
                 for i in range(tw):
                     acc[i] += np.float32(qk[i]) * xk
             for i in range(tw):
@@ -69,10 +74,10 @@ if numba is not None:
             acc[:] = 0.0
             for g in range(groups):
                 sums[:] = 0.0
-                for j in range(width):
-                    xj, qj = x[t, g * width + j], q[g, j]
+                for j in range(0, width, 2):
+                    x0, x1, q0, q1 = x[t, g * width + j], x[t, g * width + j + 1], q[g, j], q[g, j + 1]
                     for i in range(tw):
-                        sums[i] += np.float32(qj[i]) * xj
+                        sums[i] += np.float32(q0[i]) * x0 + np.float32(q1[i]) * x1
                 half_to_float(scale[g], bits, sc)
                 for i in range(tw):
                     acc[i] += sc[i] * sums[i]
@@ -89,13 +94,16 @@ if numba is not None:
             for g in range(groups):
                 sums[:] = 0.0
                 xsum = np.float32(0.0)  # the min term: min x the sum of the group's x
-                for j in range(width):
-                    a, b = x[t, g * 2 * width + j], x[t, g * 2 * width + width + j]  # low, high nibble
-                    xsum += a + b
-                    qj = q[g, j]
+                base = g * 2 * width
+                for j in range(0, width, 2):  # byte j: element j (low nibble) and j + 16 (high)
+                    a0, b0 = x[t, base + j], x[t, base + width + j]
+                    a1, b1 = x[t, base + j + 1], x[t, base + width + j + 1]
+                    xsum += (a0 + b0) + (a1 + b1)
+                    q0, q1 = q[g, j], q[g, j + 1]
                     for i in range(tw):  # uint8 masks keep 16 lanes per vector (int64 gives 8)
-                        v = qj[i]
-                        sums[i] += np.float32(np.uint8(v & low)) * a + np.float32(np.uint8(v >> four)) * b
+                        v0, v1 = q0[i], q1[i]
+                        sums[i] += (np.float32(np.uint8(v0 & low)) * a0 + np.float32(np.uint8(v0 >> four)) * b0
+                                    + np.float32(np.uint8(v1 & low)) * a1 + np.float32(np.uint8(v1 >> four)) * b1)
                 half_to_float(scale[g], bits, sc)
                 half_to_float(minimum[g], bits, mn)
                 for i in range(tw):
