@@ -310,3 +310,27 @@ def test_gguf_blocks_are_moved_not_rounded_again(tmp_path, quant):
         np.testing.assert_array_equal(held.dequantize().numpy(), theirs)
     assert Checkpoint(folder).with_quant("none").read_weight("model.layers.0.mlp.down_proj.weight").dtype == \
         torch.float32
+
+
+async def test_concurrent_requests_decode_as_one_quantized_batch(llama, tmp_path):
+    """Four requests at once: their decode steps run as batched forwards (the kernels take 4 rows of
+    x), and each gets transformers' greedy tokens and logprobs."""
+    import asyncio
+
+    import aiohttp
+
+    folder, (ref_tokens, ref_logprobs) = reference(llama, "int4")
+    cluster = ClusterProcess(folder, 2, tmp_path, "--quantize", "int4")
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*[complete(cluster.url, PROMPT) for _ in range(4)]), 120)
+        for status, body in results:
+            assert status == 200, body
+            assert body["choices"][0]["token_ids"] == ref_tokens
+            assert body["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(ref_logprobs, abs=1e-4)
+        async with aiohttp.ClientSession() as s, s.get(f"{cluster.url}/metrics") as r:
+            metrics = await r.text()
+        steps = float(re.search(r"^edge_cluster_steps_total (\S+)$", metrics, re.M)[1])
+        rows = float(re.search(r"^edge_cluster_step_rows_total (\S+)$", metrics, re.M)[1])
+        assert rows > steps  # some forwards carried several requests
+    finally:
+        cluster.stop()
