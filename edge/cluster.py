@@ -81,7 +81,9 @@ async def _serve_http(engine: ClusterEngine, http: HttpSettings) -> web.AppRunne
     server = ServerSettings(served_name=name, request_timeout=http.request_timeout,
                             max_running=http.max_running, max_queue=http.max_queue, api_key=http.api_key,
                             cloud=http.cloud, policy=http.policy)
-    runner = web.AppRunner(create_app(engine, server), handle_signals=False)
+    # handler_cancellation: a client that disconnects cancels its request's handler, so a request
+    # nobody waits for stops generating (or never starts, when it was queued) and frees its slot.
+    runner = web.AppRunner(create_app(engine, server), handle_signals=False, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, http.host, http.port)
     await site.start()

@@ -133,6 +133,17 @@ class OffloadedEngine:
         return await self.engine.score(prompt_ids, k, offload=True)
 
 
+def _deliver(result: asyncio.Future, value: object = None, error: BaseException | None = None) -> None:
+    """Hand a step's outcome to its request, unless that request already left (its client
+    disconnected and its handler was cancelled, which cancels the future it waited on)."""
+    if result.done():
+        return
+    if error is not None:
+        result.set_exception(error)
+    else:
+        result.set_result(value)
+
+
 def _plannable(ckpt: Checkpoint, settings: MasterSettings) -> Checkpoint:
     """The checkpoint as the cluster will hold it. Under --quantize auto, stored blocks whose groups
     this plan would cut (a head narrower than a group, say) are served as floats instead, with a
@@ -564,13 +575,13 @@ class ClusterEngine:
             for entry in batch:
                 if not attention or self.missing_ranks():
                     entry.session.failed = True
-                    entry.result.set_exception(WorkerUnavailable(f"a worker failed during the step: {error}"))
+                    _deliver(entry.result, error=WorkerUnavailable(f"a worker failed during the step: {error}"))
                     continue
                 await self._rebuild_locally(entry.session, str(error) or type(error).__name__)
                 await self._settle(entry, self._step_with_recovery(entry.session, entry.tokens))
             return
         for b, entry in enumerate(batch):
-            entry.result.set_result(full[b])
+            _deliver(entry.result, full[b])
 
     @staticmethod
     async def _settle(entry: _StepRequest, step: Awaitable[np.ndarray]) -> None:
@@ -578,9 +589,9 @@ class ClusterEngine:
         try:
             out = await step
         except WorkerUnavailable as e:
-            entry.result.set_exception(e)
+            _deliver(entry.result, error=e)
             return
-        entry.result.set_result(out if entry.score_k is not None else out[0])
+        _deliver(entry.result, out if entry.score_k is not None else out[0])
 
     async def _step_with_recovery(self, session: ClusterSession, tokens: list[int],
                                   score_k: int | None = None) -> np.ndarray:

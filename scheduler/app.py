@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from models.generation import Engine
@@ -28,9 +30,13 @@ __all__ = ["ServerSettings", "create_app"]
 
 @web.middleware
 async def metrics_middleware(request: web.Request, handler):
-    response = await handler(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
+    try:
+        response = await handler(request)
+    except asyncio.CancelledError:  # the client left (the server cancels its handler): 499, not a 500
+        request.app[METRICS].requests.labels(route, "499").inc()
+        raise
     request.app[METRICS].requests.labels(route, str(response.status)).inc()
     return response
 

@@ -133,11 +133,15 @@ async def _on_edge(request: web.Request, req: api.ParsedRequest) -> web.StreamRe
     settings = request.app[SETTINGS]
     head = {"id": api.new_id(req.chat), "created": api.now(), "model": settings.served_name,
             "object": "chat.completion" if req.chat else "text_completion"}
-    async with request.app[ADMISSION].slot():
-        if req.stream:
-            return await _stream(request, req, head)
-        async with asyncio.timeout(settings.request_timeout):
-            return await _whole(request, req, head)
+    try:
+        async with request.app[ADMISSION].slot():
+            if req.stream:
+                return await _stream(request, req, head)
+            async with asyncio.timeout(settings.request_timeout):
+                return await _whole(request, req, head)
+    except asyncio.CancelledError:  # the client disconnected, queued or generating: nothing more runs
+        request.app[METRICS].cancelled.inc()
+        raise
 
 
 def choose_route(request: web.Request, req: api.ParsedRequest) -> Decision:
