@@ -161,7 +161,7 @@ class Checkpoint:
             path = self.files.get(name + part)
             if path is not None and name + part in headers[path]:
                 entries[part] = headers[path][name + part]
-        q = entries[".q"]
+        q = entries.get(".q", {"dtype": "missing"})
         kind = {"I8": "int8g", "U8": "int4"}.get(q["dtype"])
         width = GROUP if kind == "int8g" else GROUP // 2
         groups, n = shape[1] // GROUP, shape[0]

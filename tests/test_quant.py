@@ -334,3 +334,26 @@ async def test_concurrent_requests_decode_as_one_quantized_batch(llama, tmp_path
         assert rows > steps  # some forwards carried several requests
     finally:
         cluster.stop()
+
+
+def test_damaged_quantized_checkpoint_is_refused_with_its_name(tmp_path):
+    """Blocks whose parts do not match config.json (or a missing scale) fail at open, naming the tensor."""
+    from gguf_writer import write_gguf
+    from safetensors.torch import load_file, save_file
+
+    from models.checkpoint import Checkpoint
+    from models.gguf_import import import_gguf
+
+    source = make_hf_checkpoint(tmp_path / "src", "llama", seed=3, intermediate_size=320)
+    folder = import_gguf(write_gguf(source, tmp_path / "m.gguf", gguf.GGMLQuantizationType.Q4_1), tmp_path / "imp")
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    for damage in ("shape", "scale"):
+        broken = dict(tensors)
+        if damage == "shape":
+            broken[f"{name}.q"] = broken[f"{name}.q"][:, :, :-1].contiguous()
+        else:
+            del broken[f"{name}.scale"]
+        save_file(broken, folder / "model.safetensors")
+        with pytest.raises(CheckpointError, match=re.escape(name)):
+            Checkpoint(folder)
