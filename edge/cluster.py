@@ -101,6 +101,27 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
+class StartupError(RuntimeError):
+    """A process the cluster spawned exited before joining (its own error went to stderr first)."""
+
+
+async def _wait_ready(engine: ClusterEngine, timeout: float, with_nodes: bool,
+                      spawned: list[tuple[str, subprocess.Popen]]) -> None:
+    """engine.wait_ready, but fail at once when a spawned worker or node exits first (a checkpoint it
+    cannot read, a plan it refuses), instead of waiting out the timeout for a process that is gone."""
+    ready = asyncio.ensure_future(engine.wait_ready(timeout, with_attention_nodes=with_nodes))
+    try:
+        while not (await asyncio.wait({ready}, timeout=0.2))[0]:
+            for name, child in spawned:
+                if child.poll() is not None:
+                    raise StartupError(f"{name} (pid {child.pid}) exited with status {child.returncode} "
+                                       "before joining; its error is above")
+        ready.result()
+    finally:
+        ready.cancel()
+        await asyncio.gather(ready, return_exceptions=True)
+
+
 @asynccontextmanager
 async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_timeout: float,
                           announce: bool = True) -> AsyncIterator[ClusterEngine]:
@@ -114,15 +135,14 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
         if spawn_workers else []
     nodes = [_spawn_attention_node(k, port, settings, 1) for k in range(settings.attention_nodes)] \
         if spawn_workers else []
-    for rank, child in enumerate(children, start=1):
+    spawned = [(f"worker rank {rank}", child) for rank, child in enumerate(children, start=1)] + \
+        [(f"attention node {node}", child) for node, child in enumerate(nodes)]
+    for name, child in spawned:
         if announce:
-            print(f"edge-llm: worker rank {rank} pid {child.pid}", flush=True)
-    for node, child in enumerate(nodes):
-        if announce:
-            print(f"edge-llm: attention node {node} pid {child.pid}", flush=True)
+            print(f"edge-llm: {name} pid {child.pid}", flush=True)
     children += nodes
     try:
-        await engine.wait_ready(ready_timeout, with_attention_nodes=bool(nodes))
+        await _wait_ready(engine, ready_timeout, bool(nodes), spawned)
         yield engine
     finally:
         await engine.aclose()

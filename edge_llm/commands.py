@@ -95,6 +95,7 @@ async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams)
 
 
 def generate(args: argparse.Namespace) -> None:
+    from edge.cluster import StartupError
     from edge.master import WorkerUnavailable
     from models.generation import LocalEngine
     from models.model import LocalModel
@@ -114,7 +115,7 @@ def generate(args: argparse.Namespace) -> None:
             asyncio.run(_run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json))
         finally:
             engine.close()
-    except (CheckpointError, GenerationError, PlanError, WorkerUnavailable, TimeoutError) as e:
+    except (CheckpointError, GenerationError, PlanError, WorkerUnavailable, TimeoutError, StartupError) as e:
         raise UserError(str(e)) from e
     sys.stdout.flush()
 
@@ -167,13 +168,13 @@ def _secret(path: str | None) -> bytes:
 
 
 def _run_master(settings, http, spawn: bool) -> None:
-    from edge.cluster import run_master
+    from edge.cluster import StartupError, run_master
     from transport.loop import run_loop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         run_loop(run_master(settings, http, spawn_workers=spawn))
-    except (CheckpointError, PlanError) as e:
+    except (CheckpointError, PlanError, StartupError) as e:
         raise UserError(str(e)) from e
     except TimeoutError as e:
         raise UserError("workers did not all join in time; check their logs") from e
