@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Coroutine
@@ -76,7 +77,17 @@ def _spawn_attention_node(node: int, master_port: int, settings: MasterSettings,
     return subprocess.Popen(cmd, env=env, start_new_session=True)
 
 
-async def _serve_http(engine: ClusterEngine, http: HttpSettings) -> web.AppRunner:
+def _http_listener(http: HttpSettings) -> socket.socket:
+    """The HTTP port, taken before anything loads or spawns: a port in use is one line at once,
+    not a traceback after the model loaded (and the socket is ours from then on, no race)."""
+    try:
+        return socket.create_server((http.host, http.port), reuse_port=False)
+    except OSError as e:
+        raise StartupError(f"cannot serve HTTP on {http.host}:{http.port}: {e.strerror or e}; "
+                           "choose another --port (0 picks a free one)") from e
+
+
+async def _serve_http(engine: ClusterEngine, http: HttpSettings, listener: socket.socket) -> web.AppRunner:
     name = http.served_name or Path(engine.settings.model).resolve().name
     server = ServerSettings(served_name=name, request_timeout=http.request_timeout,
                             max_running=http.max_running, max_queue=http.max_queue, api_key=http.api_key,
@@ -85,7 +96,7 @@ async def _serve_http(engine: ClusterEngine, http: HttpSettings) -> web.AppRunne
     # nobody waits for stops generating (or never starts, when it was queued) and frees its slot.
     runner = web.AppRunner(create_app(engine, server), handle_signals=False, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, http.host, http.port)
+    site = web.SockSite(runner, listener)
     await site.start()
     port = runner.addresses[0][1]
     print(f"edge-llm: serving {name!r} on http://{http.host}:{port} "
@@ -130,7 +141,12 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
     threads = threads_per_process(settings.world_size) if spawn_workers else torch.get_num_threads()
     torch.set_num_threads(threads)
     engine = ClusterEngine(settings)
-    port = await engine.start()
+    try:
+        port = await engine.start()
+    except OSError as e:
+        await engine.aclose()
+        raise StartupError(f"cannot listen for workers on {settings.host}:{settings.port}: {e.strerror or e}; "
+                           "choose another worker port") from e
     children = [_spawn_worker(r, port, settings, threads) for r in range(1, settings.world_size)] \
         if spawn_workers else []
     nodes = [_spawn_attention_node(k, port, settings, 1) for k in range(settings.attention_nodes)] \
@@ -157,12 +173,16 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
 
 async def run_master(settings: MasterSettings, http: HttpSettings, spawn_workers: bool) -> None:
     """Serve until SIGINT/SIGTERM; with `spawn_workers`, start and stop ranks 1..N-1 locally."""
-    async with running_cluster(settings, spawn_workers, http.ready_timeout) as engine:
-        runner = await _serve_http(engine, http)
-        try:
-            await _until_signalled()
-        finally:
-            await runner.cleanup()
+    listener = _http_listener(http)
+    try:
+        async with running_cluster(settings, spawn_workers, http.ready_timeout) as engine:
+            runner = await _serve_http(engine, http, listener)
+            try:
+                await _until_signalled()
+            finally:
+                await runner.cleanup()
+    finally:
+        listener.close()
 
 
 async def _until_done_or_signalled(main: Coroutine[None, None, None]) -> None:

@@ -154,15 +154,3 @@ async def test_damaged_layer_fails_the_request_and_split_repairs_it(big, tmp_pat
     finally:
         cluster.stop()
 
-
-def test_a_spawned_worker_that_cannot_load_stops_the_cluster_at_once(tmp_path):
-    """Rank 1 (three times rank 0's share) does not fit the budget that rank 0 fits: the worker exits
-    with its reason and the cluster command stops with both lines, instead of waiting for it."""
-    model = make_hf_checkpoint(tmp_path / "llama", "llama", seed=1)
-    cmd = [sys.executable, "-m", "edge_llm", "cluster", "--model", str(model), "--workers", "2", "--weights", "1,3",
-           "--memory-budget-mb", "0.5", "--split-dir", str(tmp_path / "split"), "--port", "0"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert "too small for rank 1" in out.stderr
-    assert re.search(r"worker rank 1 \(pid \d+\) exited with status 2 before joining", out.stderr), out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
