@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from aiohttp import web
 from edge.attention import AttentionNode, AttentionNodeSettings
 from edge.master import ClusterEngine, MasterSettings
 from edge.worker import Worker, WorkerSettings
+from models.dtypes import dtype_name
 from scheduler.app import ServerSettings, create_app
 from scheduler.cloud import CloudSettings
 from scheduler.router import Policy
@@ -89,9 +91,11 @@ def _http_listener(http: HttpSettings) -> socket.socket:
 
 async def _serve_http(engine: ClusterEngine, http: HttpSettings, listener: socket.socket) -> web.AppRunner:
     name = http.served_name or Path(engine.settings.model).resolve().name
+    backend = f"{engine.fingerprint}:{dtype_name(engine.dtype)}:{engine.quantize}"
     server = ServerSettings(served_name=name, request_timeout=http.request_timeout,
                             max_running=http.max_running, max_queue=http.max_queue, api_key=http.api_key,
-                            cloud=http.cloud, policy=http.policy)
+                            cloud=http.cloud, policy=http.policy,
+                            system_fingerprint="fp_" + hashlib.sha256(backend.encode()).hexdigest()[:10])
     # handler_cancellation: a client that disconnects cancels its request's handler, so a request
     # nobody waits for stops generating (or never starts, when it was queued) and frees its slot.
     runner = web.AppRunner(create_app(engine, server), handle_signals=False, handler_cancellation=True)

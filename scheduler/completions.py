@@ -133,6 +133,8 @@ async def _on_edge(request: web.Request, req: api.ParsedRequest) -> web.StreamRe
     settings = request.app[SETTINGS]
     head = {"id": api.new_id(req.chat), "created": api.now(), "model": settings.served_name,
             "object": "chat.completion" if req.chat else "text_completion"}
+    if settings.system_fingerprint is not None:
+        head["system_fingerprint"] = settings.system_fingerprint
     try:
         async with request.app[ADMISSION].slot():
             if req.stream:
@@ -264,6 +266,8 @@ async def _stream(request: web.Request, req: api.ParsedRequest, head: dict) -> w
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     chunk_head = head | {"object": "chat.completion.chunk" if req.chat else "text_completion"}
+    if req.include_usage:  # as OpenAI: every chunk has `usage`, null until the last one carries it
+        chunk_head["usage"] = None
 
     async def send(obj: dict) -> None:
         await response.write(f"data: {json.dumps(obj)}\n\n".encode())

@@ -25,6 +25,9 @@ class ServerSettings:
     api_key: str | None = None
     cloud: CloudSettings | None = None
     policy: Policy = field(default_factory=Policy)
+    # OpenAI's system_fingerprint: names the backend configuration (checkpoint, dtype, quantization),
+    # so a client can tell when answers to the same seed may change; None leaves it out.
+    system_fingerprint: str | None = None
 
 
 ENGINE = web.AppKey("engine", Engine)

@@ -3,6 +3,7 @@
 import asyncio
 import io
 import json
+import re
 
 import aiohttp
 import openai
@@ -354,3 +355,24 @@ async def test_fields_that_ask_for_nothing_are_accepted(oai, cluster):
     assert resp.choices[0].message.content is not None
     done = await oai.completions.create(model=cluster.model.name, prompt="hi", max_tokens=3, best_of=1, suffix="")
     assert done.usage.completion_tokens >= 1
+
+
+async def test_stream_chunks_carry_null_usage_and_every_answer_a_system_fingerprint(cluster, model):
+    """As OpenAI: with include_usage every chunk has `usage`, null until the last (empty choices) one;
+    answers and chunks name the backend configuration in `system_fingerprint`."""
+    body = {"model": model.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    chunks = []
+    async with aiohttp.ClientSession() as s, s.post(f"{cluster.url}/v1/chat/completions", json=body) as r:
+        async for line in r.content:
+            if line.startswith(b"data: {"):
+                chunks.append(json.loads(line[6:]))
+    assert len(chunks) >= 3
+    assert all("usage" in ch and ch["usage"] is None for ch in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    fingerprints = {ch["system_fingerprint"] for ch in chunks}
+    whole = {"model": model.name, "messages": body["messages"], "max_tokens": 2}
+    async with aiohttp.ClientSession() as s, s.post(f"{cluster.url}/v1/chat/completions", json=whole) as r:
+        answer = await r.json()
+    assert len(fingerprints) == 1 and re.fullmatch(r"fp_[0-9a-f]{10}", answer["system_fingerprint"])
+    assert fingerprints == {answer["system_fingerprint"]}
