@@ -121,7 +121,8 @@ def _cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-running", type=positive_int, default=16, help="requests generating at once")
     p.add_argument("--max-queue", type=non_negative_int, default=64, help="requests waiting; beyond it 429")
     p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds per request")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: the "
+                                     "EDGE_LLM_API_KEY environment variable, else none)")
     p.add_argument("--cloud", help="base URL (with /v1) of an OpenAI-compatible cloud tier")
     p.add_argument("--cloud-model", help="model name on the cloud tier (default: the request's)")
     p.add_argument("--cloud-api-key-env", default="EDGE_LLM_CLOUD_API_KEY",
@@ -143,6 +144,8 @@ def _serve(sub: argparse._SubParsersAction) -> None:
                    help="hold weights in this dtype (default: the config's `dtype`, else auto)")
     p.add_argument("--quantize", choices=list(QUANT_CHOICES),
                    help="auto | none | int8 | int4 (default: the config's `quantize`, else auto)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: the "
+                                     "EDGE_LLM_API_KEY environment variable, else none)")
     p.set_defaults(func=commands.serve)
 
 

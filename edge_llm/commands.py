@@ -225,7 +225,8 @@ def serve(args: argparse.Namespace) -> None:
     cfg = _cluster_config(args.config)
     cfg = replace(cfg, model=_model_folder(cfg.model), dtype=args.dtype or cfg.dtype,
                   quantize=args.quantize or cfg.quantize)
-    _run_master(cfg.master_settings(_secret(cfg.secret_file)), cfg.http, spawn=False)
+    http = replace(cfg.http, api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"))  # never in the file
+    _run_master(cfg.master_settings(_secret(cfg.secret_file)), http, spawn=False)
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -344,6 +345,7 @@ def ensure_api_key(request: web.Request, api_key: str | None) -> None:
     """Bearer-token check on /v1 routes; raises ApiError(401)."""
     if api_key is None or not request.path.startswith("/v1/"):
         return
-    if request.headers.get("Authorization", "") != f"Bearer {api_key}":
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):  # constant time: no timing oracle
         raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                        "authentication_error", code="invalid_api_key")

@@ -1,6 +1,7 @@
 """A 'real' cluster from a TOML file: `edge-llm serve` on the master, `edge-llm worker` per device."""
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -44,15 +45,16 @@ nodes = 1
 offload_above_tokens = 16
 """)
     log = open(tmp_path / "log", "w")
+    key = "config-api-key"  # from the environment, as the README says: a key never sits in the file
     serve = subprocess.Popen([sys.executable, "-m", "edge_llm", "serve", "--config", str(config)],
-                             stdout=log, stderr=log)
+                             stdout=log, stderr=log, env=os.environ | {"EDGE_LLM_API_KEY": key})
     worker = subprocess.Popen([sys.executable, "-m", "edge_llm", "worker", "--config", str(config),
                                "--rank", "1"], stdout=log, stderr=log)
     node = subprocess.Popen([sys.executable, "-m", "edge_llm", "worker", "--config", str(config),
                              "--role", "attention", "--node", "0"], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{http_port}"
     try:
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as s:
             for _ in range(600):
                 try:
                     async with s.get(f"{url}/health") as r:
@@ -68,6 +70,8 @@ offload_above_tokens = 16
                     assert r.headers["x-edge-route"] == route, r.headers["x-edge-route-reason"]
                     assert (await r.json())["choices"][0]["token_ids"] == ref_tokens[:body["max_tokens"]]
                 body["max_tokens"] = 4
+        async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
+            assert r.status == 401  # without the key
     finally:
         for p in (node, worker, serve):
             p.terminate()
