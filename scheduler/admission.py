@@ -19,8 +19,9 @@ class Admission:
         self.waiting = 0
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold a generation slot; raises ApiError(429) with Retry-After when the queue is full."""
+    async def slot(self, deadline: float | None = None) -> AsyncIterator[None]:
+        """Hold a generation slot; raises ApiError(429) with Retry-After when the queue is full, and
+        TimeoutError when the loop time `deadline` passes while waiting (the request's timeout)."""
         if self.running >= self.max_running and self.waiting >= self.max_queue:
             raise ApiError(429, f"the server is busy: {self.running} requests running and "
                                 f"{self.waiting} waiting (queue limit {self.max_queue}); retry later",
@@ -28,7 +29,8 @@ class Admission:
                            headers={"Retry-After": str(self.retry_after_s)})
         self.waiting += 1
         try:
-            await self._slots.acquire()
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
         finally:
             self.waiting -= 1
         self.running += 1

@@ -136,11 +136,12 @@ async def _on_edge(request: web.Request, req: api.ParsedRequest) -> web.StreamRe
             "object": "chat.completion" if req.chat else "text_completion"}
     if settings.system_fingerprint is not None:
         head["system_fingerprint"] = settings.system_fingerprint
+    deadline = asyncio.get_running_loop().time() + settings.request_timeout  # time queued counts too
     try:
-        async with request.app[ADMISSION].slot():
+        async with request.app[ADMISSION].slot(deadline):
             if req.stream:
-                return await _stream(request, req, head)
-            async with asyncio.timeout(settings.request_timeout):
+                return await _stream(request, req, head, deadline)
+            async with asyncio.timeout_at(deadline):
                 return await _whole(request, req, head)
     except asyncio.CancelledError:  # the client disconnected, queued or generating: nothing more runs
         request.app[METRICS].cancelled.inc()
@@ -252,7 +253,7 @@ async def _whole(request: web.Request, req: api.ParsedRequest, head: dict) -> we
                                      "usage": api.usage(len(req.prompt_ids), completion_tokens)})
 
 
-async def _stream(request: web.Request, req: api.ParsedRequest, head: dict) -> web.StreamResponse:
+async def _stream(request: web.Request, req: api.ParsedRequest, head: dict, deadline: float) -> web.StreamResponse:
     """Server-sent events ending in `data: [DONE]`; an error after the headers is an error event.
 
     A client that disconnects stops the generation: the streams close, which frees the KV caches.
@@ -275,7 +276,7 @@ async def _stream(request: web.Request, req: api.ParsedRequest, head: dict) -> w
 
     progress = {"text": "", "tokens": 0}
     try:
-        async with asyncio.timeout(request.app[SETTINGS].request_timeout):
+        async with asyncio.timeout_at(deadline):
             await _send_events(request, req, chunk_head, first, merged, send, progress, echoed)
     except (ClientConnectionResetError, ConnectionResetError):
         request.app[METRICS].cancelled.inc()

@@ -1,5 +1,6 @@
 """A client that leaves a non-streamed request stops it: the generation ends, its slot is freed, a
-request abandoned in the queue never runs, and none of it counts as a server error."""
+request abandoned in the queue never runs, and none of it counts as a server error. And time spent
+in the queue counts against --request-timeout."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from hf_reference import make_hf_checkpoint
 
 @pytest.fixture(scope="module")
 def slow_cluster(tmp_path_factory):
-    """One generation slot, and 20 ms links, so a 100-token request takes many seconds."""
+    """One generation slot, 20 ms links (a 100-token request takes many seconds), a 4 s request timeout."""
     model = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "llama", seed=6)
     proc = ClusterProcess(model, 2, tmp_path_factory.mktemp("slow"), "--max-running", "1",
-                          "--link-latency-ms", "20")
+                          "--link-latency-ms", "20", "--request-timeout", "4")
     yield proc
     proc.stop()
 
@@ -76,3 +77,22 @@ async def test_leaving_a_whole_request_stops_it_and_a_queued_one_never_runs(slow
     body = {"prompt": "The edge is", "max_tokens": 2, "temperature": 0}
     async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
         assert r.status == 200, await r.text()
+
+
+async def test_time_in_the_queue_counts_against_the_request_timeout(slow_cluster):
+    """With the only slot taken, a request that waits in the queue gets its 504 when its own timeout
+    (4 s) runs out, counted from its arrival, not 4 s after it finally got the slot."""
+    url = slow_cluster.url
+    body = {"prompt": "The edge is", "max_tokens": 100, "ignore_eos": True, "temperature": 0}
+    loop = asyncio.get_running_loop()
+
+    async def timed(delay: float) -> tuple[int, float]:
+        await asyncio.sleep(delay)
+        began = loop.time()
+        async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
+            await r.read()
+            return r.status, loop.time() - began
+
+    (first, first_s), (queued, queued_s) = await asyncio.gather(timed(0.0), timed(1.0))
+    assert first == 504 and queued == 504
+    assert 3.5 < queued_s < 5.0, queued_s  # its own 4 s, though the slot was busy for 3 of them
