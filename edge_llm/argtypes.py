@@ -38,8 +38,23 @@ top_p = _number(float, 0, 1, low_open=True, what="top-p is in (0, 1]")
 fraction = _number(float, 0, 1, low_open=True, what="must be in (0, 1]")
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help when it has a default worth saying and does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (`edge-llm: error: ...`) and exit status 2."""
+    """argparse, but a usage error is one line (`edge-llm: error: ...`) and exit status 2, and
+    --help shows every flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -34,17 +34,18 @@ def _quantize_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _make_model(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("make-model", help="write a random-initialised Llama checkpoint (HF layout)")
-    p.add_argument("out")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium", "large"])
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("make-model", help="write a random-initialised Llama checkpoint (HF layout)", description="write a random-initialised Llama checkpoint (HF layout)")
+    p.add_argument("out", help="the folder to write (must be new or empty)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "medium", "large"],
+                   help="model size: tiny/small for tests, medium ~330 MB, large ~2.3 GB in float32")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the dtype the weights are saved in (default float32)")
     p.set_defaults(func=commands.make_model)
 
 
 def _import(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="convert a GGUF checkpoint into a Hugging Face-layout folder")
+    p = sub.add_parser("import", help="convert a GGUF checkpoint into a Hugging Face-layout folder", description="convert a GGUF checkpoint into a Hugging Face-layout folder")
     p.add_argument("gguf", help="MODEL.gguf (llama or qwen2 architecture)")
     p.add_argument("out", help="the folder to write (config.json, model.safetensors, tokenizer files)")
     _dtype_flag(p, "the dtype the weights are written in (quantized tensors are dequantized to it)")
@@ -52,20 +53,20 @@ def _import(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="one-shot generation, streamed to the terminal")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("generate", help="one-shot generation, streamed to the terminal", description="one-shot generation, streamed to the terminal")
+    p.add_argument("--model", required=True, help="a Hugging Face model folder or a .gguf file")
     p.add_argument("prompt_text", nargs="?", help="the prompt (same as --prompt)")
-    p.add_argument("--prompt")
+    p.add_argument("--prompt", help="the prompt text")
     p.add_argument("--prompt-ids", help="comma-separated token ids instead of text")
     p.add_argument("--chat", action="store_true", help="render the prompt as a user chat message")
     p.add_argument("--workers", type=positive_int, default=1, help="emulated devices (default 1: this process)")
-    p.add_argument("--max-tokens", type=positive_int, default=32)
+    p.add_argument("--max-tokens", type=positive_int, default=32, help="tokens to generate at most")
     p.add_argument("--temperature", type=temperature, default=0.0, help="0..2; 0 is greedy")
-    p.add_argument("--top-p", type=top_p, default=1.0)
+    p.add_argument("--top-p", type=top_p, default=1.0, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0: no limit")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[])
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--seed", type=int, help="sampling seed (default: a random one)")
+    p.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--json", action="store_true", help="print token ids and logprobs as JSON")
     _dtype_flag(p)
     _quantize_flag(p)
@@ -73,16 +74,17 @@ def _generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks that write bench/*.json and *.md")
+    p = sub.add_parser("bench", help="benchmarks that write bench/*.json and *.md", description="benchmarks that write bench/*.json and *.md")
     which = p.add_subparsers(dest="bench", required=True)
-    ar = which.add_parser("allreduce", help="star, ring and gloo all-reduce on N loopback processes")
-    ar.add_argument("--workers", type=positive_int, default=2)
+    ar = which.add_parser("allreduce", help="star, ring and gloo all-reduce on N loopback processes", description="star, ring and gloo all-reduce on N loopback processes")
+    ar.add_argument("--workers", type=positive_int, default=2, help="processes taking part")
     ar.add_argument("--size", type=positive_int, default=4096, help="float32 elements")
-    ar.add_argument("--iters", type=positive_int, default=500)
-    ar.add_argument("--link-latency-ms", type=non_negative_float, default=0.0)
-    ar.add_argument("--link-bandwidth-mbps", type=non_negative_float, default=0.0)
-    ar.add_argument("--json", action="store_true")
-    ar.add_argument("--out", default="bench")
+    ar.add_argument("--iters", type=positive_int, default=500, help="all-reduces per system")
+    ar.add_argument("--link-latency-ms", type=non_negative_float, default=0.0, help="emulated latency per hop")
+    ar.add_argument("--link-bandwidth-mbps", type=non_negative_float, default=0.0,
+                    help="emulated bandwidth per link (0: unlimited)")
+    ar.add_argument("--json", action="store_true", help="print the results as JSON")
+    ar.add_argument("--out", default="bench", help="folder for the JSON and Markdown results")
     ar.set_defaults(func=commands.bench_allreduce)
 
 
@@ -90,8 +92,10 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="device weights, e.g. 2,1,1 (heads, MLP columns and vocabulary in "
                                      "proportion), or 'auto' from what each device measures at start")
     p.add_argument("--step-timeout", type=positive_float, default=5.0, help="seconds a step waits for a worker")
-    p.add_argument("--link-latency-ms", type=non_negative_float, default=0.0)
-    p.add_argument("--link-bandwidth-mbps", type=non_negative_float, default=0.0)
+    p.add_argument("--link-latency-ms", type=non_negative_float, default=0.0,
+                   help="emulated latency added to every message between devices")
+    p.add_argument("--link-bandwidth-mbps", type=non_negative_float, default=0.0,
+                   help="emulated bandwidth of every link between devices (0: unlimited)")
     p.add_argument("--allreduce", default="star", choices=["star", "ring", "auto"],
                    help="star (default: 2 hops, best on latency-bound links), ring, or auto (per message "
                         "size from link latency and bandwidth measured at start)")
@@ -111,12 +115,12 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cluster", help="emulate an N-device cluster on this machine and serve HTTP")
-    p.add_argument("--model", required=True)
-    p.add_argument("--workers", type=positive_int, default=2, help="devices: rank 0 + N-1 worker processes")
-    p.add_argument("--host", default="127.0.0.1")
+    p = sub.add_parser("cluster", help="emulate an N-device cluster on this machine and serve HTTP", description="emulate an N-device cluster on this machine and serve HTTP")
+    p.add_argument("--model", required=True, help="a Hugging Face model folder or a .gguf file")
+    p.add_argument("--workers", type=positive_int, default=2, help="N devices: rank 0 + N-1 worker processes")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on")
     p.add_argument("--port", type=port, default=8000, help="HTTP port (0 picks a free one)")
-    p.add_argument("--served-name")
+    p.add_argument("--served-name", help="the model name the API answers to (default: the folder's name)")
     p.add_argument("--secret-file", help="cluster secret (default: a fresh random one)")
     p.add_argument("--max-running", type=positive_int, default=16, help="requests generating at once")
     p.add_argument("--max-queue", type=non_negative_int, default=64, help="requests waiting; beyond it 429")
@@ -138,8 +142,8 @@ def _cluster(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the master device of a real cluster from a TOML config")
-    p.add_argument("--config", required=True)
+    p = sub.add_parser("serve", help="run the master device of a real cluster from a TOML config", description="run the master device of a real cluster from a TOML config")
+    p.add_argument("--config", required=True, help="cluster TOML (see configs/cluster.example.toml)")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES),
                    help="hold weights in this dtype (default: the config's `dtype`, else auto)")
     p.add_argument("--quantize", choices=list(QUANT_CHOICES),
@@ -150,23 +154,25 @@ def _serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _worker(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("worker", help="run one worker device, which joins the master")
+    p = sub.add_parser("worker", help="run one worker device, which joins the master", description="run one worker device, which joins the master")
     p.add_argument("--config", help="cluster TOML (gives model, master address, secret file)")
     p.add_argument("--role", default="compute", choices=["compute", "attention"],
                    help="compute: a tensor-parallel rank (--rank); attention: an attention-offload "
                         "node (--node) that holds KV caches and needs no checkpoint")
     p.add_argument("--rank", type=positive_int, help="compute rank, 1..N-1")
     p.add_argument("--node", type=non_negative_int, help="attention node index, 0..K-1")
-    p.add_argument("--model")
+    p.add_argument("--model", help="this device's copy of the model (without it: fetch the shard from the master)")
     p.add_argument("--master", help="HOST:PORT where the master accepts workers")
-    p.add_argument("--secret-file")
+    p.add_argument("--secret-file", help="the cluster secret shared with the master")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--step-timeout", type=positive_float, default=5.0)
-    p.add_argument("--link-latency-ms", type=non_negative_float, default=0.0)
-    p.add_argument("--link-bandwidth-mbps", type=non_negative_float, default=0.0)
-    p.add_argument("--memory-budget-mb", type=positive_float)
-    p.add_argument("--split-dir")
-    p.add_argument("--keep-page-cache", action="store_true")
+    p.add_argument("--step-timeout", type=positive_float, default=5.0, help="seconds an all-reduce waits")
+    p.add_argument("--link-latency-ms", type=non_negative_float, default=0.0, help="emulated latency to the master")
+    p.add_argument("--link-bandwidth-mbps", type=non_negative_float, default=0.0,
+                   help="emulated bandwidth to the master (0: unlimited)")
+    p.add_argument("--memory-budget-mb", type=positive_float,
+                   help="budget for weights + KV reserve; layers beyond it stream from disk (default: all resident)")
+    p.add_argument("--split-dir", help="this device's per-layer shard files")
+    p.add_argument("--keep-page-cache", action="store_true", help="leave streamed layers in the OS page cache")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES),
                    help="refuse to join unless the master holds weights in this dtype (default: the master's)")
     p.add_argument("--quantize", choices=list(QUANT_CHOICES),
@@ -175,10 +181,10 @@ def _worker(sub: argparse._SubParsersAction) -> None:
 
 
 def _split(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("split", help="write per-rank, per-layer shard files (resumable, checksummed)")
-    p.add_argument("model")
-    p.add_argument("--workers", type=positive_int, required=True)
-    p.add_argument("--weights")
+    p = sub.add_parser("split", help="write per-rank, per-layer shard files (resumable, checksummed)", description="write per-rank, per-layer shard files (resumable, checksummed)")
+    p.add_argument("model", help="a Hugging Face model folder or a .gguf file")
+    p.add_argument("--workers", type=positive_int, required=True, help="N devices the split is for")
+    p.add_argument("--weights", help="device weights, e.g. 2,1,1 (default: even)")
     p.add_argument("--out", help="default: MODEL.edge-split beside the model (MODEL.edge-split-DTYPE "
                                  "for bfloat16/float16, -int8/-int4 when quantized)")
     _dtype_flag(p, "the dtype the shard files hold")

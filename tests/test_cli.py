@@ -56,3 +56,34 @@ def test_make_model_refuses_a_folder_with_files_and_an_unwritable_place(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not an empty folder" in err[0] and "cannot write the model" in err[1], err
     assert main(["make-model", str(tmp_path / "fresh")]) == 0  # an empty or new folder is fine
+
+
+def _commands(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from ((f"{name} {n}", s) for n, s in _commands(sub))
+
+
+def test_every_command_says_its_purpose_and_every_flag_its_meaning_and_default(capsys):
+    import argparse
+
+    from edge_llm.cli import build_parser
+
+    commands = dict(_commands(build_parser()))
+    assert {"make-model", "import", "generate", "split", "cluster", "serve", "worker", "bench allreduce"} <= set(commands)
+    for name, parser in commands.items():
+        assert parser.description, name
+        for action in parser._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit) as done:
+        main(["cluster", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "emulate an N-device cluster" in text
+    assert "N devices: rank 0 + N-1 worker processes (default: 2)" in text
+    assert "requests generating at once (default: 16)" in text
