@@ -35,7 +35,6 @@ from models.llama import (
     load_output_head,
     logits,
     no_reduce,
-    weight_bytes,
 )
 from models.rope import RotaryTable
 from models.scoring import slice_scores
@@ -71,7 +70,7 @@ class ShardModel:
         """Every layer resident, sliced straight from the Hugging Face files."""
         layers = [load_layer(ckpt, i, dims) for i in range(ckpt.config.num_layers)]
         output = load_output_head(ckpt, dims)
-        nbytes = sum(w.nbytes() for w in layers) + weight_bytes(output.lm_head) + output.norm.nbytes
+        nbytes = sum(w.nbytes() for w in layers) + output.lm_head.nbytes + output.norm.nbytes
         return cls(ckpt.config, dims, layers.__getitem__, output, nbytes)
 
     @classmethod

@@ -200,6 +200,10 @@ class Checkpoint:
 
         return (GROUP if grouped("self_attn.o_proj.weight") else 1, GROUP if grouped("mlp.down_proj.weight") else 1)
 
+    def quantizes(self, name: str) -> bool:
+        """Whether `read_weight(name)` gives a QuantWeight (else the same floats as `read`)."""
+        return self.keeps_blocks(name) or self.method_for(name) not in (None, "auto")
+
     def has(self, name: str) -> bool:
         return name in self.files or name in self._blocks
 

@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 
 from models.dtypes import dtype_name, resolve_dtype
 from models.errors import CheckpointError
-from models.quant import GROUP, QuantWeight
 from models.gguf_rope import rope_from_freqs
 from models.gguf_tokenizer import build_tokenizer
+from models.quant import GROUP
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
@@ -168,9 +168,10 @@ def _dequantized(t, arch: str, config: dict[str, Any], dtype: torch.dtype) -> to
     return torch.from_numpy(np.array(data, dtype=np.float32, order="C", copy=True)).to(dtype)
 
 
-def _blocks(t, arch: str, config: dict[str, Any]) -> QuantWeight | None:
-    """A Q8_0 / Q4_0 / Q4_1 matrix as models.quant blocks (bytes moved, never re-rounded); None for
-    other types, or a Q4_0 scale whose min (-8 x scale) would overflow float16."""
+def _blocks(t, arch: str, config: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """A Q8_0 / Q4_0 / Q4_1 matrix as models.quant's plain-order parts (".q" [G, 32 | 16, N], ".scale"
+    and ".min" [G, N]; bytes moved, never re-rounded); None for other types, or a Q4_0 scale whose
+    min (-8 x scale) would overflow float16."""
     kind = t.tensor_type.name
     if kind not in ("Q8_0", "Q4_0", "Q4_1") or len(t.shape) != 2:
         return None
@@ -182,9 +183,7 @@ def _blocks(t, arch: str, config: dict[str, Any]) -> QuantWeight | None:
     blocks = np.ascontiguousarray(blocks).reshape(n, k // GROUP, -1)  # [N, G, block bytes]
     scale = blocks[:, :, 0:2].copy().view(np.float16)[:, :, 0]  # [N, G]
     if kind == "Q8_0":
-        q = blocks[:, :, 2:].copy().view(np.int8)  # [N, G, 32]
-        return QuantWeight.from_plain("int8g", torch.from_numpy(q.transpose(1, 2, 0).copy()),
-                                      torch.from_numpy(scale.T.copy()))
+        return {".q": blocks[:, :, 2:].copy().view(np.int8).transpose(1, 2, 0), ".scale": scale.T}
     if kind == "Q4_0":  # w = (q - 8) d = d q + (-8 d): exact in float16 unless it overflows
         with np.errstate(over="ignore"):
             minimum = scale * np.float16(-8)
@@ -193,15 +192,16 @@ def _blocks(t, arch: str, config: dict[str, Any]) -> QuantWeight | None:
         codes = blocks[:, :, 2:]
     else:
         minimum, codes = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0], blocks[:, :, 4:]
-    return QuantWeight.from_plain("int4", torch.from_numpy(codes.transpose(1, 2, 0).copy()),
-                                  torch.from_numpy(scale.T.copy()), torch.from_numpy(np.ascontiguousarray(minimum.T)))
+    return {".q": codes.transpose(1, 2, 0), ".scale": scale.T, ".min": minimum.T}
 
 
 def _stored(t, arch: str, config: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The safetensors entries of one GGUF tensor: its blocks (NAME.q/.scale/.min) or NAME as floats."""
     name = hf_tensor_name(t.name)
     blocks = _blocks(t, arch, config)
-    return blocks.plain_tensors(name) if blocks is not None else {name: _dequantized(t, arch, config, dtype)}
+    if blocks is None:
+        return {name: _dequantized(t, arch, config, dtype)}
+    return {name + part: torch.from_numpy(np.ascontiguousarray(a)) for part, a in blocks.items()}
 
 
 def _write_weights(reader, arch: str, config: dict[str, Any], dtype: torch.dtype, out: Path) -> None:

@@ -51,12 +51,7 @@ class LayerWeights:
     b_down: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return sum(weight_bytes(t) for t in vars(self).values() if t is not None)
-
-
-def weight_bytes(t: Weight) -> int:
-    """Bytes a weight holds: elements x element size, or a quantized weight's codes and scales."""
-    return t.nbytes if isinstance(t, QuantWeight) else t.numel() * t.element_size()
+        return sum(t.nbytes for t in vars(self).values() if t is not None)  # tensors and QuantWeights alike
 
 
 LINEAR_FIELDS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -259,7 +254,7 @@ class HeadWeights:
 def load_head(ckpt: Checkpoint) -> HeadWeights:
     embed = ckpt.read("model.embed_tokens.weight")
     name = "model.embed_tokens.weight" if ckpt.config.tie_word_embeddings else "lm_head.weight"
-    head = embed if ckpt.quant is None and ckpt.config.tie_word_embeddings else ckpt.read_weight(name)
+    head = embed if ckpt.config.tie_word_embeddings and not ckpt.quantizes(name) else ckpt.read_weight(name)
     return HeadWeights(embed=embed, norm=ckpt.read("model.norm.weight"), lm_head=head)
 
 

@@ -5,11 +5,12 @@ Three formats, all for a Linear weight W [N out, K in] (y = x @ W^T):
   int8g  groups of 32 along K, float16 scale (Q8_0):  W[n, 32g + j] = scale[g, n] * q[g, j, n]   8.5 bits
   int4   groups of 32 along K, float16 scale and min (Q4_1; Q4_0 is min = -8 scale):
          W[n, 32g + j] = scale[g, n] * q + min[g, n], q in 0..15                       5 bits/weight
-Grouped formats store q output-channel innermost, [G, 32 or 16, N], so the GEMV kernel's inner loop
-runs over output channels with x broadcast (it vectorizes at any width; a loop over the 32
-elements of one group does not). An int4 byte holds element j of its group in the low nibble and
-element j + 16 in the high one, as GGUF's Q4 blocks do, so a GGUF block is a byte shuffle away,
-never a dequantize-requantize.
+Codes are stored output channel innermost (checkpoint files: [K, N] or [G, 32 | 16, N]; held in
+memory in tiles of output channels, see QuantWeight), so the GEMV kernel's inner loop runs over
+output channels with x broadcast (it vectorizes at any width; a loop over the 32 elements of one
+group does not). An int4 byte holds element j of its group in the low nibble and element j + 16 in
+the high one, as GGUF's Q4 blocks do, so a GGUF block is a byte shuffle away, never a
+dequantize-requantize.
 
 Quantization is per output row and per group, so it does not depend on the plan: a tensor-parallel
 slice of the quantized tensor is the quantized slice, as long as a column slice never cuts a group.
@@ -27,7 +28,6 @@ from models.errors import CheckpointError
 
 GROUP = 32  # elements per group of the grouped formats (GGUF's block size)
 QUANT_CHOICES = ("auto", "none", "int8", "int4")  # auto: as the checkpoint stores them (GGUF blocks kept)
-KINDS = ("int8", "int8g", "int4")
 
 
 TILES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
@@ -99,10 +99,6 @@ class QuantWeight:
 
         return tuple(bits(t) for t in (self.q, self.scale, self.min) if t is not None)
 
-    def numel(self) -> int:
-        n, k = self.shape
-        return n * k
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W [N, K] in float32 (then `dtype`): the weights the kernels compute with, exactly."""
         n, k = self.shape
@@ -143,14 +139,6 @@ class QuantWeight:
         out = {f"{name}.q": self.q, f"{name}.scale": self.scale}
         if self.min is not None:
             out[f"{name}.min"] = self.min
-        return out
-
-    def plain_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint folder stores for `name`, in the plain order."""
-        q, scale, minimum = self.plain()
-        out = {f"{name}.q": q.contiguous(), f"{name}.scale": scale.contiguous()}
-        if minimum is not None:
-            out[f"{name}.min"] = minimum.contiguous()
         return out
 
 

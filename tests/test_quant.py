@@ -357,3 +357,14 @@ def test_damaged_quantized_checkpoint_is_refused_with_its_name(tmp_path):
         save_file(broken, folder / "model.safetensors")
         with pytest.raises(CheckpointError, match=re.escape(name)):
             Checkpoint(folder)
+
+
+def test_a_tied_head_shares_the_embedding_unless_quantized(tmp_path):
+    """Under the default --quantize auto a float checkpoint's tied LM head is the embedding table
+    itself (one copy in memory); quantized, it is a QuantWeight of its own."""
+    from models.model import LocalModel
+
+    folder = make_hf_checkpoint(tmp_path / "qwen2", "qwen2", seed=1)
+    model = LocalModel(folder)
+    assert model.head.lm_head is model.head.embed
+    assert isinstance(LocalModel(folder, quantize="int8").head.lm_head, QuantWeight)
