@@ -23,9 +23,10 @@ import numpy as np
 import psutil
 import torch
 
+from edge.messages import Hello, Join, NodePlan, NodeStats, Refused, receive, receive_plan, send
 from edge.rejoin import stay_joined
+from models.attention import CacheAttention, KVCache
 from models.config import LlamaConfig, config_from_hf
-from models.llama import CacheAttention, KVCache
 from transport.codec import pack_array, unpack_array
 from transport.errors import FrameError, TransportError
 from transport.link import LinkSpec
@@ -72,23 +73,23 @@ class AttentionNode:
         """Bytes of keys and values held (filled positions, not reserved capacity)."""
         return sum(r.kv.used_bytes() for reqs in self.requests.values() for r in reqs.values())
 
-    def stats(self) -> dict:
-        return {"t": "stats", "kv_bytes": self.kv_bytes(), "rss": psutil.Process().memory_info().rss,
-                "fixed_rss": self.fixed_rss,
-                "available": psutil.virtual_memory().available, "requests": sum(len(r) for r in self.requests.values()),
-                "links": {str(r): {"sent": ch.bytes_sent, "received": ch.bytes_received}
-                          for r, ch in self.peers.items()}}
+    def stats(self) -> NodeStats:
+        return NodeStats(kv_bytes=self.kv_bytes(), rss=psutil.Process().memory_info().rss, fixed_rss=self.fixed_rss,
+                         available=psutil.virtual_memory().available,
+                         requests=sum(len(r) for r in self.requests.values()),
+                         links={str(r): {"sent": ch.bytes_sent, "received": ch.bytes_received}
+                                for r, ch in self.peers.items()})
 
     async def _join(self) -> TcpChannel:
         s = self.settings
         ch = await connect(s.master_host, s.master_port, s.secret, link=s.link, timeout=5.0)
         if self.address is None:  # listen where the master's network reaches us
             self.address = (ch.local_host, await self._server.start(ch.local_host, 0))
-        await ch.send({"t": "join", "role": "attention", "node": s.node, "listen": list(self.address)})
-        plan = await ch.recv("plan", 60.0)
-        if "error" in plan:
-            raise NodeRefused(plan["error"])
-        config = config_from_hf(plan["config"])
+        await send(ch, Join(role="attention", node=s.node, listen=list(self.address)))
+        plan = await receive_plan(ch, NodePlan, 60.0)
+        if isinstance(plan, Refused):
+            raise NodeRefused(plan.error)
+        config = config_from_hf(plan.config)
         if config != self.config:
             self.requests.clear()
             self.config = config
@@ -98,7 +99,7 @@ class AttentionNode:
     async def _report(self, ch: TcpChannel) -> None:
         """Heartbeat with counters until the master's channel closes (raises ChannelClosed)."""
         while True:
-            await ch.send(self.stats())
+            await send(ch, self.stats())
             await asyncio.sleep(self.settings.stats_interval)
 
     async def run(self) -> None:
@@ -112,8 +113,8 @@ class AttentionNode:
     async def _on_rank(self, ch: TcpChannel) -> None:
         """Serve one compute rank's channel: a step gets an answer (or an error), close frees."""
         try:
-            rank = int((await ch.recv("iam", 30.0))["rank"])
-        except (TransportError, KeyError, TypeError, ValueError) as e:
+            rank = (await receive(ch, Hello, 30.0)).rank
+        except TransportError as e:
             log.warning("dropping %s: no valid hello (%s)", ch.peer, e)
             await ch.aclose()
             return

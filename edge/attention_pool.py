@@ -12,6 +12,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from edge.messages import (
+    AttentionLinked,
+    Join,
+    LinkAttention,
+    NodePlan,
+    NodeStats,
+    Refused,
+    receive,
+    send,
+)
 from edge.offload import AttentionLinks
 from edge.profile import kv_room
 from edge.ring import epoch_ack
@@ -48,23 +58,23 @@ class AttentionPool:
     def ready(self) -> bool:
         return self.linked and not self.missing() and self.links is not None and self.links.up
 
-    async def serve_node(self, ch: TcpChannel, join: dict, relink: Callable[[], Awaitable[None]]) -> None:
+    async def serve_node(self, ch: TcpChannel, join: Join, relink: Callable[[], Awaitable[None]]) -> None:
         """Own one node's control channel: plan, then heartbeats until it stops; relink on arrival."""
-        node = join.get("node")
-        if not isinstance(node, int) or not 0 <= node < self.n_nodes:
-            await ch.send({"t": "plan", "error": f"attention node {node!r} is not in 0..{self.n_nodes - 1}"})
+        node = join.node
+        if node is None or not 0 <= node < self.n_nodes:
+            await send(ch, Refused(f"attention node {node!r} is not in 0..{self.n_nodes - 1}"))
             return
         config = json.loads((Path(self.model) / "config.json").read_text())
-        await ch.send({"t": "plan", "config": config, "nodes": self.n_nodes})
+        await send(ch, NodePlan(config, self.n_nodes))
         old = self.nodes.get(node)
-        self.nodes[node], self.listen[node] = ch, list(join.get("listen") or [])
+        self.nodes[node], self.listen[node] = ch, list(join.listen or [])
         if old is not None:
             await old.aclose()
         log.info("attention node %d joined (%s)", node, ch.peer)
         await relink()
         try:
             while True:
-                self.stats[node] = await ch.recv("stats", HEARTBEAT_TIMEOUT)
+                self.stats[node] = vars(await receive(ch, NodeStats, HEARTBEAT_TIMEOUT))
         except TransportError as e:
             log.warning("attention node %d lost: %s", node, e)
             self.lost += 1
@@ -80,14 +90,13 @@ class AttentionPool:
             return
         self.epoch += 1
         addrs = {n: self.listen[n] for n in range(self.n_nodes)}
-        msg = {"t": "ctl", "op": "attn", "epoch": self.epoch, "nodes": self.n_nodes,
-               "addrs": {str(n): a for n, a in addrs.items()}}
+        msg = LinkAttention(self.epoch, self.n_nodes, {str(n): a for n, a in addrs.items()})
         if self.links is not None:
             await self.links.aclose()
             self.links = None
         try:
             for ch in list(workers.values()):
-                await ch.send(msg)
+                await send(ch, msg)
             self.links = await AttentionLinks.connect(self.config, dims0, self.n_nodes, addrs, self.epoch,
                                                       self.secret, self.link_spec, self.timeout)
             for rank, ch in list(workers.items()):
@@ -99,9 +108,9 @@ class AttentionPool:
         log.info("attention nodes linked (epoch %d, %d node(s))", self.epoch, self.n_nodes)
 
     async def _linked(self, rank: int, ch: TcpChannel) -> None:
-        ok = await epoch_ack(ch, "attn.ok", self.epoch, rank)
-        if "error" in ok:
-            raise TransportError(f"rank {rank} cannot reach the attention nodes: {ok['error']}")
+        ok = await epoch_ack(ch, AttentionLinked, self.epoch, rank)
+        if isinstance(ok, AttentionLinked) and ok.error is not None:
+            raise TransportError(f"rank {rank} cannot reach the attention nodes: {ok.error}")
 
     def free_kv_bytes(self) -> int:
         """What one request's KV could take on the nodes: the tightest node's free memory scaled by

@@ -21,13 +21,13 @@ import torch
 from edge.offload import batch_attend_for
 from edge.split import SplitError, SplitPlan, default_split_dir, split_model
 from edge.weights import BudgetTooSmall, WeightWindow
-from models.checkpoint import Checkpoint, checkpoint_fingerprint
+from models.attention import KVCache, KVStore
+from models.checkpoint import Checkpoint
 from models.config import LlamaConfig
 from models.dtypes import dtype_name
+from models.files import checkpoint_fingerprint
 from models.llama import (
     HeadWeights,
-    KVCache,
-    KVStore,
     LayerWeights,
     forward_batch,
     forward_layers,
@@ -38,7 +38,7 @@ from models.llama import (
 )
 from models.rope import RotaryTable
 from models.scoring import slice_scores
-from models.sharding import LocalDims
+from models.sharding import LocalDims, kv_bytes_per_token
 from transport.collectives import StarAllReduce, StepCollective
 from transport.fastpath import FastStar
 
@@ -159,11 +159,6 @@ class ShardModel:
         self.compute.shutdown(wait=False, cancel_futures=True)
         if self.window is not None:
             self.window.close()
-
-
-def kv_bytes_per_token(config: LlamaConfig, dims: LocalDims, element_bytes: int = 4) -> int:
-    """KV-cache bytes one token costs on this rank: 2 x layers x local KV heads x head_dim x element bytes."""
-    return 2 * config.num_layers * dims.n_local_kv_heads * config.head_dim * element_bytes
 
 
 def load_shard(ckpt: Checkpoint, dims: LocalDims, world_size: int, weights: list[float] | None,

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from edge.messages import Hello, send
+from models.attention import Attend
 from models.config import LlamaConfig
-from models.llama import Attend, batch_attend
+from models.llama import batch_attend
 from models.sharding import AttentionSlice, LocalDims, attention_nodes_of, attention_slices
 from transport.codec import pack_array, unpack_array
 from transport.errors import FrameError, TransportError
@@ -37,13 +39,11 @@ LINK_TIMEOUT = 30.0
 class AttentionNodeFailed(TransportError):
     """An attention node died, timed out or refused a step; the request's KV there is lost.
 
-    Its message starts with MARK, which is how the hub recognises it in a worker's failure report.
+    A worker reports it to the hub with FailureCause.ATTENTION, so the master rebuilds the request.
     """
 
-    MARK = "attention node"
-
     def __init__(self, node: int, reason: str):
-        super().__init__(f"{self.MARK} {node}: {reason}")
+        super().__init__(f"attention node {node}: {reason}")
         self.node = node
 
 
@@ -86,7 +86,7 @@ class AttentionLinks:
                 host, port = addrs[node]
                 ch = await connect(host, int(port), secret, link=link, timeout=LINK_TIMEOUT)
                 channels[node] = ch
-                await ch.send({"t": "iam", "rank": dims.rank, "epoch": epoch})
+                await send(ch, Hello(dims.rank, epoch))
         except BaseException:
             for ch in channels.values():
                 await ch.aclose()
@@ -222,11 +222,3 @@ def batch_attend_for(kvs: list, config: LlamaConfig, dims: LocalDims) -> Attend:
                           for b, a in enumerate(attends)])
 
     return attend
-
-
-def check_node_addrs(msg: dict) -> dict[int, list]:
-    """The node addresses of an 'attn' link message; raises FrameError when malformed."""
-    try:
-        return {int(k): list(v) for k, v in msg["addrs"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise FrameError(f"bad attention link message: {e}") from e

@@ -1,9 +1,9 @@
 """Worker-to-worker links for `--allreduce ring|auto`: rank r dials r+1; the master closes the ring.
 
 Ring of N ranks: 0 -> 1 -> ... -> N-1 -> 0, where the links touching rank 0 are the workers'
-channels to the master. The master sends {"op": "ring", "epoch", "addrs"} whenever the set of
-workers changes; every worker drops its old peer links, dials its successor, waits for its
-predecessor, (for auto) answers the master's link probes, and replies {"t": "ring.ok"}.
+channels to the master. The master sends LinkRing (edge.messages) whenever the set of workers
+changes; every worker drops its old peer links, dials its successor, waits for its predecessor,
+(for auto) answers the master's link probes, and replies RingLinked.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from edge.messages import AttentionLinked, Hello, LinkRing, RingLinked, receive, send
 from transport.channel import Channel
 from transport.collectives import (
     AutoAllReduce,
@@ -42,23 +43,26 @@ class PeerLinks:
 
     async def _on_channel(self, ch: TcpChannel) -> None:
         try:
-            hello = await ch.recv("iam", LINK_TIMEOUT)
+            hello = await receive(ch, Hello, LINK_TIMEOUT)
         except Exception:  # noqa: BLE001 - a peer that never says who it is is simply dropped
             await ch.aclose()
             return
-        await self._accepted.put((int(hello.get("epoch", -1)), ch))
+        await self._accepted.put((hello.epoch, ch))
 
-    async def link(self, master: Channel, msg: dict, world_size: int, star: StarAllReduce,
+    async def link(self, master: Channel, msg: LinkRing, world_size: int, star: StarAllReduce,
                    timeout: float) -> StepCollective:
         """Relink for this epoch and return the collective to use; raises on a broken ring."""
-        epoch, addrs = int(msg["epoch"]), {int(k): tuple(v) for k, v in msg["addrs"].items()}
+        try:
+            epoch, addrs = msg.epoch, {int(k): tuple(v) for k, v in msg.addrs.items()}
+        except ValueError as e:
+            raise FrameError(f"bad ring link message: {e}") from e
         await self._close_peers()
         self.peers = {0: master}  # type: ignore[dict-item]
         nxt, prev = self.rank + 1, self.rank - 1
         if nxt < world_size:
             host, port = addrs[nxt]
             ch = await connect(host, port, self._secret, timeout=LINK_TIMEOUT)
-            await ch.send({"t": "iam", "rank": self.rank, "epoch": epoch})
+            await send(ch, Hello(self.rank, epoch))
             self.peers[nxt] = ch
         if prev >= 1:
             async with asyncio.timeout(LINK_TIMEOUT):
@@ -69,7 +73,7 @@ class PeerLinks:
                     else:
                         await ch.aclose()  # a straggler from an older ring
         ring = RingAllReduce(self.rank, world_size, self.peers, timeout)
-        if msg.get("algorithm") == "auto":
+        if msg.algorithm == "auto":
             model = await measure_links(self.rank, world_size, {0: master}, timeout)
             return StepCollective(star, AutoAllReduce(star, ring, model))
         return StepCollective(star, ring)
@@ -89,9 +93,9 @@ async def link_ring_from_master(workers: dict[int, TcpChannel], addrs: dict[int,
                                 algorithm: str, star: StarAllReduce, timeout: float) -> StepCollective:
     """Master side: ask every worker to relink, probe links for auto, wait for every ring.ok."""
     world = star.world_size
+    msg = LinkRing(epoch, algorithm, {str(r): list(a) for r, a in addrs.items()})
     for ch in list(workers.values()):
-        await ch.send({"t": "ctl", "op": "ring", "epoch": epoch, "algorithm": algorithm,
-                       "addrs": {str(r): list(a) for r, a in addrs.items()}})
+        await send(ch, msg)
     ring = RingAllReduce(0, world, workers, timeout)
     collective = StepCollective(star, ring)
     if algorithm == "auto":
@@ -99,18 +103,19 @@ async def link_ring_from_master(workers: dict[int, TcpChannel], addrs: dict[int,
         log.info("link model: alpha %.0f us, %.0f MB/s", model.alpha * 1e6, model.bandwidth / 1e6)
         collective = StepCollective(star, AutoAllReduce(star, ring, model))
     for rank, ch in list(workers.items()):
-        await epoch_ack(ch, "ring.ok", epoch, rank)
+        await epoch_ack(ch, RingLinked, epoch, rank)
     return collective
 
 
-async def epoch_ack(ch: TcpChannel, tag: str, epoch: int, rank: int) -> dict:
+async def epoch_ack(ch: TcpChannel, kind: type[RingLinked | AttentionLinked], epoch: int,
+                    rank: int) -> RingLinked | AttentionLinked:
     """A worker's answer to a relink of this epoch; answers to older, superseded epochs are skipped.
 
     Raises FrameError for an answer to an epoch never asked for, TransportError as the channel does.
     """
     while True:
-        ok = await ch.recv(tag, LINK_TIMEOUT)
-        if ok.get("epoch") == epoch:
+        ok = await receive(ch, kind, LINK_TIMEOUT)
+        if ok.epoch == epoch:
             return ok
-        if not isinstance(ok.get("epoch"), int) or ok["epoch"] > epoch:
-            raise FrameError(f"rank {rank} answered {tag} for epoch {ok.get('epoch')}, expected {epoch}")
+        if ok.epoch > epoch:
+            raise FrameError(f"rank {rank} answered {kind.TAG} for epoch {ok.epoch}, expected {epoch}")

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.checkpoint import Checkpoint, checkpoint_fingerprint
+from models.checkpoint import Checkpoint
 from models.dtypes import DTYPES, dtype_name, resolve_dtype
 from models.errors import CheckpointError
+from models.files import checkpoint_fingerprint
 from models.llama import load_layer, load_output_head
 from models.quant import QuantWeight, check_quantizable
 from models.sharding import LocalDims, local_dims

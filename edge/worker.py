@@ -1,14 +1,10 @@
 """A worker device (rank >= 1): joins the master, loads its slice, runs every step it is sent.
 
-Protocol on the one channel to the master (tags):
-  join   worker -> master  {rank, fingerprint}
-  plan   master -> worker  {world_size, weights} or {error}
-  ready  worker -> master  {rank, weight_bytes}
-  ctl    master -> worker  {op: open|step|close, rid, step, h?, offload?, cap?}
-         master -> worker  {op: ring, ...} (edge/ring.py), {op: attn, epoch, nodes, addrs} (edge/offload.py)
-  ar / ar.sum              the star all-reduce of each layer
-  ring.ok / attn.ok        worker -> master: linked to its ring neighbours / the attention nodes
-  hb     worker -> master  every HEARTBEAT_S while it serves; silence for HEARTBEAT_TIMEOUT drops it
+On the one channel to the master (messages in edge.messages): Join -> Plan (or PlanRefused) ->
+Ready, then the master's commands (OpenRequest, CloseRequest, Step, LinkRing, LinkAttention),
+each handled by the method the COMMANDS table names; Heartbeat every HEARTBEAT_S while it
+serves (silence for HEARTBEAT_TIMEOUT drops it). The all-reduces of each layer run on the same
+channel (transport.collectives) or on the data link (transport.fastpath).
 If the master goes away the worker reconnects and joins again, so a restarted master or a
 restarted worker both heal without operator action.
 """
@@ -17,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,28 +22,46 @@ import torch
 
 from edge.engine import ShardModel, load_shard
 from edge.fetch import fetch_files
-from edge.offload import AttentionLinks, AttentionNodeFailed, RemoteKV, check_node_addrs
+from edge.kv_stores import KVStores
+from edge.messages import (
+    HEARTBEAT_S,
+    AttentionLinked,
+    CloseRequest,
+    Heartbeat,
+    Join,
+    LinkAttention,
+    LinkRing,
+    Message,
+    OpenRequest,
+    Plan,
+    Ready,
+    Refused,
+    RingLinked,
+    Step,
+    receive_command,
+    receive_plan,
+    send,
+)
+from edge.offload import AttentionNodeFailed
 from edge.profile import measure_device
 from edge.rejoin import stay_joined
 from edge.ring import PeerLinks
 from edge.split import SplitError, SplitPlan
 from edge.tensors import unpack_tensor
-from models.checkpoint import Checkpoint, checkpoint_fingerprint
+from models.checkpoint import Checkpoint
 from models.config import config_from_hf
 from models.dtypes import DTYPES
-from models.llama import KVCache
+from models.files import checkpoint_fingerprint
 from models.quant import QUANT_CHOICES
 from models.sharding import local_dims
 from transport.collectives import StarAllReduce, StepCollective
-from transport.errors import PeerFailed, TransportError
+from transport.errors import FailureCause, FrameError, PeerFailed, TransportError
 from transport.fastpath import ERROR, DataLink, FastStar, open_data_link
 from transport.link import LinkSpec
 from transport.tcp import TcpChannel, connect
 
 log = logging.getLogger("edge_llm.worker")
 IDLE_TIMEOUT = 3600.0
-HEARTBEAT_S = 0.5  # a worker says it is alive this often; the master gives up after HEARTBEAT_TIMEOUT
-HEARTBEAT_TIMEOUT = 10.0
 
 
 class PlanRefused(Exception):
@@ -87,11 +102,11 @@ class Worker:
         self.links: PeerLinks | None = None
         self.shard: ShardModel | None = None
         self._plan: tuple | None = None  # world size, weights, dtype, quantize, alignment
-        self.sessions: dict[str, KVCache | RemoteKV] = {}
-        self.attn: AttentionLinks | None = None  # channels to the attention nodes, when linked
-        self.unlinked: set[str] = set()  # offloaded requests opened while the nodes were unreachable
+        self.kv = KVStores(settings.rank, settings.secret, settings.link, settings.step_timeout)
         self.data: DataLink | None = None  # the all-reduce data plane to the master, when offered
         self.fast: FastStar | None = None
+        self.master: TcpChannel | None = None  # the control channel of the current join
+        self.collective: StepCollective | None = None  # what this rank's steps all-reduce with
 
     async def _join(self) -> TcpChannel:
         s = self.settings
@@ -99,68 +114,71 @@ class Worker:
         if self.links is None:  # where ring neighbours reach us, for --allreduce ring|auto
             self.links = PeerLinks(s.rank, s.secret)
             await self.links.start(ch.local_host)
-        await ch.send({"t": "join", "rank": s.rank, "fingerprint": self.fingerprint, "profile": self.profile,
-                       "listen": list(self.links.address)})
-        plan = await ch.recv("plan", 600.0)
-        if "error" in plan:
-            raise PlanRefused(plan["error"])
-        dtype = str(plan.get("dtype", "float32"))
-        if dtype not in DTYPES:
-            raise PlanRefused(f"the master holds weights in {dtype!r}, which this worker does not support")
-        if s.dtype not in (None, "auto", dtype):
-            raise PlanRefused(f"the master holds weights in {dtype}, this worker was started with --dtype {s.dtype}")
-        quantize = str(plan.get("quantize", "none"))
-        if quantize not in QUANT_CHOICES:
-            raise PlanRefused(f"the master quantizes weights as {quantize!r}, which this worker does not support")
-        if s.quantize not in (None, "auto", quantize):
-            raise PlanRefused(f"the master quantizes weights as {quantize}, this worker was started with "
-                              f"--quantize {s.quantize}")
-        align = plan.get("align", [1, 1])
-        if not (isinstance(align, list) and len(align) == 2 and all(isinstance(a, int) and a > 0 for a in align)):
-            raise PlanRefused(f"the master's plan has alignment {align!r}, expected two positive integers")
-        key = (int(plan["world_size"]), tuple(float(w) for w in plan["weights"]), dtype, quantize, tuple(align))
-        if "fetch" in plan:
+        await send(ch, Join(rank=s.rank, fingerprint=self.fingerprint, profile=self.profile,
+                            listen=list(self.links.address)))
+        plan = await receive_plan(ch, Plan, 600.0)
+        if isinstance(plan, Refused):
+            raise PlanRefused(plan.error)
+        key = self._check_plan(plan)
+        if plan.fetch is not None:
             await self._load_fetched(ch, plan, key)
         elif self._plan != key:  # load (or reload) only when the plan changes
             dims = local_dims(self.ckpt.config, key[0], list(key[1]), key[4])[s.rank]
             if self.shard is not None:
                 self.shard.close()
-            self.shard = load_shard(self.ckpt.with_dtype(DTYPES[dtype]).with_quant(quantize), dims, key[0], list(key[1]),
-                                    s.memory_budget_mb, s.split_dir, drop_cache=not s.keep_page_cache)
+            self.shard = load_shard(self.ckpt.with_dtype(DTYPES[key[2]]).with_quant(key[3]), dims, key[0],
+                                    list(key[1]), s.memory_budget_mb, s.split_dir, drop_cache=not s.keep_page_cache)
             self._plan = key
-        self.sessions.clear()
-        self.unlinked.clear()
+        self.kv.reset()
         await self._open_data_link(plan)
-        await ch.send({"t": "ready", "rank": s.rank, "weight_bytes": self.shard.nbytes(),
-                       "fixed_rss_bytes": self.fixed_rss, "fetched_bytes": self.fetched_bytes})
+        await send(ch, Ready(s.rank, self.shard.nbytes(), self.fixed_rss, self.fetched_bytes))
         log.info("rank %d joined the master (%d MB of weights)", s.rank, self.shard.nbytes() >> 20)
         return ch
 
-    async def _open_data_link(self, plan: dict) -> None:
+    def _check_plan(self, plan: Plan) -> tuple:
+        """The plan's key (world size, weights, dtype, quantize, alignment); PlanRefused when this
+        worker cannot or was told not to follow it."""
+        s = self.settings
+        if plan.dtype not in DTYPES:
+            raise PlanRefused(f"the master holds weights in {plan.dtype!r}, which this worker does not support")
+        if s.dtype not in (None, "auto", plan.dtype):
+            raise PlanRefused(f"the master holds weights in {plan.dtype}, this worker was started with --dtype {s.dtype}")
+        if plan.quantize not in QUANT_CHOICES:
+            raise PlanRefused(f"the master quantizes weights as {plan.quantize!r}, which this worker does not support")
+        if s.quantize not in (None, "auto", plan.quantize):
+            raise PlanRefused(f"the master quantizes weights as {plan.quantize}, this worker was started with "
+                              f"--quantize {s.quantize}")
+        if len(plan.align) != 2 or min(plan.align) < 1:
+            raise PlanRefused(f"the master's plan has alignment {plan.align!r}, expected two positive integers")
+        return plan.world_size, tuple(float(w) for w in plan.weights), plan.dtype, plan.quantize, tuple(plan.align)
+
+    async def _open_data_link(self, plan: Plan) -> None:
         """The data plane for all-reduces (transport.fastpath) when the master offers one; without it
         this rank's all-reduces go through the control channel (the master then uses that path)."""
         s = self.settings
         if self.data is not None:
             self.data.close()
             self.data = None
-        port = plan.get("data_port")
-        if not isinstance(port, int):
+        if plan.data_port is None:
             return
         try:
-            self.data = await open_data_link(s.master_host, port, s.secret, s.rank, s.step_timeout)
+            self.data = await open_data_link(s.master_host, plan.data_port, s.secret, s.rank, s.step_timeout)
         except (OSError, TimeoutError, TransportError) as e:
             log.warning("rank %d: no data link (%s); all-reduces go through the control channel", s.rank, e)
 
-    async def _load_fetched(self, ch: TcpChannel, plan: dict, key: tuple) -> None:
+    async def _load_fetched(self, ch: TcpChannel, plan: Plan, key: tuple) -> None:
         """Fetch this rank's shard files from the master (only what is missing or stale), then load."""
         s = self.settings
-        fetch = plan["fetch"]
-        dest = Path(s.split_dir or f"edge-llm-shards/{fetch['plan']['fingerprint']}")
-        self.fetched_bytes = await fetch_files(ch, fetch["files"], fetch["plan"], dest)
+        try:
+            files, fetch_plan, fingerprint = plan.fetch["files"], plan.fetch["plan"], plan.fetch["plan"]["fingerprint"]
+            config = config_from_hf(plan.config or {})
+        except (KeyError, TypeError, ValueError) as e:
+            raise FrameError(f"the master's fetch offer is malformed: {e!r}") from e
+        dest = Path(s.split_dir or f"edge-llm-shards/{fingerprint}")
+        self.fetched_bytes = await fetch_files(ch, files, fetch_plan, dest)
         log.info("rank %d: fetched %d bytes of shard files into %s", s.rank, self.fetched_bytes, dest)
-        config = config_from_hf(plan["config"])
         dims = local_dims(config, key[0], list(key[1]), key[4])[s.rank]
-        split_plan = SplitPlan(key[0], key[1], fetch["plan"]["fingerprint"], key[2], key[3], key[4])
+        split_plan = SplitPlan(key[0], key[1], fingerprint, key[2], key[3], key[4])
         budget = int(s.memory_budget_mb * (1 << 20)) if s.memory_budget_mb else 1 << 62
         if self.shard is not None:
             self.shard.close()
@@ -170,7 +188,7 @@ class Worker:
     async def _serve(self, ch: TcpChannel) -> None:
         beat = asyncio.create_task(self._heartbeat(ch), name="heartbeat")
         try:
-            await self._serve_ctl(ch)
+            await self._serve_commands(ch)
         finally:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
@@ -179,113 +197,97 @@ class Worker:
         """Tell the master this device is alive (from the event loop, so long steps do not stop it);
         a frozen device (a laptop put to sleep) is noticed and, once awake, rejoins."""
         while True:
-            await ch.send({"t": "hb"})
+            await send(ch, Heartbeat())
             await asyncio.sleep(HEARTBEAT_S)
 
-    async def _serve_ctl(self, ch: TcpChannel) -> None:
-        world, timeout = int(self._plan[0]), self.settings.step_timeout
-        star = StarAllReduce(self.settings.rank, world, {0: ch}, timeout)
-        collective = StepCollective(star)
-        self.fast = FastStar(self.settings.rank, world, {0: self.data}, star.next_seq) if self.data else None
+    async def _serve_commands(self, ch: TcpChannel) -> None:
+        """Run the master's commands in order, each by its handler, until the channel closes."""
+        self.master = ch
+        star = StarAllReduce(self.settings.rank, int(self._plan[0]), {0: ch}, self.settings.step_timeout)
+        self.collective = StepCollective(star)
+        self.fast = FastStar(self.settings.rank, int(self._plan[0]), {0: self.data}, star.next_seq) \
+            if self.data else None
+        handlers: dict[type[Message], Callable[..., Awaitable[None]]] = {
+            OpenRequest: self._open, CloseRequest: self._close, Step: self._step,
+            LinkRing: self._link_ring, LinkAttention: self._link_attention}
         while True:
-            msg = await ch.recv("ctl", IDLE_TIMEOUT)
-            op, rid = msg.get("op"), str(msg.get("rid"))
-            if op == "open":
-                await self._open(rid, msg)
-            elif op == "close":
-                await self._close(rid)
-            elif op == "step":
-                await self._step(collective, msg)
-            elif op == "ring":
-                collective = await self.links.link(ch, msg, world, star, timeout)
-                await ch.send({"t": "ring.ok", "epoch": msg["epoch"]})
-            elif op == "attn":
-                await self._link_attention(ch, msg)
+            try:
+                msg = await receive_command(ch, IDLE_TIMEOUT)
+            except FrameError as e:  # one bad command is skipped; the channel stays in step
+                log.error("rank %d: %s", self.settings.rank, e)
+                continue
+            await handlers[type(msg)](msg)
 
-    async def _open(self, rid: str, msg: dict) -> None:
-        """A request's KV store: local, or on the attention nodes when the master offloads it."""
-        await self._close(rid)  # a re-open (KV rebuilt after an attention node died) starts over
-        cap = int(msg.get("cap") or 64)
-        self.unlinked.discard(rid)
-        if msg.get("offload"):
-            if self.attn is None or not self.attn.up:
-                log.error("rank %d: offloaded request %s but no attention nodes linked", self.settings.rank, rid)
-                self.unlinked.add(rid)  # its step reports an attention failure: the master rebuilds it
-                return
-            self.sessions[rid] = RemoteKV(self.attn, rid, cap, asyncio.get_running_loop())
-        else:
-            self.sessions[rid] = self.shard.new_cache(cap)
+    async def _open(self, msg: OpenRequest) -> None:
+        await self.kv.open(self.shard, msg.rid, msg.cap, msg.offload)
 
-    async def _close(self, rid: str) -> None:
-        self.unlinked.discard(rid)
-        kv = self.sessions.pop(rid, None)
-        if isinstance(kv, RemoteKV):
-            await kv.close()
+    async def _close(self, msg: CloseRequest) -> None:
+        await self.kv.close(msg.rid)
 
-    async def _link_attention(self, ch: TcpChannel, msg: dict) -> None:
-        """(Re)connect to the attention nodes for a new epoch; answer attn.ok (with an error if it failed)."""
-        s, epoch = self.settings, msg.get("epoch")
-        if self.attn is not None:
-            await self.attn.aclose()
-            self.attn = None
-        try:
-            self.attn = await AttentionLinks.connect(self.shard.config, self.shard.dims, int(msg["nodes"]),
-                                                     check_node_addrs(msg), int(epoch), s.secret, s.link,
-                                                     s.step_timeout)
-        except (OSError, TimeoutError, TransportError, KeyError, ValueError) as e:
-            log.warning("rank %d could not reach the attention nodes: %s", s.rank, e)
-            await ch.send({"t": "attn.ok", "epoch": epoch, "error": str(e)})
-            return
-        await ch.send({"t": "attn.ok", "epoch": epoch})
+    async def _link_ring(self, msg: LinkRing) -> None:
+        self.collective = await self.links.link(self.master, msg, int(self._plan[0]), self.collective.star,
+                                                self.settings.step_timeout)
+        await send(self.master, RingLinked(msg.epoch))
 
-    async def _step(self, collective: StepCollective, msg: dict) -> None:
+    async def _link_attention(self, msg: LinkAttention) -> None:
+        error = await self.kv.link_attention(self.shard, msg.nodes, msg.node_addrs(), msg.epoch)
+        await send(self.master, AttentionLinked(msg.epoch, error))
+
+    async def _step(self, msg: Step) -> None:
         """One step for a batch of requests (rows of h). A row whose request this rank no longer
         holds (closed meanwhile) runs on a scratch cache, so every rank stays in step."""
-        rids = [str(r) for r in msg.get("rids") or [msg.get("rid")]]
-        h = unpack_tensor(msg["h"])  # [B, S, D]
-        kvs = [self.sessions.get(rid) or self.shard.new_cache(h.shape[1]) for rid in rids]
-        collective.begin(int(msg["step"]))
-        fast = self.fast if msg.get("fast") else None
-        if self.unlinked.intersection(rids) or (msg.get("fast") and fast is None):
-            failure = AttentionNodeFailed(-1, f"rank {self.settings.rank} is not linked to the attention nodes") \
-                if self.unlinked.intersection(rids) else "no data link to the master"
-            await self._fail(collective, rids, f"rank {self.settings.rank}: {failure}", fast)
+        rids, rank, collective = msg.rids, self.settings.rank, self.collective
+        h = unpack_tensor(msg.h)  # [B, S, D]
+        kvs = self.kv.for_step(self.shard, rids, h.shape[1])
+        collective.begin(msg.step)
+        fast = self.fast if msg.fast else None
+        if self.kv.unlinked.intersection(rids):
+            await self._fail(rids, f"rank {rank} is not linked to the attention nodes", FailureCause.ATTENTION, fast)
+            return
+        if msg.fast and fast is None:
+            await self._fail(rids, f"rank {rank}: no data link to the master", FailureCause.PEER, fast)
             return
         try:
-            score = (torch.tensor(msg["targets"], dtype=torch.long), int(msg["score"])) if "score" in msg else None
+            score = (torch.tensor(msg.targets or [], dtype=torch.long), msg.score) if msg.score is not None else None
             await self.shard.forward(h, kvs, collective, self.settings.step_timeout, score, fast)
         except AttentionNodeFailed as e:  # tell the hub at once: it rebuilds the KV elsewhere
-            log.warning("step %s of %s lost its attention node: %s", msg["step"], rids, e)
-            await self._fail(collective, rids, f"rank {self.settings.rank}: {e}", fast)
+            log.warning("step %s of %s lost its attention node: %s", msg.step, rids, e)
+            await self._fail(rids, f"rank {rank}: {e}", FailureCause.ATTENTION, fast)
         except PeerFailed as e:  # a ring predecessor could not finish: pass it on around the ring
-            log.warning("step %s of %s failed: %s", msg["step"], rids, e)
-            await self._fail(collective, rids, str(e), fast)
+            log.warning("step %s of %s failed: %s", msg.step, rids, e)
+            await self._fail(rids, str(e), e.cause, fast)
         except (TransportError, TimeoutError) as e:  # a peer or ring neighbour is gone
-            log.warning("step %s of %s failed: %s", msg["step"], rids, e)
-            await self._close_all(rids)
+            log.warning("step %s of %s failed: %s", msg.step, rids, e)
+            await self.kv.close(*rids)
         except SplitError as e:  # our own weights failed: tell the hub, which fails the request
-            log.error("rank %d: %s", self.settings.rank, e)
-            await self._fail(collective, rids, f"rank {self.settings.rank}: {e}", fast)
+            log.error("rank %d: %s", rank, e)
+            await self._fail(rids, f"rank {rank}: {e}", FailureCause.WEIGHTS, fast)
         except Exception as e:  # a bug must fail the step, not take the device down
-            log.exception("rank %d: step %s failed unexpectedly", self.settings.rank, msg["step"])
-            await self._fail(collective, rids, f"rank {self.settings.rank}: internal error {e!r}", fast)
+            log.exception("rank %d: step %s failed unexpectedly", rank, msg.step)
+            await self._fail(rids, f"rank {rank}: internal error {e!r}", FailureCause.INTERNAL, fast)
 
-    async def _fail(self, collective: StepCollective, rids: list[str], reason: str,
-                    fast: FastStar | None = None) -> None:
+    async def _fail(self, rids: list[str], reason: str, cause: FailureCause, fast: FastStar | None = None) -> None:
         """Drop the step's requests and report why (to the hub, on the data plane when the step used
         it, and to the ring successor) so the cluster fails the step at once, not at its timeout."""
-        await self._close_all(rids)
+        await self.kv.close(*rids)
         if fast is not None:  # the hub's compute thread waits on the data link, not on the channel
-            fast.report(ERROR, collective.star.seq + 1, reason)
+            fast.report(ERROR, self.collective.star.seq + 1, reason, cause)
         try:
-            await collective.fail(reason)
+            await self.collective.fail(reason, cause)
         except TransportError as e:  # the peers are gone too: the master sees that by itself
             log.info("could not report the failure: %s", e)
-
-    async def _close_all(self, rids: list[str]) -> None:
-        for rid in rids:
-            await self._close(rid)
 
     async def run(self) -> None:
         """Join, serve, and rejoin after the master disappears; PlanRefused ends it."""
         await stay_joined(self._join, self._serve, f"rank {self.settings.rank}")
+
+    async def aclose(self) -> None:
+        """Release the links and the shard (after `run` ended or was cancelled)."""
+        if self.data is not None:
+            self.data.close()
+        if self.kv.attn is not None:
+            await self.kv.attn.aclose()
+        if self.links is not None:
+            await self.links.aclose()
+        if self.shard is not None:
+            self.shard.close()

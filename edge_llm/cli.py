@@ -73,21 +73,6 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=commands.generate)
 
 
-def _bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks that write bench/*.json and *.md", description="benchmarks that write bench/*.json and *.md")
-    which = p.add_subparsers(dest="bench", required=True)
-    ar = which.add_parser("allreduce", help="star, ring and gloo all-reduce on N loopback processes", description="star, ring and gloo all-reduce on N loopback processes")
-    ar.add_argument("--workers", type=positive_int, default=2, help="processes taking part")
-    ar.add_argument("--size", type=positive_int, default=4096, help="float32 elements")
-    ar.add_argument("--iters", type=positive_int, default=500, help="all-reduces per system")
-    ar.add_argument("--link-latency-ms", type=non_negative_float, default=0.0, help="emulated latency per hop")
-    ar.add_argument("--link-bandwidth-mbps", type=non_negative_float, default=0.0,
-                    help="emulated bandwidth per link (0: unlimited)")
-    ar.add_argument("--json", action="store_true", help="print the results as JSON")
-    ar.add_argument("--out", default="bench", help="folder for the JSON and Markdown results")
-    ar.set_defaults(func=commands.bench_allreduce)
-
-
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="device weights, e.g. 2,1,1 (heads, MLP columns and vocabulary in "
                                      "proportion), or 'auto' from what each device measures at start")
@@ -195,7 +180,7 @@ def _split(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="edge-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_make_model, _import, _generate, _split, _cluster, _serve, _worker, _bench):
+    for add in (_make_model, _import, _generate, _split, _cluster, _serve, _worker):
         add(sub)
     return parser
 

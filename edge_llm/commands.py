@@ -84,8 +84,8 @@ async def _run_generation(engine, prompt_ids: list[int], params: SamplingParams,
 
 async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams) -> None:
     """`generate --workers N`: an emulated N-device cluster for one prompt, then stopped."""
-    from edge.cluster import running_cluster
     from edge.master import MasterSettings
+    from edge_llm.cluster import running_cluster
     from transport.auth import new_secret
 
     settings = MasterSettings(model=args.model, world_size=args.workers, secret=new_secret(), dtype=args.dtype,
@@ -95,8 +95,8 @@ async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams)
 
 
 def generate(args: argparse.Namespace) -> None:
-    from edge.cluster import StartupError
-    from edge.master import WorkerUnavailable
+    from edge_llm.cluster import StartupError
+    from models.engine import EngineUnavailable
     from models.generation import LocalEngine
     from models.model import LocalModel
     from transport.loop import run_loop
@@ -115,30 +115,9 @@ def generate(args: argparse.Namespace) -> None:
             asyncio.run(_run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json))
         finally:
             engine.close()
-    except (CheckpointError, GenerationError, PlanError, WorkerUnavailable, TimeoutError, StartupError) as e:
+    except (CheckpointError, GenerationError, PlanError, EngineUnavailable, TimeoutError, StartupError) as e:
         raise UserError(str(e)) from e
     sys.stdout.flush()
-
-
-def bench_allreduce(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from edge.bench_allreduce import run, write_results
-    from transport.link import LinkSpec
-
-    if args.workers < 2:
-        raise UserError("--workers must be at least 2 for an all-reduce benchmark")
-    link = LinkSpec(latency_ms=args.link_latency_ms, bandwidth_mbps=args.link_bandwidth_mbps)
-    result = run(args.workers, args.size, args.iters, link)
-    out = Path(args.out)
-    path = out / "allreduce.json"
-    rows = json.loads(path.read_text()) if path.is_file() else []
-    key = (result["workers"], result["elements"], result["link"])
-    rows = [r for r in rows if (r["workers"], r["elements"], r["link"]) != key] + [result]
-    write_results(rows, out)
-    if not args.json:
-        print((out / "allreduce.md").read_text())
-    print(json.dumps({k: result[k] for k in ("star", "ring", "gloo", "auto_choice", "star_over_gloo")}))
 
 
 def _weights(text: str | None, workers: int) -> list[float] | str | None:
@@ -168,7 +147,7 @@ def _secret(path: str | None) -> bytes:
 
 
 def _run_master(settings, http, spawn: bool) -> None:
-    from edge.cluster import StartupError, run_master
+    from edge_llm.cluster import StartupError, run_master
     from transport.loop import run_loop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -181,8 +160,8 @@ def _run_master(settings, http, spawn: bool) -> None:
 
 
 def cluster(args: argparse.Namespace) -> None:
-    from edge.cluster import HttpSettings, link_from_args
     from edge.master import MasterSettings
+    from edge_llm.cluster import HttpSettings, link_from_args
 
     settings = MasterSettings(model=_model_folder(args.model), world_size=args.workers, dtype=args.dtype,
                               quantize=args.quantize,
@@ -211,7 +190,7 @@ def cluster(args: argparse.Namespace) -> None:
 
 
 def _cluster_config(path: str):
-    from edge.config import ConfigError, load_cluster_config
+    from edge_llm.config import ConfigError, load_cluster_config
 
     try:
         return load_cluster_config(path)
@@ -230,8 +209,8 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from edge.cluster import link_from_args, run_worker
     from edge.worker import PlanRefused, WorkerSettings
+    from edge_llm.cluster import link_from_args, run_worker
     from transport.loop import run_loop
 
     model, master, secret_file = _model_folder(args.model), args.master, args.secret_file
@@ -265,7 +244,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def _attention_node(args: argparse.Namespace, host: str, port: int, secret_file: str | None) -> None:
     from edge.attention import AttentionNodeSettings, NodeRefused
-    from edge.cluster import link_from_args, run_attention_node
+    from edge_llm.cluster import link_from_args, run_attention_node
     from transport.loop import run_loop
 
     if args.node is None:

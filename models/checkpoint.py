@@ -7,9 +7,6 @@ message that names the file and the tensor.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import struct
 from pathlib import Path
 
 import torch
@@ -17,11 +14,10 @@ from safetensors import SafetensorError, safe_open
 
 from models.config import LlamaConfig, load_config
 from models.errors import CheckpointError
+from models.files import INDEX_FILE, read_safetensors_header, tensor_files
 from models.quant import GROUP, QuantWeight, quantize
 from models.sharding import LocalDims, split_for
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
@@ -60,49 +56,6 @@ def expected_tensors(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Parse a safetensors header and check the file is as long as its header says (not truncated)."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8 or header_len > 100_000_000:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
-                                  f"(header of {header_len} bytes in a {size}-byte file)")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    header.pop("__metadata__", None)
-    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
-    if 8 + header_len + end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file: header needs "
-                              f"{8 + header_len + end} bytes, file has {size}")
-    return header
-
-
-def _tensor_files(folder: Path) -> dict[str, Path]:
-    """Map each tensor name to the file that holds it, from the index or the single file."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        return {name: folder / fname for name, fname in weight_map.items()}
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors weights found "
-                              f"(expected {SINGLE_FILE} or {INDEX_FILE})")
-    names: dict[str, Path] = {}
-    for path in files:
-        for name in read_safetensors_header(path):
-            names[name] = path
-    return names
-
-
 class Checkpoint:
     """A validated checkpoint folder that reads whole tensors or one rank's slice in `dtype`, and
     Linear weights by `quant`: 'int8' | 'int4' (quantized), 'auto' (as stored: blocks stay blocks),
@@ -115,7 +68,7 @@ class Checkpoint:
         self.config = load_config(self.folder)
         self.dtype = dtype
         self.quant = quant
-        self.files = _tensor_files(self.folder)
+        self.files = tensor_files(self.folder)
         self._headers = self._validate()
         self._handles: dict[Path, object] = {}
 
@@ -296,15 +249,3 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
-
-
-def checkpoint_fingerprint(folder: Path | str) -> str:
-    """Identifies a checkpoint by its config and weight-file headers (cheap: no tensor data read)."""
-    folder = Path(folder)
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
-    for path in sorted(folder.glob("*.safetensors")):
-        with path.open("rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            digest.update(path.name.encode() + fh.read(min(size, 1 << 24)))
-        digest.update(str(path.stat().st_size).encode())
-    return digest.hexdigest()[:16]

@@ -1,6 +1,6 @@
 """The generation loop, shared by the single-device model and the edge cluster.
 
-An `Engine` runs forward steps (in its compute thread or across ranks); `generate` turns steps
+An `Engine` (models.engine) runs forward steps (in its compute thread or across ranks); `generate` turns steps
 into a stream of `TokenEvent`s with sampling, logprobs, eos, stop strings and length limits.
 """
 
@@ -11,17 +11,17 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
+import psutil
 import torch
 
 from models.config import LlamaConfig
 from models.detokenize import IncrementalText
+from models.engine import ClusterCounters, Engine, EngineStatus, PromptScores
 from models.errors import GenerationError
 from models.model import LocalModel
 from models.sampling import SamplingParams, apply_penalties, choose_token, make_generator
 from models.scoring import combine_scores, slice_scores
-from models.tokenizer import Tokenizer
 
 
 @dataclass
@@ -33,25 +33,6 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" on the last event
-
-
-class Session(Protocol):
-    """Per-request state on the engine (its KV caches); released with `close`."""
-
-    async def step(self, tokens: list[int]) -> torch.Tensor:
-        """Feed new tokens, get the next-token logits [V] (float32)."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class Engine(Protocol):
-    config: LlamaConfig
-    tokenizer: Tokenizer
-
-    async def open_session(self, capacity: int) -> Session:
-        """A request's session, its KV cache reserved for `capacity` positions (prompt + max tokens)."""
-        ...
 
 
 class LocalSession:
@@ -82,7 +63,7 @@ class LocalEngine:
     async def open_session(self, capacity: int = 64) -> LocalSession:
         return LocalSession(self, capacity)
 
-    async def score(self, prompt_ids: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    async def score(self, prompt_ids: list[int], k: int) -> PromptScores:
         """Log-probability of every prompt token after the first, and the top k at each position."""
         if len(prompt_ids) < 2:
             return []
@@ -93,6 +74,16 @@ class LocalEngine:
 
         part = await asyncio.get_running_loop().run_in_executor(self.compute, run)
         return combine_scores([part], k)
+
+    def status(self) -> EngineStatus:
+        """Always up; a request's KV may take what memory is free."""
+        return EngineStatus(free_kv_bytes=psutil.virtual_memory().available)
+
+    def counters(self) -> ClusterCounters | None:
+        return None
+
+    def offloaded(self) -> Engine | None:
+        return None
 
     def close(self) -> None:
         self.compute.shutdown(wait=True)

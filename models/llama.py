@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from models.attention import Attend, KVStore
 from models.checkpoint import Checkpoint, layer_prefix
 from models.config import LlamaConfig
 from models.quant import QuantWeight
@@ -80,129 +80,12 @@ def load_layer(ckpt: Checkpoint, layer: int, dims: LocalDims) -> LayerWeights:
     return LayerWeights(**tensors)
 
 
-class KVCache:
-    """Per-request keys and values for the local KV heads of every layer.
-
-    Allocated for `capacity` positions (a request's prompt + max tokens when known): the pages of
-    positions not yet written stay virtual, so memory grows with the context, without copies.
-    Beyond the capacity it grows by doubling.
-    """
-
-    def __init__(self, num_layers: int, n_kv_heads: int, head_dim: int, capacity: int = 64,
-                 dtype: torch.dtype = torch.float32):
-        self.length = 0
-        self._shape = (1, n_kv_heads, capacity, head_dim)
-        self._k = [torch.empty(self._shape, dtype=dtype) for _ in range(num_layers)]
-        self._v = [torch.empty(self._shape, dtype=dtype) for _ in range(num_layers)]
-
-    def nbytes(self) -> int:
-        """Reserved bytes (capacity); pages of unfilled positions are only virtual memory."""
-        return sum(t.numel() * t.element_size() for t in self._k + self._v)
-
-    def used_bytes(self) -> int:
-        """Bytes of the filled positions: 2 x layers x KV heads x head_dim x element size per token."""
-        _, n_kv, _, head_dim = self._shape
-        return 2 * len(self._k) * n_kv * head_dim * self._k[0].element_size() * self.length
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: [1, kv_heads, S, head_dim] at positions length.. -> all keys/values so far."""
-        start, seqlen = self.length, k.shape[2]
-        if start + seqlen > self._k[layer].shape[2]:
-            self._grow(layer, start + seqlen)
-        self._k[layer][:, :, start:start + seqlen] = k
-        self._v[layer][:, :, start:start + seqlen] = v
-        end = start + seqlen
-        return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
-
-    def _grow(self, layer: int, needed: int) -> None:
-        capacity = max(needed, 2 * self._k[layer].shape[2])
-        for store in (self._k, self._v):
-            old = store[layer]
-            new = torch.empty((*old.shape[:2], capacity, old.shape[3]), dtype=old.dtype)
-            new[:, :, : self.length] = old[:, :, : self.length]
-            store[layer] = new
-
-    def advance(self, seqlen: int) -> None:
-        """Called once per forward, after every layer appended `seqlen` positions."""
-        self.length += seqlen
-
-    def attend_for(self, config: LlamaConfig, dims: LocalDims, seqlen: int) -> CacheAttention:
-        return CacheAttention(self, config, gather_map(dims), seqlen)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [B, S, D] -> same dtype; normalised in float32, then scaled in x's dtype (as transformers)."""
     dtype = x.dtype
     x = x.float()
     variance = x.pow(2).mean(-1, keepdim=True)
     return weight * (x * torch.rsqrt(variance + eps)).to(dtype)
-
-
-def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor | None:
-    """Additive mask [S, T]: causal, and within `window` tokens when the layer slides. None if all visible."""
-    if q_pos.numel() == 1 and (window is None or k_len <= window):
-        return None
-    k_pos = torch.arange(k_len)
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - window
-    mask = torch.zeros(allowed.shape, dtype=torch.float32)
-    return mask.masked_fill_(~allowed, float("-inf"))
-
-
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_map: tuple[int, ...] | None,
-                      mask: torch.Tensor | None) -> torch.Tensor:
-    """q: [B, H, S, hd], k, v: [B, KV, T, hd] -> [B, H, S, hd].
-
-    Query heads of one KV head are folded into the sequence axis so K and V are never copied;
-    `kv_map` (KV index of each query head) gathers KV heads for a rank holding part of a group.
-    """
-    bsz, n_heads, seqlen, head_dim = q.shape
-    if kv_map is not None:
-        index = torch.tensor(kv_map)
-        k, v = k.index_select(1, index), v.index_select(1, index)
-    n_kv = k.shape[1]
-    group = n_heads // n_kv
-    q = q.reshape(bsz, n_kv, group * seqlen, head_dim)  # [B, KV, G*S, hd]
-    scores = torch.matmul(q, k.transpose(2, 3)) * head_dim**-0.5  # [B, KV, G*S, T]
-    if mask is not None:
-        scores = scores + mask.repeat(group, 1)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v)  # [B, KV, G*S, hd]
-    return out.reshape(bsz, n_heads, seqlen, head_dim)
-
-
-def gather_map(dims: LocalDims) -> tuple[int, ...] | None:
-    """The kv_map `grouped_attention` needs for `dims`, or None when its groups are whole."""
-    return None if dims.uniform_groups else dims.kv_map
-
-
-# attend(layer, q, k, v): q [B, H, S, hd], new k, v [B, KV, S, hd] (after RoPE) -> [B, H, S, hd].
-# Where the keys and values live is the attend's business: a local KVCache, or attention nodes.
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class CacheAttention:
-    """The attend of one forward of `seqlen` new tokens over a local KVCache (causal, sliding windows).
-
-    Call it once per layer in order; the caller advances the cache after the last layer.
-    """
-
-    def __init__(self, kv: KVCache, config: LlamaConfig, kv_map: tuple[int, ...] | None, seqlen: int):
-        self.kv, self.config, self.kv_map = kv, config, kv_map
-        self.positions = torch.arange(kv.length, kv.length + seqlen)  # [S]
-        self.total = kv.length + seqlen
-        self._masks: dict[int | None, torch.Tensor | None] = {}
-
-    def _mask(self, layer: int) -> torch.Tensor | None:
-        window = self.config.sliding_window(layer)
-        if window not in self._masks:
-            self._masks[window] = attention_mask(self.positions, self.total, window)
-        return self._masks[window]
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys, values = self.kv.append(layer, k, v)  # [B, KV, T, hd]
-        return grouped_attention(q, keys, values, self.kv_map, self._mask(layer))
 
 
 def qkv(x: torch.Tensor, w: LayerWeights, dims: LocalDims,
@@ -273,16 +156,6 @@ def embed(tokens: torch.Tensor, head: HeadWeights) -> torch.Tensor:
 def logits(h: torch.Tensor, head: HeadWeights, eps: float) -> torch.Tensor:
     """h: [B, S, D] -> logits [B, S, V] (or this rank's vocabulary slice of them) in float32."""
     return linear(rms_norm(h, head.norm, eps), head.lm_head).float()
-
-
-class KVStore(Protocol):
-    """Where a request's keys and values live: a local KVCache, or attention nodes (edge.offload)."""
-
-    length: int
-
-    def attend_for(self, config: LlamaConfig, dims: LocalDims, seqlen: int) -> Attend: ...
-
-    def advance(self, seqlen: int) -> None: ...
 
 
 def forward_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], config: LlamaConfig,

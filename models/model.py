@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
+from models.attention import KVCache
 from models.checkpoint import Checkpoint
 from models.dtypes import resolve_dtype
-from models.llama import KVCache, embed, forward_layers, load_head, load_layer, logits
+from models.llama import embed, forward_layers, load_head, load_layer, logits
 from models.quant import check_quantizable
 from models.rope import RotaryTable
 from models.sharding import full_dims

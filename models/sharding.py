@@ -204,3 +204,8 @@ def attention_slices(dims: LocalDims, node_of: list[int]) -> list[AttentionSlice
         slices.append(AttentionSlice(node, heads[0], heads[-1] + 1, j, j1, None if whole else sub_map))
         j = j1
     return slices
+
+
+def kv_bytes_per_token(config: LlamaConfig, dims: LocalDims, element_bytes: int = 4) -> int:
+    """KV-cache bytes one token costs on this rank: 2 x layers x local KV heads x head_dim x element bytes."""
+    return 2 * config.num_layers * dims.n_local_kv_heads * config.head_dim * element_bytes

@@ -6,14 +6,15 @@ import asyncio
 
 from aiohttp import web
 
-from models.generation import Engine
+from models.engine import Engine
 from scheduler.admission import Admission
 from scheduler.cloud import CloudTier
-from scheduler.completions import complete, ensure_api_key, route_headers
+from scheduler.completions import complete, ensure_api_key
 from scheduler.errors import error_middleware
 from scheduler.measure import Measured
 from scheduler.metrics import Metrics
 from scheduler.openai_api import check_model
+from scheduler.routing import route_headers
 from scheduler.state import (
     ADMISSION,
     CLOUD,
@@ -74,12 +75,11 @@ async def model(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """200 once every worker is connected, else 503 naming the missing ranks; attention nodes are
     listed (offload is an extra route: the edge serves without them)."""
-    engine = request.app[ENGINE]
-    missing = engine.missing_ranks() if hasattr(engine, "missing_ranks") else []
+    status = request.app[ENGINE].status()
+    missing = status.missing_ranks
     body: dict = {"status": "ok"}
-    attention = getattr(engine, "attention", None)
-    if attention is not None:
-        body["attention_nodes"] = {"ready": engine.offload_ready(), "missing": attention.missing()}
+    if status.offload is not None:
+        body["attention_nodes"] = {"ready": status.offload.ready, "missing": status.offload.missing}
     if missing:
         body |= {"status": "unavailable", "missing_ranks": missing,
                  "message": f"worker rank(s) {missing} are not connected"}
@@ -117,7 +117,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> web.Application:
                           client_max_size=8 * 1024 * 1024)
     app[ENGINE] = engine
     app[SETTINGS] = settings
-    app[METRICS] = Metrics(getattr(engine, "snapshot", None))
+    app[METRICS] = Metrics(engine.counters)
     app[ADMISSION] = Admission(settings.max_running, settings.max_queue)
     app[MEASURED] = Measured()
     app.cleanup_ctx.append(_cloud_ctx)

@@ -10,18 +10,16 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-import psutil
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
-from edge.engine import kv_bytes_per_token
-from edge.master import WorkerUnavailable
-from models.generation import Engine, TokenEvent, generate
-from models.sharding import full_dims
+from models.engine import Engine, EngineUnavailable
+from models.generation import TokenEvent, generate
 from scheduler import openai_api as api
 from scheduler.cloud import CloudUnavailable
 from scheduler.errors import ApiError, as_api_error, error_body
-from scheduler.router import ROUTES, Decision, RouteInputs, RouteRefused, decide
+from scheduler.router import Decision
+from scheduler.routing import choose_route, req_forced, route_headers, set_route
 from scheduler.state import ADMISSION, CLOUD, ENGINE, MEASURED, METRICS, ROUTE_KEY, SETTINGS
 
 Indexed = tuple[int, TokenEvent]
@@ -57,7 +55,12 @@ async def _observed(request: web.Request, stream: AsyncIterator[TokenEvent],
 def _engine_for(request: web.Request) -> Engine:
     """The engine of the route taken: the cluster, or the cluster with its KV on the attention nodes."""
     engine, decision = request.app[ENGINE], request.get(ROUTE_KEY)
-    return engine.offloaded() if decision is not None and decision.route == "offload" else engine
+    if decision is None or decision.route != "offload":
+        return engine
+    offloaded = engine.offloaded()
+    if offloaded is None:
+        raise EngineUnavailable("this engine has no attention nodes")
+    return offloaded
 
 
 async def _merged(request: web.Request, req: api.ParsedRequest) -> AsyncIterator[Indexed]:
@@ -115,12 +118,12 @@ async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
     if decision.route == "cloud":
         # a forced cloud route must not quietly land on the edge
         return await _via_cloud(request, path, body, req, decision, edge_fallback=forced_route is None)
-    _set_route(request, decision)
+    set_route(request, decision)
     try:
         return await _on_edge(request, req)
-    except WorkerUnavailable as e:  # nothing was sent yet: the local ranks or the cloud may still answer
-        if decision.route == "offload" and not forced_route and not engine.missing_ranks():
-            _set_route(request, Decision("edge", f"offload failed before any output ({e})"))
+    except EngineUnavailable as e:  # nothing was sent yet: the local ranks or the cloud may still answer
+        if decision.route == "offload" and not forced_route and engine.status().up:
+            set_route(request, Decision("edge", f"offload failed before any output ({e})"))
             return await _on_edge(request, req)
         cloud = request.app.get(CLOUD)
         if cloud is None or not cloud.up:
@@ -148,84 +151,17 @@ async def _on_edge(request: web.Request, req: api.ParsedRequest) -> web.StreamRe
         raise
 
 
-def choose_route(request: web.Request, req: api.ParsedRequest) -> Decision:
-    """Measure the tiers and ask the pure policy; raises ApiError for an impossible forced route."""
-    engine = request.app[ENGINE]
-    forced = req_forced(request)
-    if forced is not None and forced not in ROUTES:
-        raise ApiError(400, f"x-edge-route must be one of {list(ROUTES)}, got {forced!r}", param="x-edge-route")
-    missing = engine.missing_ranks() if hasattr(engine, "missing_ranks") else []
-    inputs = _route_inputs(request, req, forced)
-    try:
-        return decide(inputs)
-    except RouteRefused as e:
-        detail = f" (worker rank(s) {missing} not connected)" if missing else ""
-        if forced == "offload" and not missing:
-            detail = f" ({engine.offload_unavailable_reason()})" if hasattr(engine, "offload_ready") \
-                else " (a single device has no attention nodes)"
-        raise ApiError(400 if forced else 503, f"{e}{detail}",
-                       "invalid_request_error" if forced else "service_unavailable",
-                       param="x-edge-route" if forced else None, code=None if forced else "worker_unavailable") from e
-
-
-def _latency_target(request: web.Request) -> float | None:
-    raw = request.headers.get("x-edge-latency-target-ms")
-    if raw is None:
-        return None
-    try:
-        target = float(raw)
-    except ValueError:
-        target = -1.0
-    if not target > 0:
-        raise ApiError(400, f"x-edge-latency-target-ms must be a positive number of milliseconds, got {raw!r}",
-                       param="x-edge-latency-target-ms")
-    return target / 1000
-
-
-def _route_inputs(request: web.Request, req: api.ParsedRequest, forced: str | None) -> RouteInputs:
-    """What the policy needs, measured now: memory, queue, tiers up, moving latencies."""
-    engine, admission, cloud = request.app[ENGINE], request.app[ADMISSION], request.app.get(CLOUD)
-    measured, config = request.app[MEASURED], engine.config
-    cluster = hasattr(engine, "offload_ready")
-    return RouteInputs(
-        prompt_tokens=len(req.prompt_ids), max_tokens=req.params.max_tokens,
-        kv_bytes_per_token=kv_bytes_per_token(config, full_dims(config)),
-        edge_free_kv_bytes=engine.free_kv_bytes() if cluster else psutil.virtual_memory().available,
-        edge_queue_full=admission.running >= admission.max_running and admission.waiting >= admission.max_queue,
-        edge_up=not (engine.missing_ranks() if cluster else []),
-        cloud_configured=cloud is not None, cloud_up=cloud is not None and cloud.up,
-        offload_nodes=engine.settings.attention_nodes if cluster and engine.offload_ready() else 0,
-        offload_free_kv_bytes=engine.offload_free_kv_bytes() if cluster else 0,
-        edge_ttft_s=measured.ttft("edge"), edge_tpot_s=measured.tpot("edge"),
-        cloud_ttft_s=measured.ttft("cloud"), cloud_tpot_s=measured.tpot("cloud"),
-        latency_target_s=_latency_target(request), forced=forced,  # type: ignore[arg-type]
-        policy=request.app[SETTINGS].policy)
-
-
-def _set_route(request: web.Request, decision: Decision) -> None:
-    request[ROUTE_KEY] = decision
-    request.app[METRICS].routes.labels(decision.route).inc()
-
-
-def route_headers(decision: Decision) -> dict[str, str]:
-    return {"x-edge-route": decision.route, "x-edge-route-reason": decision.reason}
-
-
-def req_forced(request: web.Request) -> str | None:
-    return request.headers.get("x-edge-route")
-
-
 async def _via_cloud(request: web.Request, path: str, body: dict, req: api.ParsedRequest,
                      decision: Decision, edge_fallback: bool) -> web.StreamResponse:
     """Proxy to the cloud tier; if it fails before answering, fall back to the edge when it can."""
     cloud = request.app[CLOUD]
-    _set_route(request, decision)
+    set_route(request, decision)
     try:
         return await cloud.forward(request, path, body, route_headers(decision))
     except CloudUnavailable as e:
         if not edge_fallback:
             raise ApiError(503, f"{e}; the edge cannot serve this request either", "service_unavailable") from e
-        _set_route(request, Decision("edge", f"the cloud tier failed ({e})"))
+        set_route(request, Decision("edge", f"the cloud tier failed ({e})"))
         return await _on_edge(request, req)
 
 
@@ -283,7 +219,7 @@ async def _stream(request: web.Request, req: api.ParsedRequest, head: dict, dead
         return response
     except Exception as e:
         await merged.aclose()
-        if not (isinstance(e, WorkerUnavailable) and await _migrate(request, req, chunk_head, progress, send)):
+        if not (isinstance(e, EngineUnavailable) and await _migrate(request, req, chunk_head, progress, send)):
             await send(error_body(as_api_error(e)))
     finally:
         await merged.aclose()

@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from edge.master import WorkerUnavailable
+from models.engine import EngineUnavailable
 from models.errors import GenerationError
 from transport.errors import TransportError
 
@@ -40,7 +40,7 @@ def as_api_error(e: Exception) -> ApiError:
         return ApiError(400, str(e), param="prompt")
     if isinstance(e, TimeoutError):
         return ApiError(504, "the request timed out before it finished", "timeout", code="timeout")
-    if isinstance(e, WorkerUnavailable | TransportError):
+    if isinstance(e, EngineUnavailable | TransportError):
         return ApiError(503, f"the edge cluster cannot serve this request: {e}", "service_unavailable",
                         code="worker_unavailable")
     log.exception("internal error")

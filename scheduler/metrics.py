@@ -8,54 +8,58 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from models.engine import ClusterCounters
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 
 
 class _ClusterCollector(Collector):
     """Reads live counters of the engine at scrape time (bytes per link, resident weights)."""
 
-    def __init__(self, snapshot: Callable[[], dict]):
-        self._snapshot = snapshot
+    def __init__(self, counters: Callable[[], ClusterCounters | None]):
+        self._counters = counters
 
     def collect(self) -> Iterable:
-        snap = self._snapshot()
+        snap = self._counters()
+        if snap is None:  # a single device: no cluster counters
+            return
         sent = CounterMetricFamily("edge_transport_bytes_sent", "Bytes rank 0 sent to each rank",
                                    labels=["rank"])
         received = CounterMetricFamily("edge_transport_bytes_received", "Bytes rank 0 received from each rank",
                                        labels=["rank"])
         weights = GaugeMetricFamily("edge_worker_weight_bytes", "Resident weight bytes per rank", labels=["rank"])
-        for rank, link in snap.get("links", {}).items():
+        for rank, link in snap.links.items():
             sent.add_metric([str(rank)], link["sent"])
             received.add_metric([str(rank)], link["received"])
-        for rank, nbytes in snap.get("weight_bytes", {}).items():
+        for rank, nbytes in snap.weight_bytes.items():
             weights.add_metric([str(rank)], nbytes)
         fixed = GaugeMetricFamily("edge_worker_fixed_rss_bytes",
                                   "A worker's RSS before loading weights (runtime overhead)", labels=["rank"])
-        for rank, nbytes in snap.get("fixed_rss", {}).items():
+        for rank, nbytes in snap.fixed_rss.items():
             fixed.add_metric([str(rank)], nbytes)
         fetched = GaugeMetricFamily("edge_worker_fetched_bytes",
                                     "Shard bytes a worker fetched from the master when it last joined",
                                     labels=["rank"])
-        for rank, nbytes in snap.get("fetched", {}).items():
+        for rank, nbytes in snap.fetched.items():
             fetched.add_metric([str(rank)], nbytes)
-        yield from (sent, received, weights, fixed, fetched, *self._window(snap.get("window", {})))
-        yield from self._timing(snap.get("timing", {}))
+        yield from (sent, received, weights, fixed, fetched, *self._window(snap.window))
+        yield from self._timing(snap.timing)
         yield from self._offload(snap)
 
     @staticmethod
-    def _offload(snap: dict) -> Iterable:
+    def _offload(snap: ClusterCounters) -> Iterable:
         """Step batching and attention-offload counters: KV rebuilds, per node its KV bytes and link bytes."""
         steps = CounterMetricFamily("edge_cluster_steps", "Cluster-wide forward steps")
-        steps.add_metric([], snap.get("steps", 0))
+        steps.add_metric([], snap.steps)
         rows = CounterMetricFamily("edge_cluster_step_rows", "Request-steps those forwards carried "
                                    "(concurrent decode steps run as one batched forward)")
-        rows.add_metric([], snap.get("step_rows", 0))
+        rows.add_metric([], snap.step_rows)
         yield from (steps, rows)
         rebuilds = CounterMetricFamily("edge_offload_kv_rebuilds",
                                        "Offloaded requests whose KV was rebuilt after losing an attention node")
-        rebuilds.add_metric([], snap.get("kv_rebuilds", 0))
+        rebuilds.add_metric([], snap.kv_rebuilds)
         yield rebuilds
-        attention = snap.get("attention")
+        attention = snap.attention
         if not attention:
             return
         kv = GaugeMetricFamily("edge_attention_node_kv_bytes", "KV-cache bytes held by each attention node",
@@ -111,7 +115,7 @@ def _per_rank_counters(per_rank: dict, families: dict[str, tuple[str, str]]) -> 
 class Metrics:
     """One registry per app, so several servers in one process (tests) never share counters."""
 
-    def __init__(self, cluster_snapshot: Callable[[], dict] | None = None):
+    def __init__(self, cluster_counters: Callable[[], ClusterCounters | None] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("edge_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
@@ -126,8 +130,8 @@ class Metrics:
         self.routes = Counter("edge_routes", "Requests by the route they took", ["route"], registry=r)
         self.cancelled = Counter("edge_requests_cancelled", "Generations stopped because the client left",
                                  registry=r)
-        if cluster_snapshot is not None:
-            r.register(_ClusterCollector(cluster_snapshot))
+        if cluster_counters is not None:
+            r.register(_ClusterCollector(cluster_counters))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

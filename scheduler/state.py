@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from models.generation import Engine
+from models.engine import Engine
 from scheduler.admission import Admission
 from scheduler.cloud import CloudSettings, CloudTier
 from scheduler.measure import Measured

@@ -3,10 +3,10 @@
 # processes, then emulated edge links (latency-bound and bandwidth-bound).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-E=.venv/bin/edge-llm
-$E bench allreduce --workers 2 --size 4096 --iters 2000 --json
-$E bench allreduce --workers 4 --size 4096 --iters 2000 --json
-$E bench allreduce --workers 4 --size 4194304 --iters 20 --json
-$E bench allreduce --workers 2 --size 4096 --iters 30 --link-latency-ms 5 --json
-$E bench allreduce --workers 4 --size 4096 --iters 30 --link-latency-ms 5 --json
-$E bench allreduce --workers 4 --size 262144 --iters 5 --link-latency-ms 1 --link-bandwidth-mbps 10 --json
+B=".venv/bin/python scripts/bench_allreduce.py"
+$B --workers 2 --size 4096 --iters 2000 --json
+$B --workers 4 --size 4096 --iters 2000 --json
+$B --workers 4 --size 4194304 --iters 20 --json
+$B --workers 2 --size 4096 --iters 30 --link-latency-ms 5 --json
+$B --workers 4 --size 4096 --iters 30 --link-latency-ms 5 --json
+$B --workers 4 --size 262144 --iters 5 --link-latency-ms 1 --link-bandwidth-mbps 10 --json

@@ -28,7 +28,6 @@ REFUSED = [
     (["split", "m", "--workers", "0"], "--workers: 0 is out of range"),
     (["worker", "--master", "h:1", "--rank", "0"], "--rank: 0 is out of range"),
     (["worker", "--master", "h:1", "--threads", "-1"], "--threads: -1 is out of range"),
-    (["bench", "allreduce", "--iters", "0"], "--iters: 0 is out of range"),
     (["worker", "--master", "host:abc", "--rank", "1"], "is not HOST:PORT"),
     (["worker", "--master", "host:70000", "--rank", "1"], "is not HOST:PORT"),
     (["worker", "--master", ":29500", "--rank", "1"], "is not HOST:PORT"),
@@ -74,7 +73,7 @@ def test_every_command_says_its_purpose_and_every_flag_its_meaning_and_default(c
     from edge_llm.cli import build_parser
 
     commands = dict(_commands(build_parser()))
-    assert {"make-model", "import", "generate", "split", "cluster", "serve", "worker", "bench allreduce"} <= set(commands)
+    assert {"make-model", "import", "generate", "split", "cluster", "serve", "worker"} <= set(commands)
     for name, parser in commands.items():
         assert parser.description, name
         for action in parser._actions:

@@ -7,9 +7,8 @@ import sys
 
 import aiohttp
 import pytest
+from cluster_proc import free_ports
 from hf_reference import hf_greedy, make_hf_checkpoint
-
-from edge.bench_allreduce import free_ports
 
 PROMPT = [0, 17, 250, 33, 99, 5, 120]
 
@@ -80,7 +79,7 @@ offload_above_tokens = 16
 
 
 def test_bad_policy_keys_are_refused(tmp_path):
-    from edge.config import ConfigError, load_cluster_config
+    from edge_llm.config import ConfigError, load_cluster_config
 
     config = tmp_path / "cluster.toml"
     config.write_text('model = "m"\n[[nodes]]\naddress = "127.0.0.1"\n[policy]\noffload_above = 5\n')
@@ -91,7 +90,7 @@ def test_bad_policy_keys_are_refused(tmp_path):
 def test_the_example_cluster_file_parses():
     from pathlib import Path
 
-    from edge.config import load_cluster_config
+    from edge_llm.config import load_cluster_config
 
     config = load_cluster_config(Path(__file__).parent.parent / "configs" / "cluster.example.toml")
     assert config.weights == [2.0, 1.0, 1.0] and config.attention_nodes == 1

@@ -7,7 +7,14 @@ import threading
 import numpy as np
 import pytest
 
-from transport.errors import AuthError, ChannelClosed, CollectiveAborted, CollectiveTimeout, FrameError, PeerFailed
+from transport.errors import (
+    AuthError,
+    ChannelClosed,
+    CollectiveAborted,
+    CollectiveTimeout,
+    FrameError,
+    PeerFailed,
+)
 from transport.fastpath import ABORT, DATA, ERROR, DataLink, DataServer, FastStar, open_data_link
 
 SECRET = b"s" * 32

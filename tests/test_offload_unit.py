@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from edge.attention import AttentionNode, AttentionNodeSettings
+from models.attention import attention_mask, gather_map, grouped_attention
 from models.config import config_from_hf
-from models.llama import attention_mask, gather_map, grouped_attention
 from models.sharding import PlanError, attention_nodes_of, attention_slices, local_dims
 from transport.codec import decode, encode, pack_array
 

@@ -11,8 +11,8 @@ import msgpack
 import numpy as np
 import psutil
 import pytest
+from cluster_proc import free_ports
 
-from edge.bench_allreduce import free_ports
 from transport.collectives import LinkModel, RingAllReduce, StarAllReduce, make_allreduce
 from transport.errors import AuthError, ChannelClosed
 from transport.link import LinkSpec

@@ -17,7 +17,7 @@ import numpy as np
 
 from transport.channel import Channel
 from transport.codec import pack_array, unpack_array
-from transport.errors import CollectiveAborted, FrameError, PeerFailed, TransportError
+from transport.errors import CollectiveAborted, FailureCause, FrameError, PeerFailed, TransportError
 
 Algorithm = Literal["star", "ring", "auto"]
 DEFAULT_TIMEOUT = 10.0
@@ -48,7 +48,7 @@ async def _recv_current(channel: Channel, tag: str, seq: int, timeout: float) ->
         if isinstance(s, int) and s < seq:
             continue
         if "error" in msg:
-            raise PeerFailed(str(msg["error"]))
+            raise PeerFailed(str(msg["error"]), FailureCause.parse(msg.get("cause")))
         _check_seq(msg, seq, channel.peer)
         return msg
 
@@ -152,10 +152,10 @@ class StarAllReduce:
                 self.peer_meta[r] = msg["meta"]
         return np.concatenate(parts, axis=-1)
 
-    async def fail(self, reason: str) -> None:
+    async def fail(self, reason: str, cause: FailureCause = FailureCause.PEER) -> None:
         """Non-hub: tell the hub this rank cannot finish the current step (it fails the request)."""
         for tag in ("ar", "ga"):
-            await self._channels[0].send({"t": tag, "s": self._seq + 1, "error": reason})
+            await self._channels[0].send({"t": tag, "s": self._seq + 1, "error": reason, "cause": cause.value})
 
     async def abort(self, reason: str) -> None:
         """Hub only: release ranks waiting in the current all-reduce after a peer failed."""
@@ -185,12 +185,12 @@ class RingAllReduce:
         await nxt.send({"t": tag, "s": self._seq, "x": pack_array(chunk)})
         return unpack_array((await _recv_current(prev, tag, self._seq, self.timeout))["x"])
 
-    async def fail(self, reason: str) -> None:
+    async def fail(self, reason: str, cause: FailureCause = FailureCause.PEER) -> None:
         """Tell the successor this rank cannot finish the current all-reduce; it raises PeerFailed
         and passes the news on, so the whole ring (rank 0 last) fails at once, not at a timeout."""
         nxt = self._channels[(self.rank + 1) % self.world_size]
         for tag in ("rs", "ag"):
-            await nxt.send({"t": tag, "s": self._seq + 1, "error": reason})
+            await nxt.send({"t": tag, "s": self._seq + 1, "error": reason, "cause": cause.value})
 
     async def allreduce(self, x: np.ndarray) -> np.ndarray:
         self._seq += 1
@@ -316,12 +316,12 @@ class StepCollective:
     async def gather(self, x: np.ndarray, meta: dict | None = None) -> np.ndarray | None:
         return await self.star.gather(x, meta)
 
-    async def fail(self, reason: str) -> None:
+    async def fail(self, reason: str, cause: FailureCause = FailureCause.PEER) -> None:
         """Report to the hub, and to the ring successor when partial sums travel around a ring."""
-        await self.star.fail(reason)
+        await self.star.fail(reason, cause)
         ring = getattr(self._allreduce, "ring", self._allreduce)
         if isinstance(ring, RingAllReduce):
-            await ring.fail(reason)
+            await ring.fail(reason, cause)
 
     async def abort(self, reason: str) -> None:
         await self.star.abort(reason)

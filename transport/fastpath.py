@@ -8,8 +8,8 @@ heartbeats) stays on the event loop; the sums are bit-identical to StarAllReduce
 float32).
 
 Frame: a 16-byte header (kind, payload bytes, collective sequence number) and the payload: the
-array's bytes for DATA, a UTF-8 reason for ERROR (a rank cannot finish the step) and ABORT (the
-hub gave up on the step). Frames of an abandoned step (lower sequence numbers) are skipped.
+array's bytes for DATA; for ERROR (a rank cannot finish the step) its FailureCause, a newline and
+a UTF-8 reason; for ABORT (the hub gave up on the step) the reason. Frames of an abandoned step (lower sequence numbers) are skipped.
 Peers authenticate with the cluster's HMAC handshake before the first frame.
 """
 
@@ -32,6 +32,7 @@ from transport.errors import (
     ChannelClosed,
     CollectiveAborted,
     CollectiveTimeout,
+    FailureCause,
     FrameError,
     PeerFailed,
     TransportError,
@@ -67,12 +68,13 @@ class DataLink:
             self._sendall([FRAME.pack(kind, len(data), seq), data])
             self.bytes_sent += FRAME.size + len(data)
 
-    def send_nowait(self, kind: int, seq: int, reason: str) -> None:
-        """A failure report from the event loop: never blocks it; dropped if the link is busy or full."""
+    def send_nowait(self, kind: int, seq: int, reason: str, cause: FailureCause = FailureCause.PEER) -> None:
+        """A failure report from the event loop: never blocks it; dropped if the link is busy or full.
+        The body is the cause, a newline and the reason."""
         if self.closed or not self._lock.acquire(timeout=0.5):
             return
         try:
-            data = reason.encode()[:4096]
+            data = (cause.value + "\n" + reason).encode()[:4096]
             self.sock.send(FRAME.pack(kind, len(data), seq) + data, socket.MSG_DONTWAIT)
         except OSError:
             pass
@@ -127,8 +129,8 @@ class DataLink:
                 self._read_exact(memoryview(body))
                 if got < seq:
                     continue  # left over from a step that failed
-                reason = body.decode(errors="replace")
-                raise (PeerFailed(reason) if kind == ERROR else
+                cause, _, reason = body.decode(errors="replace").partition("\n")
+                raise (PeerFailed(reason, FailureCause.parse(cause)) if kind == ERROR else
                        CollectiveAborted(f"the hub aborted all-reduce #{seq}: {reason}"))
             if kind != DATA or got != seq or size != out.nbytes:
                 self.closed = True  # the peer is out of step: no more steps on this link
@@ -181,10 +183,10 @@ class FastStar:
                 self.links[r].send(DATA, seq, acc.data)
         return acc
 
-    def report(self, kind: int, seq: int, reason: str) -> None:
+    def report(self, kind: int, seq: int, reason: str, cause: FailureCause = FailureCause.PEER) -> None:
         """From the event loop: ERROR to the hub (a worker's failure) or ABORT to every worker (the hub's)."""
         for link in list(self.links.values()):
-            link.send_nowait(kind, seq, reason)
+            link.send_nowait(kind, seq, reason, cause)
 
 
 class _FramedSocket:

@@ -1,7 +1,13 @@
-"""`edge-llm bench allreduce`: star, ring and torch.distributed gloo on N real processes over loopback."""
+"""Star, ring and torch.distributed gloo all-reduce on N real processes over loopback (or emulated
+links); adds a row to bench/allreduce.json and rewrites bench/allreduce.md.
+
+    python scripts/bench_allreduce.py --workers N [--size ELEMENTS] [--iters I]
+        [--link-latency-ms L] [--link-bandwidth-mbps B] [--json] [--out bench]
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
 import os
@@ -144,3 +150,30 @@ def write_results(rows: list[dict], out_dir: Path = Path("bench")) -> None:
                      f"{r['gloo']['median_us']:.0f} | {r['gloo']['mean_us']:.0f} | {r['star_over_gloo']:.2f} | "
                      f"{r['auto_choice']} |")
     (out_dir / "allreduce.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, default=2, help="processes taking part (at least 2)")
+    p.add_argument("--size", type=int, default=4096, help="float32 elements")
+    p.add_argument("--iters", type=int, default=500, help="all-reduces per system")
+    p.add_argument("--link-latency-ms", type=float, default=0.0, help="emulated latency per hop")
+    p.add_argument("--link-bandwidth-mbps", type=float, default=0.0, help="emulated bandwidth per link (0: unlimited)")
+    p.add_argument("--json", action="store_true", help="print this row as JSON instead of the table")
+    p.add_argument("--out", default="bench", help="folder for the JSON and Markdown results")
+    args = p.parse_args(argv)
+    if args.workers < 2 or args.size < 1 or args.iters < 1:
+        p.error("--workers must be at least 2, --size and --iters at least 1")
+    link = LinkSpec(latency_ms=args.link_latency_ms, bandwidth_mbps=args.link_bandwidth_mbps)
+    result = run(args.workers, args.size, args.iters, link)
+    out = Path(args.out)
+    path = out / "allreduce.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    key = (result["workers"], result["elements"], result["link"])
+    rows = [r for r in rows if (r["workers"], r["elements"], r["link"]) != key] + [result]
+    write_results(rows, out)
+    print(json.dumps(result) if args.json else (out / "allreduce.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

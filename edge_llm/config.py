@@ -7,8 +7,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from edge.cluster import HttpSettings, link_from_args
 from edge.master import MasterSettings
+from edge_llm.cluster import HttpSettings, link_from_args
 from models.dtypes import DTYPE_CHOICES
 from models.quant import QUANT_CHOICES
 from scheduler.cloud import CloudSettings

@@ -1,0 +1,96 @@
+"""What happens when a cluster step fails: one path for a single request and for a batch.
+
+A step that lost an attention node (here, or as a worker reported it with FailureCause.ATTENTION)
+while every compute rank is still up is recoverable: each request of the step gets its KV rebuilt
+on the compute ranks (the workers dropped every request of the failed step) and its step retried
+once, alone, replaying its history. Any other failure (a worker gone, rank 0's weights broken) fails
+every request of the step exactly once with EngineUnavailable, and marks its session failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+from edge.batcher import StepRequest, deliver
+from edge.offload import AttentionNodeFailed
+from edge.split import SplitError
+from models.engine import EngineUnavailable
+from transport.errors import FailureCause, PeerFailed, TransportError
+
+log = logging.getLogger("edge_llm.master")
+# What a failed cluster step raises: links and peers (transport), timeouts, rank 0's own weights.
+STEP_ERRORS = (TransportError, TimeoutError, SplitError)
+
+Forward = Callable[[list, list[list[int]], int | None], Awaitable[np.ndarray]]
+
+
+def lost_attention_node(error: BaseException) -> bool:
+    """Whether a failed step lost an attention node: on rank 0, or as a worker reported it."""
+    return isinstance(error, AttentionNodeFailed) or (
+        isinstance(error, PeerFailed) and error.cause == FailureCause.ATTENTION)
+
+
+class Failover:
+    """Runs a batch through `forward` and gives each request its outcome exactly once.
+
+    forward(sessions, tokens, score_k) -> logits [B, V] (or a scoring pass's stats) raises STEP_ERRORS;
+    rebuild(session, reason) moves an offloaded request's KV to the compute ranks;
+    cluster_up() says every compute rank can take part; offload_ready() that the nodes are linked.
+    """
+
+    def __init__(self, forward: Forward, rebuild: Callable[[object, str], Awaitable[None]],
+                 cluster_up: Callable[[], bool], offload_ready: Callable[[], bool]):
+        self._forward, self._rebuild = forward, rebuild
+        self._cluster_up, self._offload_ready = cluster_up, offload_ready
+
+    async def run(self, batch: list[StepRequest]) -> None:
+        for entry in batch:  # nodes already known lost: rebuild before the step, not after it fails
+            if entry.session.offload and not self._offload_ready() and self._cluster_up():
+                await self._rebuild(entry.session, "the attention nodes are not linked")
+        try:
+            out = await self._forward([e.session for e in batch], [e.tokens for e in batch], _score_k(batch))
+        except EngineUnavailable as error:  # a rank was already missing: nothing ran
+            for entry in batch:
+                self._fail(entry, error)
+            return
+        except STEP_ERRORS as error:
+            await self._recover(batch, error)
+            return
+        for b, entry in enumerate(batch):
+            deliver(entry.result, _row(out, b, entry))
+
+    async def _recover(self, batch: list[StepRequest], error: BaseException) -> None:
+        reason = str(error) or type(error).__name__
+        offloaded = any(e.session.offload for e in batch)
+        if not (offloaded and (lost_attention_node(error) or not self._offload_ready()) and self._cluster_up()):
+            who = "rank 0" if isinstance(error, SplitError) else "a worker"
+            for entry in batch:
+                self._fail(entry, EngineUnavailable(f"{who} failed during the step: {reason}"))
+            return
+        for entry in batch:  # the workers dropped every request of the step: all replay
+            await self._rebuild(entry.session, reason)
+            try:
+                out = await self._forward([entry.session], [entry.tokens], entry.score_k)
+            except (EngineUnavailable, *STEP_ERRORS) as again:
+                self._fail(entry, EngineUnavailable(f"the request lost its attention node ({reason}) and "
+                                                    f"rebuilding its KV on the compute ranks failed too: {again}"))
+                continue
+            deliver(entry.result, _row(out, 0, entry))
+
+    @staticmethod
+    def _fail(entry: StepRequest, error: EngineUnavailable) -> None:
+        entry.session.failed = True
+        deliver(entry.result, error=error)
+
+
+def _score_k(batch: list[StepRequest]) -> int | None:
+    """A scoring pass runs alone (the batcher never batches it)."""
+    return batch[0].score_k if len(batch) == 1 else None
+
+
+def _row(out: np.ndarray, b: int, entry: StepRequest) -> np.ndarray:
+    """A request's share of the step's output: its logits [V], or the whole scoring stats."""
+    return out if entry.score_k is not None else out[b]

@@ -1,0 +1,63 @@
+"""Keeps the links between ranks matched to who is up: the all-reduce ring (`--allreduce ring|auto`)
+and every rank's links to the attention nodes, each relinked under a new epoch when a worker or a
+node (re)joins. Relinking holds the step lock, so no step runs on a half-built set of links.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from edge.attention_pool import AttentionPool
+from edge.ring import link_ring_from_master
+from edge.roster import Roster
+from models.sharding import LocalDims
+from transport.collectives import StarAllReduce, StepCollective
+from transport.errors import TransportError
+
+log = logging.getLogger("edge_llm.master")
+
+
+class Relinker:
+    """Owns `collective` (what rank 0's forward all-reduces with) and whether the ring is whole."""
+
+    def __init__(self, roster: Roster, star: StarAllReduce, algorithm: str, timeout: float,
+                 attention: AttentionPool | None, lock: asyncio.Lock, rank0_dims: Callable[[], LocalDims],
+                 missing_ranks: Callable[[], list[int]]):
+        self.roster, self.star, self.algorithm, self.timeout = roster, star, algorithm, timeout
+        self.attention, self._lock, self._rank0_dims = attention, lock, rank0_dims
+        self._missing_ranks = missing_ranks  # the cluster's: workers, rank 0's plan, the ring
+        self.collective = StepCollective(star)
+        self.ring_ok = algorithm == "star" or roster.world_size == 1
+        self._epoch = 0
+
+    async def after_join(self) -> None:
+        """A worker (re)joined: relink the ring (if any) and the attention nodes."""
+        if self.algorithm != "star":
+            await self.link_ring()
+        await self.link_attention()
+
+    async def link_ring(self) -> None:
+        """(Re)build the worker ring once every worker is connected; until then the cluster is down."""
+        self.ring_ok = False
+        if self.roster.missing():
+            return
+        async with self._lock:
+            self._epoch += 1
+            listen = {r: rec.listen for r, rec in self.roster.records.items()}
+            try:
+                self.collective = await link_ring_from_master(self.roster.channels, listen, self._epoch,
+                                                              self.algorithm, self.star, self.timeout)
+            except (TransportError, TimeoutError) as e:
+                log.warning("could not link the ring: %s", e)
+                return
+            self.ring_ok = True
+            log.info("ring linked (epoch %d, %s)", self._epoch, self.algorithm)
+
+    async def link_attention(self) -> None:
+        """Link every rank to the attention nodes once all ranks and nodes are up (else wait)."""
+        if self.attention is None or self.attention.missing() or self._missing_ranks():
+            return
+        async with self._lock:
+            await self.attention.link(self.roster.channels, self._rank0_dims())

@@ -1,0 +1,161 @@
+"""Who takes part in the cluster: each worker's join (checked, planned, loaded), its heartbeats and
+its links, as one record per rank.
+
+A worker joins on the control channel: Join -> Plan (or Refused) -> [shard fetch] -> Ready,
+then heartbeats until it leaves; silence for HEARTBEAT_TIMEOUT drops its link, so requests fail
+fast and /health names it until it joins again. Its all-reduce data link (transport.fastpath)
+arrives separately and is matched by rank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from edge.messages import HEARTBEAT_TIMEOUT, Heartbeat, Join, Message, Ready, Refused, receive, send
+from edge.planner import Planner
+from models.engine import EngineUnavailable
+from transport.errors import FrameError, TransportError
+from transport.fastpath import DataLink, DataServer
+from transport.link import LinkSpec
+from transport.tcp import ChannelServer, TcpChannel
+
+log = logging.getLogger("edge_llm.master")
+JOIN_TIMEOUT, READY_TIMEOUT = 10.0, 600.0  # the second covers loading (or fetching) a slice
+
+
+@dataclass
+class RankRecord:
+    """What the master knows of one worker since it last joined."""
+
+    channel: TcpChannel
+    listen: list  # where it accepts its ring predecessor
+    weight_bytes: int = 0  # resident weights
+    fixed_rss: int = 0  # its RSS before weights
+    fetched: int = 0  # shard bytes it fetched from us when it joined
+    free_bytes: int | None = None  # free memory: at join, then reported with every step
+
+    @property
+    def up(self) -> bool:
+        return not self.channel.closed
+
+
+class Roster:
+    """Ranks 1..N-1 as rank 0 sees them. `channels` and `data_links` are the live maps the
+    all-reduces send on (they change as workers come and go)."""
+
+    def __init__(self, world_size: int, fingerprint: str, secret: bytes, link: LinkSpec | None,
+                 planner: Planner, on_ready: Callable[[], Awaitable[None]],
+                 on_attention_node: Callable[[TcpChannel, Join], Awaitable[None]],
+                 data_plane: bool, step_timeout: float):
+        self.world_size, self.fingerprint, self.planner = world_size, fingerprint, planner
+        self._on_ready, self._on_attention_node = on_ready, on_attention_node
+        self.records: dict[int, RankRecord] = {}
+        self.channels: dict[int, TcpChannel] = {}
+        self.data_links: dict[int, DataLink] = {}
+        self._server = ChannelServer(secret, self.admit, link)
+        self._data_server = DataServer(secret, step_timeout, self._add_data_link) if data_plane else None
+        self._data_task: asyncio.Task[None] | None = None
+        self.data_port: int | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen for workers (and their data links); returns the control port."""
+        if self._data_server is not None:
+            self.data_port = self._data_server.start(host)
+            self._data_task = asyncio.create_task(self._data_server.serve(), name="data-links")
+        return await self._server.start(host, port)
+
+    def missing(self) -> list[int]:
+        """Workers not connected now."""
+        return [r for r in range(1, self.world_size) if r not in self.records or not self.records[r].up]
+
+    def data_plane_up(self) -> bool:
+        """Whether a step's all-reduces can use the data plane: every worker has a live data link."""
+        return self._data_server is not None and all(
+            r in self.data_links and not self.data_links[r].closed for r in range(1, self.world_size))
+
+    async def command(self, msg: Message, ignore_errors: bool = False) -> None:
+        """Send a command to every connected worker; EngineUnavailable names one that is gone."""
+        for rank, ch in list(self.channels.items()):
+            try:
+                await send(ch, msg)
+            except TransportError as e:
+                if not ignore_errors:
+                    raise EngineUnavailable(f"worker rank {rank} is unavailable: {e}") from e
+
+    async def admit(self, ch: TcpChannel) -> None:
+        """A device's control channel, for as long as it stays: join, plan, ready, heartbeats."""
+        try:
+            join = await receive(ch, Join, JOIN_TIMEOUT)
+            if join.role == "attention":
+                await self._on_attention_node(ch, join)
+                return
+            error = self._refusal(join)
+            if error:
+                log.error("refusing worker %s: %s", ch.peer, error)
+                await send(ch, Refused(error))
+                return
+            rank = join.rank
+            plan = await self.planner.plan_for(rank, join.profile, fetch=join.fingerprint is None)
+            if self.data_port is not None:
+                plan = type(plan)(**{**vars(plan), "data_port": self.data_port})
+            await send(ch, plan)
+            await self.planner.serve_fetch(ch, plan)
+            ready = await receive(ch, Ready, READY_TIMEOUT)
+        except TransportError as e:
+            log.warning("worker %s failed to join: %s", ch.peer, e)
+            return
+        await self._enlist(rank, ch, join, ready)
+        await self._on_ready()
+        await self._watch(rank, ch)
+
+    def _refusal(self, join: Join) -> str | None:
+        if join.rank is None or not 0 < join.rank < self.world_size:
+            return f"rank {join.rank!r} is not in 1..{self.world_size - 1}"
+        if join.fingerprint not in (self.fingerprint, None):
+            return (f"rank {join.rank}'s checkpoint differs from the master's "
+                    f"({join.fingerprint} != {self.fingerprint}); give every device the same model")
+        return None
+
+    async def _enlist(self, rank: int, ch: TcpChannel, join: Join, ready: Ready) -> None:
+        free = (join.profile or {}).get("free_bytes")
+        old = self.records.get(rank)
+        self.records[rank] = RankRecord(ch, list(join.listen or []), ready.weight_bytes, ready.fixed_rss_bytes,
+                                        ready.fetched_bytes, int(free) if isinstance(free, int | float) else None)
+        self.channels[rank] = ch
+        if old is not None:
+            await old.channel.aclose()
+        log.info("rank %d ready (%s)", rank, ch.peer)
+
+    async def _watch(self, rank: int, ch: TcpChannel) -> None:
+        """Hold a worker's link while its heartbeats come; a silent (frozen) worker is dropped."""
+        try:
+            while True:
+                await receive(ch, Heartbeat, HEARTBEAT_TIMEOUT)
+        except TransportError as e:
+            if self.channels.get(rank) is ch and not ch.closed:
+                log.warning("rank %d went silent (%s); dropping its link until it rejoins", rank, e)
+                await ch.aclose()
+
+    def _add_data_link(self, rank: int, link: DataLink) -> None:
+        """A worker's data link (authenticated): it replaces the rank's old one."""
+        if not 0 < rank < self.world_size:
+            raise FrameError(f"data link for rank {rank!r}, not in 1..{self.world_size - 1}")
+        old = self.data_links.pop(rank, None)
+        if old is not None:
+            old.close()
+        self.data_links[rank] = link
+
+    async def aclose(self) -> None:
+        if self._data_task is not None:
+            self._data_task.cancel()
+            await asyncio.gather(self._data_task, return_exceptions=True)
+        if self._data_server is not None:
+            self._data_server.close()
+        for link in list(self.data_links.values()):
+            link.close()
+        await self._server.aclose()
+        for ch in list(self.channels.values()):
+            await ch.aclose()

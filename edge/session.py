@@ -1,0 +1,76 @@
+"""A request on the cluster: its KV caches (rank 0's here, the others' on the workers under the same
+id, or all of them on the attention nodes), the tokens fed so far, and the way its steps are queued.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from edge.messages import CloseRequest, OpenRequest
+from edge.offload import RemoteKV
+from models.attention import KVCache
+from models.engine import ClusterCounters, EngineStatus, EngineUnavailable, PromptScores
+
+if TYPE_CHECKING:
+    from edge.batcher import StepBatcher
+    from edge.master import ClusterEngine
+    from edge.roster import Roster
+
+
+class ClusterSession:
+    """One request's state on the cluster (a models.engine.Session).
+
+    Keeps every token fed so far (`history`), so KV lost with an attention node is rebuilt on the
+    compute ranks by replaying them (`replay`: the next step feeds the history first).
+    """
+
+    def __init__(self, rid: str, kv: KVCache | RemoteKV, capacity: int, batcher: StepBatcher, roster: Roster):
+        self.rid, self.kv, self.capacity = rid, kv, capacity
+        self.offload = isinstance(kv, RemoteKV)
+        self._batcher, self._roster = batcher, roster
+        self.history: list[int] = []
+        self.replay = False
+        self.failed = False  # it lost a worker: no more steps
+        self.closed = False
+
+    def open_command(self) -> OpenRequest:
+        """What the workers need to hold this request's KV (sent again after a rebuild)."""
+        return OpenRequest(self.rid, self.capacity, self.offload)
+
+    async def step(self, tokens: list[int]) -> torch.Tensor:
+        """New tokens -> next-token logits [V], batched with other requests' decode steps."""
+        if self.failed:
+            raise EngineUnavailable("this request lost a worker earlier")
+        return torch.from_numpy(await self._batcher.submit(self, tokens))  # [V]
+
+    async def close(self) -> None:
+        self.closed = True
+        self._batcher.wake()  # the runner may be waiting for this request's next step
+        await self._roster.command(CloseRequest(self.rid), ignore_errors=True)
+        if isinstance(self.kv, RemoteKV):
+            await self.kv.close()
+
+
+class OffloadedEngine:
+    """The cluster seen through the offload route (a models.engine.Engine): every session it opens
+    keeps its KV cache on the attention nodes."""
+
+    def __init__(self, engine: ClusterEngine):
+        self.engine, self.config, self.tokenizer = engine, engine.config, engine.tokenizer
+
+    async def open_session(self, capacity: int = 64) -> ClusterSession:
+        return await self.engine.open_session(capacity, offload=True)
+
+    async def score(self, prompt_ids: list[int], k: int) -> PromptScores:
+        return await self.engine.score(prompt_ids, k, offload=True)
+
+    def status(self) -> EngineStatus:
+        return self.engine.status()
+
+    def counters(self) -> ClusterCounters | None:
+        return self.engine.counters()
+
+    def offloaded(self) -> OffloadedEngine:
+        return self
