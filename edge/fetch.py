@@ -1,7 +1,7 @@
 """Shard files over the authenticated transport: a worker without its files fetches exactly its own.
 
-Worker -> master  {"t": "fetch", "name", "offset"}
-Master -> worker  {"t": "chunk", "name", "offset", "data", "eof"}  (CHUNK bytes at a time)
+Worker -> master  FetchRequest(name, offset), ..., FetchRequest(done=True)   (edge.messages)
+Master -> worker  Chunk(name, offset, data, eof)  (CHUNK bytes at a time)
 The worker appends to NAME.part, so a broken transfer resumes where it stopped; at the end the
 sha256 must match the master's manifest before the file takes its real name. Files already
 present with the right checksum are not fetched again (after restarts, too).
@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from edge.messages import Chunk, FetchRequest, receive, send
 from edge.split import MANIFEST, sha256_file
 from transport.channel import Channel
 from transport.errors import FrameError, TransportError
@@ -34,15 +35,14 @@ def _safe_name(name: str, root: Path) -> Path:
 async def serve_fetches(channel: Channel, split_dir: Path, allowed: set[str]) -> None:
     """Master side: answer fetch requests for `allowed` names until the worker says done."""
     while True:
-        msg = await channel.recv("fetch", FETCH_TIMEOUT)
-        if msg.get("done"):
+        msg = await receive(channel, FetchRequest, FETCH_TIMEOUT)
+        if msg.done:
             return
-        name, offset = msg.get("name"), msg.get("offset", 0)
-        if name not in allowed or not isinstance(offset, int) or offset < 0:
+        name, offset = msg.name, msg.offset
+        if name not in allowed or offset < 0:
             raise FrameError(f"worker asked for {name!r} at {offset!r}, which is not its file")
         data = await asyncio.to_thread(_read_chunk, _safe_name(name, split_dir), offset)
-        await channel.send({"t": "chunk", "name": name, "offset": offset, "data": data,
-                            "eof": len(data) < CHUNK})
+        await send(channel, Chunk(name, offset, data, len(data) < CHUNK))
 
 
 def _read_chunk(path: Path, offset: int) -> bytes:
@@ -60,7 +60,7 @@ async def fetch_files(channel: Channel, files: dict[str, dict], plan: dict, dest
                 await asyncio.to_thread(sha256_file, path) == entry["sha256"]:
             continue
         fetched += await _fetch_one(channel, name, path, entry)
-    await channel.send({"t": "fetch", "done": True})
+    await send(channel, FetchRequest(done=True))
     manifest = {"plan": plan, "files": files}
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return fetched
@@ -76,13 +76,13 @@ async def _fetch_one(channel: Channel, name: str, path: Path, entry: dict) -> in
     start = offset
     with part.open("ab") as fh:
         while True:
-            await channel.send({"t": "fetch", "name": name, "offset": offset})
-            msg = await channel.recv("chunk", FETCH_TIMEOUT)
-            if msg.get("name") != name or msg.get("offset") != offset or not isinstance(msg.get("data"), bytes):
+            await send(channel, FetchRequest(name, offset))
+            msg = await receive(channel, Chunk, FETCH_TIMEOUT)
+            if msg.name != name or msg.offset != offset:
                 raise FrameError(f"unexpected chunk for {name} at {offset}")
-            fh.write(msg["data"])
-            offset += len(msg["data"])
-            if msg.get("eof") or offset >= entry["bytes"]:
+            fh.write(msg.data)
+            offset += len(msg.data)
+            if msg.eof or offset >= entry["bytes"]:
                 break
         log.info("fetched %s (%d MB)", name, (offset - start) >> 20)
     if await asyncio.to_thread(sha256_file, part) != entry["sha256"]:

@@ -6,7 +6,7 @@ every field's type, so a malformed message from a peer is a FrameError, never a 
 
     worker -> master   Join, Ready, Heartbeat, RingLinked, AttentionLinked
     rank -> ring successor / attention node   Hello
-    master -> worker   Plan | Refused, then commands: OpenRequest, CloseRequest, Step,
+    master -> worker   Plan | Refused, [Chunk for each FetchRequest], then commands: OpenRequest, CloseRequest, Step,
                        LinkRing (edge/ring.py), LinkAttention (edge/attention_pool.py)
     node   -> master   Join(role="attention"), NodeStats (heartbeat);  master -> node  NodePlan
 The all-reduces themselves (transport.collectives, transport.fastpath) are the data plane.
@@ -140,6 +140,28 @@ class NodePlan(Message):
 async def receive_plan(ch: Channel, kind: type[M], timeout: float) -> M | Refused:
     raw = await ch.recv("plan", timeout)
     return Refused.from_wire(raw) if "error" in raw else kind.from_wire(raw)
+
+
+@dataclass(frozen=True)
+class FetchRequest(Message):
+    """A worker without its shard asks for the next chunk of one of its files (edge/fetch.py), or
+    says it is done (`done`)."""
+
+    TAG = "fetch"
+    name: str | None = None
+    offset: int = 0
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class Chunk(Message):
+    """Up to edge.fetch.CHUNK bytes of a shard file from `offset`; `eof` after the last."""
+
+    TAG = "chunk"
+    name: str
+    offset: int
+    data: bytes
+    eof: bool = False
 
 
 @dataclass(frozen=True)
