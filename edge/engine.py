@@ -19,7 +19,7 @@ import psutil
 import torch
 
 from edge.offload import batch_attend_for
-from edge.split import SplitError, SplitPlan, default_split_dir, split_model
+from edge.split import SplitError, SplitPlan, default_split_dir, plan_folder, split_model
 from edge.weights import BudgetTooSmall, WeightWindow
 from models.attention import KVCache, KVStore
 from models.checkpoint import Checkpoint
@@ -177,6 +177,7 @@ def load_shard(ckpt: Checkpoint, dims: LocalDims, world_size: int, weights: list
     plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(ckpt.folder), dtype,
                      quantize, ckpt.plan_align())
     budget = int(budget_mb * (1 << 20))
+    folder = plan_folder(folder, plan)
     try:
         return ShardModel.from_split(ckpt.config, dims, folder, plan, budget, drop_cache)
     except BudgetTooSmall:

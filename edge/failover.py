@@ -3,8 +3,11 @@
 A step that lost an attention node (here, or as a worker reported it with FailureCause.ATTENTION)
 while every compute rank is still up is recoverable: each request of the step gets its KV rebuilt
 on the compute ranks (the workers dropped every request of the failed step) and its step retried
-once, alone, replaying its history. Any other failure (a worker gone, rank 0's weights broken) fails
-every request of the step exactly once with EngineUnavailable, and marks its session failed.
+once, alone, replaying its history. A step that lost a worker (its link ended, it froze, or it was
+missing) is recoverable when the cluster re-plans on the devices that remain (`replan`): every
+request is rebuilt from its tokens there and its step retried once, alone. Anything else (a
+device's weights broken, a bug) or a recovery that fails fails every request of the step exactly
+once with EngineUnavailable, and marks its session failed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ STEP_ERRORS = (TransportError, TimeoutError, SplitError)
 Forward = Callable[[list, list[list[int]], int | None], Awaitable[np.ndarray]]
 
 
+async def _no_replan() -> str | None:
+    return ""
+
+
 def lost_attention_node(error: BaseException) -> bool:
     """Whether a failed step lost an attention node: on rank 0, or as a worker reported it."""
     return isinstance(error, AttentionNodeFailed) or (
@@ -42,9 +49,10 @@ class Failover:
     """
 
     def __init__(self, forward: Forward, rebuild: Callable[[object, str], Awaitable[None]],
-                 cluster_up: Callable[[], bool], offload_ready: Callable[[], bool]):
+                 cluster_up: Callable[[], bool], offload_ready: Callable[[], bool],
+                 replan: Callable[[], Awaitable[str | None]] = _no_replan):
         self._forward, self._rebuild = forward, rebuild
-        self._cluster_up, self._offload_ready = cluster_up, offload_ready
+        self._cluster_up, self._offload_ready, self._replan = cluster_up, offload_ready, replan
 
     async def run(self, batch: list[StepRequest]) -> None:
         for entry in batch:  # nodes already known lost: rebuild before the step, not after it fails
@@ -52,11 +60,7 @@ class Failover:
                 await self._rebuild(entry.session, "the attention nodes are not linked")
         try:
             out = await self._forward([e.session for e in batch], [e.tokens for e in batch], _score_k(batch))
-        except EngineUnavailable as error:  # a rank was already missing: nothing ran
-            for entry in batch:
-                self._fail(entry, error)
-            return
-        except STEP_ERRORS as error:
+        except (EngineUnavailable, *STEP_ERRORS) as error:  # EngineUnavailable: a rank was missing
             await self._recover(batch, error)
             return
         for b, entry in enumerate(batch):
@@ -65,18 +69,30 @@ class Failover:
     async def _recover(self, batch: list[StepRequest], error: BaseException) -> None:
         reason = str(error) or type(error).__name__
         offloaded = any(e.session.offload for e in batch)
-        if not (offloaded and (lost_attention_node(error) or not self._offload_ready()) and self._cluster_up()):
-            who = "rank 0" if isinstance(error, SplitError) else "a worker"
-            for entry in batch:
-                self._fail(entry, EngineUnavailable(f"{who} failed during the step: {reason}"))
+        if offloaded and (lost_attention_node(error) or not self._offload_ready()) and self._cluster_up():
+            for entry in batch:  # the workers dropped every request of the step: all replay
+                await self._rebuild(entry.session, reason)
+            await self._retry_each(batch, f"the request lost its attention node ({reason}) and rebuilding "
+                                          f"its KV on the compute ranks failed too")
             return
-        for entry in batch:  # the workers dropped every request of the step: all replay
-            await self._rebuild(entry.session, reason)
+        why = await self._replan() if _lost_a_device(error) else ""
+        if why is None:  # re-planned: every session now replays its tokens
+            await self._retry_each(batch, f"a device failed ({reason}) and the step failed again on the "
+                                          f"devices that remain")
+            return
+        who = "rank 0" if isinstance(error, SplitError) else "a worker"
+        failure = error if isinstance(error, EngineUnavailable) else f"{who} failed during the step: {reason}"
+        for entry in batch:
+            self._fail(entry, EngineUnavailable(f"{failure}" + (f"; the devices left cannot serve: {why}" if why
+                                                                else "")))
+
+    async def _retry_each(self, batch: list[StepRequest], failed_again: str) -> None:
+        """Run each request's step alone once more; a second failure fails that request."""
+        for entry in batch:
             try:
                 out = await self._forward([entry.session], [entry.tokens], entry.score_k)
             except (EngineUnavailable, *STEP_ERRORS) as again:
-                self._fail(entry, EngineUnavailable(f"the request lost its attention node ({reason}) and "
-                                                    f"rebuilding its KV on the compute ranks failed too: {again}"))
+                self._fail(entry, EngineUnavailable(f"{failed_again}: {again}"))
                 continue
             deliver(entry.result, _row(out, 0, entry))
 
@@ -84,6 +100,14 @@ class Failover:
     def _fail(entry: StepRequest, error: EngineUnavailable) -> None:
         entry.session.failed = True
         deliver(entry.result, error=error)
+
+
+def _lost_a_device(error: BaseException) -> bool:
+    """Whether a failure may be a device that went away or froze (not its weights, not a bug)."""
+    if isinstance(error, SplitError | AttentionNodeFailed):
+        return False
+    return not (isinstance(error, PeerFailed) and error.cause in (FailureCause.WEIGHTS, FailureCause.INTERNAL,
+                                                                  FailureCause.ATTENTION))
 
 
 def _score_k(batch: list[StepRequest]) -> int | None:

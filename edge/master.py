@@ -1,14 +1,10 @@
 """Rank 0 of a tensor-parallel cluster: the engine the front end talks to (models.engine.Engine).
 
-It wires the parts, each with one job:
-  Planner   the split (device weights -> slices) and the plan each joining worker gets
-  Roster    the workers: joins, heartbeats, their control and data links
-  Relinker  the ring and the attention-node links, relinked per epoch as ranks come and go
-  StepBatcher  requests' steps -> batched forwards, one at a time
-  Failover  a failed step: rebuild offloaded requests and retry, or fail each request once
-and keeps for itself opening sessions, scoring, and the cluster-wide forward: embed on rank 0,
-send the hidden states to every worker, run rank 0's slice (all-reducing with the others),
-gather every rank's vocabulary slice of the logits.
+It wires the parts, each with one job (docs/ARCHITECTURE.md): Planner (the split), Roster (the
+workers and their links), Relinker (ring and attention links), StepBatcher (steps -> batches),
+Failover (a failed step), Replanner (serving the devices that are up), Rank0 (its own slice);
+and keeps opening sessions, scoring, and the cluster-wide forward: embed on rank 0, send the
+hidden states to every worker, run rank 0's slice, gather every rank's slice of the logits.
 """
 
 from __future__ import annotations
@@ -17,38 +13,40 @@ import asyncio
 import itertools
 import logging
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import numpy as np
-import psutil
 import torch
 
 from edge.attention_pool import AttentionPool
 from edge.batcher import StepBatcher, StepRequest
-from edge.engine import ShardModel, load_shard
+from edge.cluster_status import (
+    free_kv_bytes,
+    link_bytes,
+    offload_status,
+    peer_meta_by_device,
+    plan_table,
+)
 from edge.failover import STEP_ERRORS, Failover
-from edge.messages import Join, Refused, Step, send
+from edge.messages import Join, Message, Refused, Step, send
 from edge.offload import RemoteKV
 from edge.planner import Planner, plannable
-from edge.profile import kv_room
+from edge.rank0 import Rank0
 from edge.relinker import Relinker
-from edge.roster import Roster
+from edge.replanner import Replanner
+from edge.roster import ByPosition, Roster
 from edge.session import ClusterSession, OffloadedEngine
 from edge.tensors import pack_tensor
-from edge.weights import EmbeddingRows
 from models.checkpoint import Checkpoint
 from models.dtypes import resolve_dtype
 from models.engine import (
     ClusterCounters,
     EngineStatus,
     EngineUnavailable,
-    OffloadStatus,
     PromptScores,
 )
 from models.files import checkpoint_fingerprint
 from models.scoring import combine_scores
-from models.sharding import LocalDims
 from models.tokenizer import Tokenizer, load_tokenizer
 from transport.collectives import StarAllReduce
 from transport.fastpath import ABORT, FastStar
@@ -80,7 +78,7 @@ class MasterSettings:
 
 
 class ClusterEngine:
-    """The master of a tensor-parallel cluster; raises EngineUnavailable when a rank is gone."""
+    """The master of a tensor-parallel cluster; raises EngineUnavailable when it cannot serve."""
 
     def __init__(self, settings: MasterSettings):
         s = self.settings = settings
@@ -88,48 +86,59 @@ class ClusterEngine:
         self.dtype = resolve_dtype(s.dtype, ckpt.config.torch_dtype)
         weights = None if s.weights in ("auto", None) else s.weights
         ckpt = plannable(ckpt.with_dtype(self.dtype).with_quant(s.quantize), s.world_size, weights, s.quantize)
-        self.config, self._ckpt = ckpt.config, ckpt
+        self.config, self.quantize = ckpt.config, ckpt.quant_label
         self.tokenizer: Tokenizer = load_tokenizer(ckpt.folder, self.config)
         self.fingerprint = checkpoint_fingerprint(s.model)
-        self.shard: ShardModel | None = None
-        self.embed_bytes = 0  # resident embedding table bytes (none when mapped from the split)
-        self.planner = Planner(ckpt, s.world_size, weights, s.weights == "auto", s.split_dir, self._load_rank0)
+        self.rank0 = Rank0(ckpt, s.memory_budget_mb, s.split_dir, s.keep_page_cache)
+        self.planner = Planner(ckpt, s.world_size, weights, s.weights == "auto", s.split_dir,
+                               lambda w, dims0: self.rank0.load(w, dims0))
         plain = s.allreduce == "star" and (s.link is None or not s.link.active)
         self.roster = Roster(s.world_size, self.fingerprint, s.secret, s.link, self.planner, self._on_rank_ready,
-                             self._on_attention_node, plain and s.world_size > 1, s.step_timeout)
-        self.star = StarAllReduce(0, s.world_size, self.roster.channels, s.step_timeout)
-        # The all-reduce data plane (transport.fastpath): on plain star links only; emulated links
-        # and rings keep the event-loop path, which implements their delays and hops.
-        self.fast = FastStar(0, s.world_size, self.roster.data_links, self.star.next_seq)
+                             self._on_attention_node, plain and s.world_size > 1, s.step_timeout,
+                             on_lost=lambda device: self.replanner.on_lost(device))
         self.attention = (AttentionPool(s.model, self.config, s.attention_nodes, s.secret, s.link, s.step_timeout)
                           if s.attention_nodes else None)
-        self._lock = asyncio.Lock()  # one cluster-wide step (or relink) at a time
-        self.relinker = Relinker(self.roster, self.star, s.allreduce, s.step_timeout, self.attention, self._lock,
+        self._lock = asyncio.Lock()  # one cluster-wide step (or relink, or re-plan) at a time
+        self.relinker = Relinker(self.roster, s.allreduce, s.step_timeout, self.attention, self._lock,
                                  lambda: self.planner.dims[0], self.missing_ranks)
+        self._wire(self.planner.devices)
+        # Re-plans need positions to be free of device ranks: the ring links by rank, so they keep
+        # today's behaviour (503 until the device returns).
+        self.replanner = Replanner(self.planner, self.roster, self._lock, s.allreduce == "star",
+                                   self.rank0.prepare, self._adopted)
         self.failover = Failover(self._forward, self._rebuild_locally, lambda: not self.missing_ranks(),
-                                 self.offload_ready)
+                                 self.offload_ready, self.replanner.recover)
         self.batcher = StepBatcher(self._run_batch, s.max_batch,
                                    alone=lambda e: e.session.offload and not self.offload_ready())
+        self.sessions: set[ClusterSession] = set()  # open requests
         self._steps, self._rids = itertools.count(1), itertools.count(1)
         self.kv_rebuilds = 0
         self.steps_run = 0  # cluster-wide forwards
         self.rows_run = 0  # request-steps they carried (rows / steps = mean decode batch)
 
-    @property
-    def quantize(self) -> str:
-        return self._ckpt.quant_label
+    shard = property(lambda self: self.rank0.shard)  # ShardModel | None: rank 0's slice
 
-    def _load_rank0(self, weights: list[float], dims0: LocalDims) -> None:
-        """Load rank 0's slice (and the embedding) for the plan just decided."""
+    def _wire(self, devices: list[int]) -> None:
+        """The all-reduces of the plan over `devices`, which index workers by position. The data
+        plane (transport.fastpath) is used on plain star links only; emulated links and rings keep
+        the event-loop path, which implements their delays and hops."""
         s = self.settings
-        self.shard = load_shard(self._ckpt, dims0, s.world_size, weights, s.memory_budget_mb, s.split_dir,
-                                split_all=True, drop_cache=not s.keep_page_cache)
-        if self.shard.window is not None:  # rows mapped from the split, outside the budget
-            self.embed = EmbeddingRows(self.shard.window.folder, s.world_size)
-        else:
-            table = self._ckpt.read("model.embed_tokens.weight")  # [V, D]: rank 0 embeds every token
-            self.embed = partial(torch.nn.functional.embedding, weight=table)
-            self.embed_bytes = table.nbytes
+        self.star = StarAllReduce(0, len(devices), ByPosition(self.roster.channels, devices), s.step_timeout)
+        self.fast = FastStar(0, len(devices), ByPosition(self.roster.data_links, devices), self.star.next_seq)
+        self.relinker.rewire(self.star)
+
+    async def _adopted(self, devices: list[int]) -> None:
+        """A re-plan switched to `devices` (the step lock is held): rewire, relink the attention nodes,
+        and rebuild every open request from its tokens (its next step replays them)."""
+        self._wire(devices)
+        if self.attention is not None and not self.attention.missing():
+            await self.attention.link({d: self.roster.channels[d] for d in devices[1:]}, self.planner.dims[0])
+        for session in list(self.sessions):
+            if isinstance(session.kv, RemoteKV):
+                await session.kv.close()
+            session.rebuild(self.shard.new_cache(session.capacity))
+            await self.command(session.open_command())
+        self.replanner.stats.replayed += len(self.sessions)
 
     async def start(self) -> int:
         """Listen for workers and start the step runner; returns the port."""
@@ -137,8 +146,12 @@ class ClusterEngine:
         self.port = await self.roster.start(self.settings.host, self.settings.port)
         return self.port
 
-    async def _on_rank_ready(self) -> None:
-        await self.relinker.after_join()
+    async def _on_rank_ready(self, device: int) -> None:
+        if self.replanner.enabled and self.replanner.serving:
+            await self.replanner.on_joined(device)  # grows the plan back (and relinks the nodes)
+        else:
+            await self.relinker.after_join()
+            self.replanner.serving = self.replanner.serving or not self.missing_ranks()
 
     async def _on_attention_node(self, ch: TcpChannel, join: Join) -> None:
         if self.attention is None:
@@ -146,61 +159,47 @@ class ClusterEngine:
             return
         await self.attention.serve_node(ch, join, self.relinker.link_attention)
 
+    async def command(self, msg: Message, ignore_errors: bool = False) -> None:
+        """A command to every worker of the plan served now."""
+        await self.roster.command(msg, self.planner.devices, ignore_errors)
+
     # --- what the front end reads --------------------------------------------------------------
 
     def missing_ranks(self) -> list[int]:
-        """Ranks that cannot take part yet: not connected, not planned (0), or not linked in the ring."""
-        ranks = self.roster.missing()
+        """Devices of the plan that cannot take part: not connected, not planned (0), or not linked in the ring."""
         if self.shard is None:
-            return [0, *ranks]
-        return ranks or ([] if self.relinker.ring_ok else list(range(1, self.settings.world_size)))
+            return [0, *self.roster.missing()]
+        ranks = self.roster.missing(self.planner.devices)
+        return ranks or ([] if self.relinker.ring_ok else self.planner.devices[1:])
 
     def offload_ready(self) -> bool:
         return self.attention is not None and self.attention.ready and not self.missing_ranks()
 
     def status(self) -> EngineStatus:
-        return EngineStatus(self.missing_ranks(), self._free_kv_bytes(), self._offload_status())
-
-    def _offload_status(self) -> OffloadStatus | None:
-        pool = self.attention
-        if pool is None:
-            return None
-        missing, ready = pool.missing(), self.offload_ready()
-        reason = ("" if ready else f"attention node(s) {missing} not connected" if missing
-                  else "the attention nodes are not linked to every rank yet")
-        return OffloadStatus(pool.n_nodes, ready, missing, reason, pool.free_kv_bytes())
-
-    def _free_kv_bytes(self) -> int:
-        """What one request's KV could take on the compute ranks: the tightest rank's free memory
-        scaled by its share of the KV heads (each rank holds the KV of its own heads)."""
-        free = {0: psutil.virtual_memory().available}
-        free |= {r: rec.free_bytes for r, rec in self.roster.records.items() if rec.free_bytes is not None}
-        for rank, meta in self.star.peer_meta.items():
-            if isinstance(meta.get("mem_available"), int):
-                free[rank] = meta["mem_available"]
-        heads = {d.rank: d.n_local_kv_heads for d in self.planner.dims} if self.shard is not None else {}
-        return kv_room({r: f for r, f in free.items() if r in heads}, heads)
+        planned = self.shard is not None
+        return EngineStatus(
+            self.missing_ranks(), free_kv_bytes(self.roster, self.star, self.planner) if planned else 0,
+            offload_status(self.attention, self.offload_ready()),
+            lost_ranks=[d for d in range(self.settings.world_size) if d not in self.planner.devices],
+            plan=plan_table(self.planner) if planned else [], replan_refused=self.replanner.stats.refused)
 
     def counters(self) -> ClusterCounters:
         """Live counters for /metrics: bytes on each link, resident weights, window and step timing."""
-        records = self.roster.records
-        links = {r: {"sent": rec.channel.bytes_sent, "received": rec.channel.bytes_received}
-                 for r, rec in records.items()}
-        for r, data in list(self.roster.data_links.items()):  # the all-reduce data plane of the same link
-            if r in links:
-                links[r] = {"sent": links[r]["sent"] + data.bytes_sent,
-                            "received": links[r]["received"] + data.bytes_received}
-        shard = self.shard
-        window = {0: shard.stats(), **self.star.peer_meta} if shard is not None and shard.window else {}
-        timing = {0: shard.timing} if shard is not None else {}
-        timing |= {r: m for r, m in self.star.peer_meta.items() if "forward_s" in m}
-        rank0 = shard.nbytes() + self.embed_bytes if shard else 0
+        records, shard, stats = self.roster.records, self.shard, self.replanner.stats
+        meta = peer_meta_by_device(self.star, self.planner.devices)
+        window = {0: shard.stats(), **meta} if shard is not None and shard.window else {}
+        timing = ({0: shard.timing} if shard is not None else {}) | {r: m for r, m in meta.items() if "forward_s" in m}
+        weights = {0: shard.nbytes() + self.rank0.embed_bytes if shard else 0} | {
+            r: rec.weight_bytes for r, rec in records.items()}
         return ClusterCounters(
-            links=links, weight_bytes={0: rank0, **{r: rec.weight_bytes for r, rec in records.items()}},
+            links=link_bytes(self.roster), weight_bytes=weights,
             timing=timing, window=window, fixed_rss={r: rec.fixed_rss for r, rec in records.items()},
             fetched={r: rec.fetched for r, rec in records.items()},
             attention=self.attention.snapshot() if self.attention else None,
-            kv_rebuilds=self.kv_rebuilds, steps=self.steps_run, step_rows=self.rows_run)
+            kv_rebuilds=self.kv_rebuilds, steps=self.steps_run, step_rows=self.rows_run,
+            plan=plan_table(self.planner) if shard else [], replans=stats.replans, replan_seconds=stats.seconds,
+            last_replan_seconds=stats.last_seconds, last_replan_started_at=stats.last_started_at,
+            last_replan_load_seconds=stats.last_load_seconds, replayed=stats.replayed)
 
     def offloaded(self) -> OffloadedEngine | None:
         return OffloadedEngine(self) if self.attention is not None else None
@@ -214,18 +213,22 @@ class ClusterEngine:
     # --- requests ------------------------------------------------------------------------------
 
     async def open_session(self, capacity: int = 64, offload: bool = False) -> ClusterSession:
-        """A request's session, its KV reserved for `capacity` positions; on the attention nodes if `offload`."""
+        """A request's session, its KV reserved for `capacity` positions; on the attention nodes if
+        `offload`. A request arriving during a re-plan waits for it."""
+        await self.replanner.settled()
         missing = self.missing_ranks()
         if missing:
-            raise EngineUnavailable(f"worker rank(s) {missing} not connected; the cluster cannot serve")
+            refused = self.replanner.stats.refused
+            raise EngineUnavailable(f"worker rank(s) {missing} not connected; the cluster cannot serve"
+                                    + (f" (and cannot re-plan without them: {refused})" if refused else ""))
         if offload and not self.offload_ready():
-            status = self._offload_status()
+            status = offload_status(self.attention, False)
             raise EngineUnavailable(status.reason if status else "no attention nodes are configured")
         rid = f"r{next(self._rids)}"
         kv = (RemoteKV(self.attention.links, rid, capacity, asyncio.get_running_loop()) if offload
               else self.shard.new_cache(capacity))
-        session = ClusterSession(rid, kv, capacity, self.batcher, self.roster)
-        await self.roster.command(session.open_command())
+        session = ClusterSession(rid, kv, capacity, self.batcher, self.command, self.sessions)
+        await self.command(session.open_command())
         return session
 
     async def score(self, prompt_ids: list[int], k: int, offload: bool = False) -> PromptScores:
@@ -238,7 +241,7 @@ class ClusterEngine:
             stats = await self.batcher.submit(session, list(prompt_ids), k)  # [S-1, N x (3 + 2k)]
         finally:
             await session.close()
-        parts = [torch.from_numpy(p) for p in np.split(stats, self.settings.world_size, axis=-1)]
+        parts = [torch.from_numpy(p) for p in np.split(stats, len(self.planner.devices), axis=-1)]
         return combine_scores(parts, k)
 
     async def _run_batch(self, batch: list[StepRequest]) -> None:
@@ -251,10 +254,9 @@ class ClusterEngine:
                     "compute ranks", session.rid, reason, len(session.history))
         if isinstance(session.kv, RemoteKV):
             await session.kv.close()
-        session.offload, session.replay = False, True
-        session.kv = self.shard.new_cache(session.capacity)
+        session.rebuild(self.shard.new_cache(session.capacity))
         self.kv_rebuilds += 1
-        await self.roster.command(session.open_command())
+        await self.command(session.open_command())
 
     async def _forward(self, sessions: list[ClusterSession], tokens: list[list[int]],
                        score_k: int | None = None) -> np.ndarray:
@@ -264,14 +266,14 @@ class ClusterEngine:
         if missing:
             raise EngineUnavailable(f"worker rank(s) {missing} disconnected during the request")
         rows = [s.history + t if s.replay else t for s, t in zip(sessions, tokens, strict=True)]
-        step, fast = next(self._steps), self.roster.data_plane_up()
+        step, fast = next(self._steps), self.roster.data_plane_up(self.planner.devices)
         ids = torch.tensor(rows, dtype=torch.long)  # [B, S]; S == 1 when B > 1
-        h = await self.shard.run(lambda: self.embed(ids))  # [B, S, D]
+        h = await self.shard.run(lambda: self.rank0.embed(ids))  # [B, S, D]
         score = None
         if score_k is not None:  # one session, no replay: its tokens are the prompt to score
             score = (torch.tensor(rows[0][1:], dtype=torch.long), score_k)
-        await self.roster.command(Step([s.rid for s in sessions], step, pack_tensor(h), fast,
-                                       score_k, rows[0][1:] if score else None))
+        await self.command(Step([s.rid for s in sessions], step, pack_tensor(h), fast,
+                                score_k, rows[0][1:] if score else None))
         collective = self.relinker.collective
         collective.begin(step)
         try:
@@ -291,8 +293,8 @@ class ClusterEngine:
 
     async def aclose(self) -> None:
         await self.batcher.aclose()
+        await self.replanner.aclose()
         await self.roster.aclose()
         if self.attention is not None:
             await self.attention.aclose()
-        if self.shard is not None:
-            self.shard.close()
+        self.rank0.close()

@@ -1,94 +1,28 @@
 """The cluster's control plane: every message between the master, its workers and attention nodes.
 
-Each message is a frozen dataclass; on the wire it is the msgpack map of its fields plus the
-channel tag `t` (and `op` for the master's commands on the "ctl" tag), as before. Decoding checks
-every field's type, so a malformed message from a peer is a FrameError, never a KeyError later.
+Each message is a frozen dataclass (edge.wire): the msgpack map of its fields plus the channel
+tag `t` (and `op` for the master's commands on the "ctl" tag); decoding checks every field.
 
     worker -> master   Join, Ready, Heartbeat, RingLinked, AttentionLinked
     rank -> ring successor / attention node   Hello
-    master -> worker   Plan | Refused, [Chunk for each FetchRequest], then commands: OpenRequest, CloseRequest, Step,
-                       LinkRing (edge/ring.py), LinkAttention (edge/attention_pool.py)
+    master -> worker   Plan | Refused, [Chunk for each FetchRequest], then commands: OpenRequest,
+                       CloseRequest, Step, LinkRing (edge/ring.py), LinkAttention, Replan
     node   -> master   Join(role="attention"), NodeStats (heartbeat);  master -> node  NodePlan
 The all-reduces themselves (transport.collectives, transport.fastpath) are the data plane.
 """
 
 from __future__ import annotations
 
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields
-from functools import cache
-from typing import Any, ClassVar, Self, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
+from edge.wire import M, Message
+from edge.wire import (
+    receive as receive,  # re-exported: the callers' one import for the control plane
+)
+from edge.wire import send as send
 from transport.channel import Channel
 from transport.errors import FrameError
-
-
-@dataclass(frozen=True)
-class Message:
-    """Base of every control message: `TAG` names its channel queue, `OP` the command on "ctl"."""
-
-    TAG: ClassVar[str]
-    OP: ClassVar[str | None] = None
-
-    def wire(self) -> dict[str, Any]:
-        """The msgpack map: tag (and op) plus every field that is set."""
-        head = {"t": self.TAG} | ({"op": self.OP} if self.OP else {})
-        return head | {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
-
-    @classmethod
-    def from_wire(cls, raw: dict[str, Any]) -> Self:
-        """Check and build; FrameError names the message and the field that is wrong."""
-        hints, values = _hints(cls), {}
-        for f in fields(cls):
-            if f.name not in raw:
-                if f.default is MISSING and f.default_factory is MISSING:
-                    raise FrameError(f"{cls.__name__} message without {f.name!r}")
-                continue
-            value = raw[f.name]
-            if not _fits(value, hints[f.name]):
-                raise FrameError(f"{cls.__name__} message: {f.name}={value!r:.60} is not {hints[f.name]}")
-            values[f.name] = value
-        return cls(**values)
-
-
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a decoded msgpack value matches a field's annotation (ints pass as floats)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is Any:
-        return True
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is list:
-        return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
-    if origin is dict:
-        return isinstance(value, dict) and (not args or all(_fits(k, args[0]) and _fits(v, args[1])
-                                                             for k, v in value.items()))
-    return isinstance(value, origin or hint)
-
-
-M = TypeVar("M", bound=Message)
-
-
-async def send(ch: Channel, msg: Message) -> None:
-    await ch.send(msg.wire())
-
-
-async def receive(ch: Channel, kind: type[M], timeout: float) -> M:
-    """The next message of `kind` on its tag; FrameError when it is malformed."""
-    return kind.from_wire(await ch.recv(kind.TAG, timeout))
-
 
 # --- joining -------------------------------------------------------------------------------------
 
@@ -118,6 +52,8 @@ class Plan(Message):
     data_port: int | None = None  # the all-reduce data plane (transport.fastpath), when offered
     fetch: dict[str, Any] | None = None  # {files, plan}: the shard files it may fetch from the master
     config: dict[str, Any] | None = None  # config.json, with `fetch`
+    position: int | None = None  # this device's place in the plan (None: its rank); differs after a re-plan
+    epoch: int = 0  # the plan's number: 0 at start, one more per re-plan
 
 
 @dataclass(frozen=True)
@@ -254,7 +190,22 @@ class LinkAttention(Message):
             raise FrameError(f"bad attention link message: {e}") from e
 
 
-COMMANDS: dict[str, type[Message]] = {c.OP: c for c in (OpenRequest, CloseRequest, Step, LinkRing, LinkAttention)}
+@dataclass(frozen=True)
+class Replan(Message):
+    """Serve a new plan (a device was lost or came back): load this device's slice for it (what it
+    already holds is kept), drop every request's KV (the master replays them), answer Replanned."""
+
+    TAG, OP = "ctl", "replan"
+    epoch: int
+    world_size: int
+    position: int
+    weights: list[float]
+    fetch: dict[str, Any] | None = None  # as in Plan, for a worker without a checkpoint
+    config: dict[str, Any] | None = None
+
+
+COMMANDS: dict[str, type[Message]] = {c.OP: c for c in (OpenRequest, CloseRequest, Step, LinkRing, LinkAttention,
+                                                         Replan)}
 
 
 async def receive_command(ch: Channel, timeout: float) -> Message:
@@ -278,6 +229,16 @@ class Hello(Message):
 class RingLinked(Message):
     TAG = "ring.ok"
     epoch: int
+
+
+@dataclass(frozen=True)
+class Replanned(Message):
+    """A worker's answer to Replan: loaded (its resident weight bytes), or why it could not."""
+
+    TAG = "replan.ok"
+    epoch: int
+    weight_bytes: int = 0
+    error: str | None = None
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,10 @@ from pathlib import Path
 from edge.fetch import serve_fetches
 from edge.messages import Plan
 from edge.profile import measure_device, weights_from_profiles
-from edge.split import MANIFEST, default_split_dir, rank_dir, split_model
+from edge.split import MANIFEST, SplitPlan, default_split_dir, plan_folder, rank_dir, split_model
 from models.checkpoint import Checkpoint
 from models.dtypes import dtype_name
+from models.files import checkpoint_fingerprint
 from models.quant import check_quantizable
 from models.sharding import LocalDims, PlanError, local_dims
 from transport.channel import Channel
@@ -43,9 +44,10 @@ def plannable(ckpt: Checkpoint, world_size: int, weights: list[float] | None, qu
 
 
 class Planner:
-    """Decides the device weights once (given, or from every device's profile) and calls
+    """Decides each device's weight once (given, or from every device's profile) and calls
     `on_decided(weights, rank 0's dims)` (which loads rank 0's slice); then answers each worker's
-    join with the plan."""
+    join with the plan. The plan covers a layout: the devices serving now, by position (device 0,
+    the master, is always first); a re-plan after a device is lost or comes back adopts another."""
 
     def __init__(self, ckpt: Checkpoint, world_size: int, weights: list[float] | None, auto: bool,
                  split_dir: str | None, on_decided: Callable[[list[float], LocalDims], None]):
@@ -55,9 +57,12 @@ class Planner:
                                                                              ckpt.quant_label)
         self._on_decided = on_decided
         self._profiles: dict[int, dict] = {}
-        self._verified: dict[int, tuple] = {}  # rank -> state of its split files when last verified
+        self._verified: dict[tuple, tuple] = {}  # (folder, position) -> its split files when last verified
         self._decided = asyncio.Event()
-        self.weights: list[float] = []
+        self.device_weights: list[float] = []  # by device, for any layout
+        self.devices: list[int] = list(range(world_size))  # the layout served now: position -> device
+        self.epoch = 0  # one more per re-plan
+        self.weights: list[float] = []  # by position
         self.dims: list[LocalDims] = []
         if auto:  # the plan waits for every device's measurements
             local_dims(ckpt.config, world_size, align=self.align)  # refuse impossible worker counts now
@@ -70,29 +75,50 @@ class Planner:
         return self._decided.is_set()
 
     def _decide(self, weights: list[float] | None) -> None:
-        self.weights = weights or [1.0] * self.world_size
-        self.dims = local_dims(self.ckpt.config, self.world_size, self.weights, self.align)
+        self.device_weights = weights or [1.0] * self.world_size
+        self.weights, self.dims = self.layout(self.devices)
         self._on_decided(self.weights, self.dims[0])
         self._decided.set()
 
+    def layout(self, devices: list[int]) -> tuple[list[float], list[LocalDims]]:
+        """Weights and slices (by position) of a plan over `devices`; PlanError when impossible."""
+        weights = [self.device_weights[d] for d in devices]
+        return weights, local_dims(self.ckpt.config, len(devices), weights, self.align)
+
+    def adopt(self, devices: list[int], weights: list[float], dims: list[LocalDims]) -> None:
+        """Serve the plan over `devices` from now on (a re-plan)."""
+        self.devices, self.weights, self.dims = list(devices), weights, dims
+        self.epoch += 1
+
     async def plan_for(self, rank: int, profile: object, fetch: bool) -> Plan:
-        """The plan for a worker that joined (waiting for the others' profiles under auto); with
+        """The plan for a worker that joined (waiting for the others' profiles under auto): the plan
+        served now, or, for a device that is not in it (it comes back), the plan that adds it; with
         `fetch`, the names and checksums of its shard files and config.json."""
         if self.auto and not self.decided:
             await self._add_profile(rank, profile)
-        plan = Plan(self.world_size, self.weights, dtype_name(self.ckpt.dtype), self.ckpt.quant_label,
-                    list(self.align))
+        devices = self.devices if rank in self.devices else sorted({*self.devices, rank})
+        weights = self.layout(devices)[0]
+        return await self.plan_message(devices.index(rank), weights, fetch)
+
+    async def plan_message(self, position: int, weights: list[float], fetch: bool) -> Plan:
+        plan = Plan(len(weights), weights, dtype_name(self.ckpt.dtype), self.ckpt.quant_label, list(self.align),
+                    position=position, epoch=self.epoch)
         if not fetch:
             return plan
-        files, split_plan = await self._fetch_offer(rank)
+        files, split_plan = await self._fetch_offer(position, weights)
         config = json.loads((self.ckpt.folder / "config.json").read_text())
         return Plan(**{**vars(plan), "fetch": {"files": files, "plan": split_plan}, "config": config})
 
     async def serve_fetch(self, ch: Channel, plan: Plan) -> None:
         """Serve the files offered in `plan` until the worker says it is done."""
         if plan.fetch is not None:
-            await serve_fetches(ch, self.split_dir, set(plan.fetch["files"]))
+            await serve_fetches(ch, self._folder(plan.weights), set(plan.fetch["files"]))
 
+    def _folder(self, weights: list[float]) -> Path:
+        """The split folder of the plan with these weights (a subfolder for a re-planned layout)."""
+        plan = SplitPlan(len(weights), tuple(weights), checkpoint_fingerprint(self.ckpt.folder),
+                         dtype_name(self.ckpt.dtype), self.ckpt.quant_label, self.align)
+        return plan_folder(self.split_dir, plan)
     async def _add_profile(self, rank: int, profile: object) -> None:
         self._profiles[rank] = profile if isinstance(profile, dict) else {}
         if len(self._profiles) == self.world_size:
@@ -108,23 +134,26 @@ class Planner:
         async with asyncio.timeout(PLAN_WAIT_S):
             await self._decided.wait()
 
-    def _rank_files_state(self, rank: int) -> tuple:
-        """(name, size, mtime) of a rank's split files and the manifest: unchanged means still verified."""
-        folder = self.split_dir / rank_dir(self.world_size, rank)
-        paths = [self.split_dir / MANIFEST, *sorted(folder.glob("*"))] if folder.is_dir() else []
+    def _rank_files_state(self, folder: Path, world_size: int, position: int) -> tuple:
+        """(name, size, mtime) of a position's split files and the manifest: unchanged means still verified."""
+        part = folder / rank_dir(world_size, position)
+        paths = [folder / MANIFEST, *sorted(part.glob("*"))] if part.is_dir() else []
         return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.is_file())
 
-    async def _fetch_offer(self, rank: int) -> tuple[dict, dict]:
-        """Split `rank`'s files here if needed -> (their manifest entries, the split's plan).
+    async def _fetch_offer(self, position: int, weights: list[float]) -> tuple[dict, dict]:
+        """Split `position`'s files of the plan with `weights` here if needed -> (their manifest
+        entries, the split's plan).
 
         Files verified (sha256) at an earlier join are not hashed again while their sizes and
         modification times are unchanged: a rejoining worker costs no read of its shard.
         """
-        state = await asyncio.to_thread(self._rank_files_state, rank)
-        if not state or self._verified.get(rank) != state:
-            await asyncio.to_thread(split_model, self.ckpt.folder, self.world_size, self.weights, self.split_dir,
-                                    [rank], True, dtype_name(self.ckpt.dtype), self.ckpt.quant_label)
-            self._verified[rank] = await asyncio.to_thread(self._rank_files_state, rank)
-        manifest = json.loads((self.split_dir / MANIFEST).read_text())
-        prefix = rank_dir(self.world_size, rank) + "/"
+        world, folder = len(weights), self._folder(weights)
+        state = await asyncio.to_thread(self._rank_files_state, folder, world, position)
+        if not state or self._verified.get((folder, position)) != state:
+            await asyncio.to_thread(split_model, self.ckpt.folder, world, weights, folder, [position], True,
+                                    dtype_name(self.ckpt.dtype), self.ckpt.quant_label)
+            self._verified[(folder, position)] = await asyncio.to_thread(self._rank_files_state, folder, world,
+                                                                         position)
+        manifest = json.loads((folder / MANIFEST).read_text())
+        prefix = rank_dir(world, position) + "/"
         return {n: e for n, e in manifest["files"].items() if n.startswith(prefix)}, manifest["plan"]

@@ -22,15 +22,17 @@ log = logging.getLogger("edge_llm.master")
 class Relinker:
     """Owns `collective` (what rank 0's forward all-reduces with) and whether the ring is whole."""
 
-    def __init__(self, roster: Roster, star: StarAllReduce, algorithm: str, timeout: float,
-                 attention: AttentionPool | None, lock: asyncio.Lock, rank0_dims: Callable[[], LocalDims],
-                 missing_ranks: Callable[[], list[int]]):
-        self.roster, self.star, self.algorithm, self.timeout = roster, star, algorithm, timeout
+    def __init__(self, roster: Roster, algorithm: str, timeout: float, attention: AttentionPool | None,
+                 lock: asyncio.Lock, rank0_dims: Callable[[], LocalDims], missing_ranks: Callable[[], list[int]]):
+        self.roster, self.algorithm, self.timeout = roster, algorithm, timeout
         self.attention, self._lock, self._rank0_dims = attention, lock, rank0_dims
         self._missing_ranks = missing_ranks  # the cluster's: workers, rank 0's plan, the ring
-        self.collective = StepCollective(star)
         self.ring_ok = algorithm == "star" or roster.world_size == 1
         self._epoch = 0
+
+    def rewire(self, star: StarAllReduce) -> None:
+        """The star of the plan served now (a re-plan makes a new one)."""
+        self.star, self.collective = star, StepCollective(star)
 
     async def after_join(self) -> None:
         """A worker (re)joined: relink the ring (if any) and the attention nodes."""

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from edge.messages import HEARTBEAT_TIMEOUT, Heartbeat, Join, Message, Ready, Refused, receive, send
 from edge.planner import Planner
@@ -36,10 +38,34 @@ class RankRecord:
     fixed_rss: int = 0  # its RSS before weights
     fetched: int = 0  # shard bytes it fetched from us when it joined
     free_bytes: int | None = None  # free memory: at join, then reported with every step
+    fetches: bool = False  # it has no checkpoint: it fetches its slices from the master
+    last_seen: float = field(default_factory=time.monotonic)  # its last heartbeat
 
     @property
     def up(self) -> bool:
         return not self.channel.closed
+
+
+T = TypeVar("T")
+
+
+class ByPosition(Mapping[int, T]):
+    """A map by device seen by plan position (what the all-reduces index): position p is device
+    devices[p]; position 0 (the master itself) and devices without an entry are absent."""
+
+    def __init__(self, by_device: Mapping[int, T], devices: list[int]):
+        self._by_device, self._devices = by_device, list(devices)
+
+    def __getitem__(self, position: int) -> T:
+        if not 0 < position < len(self._devices):
+            raise KeyError(position)
+        return self._by_device[self._devices[position]]
+
+    def __iter__(self) -> Iterator[int]:
+        return (p for p in range(1, len(self._devices)) if self._devices[p] in self._by_device)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class Roster:
@@ -47,11 +73,11 @@ class Roster:
     all-reduces send on (they change as workers come and go)."""
 
     def __init__(self, world_size: int, fingerprint: str, secret: bytes, link: LinkSpec | None,
-                 planner: Planner, on_ready: Callable[[], Awaitable[None]],
+                 planner: Planner, on_ready: Callable[[int], Awaitable[None]],
                  on_attention_node: Callable[[TcpChannel, Join], Awaitable[None]],
-                 data_plane: bool, step_timeout: float):
+                 data_plane: bool, step_timeout: float, on_lost: Callable[[int], None] = lambda _: None):
         self.world_size, self.fingerprint, self.planner = world_size, fingerprint, planner
-        self._on_ready, self._on_attention_node = on_ready, on_attention_node
+        self._on_ready, self._on_attention_node, self._on_lost = on_ready, on_attention_node, on_lost
         self.records: dict[int, RankRecord] = {}
         self.channels: dict[int, TcpChannel] = {}
         self.data_links: dict[int, DataLink] = {}
@@ -67,18 +93,37 @@ class Roster:
             self._data_task = asyncio.create_task(self._data_server.serve(), name="data-links")
         return await self._server.start(host, port)
 
-    def missing(self) -> list[int]:
-        """Workers not connected now."""
-        return [r for r in range(1, self.world_size) if r not in self.records or not self.records[r].up]
+    def missing(self, devices: list[int] | None = None) -> list[int]:
+        """Workers (of `devices`, default all) not connected now."""
+        devices = range(1, self.world_size) if devices is None else [d for d in devices if d != 0]
+        return [r for r in devices if not self.up(r)]
 
-    def data_plane_up(self) -> bool:
-        """Whether a step's all-reduces can use the data plane: every worker has a live data link."""
+    def up(self, device: int) -> bool:
+        return device == 0 or (device in self.records and self.records[device].up)
+
+    def data_plane_up(self, devices: list[int]) -> bool:
+        """Whether a step's all-reduces can use the data plane: every worker of `devices` has a live
+        data link."""
         return self._data_server is not None and all(
-            r in self.data_links and not self.data_links[r].closed for r in range(1, self.world_size))
+            d in self.data_links and not self.data_links[d].closed for d in devices if d != 0)
 
-    async def command(self, msg: Message, ignore_errors: bool = False) -> None:
-        """Send a command to every connected worker; EngineUnavailable names one that is gone."""
-        for rank, ch in list(self.channels.items()):
+    async def drop_silent(self, max_age: float) -> list[int]:
+        """Drop the links of workers whose last heartbeat is older than `max_age` seconds (frozen:
+        a step timed out waiting for them); returns them."""
+        now = time.monotonic()
+        silent = [d for d, rec in self.records.items() if rec.up and now - rec.last_seen > max_age]
+        for d in silent:
+            log.warning("rank %d sent no heartbeat for %.1f s; dropping its link", d, now - self.records[d].last_seen)
+            await self.records[d].channel.aclose()
+        return silent
+
+    async def command(self, msg: Message, devices: list[int], ignore_errors: bool = False) -> None:
+        """Send a command to every worker of `devices` (the plan served); EngineUnavailable names
+        one that is gone."""
+        for rank in devices:
+            ch = self.channels.get(rank)
+            if ch is None:
+                continue
             try:
                 await send(ch, msg)
             except TransportError as e:
@@ -108,7 +153,7 @@ class Roster:
             log.warning("worker %s failed to join: %s", ch.peer, e)
             return
         await self._enlist(rank, ch, join, ready)
-        await self._on_ready()
+        await self._on_ready(rank)
         await self._watch(rank, ch)
 
     def _refusal(self, join: Join) -> str | None:
@@ -123,21 +168,26 @@ class Roster:
         free = (join.profile or {}).get("free_bytes")
         old = self.records.get(rank)
         self.records[rank] = RankRecord(ch, list(join.listen or []), ready.weight_bytes, ready.fixed_rss_bytes,
-                                        ready.fetched_bytes, int(free) if isinstance(free, int | float) else None)
+                                        ready.fetched_bytes, int(free) if isinstance(free, int | float) else None,
+                                        fetches=join.fingerprint is None)
         self.channels[rank] = ch
         if old is not None:
             await old.channel.aclose()
         log.info("rank %d ready (%s)", rank, ch.peer)
 
     async def _watch(self, rank: int, ch: TcpChannel) -> None:
-        """Hold a worker's link while its heartbeats come; a silent (frozen) worker is dropped."""
+        """Hold a worker's link while its heartbeats come; a silent (frozen) worker is dropped. Either
+        way, a link that ends is reported (on_lost) unless the worker has joined again meanwhile."""
         try:
             while True:
                 await receive(ch, Heartbeat, HEARTBEAT_TIMEOUT)
+                self.records[rank].last_seen = time.monotonic()
         except TransportError as e:
             if self.channels.get(rank) is ch and not ch.closed:
                 log.warning("rank %d went silent (%s); dropping its link until it rejoins", rank, e)
                 await ch.aclose()
+        if self.channels.get(rank) is ch:
+            self._on_lost(rank)
 
     def _add_data_link(self, rank: int, link: DataLink) -> None:
         """A worker's data link (authenticated): it replaces the rank's old one."""

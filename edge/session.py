@@ -14,9 +14,11 @@ from models.attention import KVCache
 from models.engine import ClusterCounters, EngineStatus, EngineUnavailable, PromptScores
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from edge.batcher import StepBatcher
     from edge.master import ClusterEngine
-    from edge.roster import Roster
+    from edge.messages import Message
 
 
 class ClusterSession:
@@ -26,14 +28,20 @@ class ClusterSession:
     compute ranks by replaying them (`replay`: the next step feeds the history first).
     """
 
-    def __init__(self, rid: str, kv: KVCache | RemoteKV, capacity: int, batcher: StepBatcher, roster: Roster):
+    def __init__(self, rid: str, kv: KVCache | RemoteKV, capacity: int, batcher: StepBatcher,
+                 command: Callable[[Message, bool], Awaitable[None]], registry: set[ClusterSession]):
         self.rid, self.kv, self.capacity = rid, kv, capacity
         self.offload = isinstance(kv, RemoteKV)
-        self._batcher, self._roster = batcher, roster
+        self._batcher, self._command, self._registry = batcher, command, registry
+        registry.add(self)  # the engine's open sessions: a re-plan rebuilds each of them
         self.history: list[int] = []
         self.replay = False
         self.failed = False  # it lost a worker: no more steps
         self.closed = False
+
+    def rebuild(self, kv: KVCache) -> None:
+        """Its KV is lost (a re-plan, an attention node): start over in `kv`, replaying its history."""
+        self.kv, self.offload, self.replay = kv, False, True
 
     def open_command(self) -> OpenRequest:
         """What the workers need to hold this request's KV (sent again after a rebuild)."""
@@ -48,7 +56,8 @@ class ClusterSession:
     async def close(self) -> None:
         self.closed = True
         self._batcher.wake()  # the runner may be waiting for this request's next step
-        await self._roster.command(CloseRequest(self.rid), ignore_errors=True)
+        self._registry.discard(self)
+        await self._command(CloseRequest(self.rid), True)
         if isinstance(self.kv, RemoteKV):
             await self.kv.close()
 

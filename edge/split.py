@@ -85,6 +85,17 @@ def default_split_dir(model: str | Path, dtype: str = "float32", quantize: str =
     return model.with_name(f"{model.name}.edge-split{suffix}")
 
 
+def plan_folder(folder: Path, plan: SplitPlan) -> Path:
+    """Where the split for `plan` lives under a split folder: the folder itself when it holds this
+    plan (or none yet), else a subfolder per plan, so the plans of a cluster that re-planned after
+    losing a device live side by side with the first one."""
+    manifest = read_manifest(folder)
+    if manifest is None or same_plan(manifest["plan"], plan):
+        return folder
+    key = hashlib.sha256(json.dumps(plan.as_json(), sort_keys=True).encode()).hexdigest()[:12]
+    return folder / "plans" / f"{plan.world_size}-devices-{key}"
+
+
 def read_manifest(out: Path) -> dict | None:
     path = out / MANIFEST
     if not path.is_file():

@@ -20,13 +20,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from edge.engine import ShardModel, load_shard
-from edge.fetch import fetch_files
+from edge.engine import ShardModel
 from edge.kv_stores import KVStores
 from edge.messages import (
     HEARTBEAT_S,
     AttentionLinked,
     CloseRequest,
+    FetchRequest,
     Heartbeat,
     Join,
     LinkAttention,
@@ -36,6 +36,8 @@ from edge.messages import (
     Plan,
     Ready,
     Refused,
+    Replan,
+    Replanned,
     RingLinked,
     Step,
     receive_command,
@@ -46,26 +48,21 @@ from edge.offload import AttentionNodeFailed
 from edge.profile import measure_device
 from edge.rejoin import stay_joined
 from edge.ring import PeerLinks
-from edge.split import SplitError, SplitPlan
+from edge.slices import PlanRefused, SliceLoader, SliceSettings
+from edge.split import SplitError
 from edge.tensors import unpack_tensor
 from models.checkpoint import Checkpoint
-from models.config import config_from_hf
-from models.dtypes import DTYPES
+from models.errors import CheckpointError
 from models.files import checkpoint_fingerprint
-from models.quant import QUANT_CHOICES
-from models.sharding import local_dims
+from models.sharding import PlanError
 from transport.collectives import StarAllReduce, StepCollective
-from transport.errors import FailureCause, FrameError, PeerFailed, TransportError
+from transport.errors import ChannelClosed, FailureCause, FrameError, PeerFailed, TransportError
 from transport.fastpath import ERROR, DataLink, FastStar, open_data_link
 from transport.link import LinkSpec
 from transport.tcp import TcpChannel, connect
 
 log = logging.getLogger("edge_llm.worker")
 IDLE_TIMEOUT = 3600.0
-
-
-class PlanRefused(Exception):
-    """The master refused this worker (wrong checkpoint, bad rank); fatal, reported and exit 2."""
 
 
 @dataclass(frozen=True)
@@ -91,17 +88,18 @@ class Worker:
         self.settings = settings
         # Without a local checkpoint the worker fetches its own shard files from the master.
         has_model = settings.model is not None and any(Path(settings.model).glob("*.safetensors"))
-        self.ckpt = Checkpoint(settings.model) if has_model else None
+        ckpt = Checkpoint(settings.model) if has_model else None
+        self.slice = SliceLoader(SliceSettings(settings.rank, settings.dtype, settings.quantize,
+                                               settings.memory_budget_mb, settings.split_dir,
+                                               settings.keep_page_cache), ckpt)
         self.fingerprint = checkpoint_fingerprint(settings.model) if has_model else None
         # The runtime's own memory (Python, torch, tokenizer-free imports), before any weight:
         # the fixed overhead that a memory budget comes on top of.
         self.fixed_rss = psutil.Process().memory_info().rss
         log.info("rank %d fixed overhead %.0f MB RSS", settings.rank, self.fixed_rss / (1 << 20))
-        self.fetched_bytes = 0
         self.profile = measure_device()  # for --weights auto on the master
         self.links: PeerLinks | None = None
-        self.shard: ShardModel | None = None
-        self._plan: tuple | None = None  # world size, weights, dtype, quantize, alignment
+        self.epoch = 0  # of the plan it serves
         self.kv = KVStores(settings.rank, settings.secret, settings.link, settings.step_timeout)
         self.data: DataLink | None = None  # the all-reduce data plane to the master, when offered
         self.fast: FastStar | None = None
@@ -119,38 +117,21 @@ class Worker:
         plan = await receive_plan(ch, Plan, 600.0)
         if isinstance(plan, Refused):
             raise PlanRefused(plan.error)
-        key = self._check_plan(plan)
+        key = self.slice.check(plan)
         if plan.fetch is not None:
-            await self._load_fetched(ch, plan, key)
-        elif self._plan != key:  # load (or reload) only when the plan changes
-            dims = local_dims(self.ckpt.config, key[0], list(key[1]), key[4])[s.rank]
-            if self.shard is not None:
-                self.shard.close()
-            self.shard = load_shard(self.ckpt.with_dtype(DTYPES[key[2]]).with_quant(key[3]), dims, key[0],
-                                    list(key[1]), s.memory_budget_mb, s.split_dir, drop_cache=not s.keep_page_cache)
-            self._plan = key
+            await self.slice.load_fetched(ch, plan.fetch, plan.config, key)
+        else:
+            await asyncio.to_thread(self.slice.load_local, key)
+        self.epoch = plan.epoch
         self.kv.reset()
         await self._open_data_link(plan)
-        await send(ch, Ready(s.rank, self.shard.nbytes(), self.fixed_rss, self.fetched_bytes))
+        await send(ch, Ready(s.rank, self.shard.nbytes(), self.fixed_rss, self.slice.fetched_bytes))
         log.info("rank %d joined the master (%d MB of weights)", s.rank, self.shard.nbytes() >> 20)
         return ch
 
-    def _check_plan(self, plan: Plan) -> tuple:
-        """The plan's key (world size, weights, dtype, quantize, alignment); PlanRefused when this
-        worker cannot or was told not to follow it."""
-        s = self.settings
-        if plan.dtype not in DTYPES:
-            raise PlanRefused(f"the master holds weights in {plan.dtype!r}, which this worker does not support")
-        if s.dtype not in (None, "auto", plan.dtype):
-            raise PlanRefused(f"the master holds weights in {plan.dtype}, this worker was started with --dtype {s.dtype}")
-        if plan.quantize not in QUANT_CHOICES:
-            raise PlanRefused(f"the master quantizes weights as {plan.quantize!r}, which this worker does not support")
-        if s.quantize not in (None, "auto", plan.quantize):
-            raise PlanRefused(f"the master quantizes weights as {plan.quantize}, this worker was started with "
-                              f"--quantize {s.quantize}")
-        if len(plan.align) != 2 or min(plan.align) < 1:
-            raise PlanRefused(f"the master's plan has alignment {plan.align!r}, expected two positive integers")
-        return plan.world_size, tuple(float(w) for w in plan.weights), plan.dtype, plan.quantize, tuple(plan.align)
+    @property
+    def shard(self) -> ShardModel | None:
+        return self.slice.shard
 
     async def _open_data_link(self, plan: Plan) -> None:
         """The data plane for all-reduces (transport.fastpath) when the master offers one; without it
@@ -165,25 +146,6 @@ class Worker:
             self.data = await open_data_link(s.master_host, plan.data_port, s.secret, s.rank, s.step_timeout)
         except (OSError, TimeoutError, TransportError) as e:
             log.warning("rank %d: no data link (%s); all-reduces go through the control channel", s.rank, e)
-
-    async def _load_fetched(self, ch: TcpChannel, plan: Plan, key: tuple) -> None:
-        """Fetch this rank's shard files from the master (only what is missing or stale), then load."""
-        s = self.settings
-        try:
-            files, fetch_plan, fingerprint = plan.fetch["files"], plan.fetch["plan"], plan.fetch["plan"]["fingerprint"]
-            config = config_from_hf(plan.config or {})
-        except (KeyError, TypeError, ValueError) as e:
-            raise FrameError(f"the master's fetch offer is malformed: {e!r}") from e
-        dest = Path(s.split_dir or f"edge-llm-shards/{fingerprint}")
-        self.fetched_bytes = await fetch_files(ch, files, fetch_plan, dest)
-        log.info("rank %d: fetched %d bytes of shard files into %s", s.rank, self.fetched_bytes, dest)
-        dims = local_dims(config, key[0], list(key[1]), key[4])[s.rank]
-        split_plan = SplitPlan(key[0], key[1], fingerprint, key[2], key[3], key[4])
-        budget = int(s.memory_budget_mb * (1 << 20)) if s.memory_budget_mb else 1 << 62
-        if self.shard is not None:
-            self.shard.close()
-        self.shard = ShardModel.from_split(config, dims, dest, split_plan, budget, not s.keep_page_cache)
-        self._plan = key
 
     async def _serve(self, ch: TcpChannel) -> None:
         beat = asyncio.create_task(self._heartbeat(ch), name="heartbeat")
@@ -203,13 +165,10 @@ class Worker:
     async def _serve_commands(self, ch: TcpChannel) -> None:
         """Run the master's commands in order, each by its handler, until the channel closes."""
         self.master = ch
-        star = StarAllReduce(self.settings.rank, int(self._plan[0]), {0: ch}, self.settings.step_timeout)
-        self.collective = StepCollective(star)
-        self.fast = FastStar(self.settings.rank, int(self._plan[0]), {0: self.data}, star.next_seq) \
-            if self.data else None
+        self._connect_collectives()
         handlers: dict[type[Message], Callable[..., Awaitable[None]]] = {
             OpenRequest: self._open, CloseRequest: self._close, Step: self._step,
-            LinkRing: self._link_ring, LinkAttention: self._link_attention}
+            LinkRing: self._link_ring, LinkAttention: self._link_attention, Replan: self._replan}
         while True:
             try:
                 msg = await receive_command(ch, IDLE_TIMEOUT)
@@ -218,6 +177,38 @@ class Worker:
                 continue
             await handlers[type(msg)](msg)
 
+    def _connect_collectives(self) -> None:
+        """All-reduces with the master as this device's position in the plan it serves."""
+        world, position = int(self.slice.key[0]), int(self.slice.key[5])
+        star = StarAllReduce(position, world, {0: self.master}, self.settings.step_timeout)
+        self.collective = StepCollective(star)
+        self.fast = FastStar(position, world, {0: self.data}, star.next_seq) if self.data else None
+
+    async def _replan(self, msg: Replan) -> None:
+        """Load this device's slice of the new plan (while heartbeats go on), drop every request's KV
+        (the master replays them), answer Replanned with the resident bytes or the reason it failed."""
+        key = (msg.world_size, tuple(float(w) for w in msg.weights), *self.slice.key[2:5], msg.position)
+        try:
+            if key == self.slice.key:  # it holds this slice already: nothing to load or fetch
+                if msg.fetch is not None:
+                    await send(self.master, FetchRequest(done=True))
+            elif msg.fetch is not None:
+                await self.slice.load_fetched(self.master, msg.fetch, msg.config, key)
+            else:
+                await asyncio.to_thread(self.slice.load_local, key)
+        except ChannelClosed:
+            raise  # the master is gone: rejoin
+        except (SplitError, OSError, MemoryError, PlanError, CheckpointError, TransportError) as e:
+            log.error("rank %d cannot serve plan %d: %s", self.settings.rank, msg.epoch, e)
+            await send(self.master, Replanned(msg.epoch, error=f"rank {self.settings.rank}: {e}"))
+            return
+        await self.kv.close(*list(self.kv.stores))
+        self.kv.reset()
+        self.epoch = msg.epoch
+        self._connect_collectives()
+        log.info("rank %d serves plan %d as %d of %d", self.settings.rank, msg.epoch, msg.position, msg.world_size)
+        await send(self.master, Replanned(msg.epoch, self.shard.nbytes()))
+
     async def _open(self, msg: OpenRequest) -> None:
         await self.kv.open(self.shard, msg.rid, msg.cap, msg.offload)
 
@@ -225,7 +216,7 @@ class Worker:
         await self.kv.close(msg.rid)
 
     async def _link_ring(self, msg: LinkRing) -> None:
-        self.collective = await self.links.link(self.master, msg, int(self._plan[0]), self.collective.star,
+        self.collective = await self.links.link(self.master, msg, int(self.slice.key[0]), self.collective.star,
                                                 self.settings.step_timeout)
         await send(self.master, RingLinked(msg.epoch))
 
@@ -289,5 +280,4 @@ class Worker:
             await self.kv.attn.aclose()
         if self.links is not None:
             await self.links.aclose()
-        if self.shard is not None:
-            self.shard.close()
+        self.slice.close()

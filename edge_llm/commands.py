@@ -209,7 +209,8 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from edge.worker import PlanRefused, WorkerSettings
+    from edge.slices import PlanRefused
+    from edge.worker import WorkerSettings
     from edge_llm.cluster import link_from_args, run_worker
     from transport.loop import run_loop
 

@@ -39,9 +39,12 @@ class OffloadStatus:
 class EngineStatus:
     """What /health and the router read, taken at one moment."""
 
-    missing_ranks: list[int] = field(default_factory=list)  # devices that cannot take part now
+    missing_ranks: list[int] = field(default_factory=list)  # devices of the plan that cannot take part now
     free_kv_bytes: int = 0  # what one request's KV could take on the compute devices
     offload: OffloadStatus | None = None  # None: no attention nodes configured
+    lost_ranks: list[int] = field(default_factory=list)  # devices the cluster serves without (re-planned)
+    plan: list[dict] = field(default_factory=list)  # per device serving: rank, heads, kv_heads, mlp_columns
+    replan_refused: str = ""  # why the cluster could not re-plan on the devices left ("" if it could)
 
     @property
     def up(self) -> bool:
@@ -62,6 +65,13 @@ class ClusterCounters:
     kv_rebuilds: int  # offloaded requests rebuilt on the compute ranks
     steps: int  # cluster-wide forwards
     step_rows: int  # request-steps they carried
+    plan: list[dict] = field(default_factory=list)  # as EngineStatus.plan
+    replans: int = 0  # plans adopted after a device was lost or came back
+    replan_seconds: float = 0.0  # the time they took, in all
+    last_replan_seconds: float = 0.0
+    last_replan_started_at: float = 0.0  # unix time
+    last_replan_load_seconds: float = 0.0  # loading the new slices, of last_replan_seconds
+    replayed: int = 0  # requests rebuilt from their tokens on a new plan
 
 
 class Session(Protocol):

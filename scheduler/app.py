@@ -73,11 +73,14 @@ async def model(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 once every worker is connected, else 503 naming the missing ranks; attention nodes are
-    listed (offload is an extra route: the edge serves without them)."""
+    """200 while every device of the plan served is connected, else 503 naming the missing ranks;
+    also the plan (devices, heads and MLP columns each), devices the cluster re-planned without
+    (lost_ranks), and attention nodes (offload is an extra route: the edge serves without them)."""
     status = request.app[ENGINE].status()
     missing = status.missing_ranks
-    body: dict = {"status": "ok"}
+    body: dict = {"status": "ok", "lost_ranks": status.lost_ranks, "plan": status.plan}
+    if status.replan_refused:
+        body["replan_refused"] = status.replan_refused
     if status.offload is not None:
         body["attention_nodes"] = {"ready": status.offload.ready, "missing": status.offload.missing}
     if missing:

@@ -55,6 +55,7 @@ class _ClusterCollector(Collector):
                                    "(concurrent decode steps run as one batched forward)")
         rows.add_metric([], snap.step_rows)
         yield from (steps, rows)
+        yield from _plan(snap)
         rebuilds = CounterMetricFamily("edge_offload_kv_rebuilds",
                                        "Offloaded requests whose KV was rebuilt after losing an attention node")
         rebuilds.add_metric([], snap.kv_rebuilds)
@@ -100,6 +101,28 @@ class _ClusterCollector(Collector):
             "allreduce_s": ("edge_rank_allreduce_seconds", "Seconds of those spent in all-reduces (send + wait)"),
             "forwards": ("edge_rank_forwards", "Forward passes"),
             "allreduces": ("edge_rank_allreduces", "All-reduces")})
+
+
+def _plan(snap: ClusterCounters) -> Iterable:
+    """The plan served (per device: heads, MLP columns), re-plans, their time, requests replayed."""
+    heads = GaugeMetricFamily("edge_plan_heads", "Query heads each device serves", labels=["rank"])
+    columns = GaugeMetricFamily("edge_plan_mlp_columns", "MLP columns each device serves", labels=["rank"])
+    for entry in snap.plan:
+        heads.add_metric([str(entry["rank"])], entry["heads"])
+        columns.add_metric([str(entry["rank"])], entry["mlp_columns"])
+    replans = CounterMetricFamily("edge_cluster_replans", "Plans adopted after a device was lost or came back")
+    replans.add_metric([], snap.replans)
+    seconds = CounterMetricFamily("edge_cluster_replan_seconds", "Seconds those re-plans took")
+    seconds.add_metric([], snap.replan_seconds)
+    last = GaugeMetricFamily("edge_cluster_last_replan_seconds", "Seconds the last re-plan took")
+    last.add_metric([], snap.last_replan_seconds)
+    started = GaugeMetricFamily("edge_cluster_last_replan_started", "Unix time the last re-plan began")
+    started.add_metric([], snap.last_replan_started_at)
+    load = GaugeMetricFamily("edge_cluster_last_replan_load_seconds", "Of the last re-plan: loading the new slices")
+    load.add_metric([], snap.last_replan_load_seconds)
+    replayed = CounterMetricFamily("edge_cluster_replayed_requests", "Requests rebuilt from their tokens on a new plan")
+    replayed.add_metric([], snap.replayed)
+    yield from (heads, columns, replans, seconds, last, started, load, replayed)
 
 
 def _per_rank_counters(per_rank: dict, families: dict[str, tuple[str, str]]) -> Iterable:

@@ -123,3 +123,22 @@ async def wait_health(url: str, status: int, tries: int = 600) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise AssertionError(f"{url}/health never answered {status}")
+
+
+async def wait_plan(url: str, ranks: list[int], tries: int = 600) -> None:
+    """Poll /health until the cluster serves the plan over `ranks` (every 0.1 s): after a device
+    is lost the cluster re-plans without it; when it is back, with it."""
+    import asyncio
+
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        for _ in range(tries):
+            try:
+                async with s.get(f"{url}/health") as r:
+                    if r.status == 200 and [p["rank"] for p in (await r.json()).get("plan", [])] == ranks:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} never served the plan over {ranks}")

@@ -5,7 +5,7 @@ import re
 import signal
 
 import aiohttp
-from cluster_proc import ClusterProcess, wait_health
+from cluster_proc import ClusterProcess, wait_plan
 from hf_reference import hf_greedy, make_hf_checkpoint
 
 from edge.split import MANIFEST, layer_file
@@ -35,9 +35,9 @@ async def _restart_worker(cluster: ClusterProcess, shards, running: list) -> Non
         _kill(running.pop())
     else:
         cluster.kill_worker(1)
-    await wait_health(cluster.url, 503)
+    await wait_plan(cluster.url, [0])  # the cluster goes on without it
     running.append(cluster.start_worker(1, None, "--split-dir", str(shards), fetch=True))
-    await wait_health(cluster.url, 200)
+    await wait_plan(cluster.url, [0, 1])
 
 
 async def test_empty_worker_fetches_its_files_then_reuses_them(tmp_path):
@@ -60,13 +60,13 @@ async def test_empty_worker_fetches_its_files_then_reuses_them(tmp_path):
         assert tokens == ref_tokens and fetched == 0  # nothing fetched the second time
 
         _kill(running.pop())  # a transfer that broke half way resumes where it stopped
-        await wait_health(cluster.url, 503)
+        await wait_plan(cluster.url, [0])
         victim = shards / layer_file(2, 1, 1)
         data = victim.read_bytes()
         victim.unlink()
         victim.with_name(victim.name + ".part").write_bytes(data[: len(data) // 2])
         running.append(cluster.start_worker(1, None, "--split-dir", str(shards), fetch=True))
-        await wait_health(cluster.url, 200)
+        await wait_plan(cluster.url, [0, 1])
         tokens, fetched = await _tokens_and_fetched(cluster.url)
         assert tokens == ref_tokens and fetched == len(data) - len(data) // 2
         assert victim.read_bytes() == data

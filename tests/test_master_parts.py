@@ -260,3 +260,41 @@ async def test_engine_unavailable_before_the_step_fails_each_request_without_a_r
     await cluster.failover().run(batch)
     assert cluster.calls == [["a", "b"]]
     assert all("disconnected" in str(e.result.exception()) for e in batch)
+
+
+class Replans:
+    """A replan callable: answers from a list (None: re-planned; a string: why not) and counts calls."""
+
+    def __init__(self, *answers):
+        self.answers, self.calls = list(answers), 0
+
+    async def __call__(self):
+        self.calls += 1
+        return self.answers.pop(0)
+
+
+async def test_a_lost_worker_re_plans_and_retries_each_request_alone():
+    cluster, replans = FakeCluster(ChannelClosed("rank 2 gone")), Replans(None)
+    batch = _entries(FakeSession("a"), FakeSession("bb"))
+    await Failover(cluster.forward, cluster.rebuild, lambda: False, lambda: False, replans).run(batch)
+    assert replans.calls == 1 and cluster.calls == [["a", "bb"], ["a"], ["bb"]]
+    assert [e.result.result().tolist() for e in batch] == [[1, 1], [2, 2]]
+    assert not any(e.session.failed for e in batch)
+
+
+async def test_a_re_plan_that_fails_fails_each_request_once_saying_why():
+    cluster, replans = FakeCluster(ChannelClosed("rank 1 gone")), Replans("rank 0: the budget is too small")
+    batch = _entries(FakeSession("a"), FakeSession("b"))
+    await Failover(cluster.forward, cluster.rebuild, lambda: False, lambda: False, replans).run(batch)
+    assert cluster.calls == [["a", "b"]]
+    for e in batch:
+        assert "budget is too small" in str(e.result.exception()) and e.session.failed
+
+
+@pytest.mark.parametrize("error", [SplitError("bad file"), PeerFailed("rank 1: bad file", FailureCause.WEIGHTS),
+                                   PeerFailed("rank 1: bug", FailureCause.INTERNAL)])
+async def test_broken_weights_or_bugs_do_not_re_plan(error):
+    cluster, replans = FakeCluster(error), Replans(None)
+    batch = _entries(FakeSession("a"))
+    await Failover(cluster.forward, cluster.rebuild, lambda: True, lambda: False, replans).run(batch)
+    assert replans.calls == 0 and isinstance(batch[0].result.exception(), EngineUnavailable)

@@ -46,7 +46,7 @@ async def test_commands_are_told_apart_by_op():
     got = [await receive_command(worker, 1) for _ in range(3)]
     assert [type(m) for m in got] == [OpenRequest, CloseRequest, LinkAttention]
     assert got[0].cap == 128 and got[2].node_addrs() == {0: ["h", 1]}
-    assert set(COMMANDS) == {"open", "close", "step", "ring", "attn"}
+    assert set(COMMANDS) == {"open", "close", "step", "ring", "attn", "replan"}
 
 
 async def test_a_plan_or_its_refusal():

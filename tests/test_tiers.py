@@ -66,13 +66,14 @@ async def _post(url, route=None, stream=False):
 
 @contextmanager
 def tiers(tmp_path, cloud_model, edge_model):
-    """A 1-device edge-llm as the cloud tier and a 2-device edge cluster that routes to it."""
+    """A 1-device edge-llm as the cloud tier and a 2-device edge cluster that routes to it. The edge
+    links its devices in a ring, which does not re-plan: a lost worker takes the edge down."""
     (tmp_path / "cloud").mkdir()
     (tmp_path / "edge").mkdir()
     cloud = ClusterProcess(cloud_model, 1, tmp_path / "cloud")
     try:
         edge = ClusterProcess(edge_model, 2, tmp_path / "edge", "--cloud", f"{cloud.url}/v1",
-                              "--step-timeout", "2")
+                              "--step-timeout", "2", "--allreduce", "ring")
         try:
             yield cloud, edge
         finally:

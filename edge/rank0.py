@@ -1,0 +1,59 @@
+"""Rank 0's own part of the model: its slice of every layer (and of the LM head), and the whole
+embedding table, which only rank 0 needs (it embeds every token)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from edge.engine import ShardModel, load_shard
+from edge.weights import EmbeddingRows
+from models.checkpoint import Checkpoint
+from models.sharding import LocalDims
+
+
+class Rank0:
+    """Holds rank 0's shard and embedding for the plan served now; `prepare` loads those of another
+    plan beside them, switched to by the callable it returns."""
+
+    def __init__(self, ckpt: Checkpoint, budget_mb: float | None, split_dir: str | None, keep_page_cache: bool):
+        self._ckpt, self._budget_mb, self._split_dir = ckpt, budget_mb, split_dir
+        self._drop_cache = not keep_page_cache
+        self.shard: ShardModel | None = None
+        self.embed: Callable[[torch.Tensor], torch.Tensor] | None = None  # token ids [B, S] -> [B, S, D]
+        self.embed_bytes = 0  # resident embedding table bytes (none when mapped from the split)
+
+    def load(self, weights: list[float], dims0: LocalDims) -> None:
+        """The first plan: rank 0's slice, splitting every rank's files when a budget needs a split."""
+        self.prepare(weights, dims0, split_all=True)[0]()
+
+    def prepare(self, weights: list[float], dims0: LocalDims,
+                split_all: bool = False) -> tuple[Callable[[], None], Callable[[], None]]:
+        """Load rank 0's slice of the plan with `weights` (a re-plan); raises SplitError and
+        BudgetTooSmall. Returns (commit: switch to it and release the old slice, discard it)."""
+        world = len(weights)
+        shard = load_shard(self._ckpt, dims0, world, weights, self._budget_mb, self._split_dir,
+                           split_all=split_all, drop_cache=self._drop_cache)
+        embed, embed_bytes = self._embedding(shard, world)
+
+        def commit() -> None:
+            old, self.shard = self.shard, shard
+            self.embed, self.embed_bytes = embed, embed_bytes
+            if old is not None:
+                old.close()
+        return commit, shard.close
+
+    def _embedding(self, shard: ShardModel, world: int) -> tuple[Callable, int]:
+        if shard.window is not None:  # rows mapped from the split, outside the budget
+            return EmbeddingRows(Path(shard.window.folder), world), 0
+        if isinstance(self.embed, partial):  # the whole table, the same for every plan
+            return self.embed, self.embed_bytes
+        table = self._ckpt.read("model.embed_tokens.weight")  # [V, D]
+        return partial(torch.nn.functional.embedding, weight=table), table.nbytes
+
+    def close(self) -> None:
+        if self.shard is not None:
+            self.shard.close()

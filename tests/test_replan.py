@@ -1,0 +1,184 @@
+"""Losing a device mid-stream: the cluster re-plans on the devices that remain and every stream
+goes on with exactly the tokens of an uninterrupted run; the device that returns is planned back in.
+Real processes on loopback."""
+
+import asyncio
+import json
+
+import aiohttp
+import psutil
+import pytest
+from cluster_proc import ClusterProcess
+from hf_reference import hf_greedy, make_hf_checkpoint
+
+from edge.split import MANIFEST, head_file, split_model
+from models.config import load_config
+from models.sharding import kv_bytes_per_token, local_dims
+
+PROMPT = [0, 17, 250, 33, 99, 5, 120]
+LONG = 80
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "llama", seed=11)
+    return folder, hf_greedy(folder, PROMPT, LONG)
+
+
+async def stream(url: str, on_token=None, at: int = 10) -> tuple[list[int], list[float], list[dict]]:
+    """One streamed greedy request of LONG tokens: its token ids, logprobs and any error events;
+    `on_token()` runs once when token `at` arrives."""
+    body = {"prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True, "ignore_eos": True,
+            "logprobs": 1, "return_token_ids": True}
+    tokens, logprobs, errors = [], [], []
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
+        assert r.status == 200
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                errors.append(chunk)
+                continue
+            choice = chunk["choices"][0]
+            tokens += choice.get("token_ids") or []
+            logprobs += (choice.get("logprobs") or {}).get("token_logprobs") or []
+            if len(tokens) == at and on_token is not None:
+                on_token()
+    return tokens, logprobs, errors
+
+
+async def health(url: str) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/health") as r:
+        return r.status, await r.json()
+
+
+async def wait_plan(url: str, ranks: list[int], tries: int = 600) -> dict:
+    """Until /health names `ranks` as the plan served (0.1 s polls)."""
+    for _ in range(tries):
+        status, body = await health(url)
+        if status == 200 and [p["rank"] for p in body.get("plan", [])] == ranks:
+            return body
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the plan never became {ranks}: {body}")
+
+
+def assert_uninterrupted(result, reference) -> None:
+    tokens, logprobs, errors = result
+    assert not errors, errors
+    assert tokens == reference[0]  # no token repeated, none missing
+    assert logprobs == pytest.approx(reference[1], abs=1e-4)  # the sum order changed with the plan
+
+
+async def _three_streams_survive(cluster: ClusterProcess, reference, lose) -> None:
+    results = await asyncio.wait_for(asyncio.gather(
+        stream(cluster.url, lose), stream(cluster.url), stream(cluster.url)), 120)
+    for result in results:
+        assert_uninterrupted(result, reference)
+
+
+async def test_a_killed_worker_is_planned_around_and_planned_back_in(llama, tmp_path):
+    folder, reference = llama
+    cluster = ClusterProcess(folder, 3, tmp_path)
+    try:
+        await _three_streams_survive(cluster, reference, lambda: cluster.kill_worker(2))
+        body = await wait_plan(cluster.url, [0, 1])
+        assert body["lost_ranks"] == [2]
+        async with aiohttp.ClientSession() as s, s.get(f"{cluster.url}/metrics") as r:
+            metrics = await r.text()
+        assert "edge_cluster_replans_total 1.0" in metrics and "edge_cluster_replayed_requests_total 3.0" in metrics
+        worker = cluster.start_worker(2)  # the device comes back
+        try:
+            body = await wait_plan(cluster.url, [0, 1, 2])
+            assert body["lost_ranks"] == []
+            assert_uninterrupted(await stream(cluster.url), reference)
+        finally:
+            worker.terminate()
+            worker.wait(timeout=20)
+    finally:
+        cluster.stop()
+
+
+async def test_a_frozen_worker_is_planned_around_and_back_in_when_it_wakes(llama, tmp_path):
+    """SIGSTOP: its sockets stay open; the step times out, the silent device is dropped."""
+    folder, reference = llama
+    cluster = ClusterProcess(folder, 3, tmp_path, "--step-timeout", "2")
+    frozen = psutil.Process(cluster.worker_pids[1])
+    try:
+        await _three_streams_survive(cluster, reference, frozen.suspend)
+        assert (await wait_plan(cluster.url, [0, 2]))["lost_ranks"] == [1]
+        frozen.resume()
+        await wait_plan(cluster.url, [0, 1, 2])
+        assert_uninterrupted(await stream(cluster.url), reference)
+    finally:
+        if frozen.status() == psutil.STATUS_STOPPED:
+            frozen.resume()
+        cluster.stop()
+
+
+async def test_a_worker_without_a_checkpoint_fetches_its_wider_slice(llama, tmp_path):
+    folder, reference = llama
+    cluster = ClusterProcess(folder, 3, tmp_path)
+    fetcher = None
+    try:
+        cluster.kill_worker(1)  # rank 1 comes back as a device with no checkpoint of its own
+        await wait_plan(cluster.url, [0, 2])
+        fetcher = cluster.start_worker(1, None, "--split-dir", str(tmp_path / "fetched"), fetch=True)
+        await wait_plan(cluster.url, [0, 1, 2])
+        result = await asyncio.wait_for(stream(cluster.url, lambda: cluster.kill_worker(2)), 120)
+        assert_uninterrupted(result, reference)
+        await wait_plan(cluster.url, [0, 1])
+        assert list((tmp_path / "fetched").rglob("rank-1-of-2/*.safetensors"))  # its slice of the 2-device plan
+    finally:
+        if fetcher is not None:
+            fetcher.terminate()
+            fetcher.wait(timeout=20)
+        cluster.stop()
+
+
+async def test_two_devices_that_lose_one_go_on_with_one(llama, tmp_path):
+    folder, reference = llama
+    cluster = ClusterProcess(folder, 2, tmp_path)
+    try:
+        result = await asyncio.wait_for(stream(cluster.url, lambda: cluster.kill_worker(1)), 120)
+        assert_uninterrupted(result, reference)
+        body = await wait_plan(cluster.url, [0])
+        assert body["plan"][0]["heads"] == load_config(folder).num_heads
+    finally:
+        cluster.stop()
+
+
+def _budget_between_one_and_two_devices(folder, tmp_path) -> float:
+    """A memory budget (MB) that holds a rank's window of the 2-device plan but not of one device."""
+    config = load_config(folder)
+
+    def need(world: int) -> int:  # edge.weights.WeightWindow: head + KV reserve + two layers
+        out = split_model(folder, world, out=tmp_path / f"split-{world}", quiet=True)
+        files = json.loads((out / MANIFEST).read_text())["files"]
+        layer = max(e["bytes"] for n, e in files.items() if n.startswith("rank-0") and "layer" in n)
+        reserve = kv_bytes_per_token(config, local_dims(config, world)[0]) * min(2048, config.max_position_embeddings)
+        return files[head_file(world, 0)]["bytes"] + reserve + 2 * layer
+
+    return (need(1) + need(2)) / 2 / (1 << 20)
+
+
+async def test_a_loss_that_leaves_too_little_memory_answers_503_naming_why(llama, tmp_path):
+    folder, reference = llama
+    budget = _budget_between_one_and_two_devices(folder, tmp_path)
+    cluster = ClusterProcess(folder, 2, tmp_path, "--memory-budget-mb", f"{budget:.4f}", "--split-dir",
+                             str(tmp_path / "split"))
+    try:
+        tokens, _, errors = await asyncio.wait_for(stream(cluster.url, lambda: cluster.kill_worker(1)), 120)
+        assert errors and "budget" in errors[0]["error"]["message"]
+        status, body = await health(cluster.url)
+        assert status == 503 and body["missing_ranks"] == [1]
+        worker = cluster.start_worker(1, None, "--memory-budget-mb", f"{budget:.4f}")
+        try:
+            await wait_plan(cluster.url, [0, 1])
+            assert_uninterrupted(await stream(cluster.url), reference)
+        finally:
+            worker.terminate()
+            worker.wait(timeout=20)
+    finally:
+        cluster.stop()
