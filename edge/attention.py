@@ -24,7 +24,7 @@ import psutil
 import torch
 
 from edge.messages import Hello, Join, NodePlan, NodeStats, Refused, receive, receive_plan, send
-from edge.rejoin import stay_joined
+from edge.rejoin import MASTER_GONE_S, stay_joined
 from models.attention import CacheAttention, KVCache
 from models.config import LlamaConfig, config_from_hf
 from transport.codec import pack_array, unpack_array
@@ -48,6 +48,7 @@ class AttentionNodeSettings:
     secret: bytes
     link: LinkSpec | None = None
     stats_interval: float = 0.5
+    master_timeout: float = MASTER_GONE_S  # give up after the master is unreachable this long
 
 
 @dataclass
@@ -105,7 +106,8 @@ class AttentionNode:
     async def run(self) -> None:
         """Join, report, rejoin after the master disappears; NodeRefused ends it."""
         try:
-            await stay_joined(self._join, self._report, f"attention node {self.settings.node}")
+            await stay_joined(self._join, self._report, f"attention node {self.settings.node}",
+                              self.settings.master_timeout)
         finally:
             await self._server.aclose()
             self.compute.shutdown(wait=False, cancel_futures=True)

@@ -46,7 +46,7 @@ from edge.messages import (
 )
 from edge.offload import AttentionNodeFailed
 from edge.profile import measure_device
-from edge.rejoin import stay_joined
+from edge.rejoin import MASTER_GONE_S, stay_joined
 from edge.ring import PeerLinks
 from edge.slices import PlanRefused, SliceLoader, SliceSettings
 from edge.split import SplitError
@@ -79,6 +79,7 @@ class WorkerSettings:
     keep_page_cache: bool = False
     dtype: str | None = None  # refuse a master that holds weights in another dtype (None: follow it)
     quantize: str | None = None  # refuse a master that quantizes otherwise (None: follow it)
+    master_timeout: float = MASTER_GONE_S  # give up after the master is unreachable this long
 
 
 class Worker:
@@ -270,7 +271,7 @@ class Worker:
 
     async def run(self) -> None:
         """Join, serve, and rejoin after the master disappears; PlanRefused ends it."""
-        await stay_joined(self._join, self._serve, f"rank {self.settings.rank}")
+        await stay_joined(self._join, self._serve, f"rank {self.settings.rank}", self.settings.master_timeout)
 
     async def aclose(self) -> None:
         """Release the links and the shard (after `run` ended or was cancelled)."""

@@ -148,7 +148,10 @@ def _worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--node", type=non_negative_int, help="attention node index, 0..K-1")
     p.add_argument("--model", help="this device's copy of the model (without it: fetch the shard from the master)")
     p.add_argument("--master", help="HOST:PORT where the master accepts workers")
-    p.add_argument("--secret-file", help="the cluster secret shared with the master")
+    p.add_argument("--secret-file", help="the cluster secret shared with the master (or $EDGE_LLM_SECRET); "
+                                         "required")
+    p.add_argument("--master-timeout", type=positive_float, default=300.0,
+                   help="seconds without a reachable master after which the device exits")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--step-timeout", type=positive_float, default=5.0, help="seconds an all-reduce waits")
     p.add_argument("--link-latency-ms", type=non_negative_float, default=0.0, help="emulated latency to the master")

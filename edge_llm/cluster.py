@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import logging
 import os
@@ -29,6 +30,7 @@ from transport.auth import SECRET_ENV
 from transport.link import LinkSpec
 
 log = logging.getLogger("edge_llm.cluster")
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,17 @@ def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads
     # A fixed mmap threshold lets glibc hand freed layer buffers back to the OS at once, so a
     # windowed worker's RSS follows its window instead of its high-water mark.
     env = os.environ | {SECRET_ENV: settings.secret.decode(), "MALLOC_MMAP_THRESHOLD_": "1048576"}
-    return subprocess.Popen(cmd, env=env, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In a spawned device, before it runs: SIGTERM when the cluster process dies, even by SIGKILL,
+    so no device outlives its cluster (Linux; elsewhere the master-timeout ends it)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _spawn_attention_node(node: int, master_port: int, settings: MasterSettings, threads: int) -> subprocess.Popen:
@@ -76,7 +88,7 @@ def _spawn_attention_node(node: int, master_port: int, settings: MasterSettings,
         cmd += ["--link-latency-ms", str(settings.link.latency_ms),
                 "--link-bandwidth-mbps", str(settings.link.bandwidth_mbps)]
     env = os.environ | {SECRET_ENV: settings.secret.decode(), "MALLOC_MMAP_THRESHOLD_": "1048576"}
-    return subprocess.Popen(cmd, env=env, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
 
 def _http_listener(http: HttpSettings) -> socket.socket:
@@ -139,7 +151,7 @@ async def _wait_ready(engine: ClusterEngine, timeout: float, with_nodes: bool,
 
 @asynccontextmanager
 async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_timeout: float,
-                          announce: bool = True) -> AsyncIterator[ClusterEngine]:
+                          announce: bool = True, secret_file: str | None = None) -> AsyncIterator[ClusterEngine]:
     """The master engine with every worker joined; with `spawn_workers`, ranks 1..N-1 run here and
     are stopped on exit. Raises PlanError / CheckpointError before any process starts."""
     threads = threads_per_process(settings.world_size) if spawn_workers else torch.get_num_threads()
@@ -161,10 +173,17 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
         if announce:
             print(f"edge-llm: {name} pid {child.pid}", flush=True)
     children += nodes
+    hint = _restart_hint(settings, port, secret_file)
+    if announce and children:
+        print(f"edge-llm: a worker that dies is planned around; restart one with: {hint.format(rank='R')}",
+              flush=True)
+    reaper = asyncio.create_task(_reap(spawned, hint), name="reaper")
     try:
         await _wait_ready(engine, ready_timeout, bool(nodes), spawned)
         yield engine
     finally:
+        reaper.cancel()
+        await asyncio.gather(reaper, return_exceptions=True)
         await engine.aclose()
         for child in children:
             child.terminate()
@@ -175,11 +194,33 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
                 child.kill()
 
 
-async def run_master(settings: MasterSettings, http: HttpSettings, spawn_workers: bool) -> None:
+async def _reap(spawned: list[tuple[str, subprocess.Popen]], hint: str) -> None:
+    """Collect a spawned device that exits (no zombie) and say so once, with how to restart it."""
+    reported: set[int] = set()
+    while True:
+        await asyncio.sleep(0.5)
+        for name, child in spawned:
+            if child.pid not in reported and child.poll() is not None:
+                reported.add(child.pid)
+                rank = name.rsplit(" ", 1)[-1]
+                print(f"edge-llm: {name} (pid {child.pid}) exited with status {child.returncode}; "
+                      + (f"restart it with: {hint.format(rank=rank)}" if name.startswith("worker") else
+                         "offload stays off until it is back"), flush=True)
+
+
+def _restart_hint(settings: MasterSettings, port: int, secret_file: str | None) -> str:
+    """The command that restarts a worker of this emulated cluster by hand (README: Losing a device)."""
+    secret = f"--secret-file {secret_file}" if secret_file else "(the cluster secret in $EDGE_LLM_SECRET)"
+    return f"edge-llm worker --model {settings.model} --rank {{rank}} --master 127.0.0.1:{port} {secret}"
+
+
+async def run_master(settings: MasterSettings, http: HttpSettings, spawn_workers: bool,
+                     secret_file: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM; with `spawn_workers`, start and stop ranks 1..N-1 locally."""
     listener = _http_listener(http)
     try:
-        async with running_cluster(settings, spawn_workers, http.ready_timeout) as engine:
+        async with running_cluster(settings, spawn_workers, http.ready_timeout,
+                                   secret_file=secret_file) as engine:
             runner = await _serve_http(engine, http, listener)
             try:
                 await _until_signalled()

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from models.errors import CheckpointError, GenerationError
 from models.sampling import SamplingParams
@@ -134,11 +135,16 @@ def _weights(text: str | None, workers: int) -> list[float] | str | None:
     return weights
 
 
-def _secret(path: str | None) -> bytes:
+def _secret(path: str | None, required: bool = False) -> bytes:
+    """The cluster secret from `path` or $EDGE_LLM_SECRET; a new one for a master that has neither,
+    a clear error for a device (`required`), which could never join with an invented one."""
     from transport.auth import SECRET_ENV, load_secret, new_secret
     from transport.errors import AuthError
 
     if path is None and not os.environ.get(SECRET_ENV):
+        if required:
+            raise UserError(f"a device needs the cluster's secret to join: --secret-file F or ${SECRET_ENV} "
+                            "(the master's --secret-file, or what the emulated cluster printed)")
         return new_secret()
     try:
         return load_secret(path)
@@ -146,13 +152,13 @@ def _secret(path: str | None) -> bytes:
         raise UserError(str(e)) from e
 
 
-def _run_master(settings, http, spawn: bool) -> None:
+def _run_master(settings, http, spawn: bool, secret_file: str | None = None) -> None:
     from edge_llm.cluster import StartupError, run_master
     from transport.loop import run_loop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        run_loop(run_master(settings, http, spawn_workers=spawn))
+        run_loop(run_master(settings, http, spawn_workers=spawn, secret_file=secret_file))
     except (CheckpointError, PlanError, StartupError) as e:
         raise UserError(str(e)) from e
     except TimeoutError as e:
@@ -186,7 +192,22 @@ def cluster(args: argparse.Namespace) -> None:
     http = HttpSettings(args.host, args.port, args.served_name, max_running=args.max_running,
                         max_queue=args.max_queue, request_timeout=args.request_timeout,
                         api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"), cloud=cloud, policy=policy)
-    _run_master(settings, http, spawn=True)
+    _run_master(settings, http, spawn=True, secret_file=args.secret_file or _private_secret_file(settings.secret))
+
+
+def _private_secret_file(secret: bytes) -> str:
+    """The emulated cluster's own secret in a file only this user reads (removed at exit), so a
+    worker that died can be restarted by hand as the cluster prints."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="edge-llm-"))
+    path = folder / "secret"
+    path.touch(mode=0o600)
+    path.write_bytes(secret)
+    atexit.register(shutil.rmtree, folder, True)
+    return str(path)
 
 
 def _cluster_config(path: str):
@@ -209,6 +230,7 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
+    from edge.rejoin import StopJoining
     from edge.slices import PlanRefused
     from edge.worker import WorkerSettings
     from edge_llm.cluster import link_from_args, run_worker
@@ -233,18 +255,20 @@ def worker(args: argparse.Namespace) -> None:
         raise UserError("a compute worker needs --rank R (1..N-1)")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{args.rank} %(levelname)s %(message)s")
     settings = WorkerSettings(model=model, rank=args.rank, master_host=host, master_port=int(port),
-                              secret=_secret(secret_file), step_timeout=args.step_timeout,
+                              secret=_secret(secret_file, required=True), step_timeout=args.step_timeout,
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
                               memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir,
-                              keep_page_cache=args.keep_page_cache, dtype=args.dtype, quantize=args.quantize)
+                              keep_page_cache=args.keep_page_cache, dtype=args.dtype, quantize=args.quantize,
+                              master_timeout=args.master_timeout)
     try:
         run_loop(run_worker(settings, args.threads or __import__("torch").get_num_threads()))
-    except (CheckpointError, PlanError, PlanRefused) as e:
+    except (CheckpointError, PlanError, PlanRefused, StopJoining) as e:
         raise UserError(str(e)) from e
 
 
 def _attention_node(args: argparse.Namespace, host: str, port: int, secret_file: str | None) -> None:
     from edge.attention import AttentionNodeSettings, NodeRefused
+    from edge.rejoin import StopJoining
     from edge_llm.cluster import link_from_args, run_attention_node
     from transport.loop import run_loop
 
@@ -252,11 +276,12 @@ def _attention_node(args: argparse.Namespace, host: str, port: int, secret_file:
         raise UserError("an attention node needs --node K (0..K-1)")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s attn{args.node} %(levelname)s %(message)s")
     settings = AttentionNodeSettings(node=args.node, master_host=host, master_port=port,
-                                     secret=_secret(secret_file),
-                                     link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps))
+                                     secret=_secret(secret_file, required=True),
+                                     link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),
+                                     master_timeout=args.master_timeout)
     try:
         run_loop(run_attention_node(settings, args.threads or __import__("torch").get_num_threads()))
-    except NodeRefused as e:
+    except (NodeRefused, StopJoining) as e:
         raise UserError(str(e)) from e
 
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 
@@ -39,6 +40,7 @@ class ClusterProcess:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      start_new_session=True)
         self.worker_pids: dict[int, int] = {}
+        self.restart_hints: dict[int, str] = {}  # rank -> the command the cluster printed when it died
         self.node_pids: dict[int, int] = {}
         self.url = ""
         self.worker_port = 0
@@ -53,6 +55,8 @@ class ClusterProcess:
         for line in self.proc.stdout:
             if m := re.search(r"worker rank (\d+) pid (\d+)", line):
                 self.worker_pids[int(m[1])] = int(m[2])
+            if m := re.search(r"worker rank (\d+) \(pid \d+\) exited .*restart it with: (.*)$", line):
+                self.restart_hints[int(m[1])] = m[2].strip()
             if m := re.search(r"attention node (\d+) pid (\d+)", line):
                 self.node_pids[int(m[1])] = int(m[2])
             if m := re.search(r"serving .* on (http://\S+) .*join at port (\d+)", line):
@@ -81,6 +85,13 @@ class ClusterProcess:
                "--threads", "1"]
         with open(self.secret_file.parent / f"node-{node}.log", "w") as err:
             return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+
+    def restart_hint(self, rank: int, timeout: float = 10) -> str:
+        """The restart command the cluster printed for `rank` after it died."""
+        deadline = time.monotonic() + timeout
+        while rank not in self.restart_hints and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.restart_hints[rank]
 
     def kill_worker(self, rank: int) -> None:
         os.kill(self.worker_pids[rank], signal.SIGKILL)
