@@ -110,6 +110,10 @@ def _cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-running", type=positive_int, default=16, help="requests generating at once")
     p.add_argument("--max-queue", type=non_negative_int, default=64, help="requests waiting; beyond it 429")
     p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds per request")
+    p.add_argument("--drain-timeout", type=non_negative_float, default=10.0,
+                   help="on SIGTERM / Ctrl-C, seconds requests in flight may finish (a second signal stops at once)")
+    p.add_argument("--body-timeout", type=positive_float, default=30.0,
+                   help="seconds a request's body may take to arrive (a client that stalls gets 408)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: the "
                                      "EDGE_LLM_API_KEY environment variable, else none)")
     p.add_argument("--cloud", help="base URL (with /v1) of an OpenAI-compatible cloud tier")
@@ -135,6 +139,8 @@ def _serve(sub: argparse._SubParsersAction) -> None:
                    help="auto | none | int8 | int4 (default: the config's `quantize`, else auto)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: the "
                                      "EDGE_LLM_API_KEY environment variable, else none)")
+    p.add_argument("--drain-timeout", type=non_negative_float, default=10.0,
+                   help="on SIGTERM / Ctrl-C, seconds requests in flight may finish (a second signal stops at once)")
     p.set_defaults(func=commands.serve)
 
 

@@ -26,6 +26,7 @@ from models.dtypes import dtype_name
 from scheduler.app import ServerSettings, create_app
 from scheduler.cloud import CloudSettings
 from scheduler.router import Policy
+from scheduler.state import ADMISSION
 from transport.auth import SECRET_ENV
 from transport.link import LinkSpec
 
@@ -42,6 +43,8 @@ class HttpSettings:
     max_running: int = 16
     max_queue: int = 64
     request_timeout: float = 600.0
+    body_timeout: float = 30.0
+    drain_timeout: float = 10.0  # on SIGTERM / Ctrl-C: how long requests in flight may finish
     api_key: str | None = None
     cloud: CloudSettings | None = None
     policy: Policy = field(default_factory=Policy)
@@ -104,13 +107,15 @@ def _http_listener(http: HttpSettings) -> socket.socket:
 async def _serve_http(engine: ClusterEngine, http: HttpSettings, listener: socket.socket) -> web.AppRunner:
     name = http.served_name or Path(engine.settings.model).resolve().name
     backend = f"{engine.fingerprint}:{dtype_name(engine.dtype)}:{engine.quantize}"
-    server = ServerSettings(served_name=name, request_timeout=http.request_timeout,
+    server = ServerSettings(served_name=name, request_timeout=http.request_timeout, body_timeout=http.body_timeout,
                             max_running=http.max_running, max_queue=http.max_queue, api_key=http.api_key,
                             cloud=http.cloud, policy=http.policy,
                             system_fingerprint="fp_" + hashlib.sha256(backend.encode()).hexdigest()[:10])
     # handler_cancellation: a client that disconnects cancels its request's handler, so a request
     # nobody waits for stops generating (or never starts, when it was queued) and frees its slot.
-    runner = web.AppRunner(create_app(engine, server), handle_signals=False, handler_cancellation=True)
+    # shutdown_timeout: requests were given their time to finish (_drain); cleanup does not wait again.
+    runner = web.AppRunner(create_app(engine, server), handle_signals=False, handler_cancellation=True,
+                           shutdown_timeout=0.5)
     await runner.setup()
     site = web.SockSite(runner, listener)
     await site.start()
@@ -118,6 +123,29 @@ async def _serve_http(engine: ClusterEngine, http: HttpSettings, listener: socke
     print(f"edge-llm: serving {name!r} on http://{http.host}:{port} "
           f"({engine.settings.world_size} worker(s)); workers join at port {engine.port}", flush=True)
     return runner
+
+
+async def _drain(runner: web.AppRunner, timeout: float) -> None:
+    """Stop taking connections and let the requests in flight (and queued) finish, for up to
+    `timeout` seconds; a second SIGINT/SIGTERM stops at once."""
+    admission = runner.app[ADMISSION]
+    if not admission.running + admission.waiting or timeout <= 0:
+        return
+    print(f"edge-llm: stopping; draining {admission.running + admission.waiting} request(s) for up to "
+          f"{timeout:g} s (Ctrl-C again to stop now)", flush=True)
+    for site in list(runner.sites):
+        await site.stop()
+    again = asyncio.create_task(_until_signalled())
+    try:
+        async with asyncio.timeout(timeout):
+            while admission.running + admission.waiting and not again.done():
+                await asyncio.wait({again}, timeout=0.05)
+    except TimeoutError:
+        print(f"edge-llm: {admission.running + admission.waiting} request(s) still running after "
+              f"{timeout:g} s; stopping them", flush=True)
+    finally:
+        again.cancel()
+        await asyncio.gather(again, return_exceptions=True)
 
 
 async def _until_signalled() -> None:
@@ -224,6 +252,7 @@ async def run_master(settings: MasterSettings, http: HttpSettings, spawn_workers
             runner = await _serve_http(engine, http, listener)
             try:
                 await _until_signalled()
+                await _drain(runner, http.drain_timeout)
             finally:
                 await runner.cleanup()
     finally:

@@ -191,6 +191,7 @@ def cluster(args: argparse.Namespace) -> None:
                     cloud_above_tokens=args.cloud_above_tokens)
     http = HttpSettings(args.host, args.port, args.served_name, max_running=args.max_running,
                         max_queue=args.max_queue, request_timeout=args.request_timeout,
+                        body_timeout=args.body_timeout, drain_timeout=args.drain_timeout,
                         api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"), cloud=cloud, policy=policy)
     _run_master(settings, http, spawn=True, secret_file=args.secret_file or _private_secret_file(settings.secret))
 
@@ -225,7 +226,8 @@ def serve(args: argparse.Namespace) -> None:
     cfg = _cluster_config(args.config)
     cfg = replace(cfg, model=_model_folder(cfg.model), dtype=args.dtype or cfg.dtype,
                   quantize=args.quantize or cfg.quantize)
-    http = replace(cfg.http, api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"))  # never in the file
+    http = replace(cfg.http, api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"),  # never in the file
+                   drain_timeout=args.drain_timeout)
     _run_master(cfg.master_settings(_secret(cfg.secret_file)), http, spawn=False)
 
 

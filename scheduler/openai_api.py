@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -33,13 +34,18 @@ class ParsedRequest:
     echo_text: str = ""
 
 
-async def read_json(request: Any) -> Any:
+async def read_json(request: Any, timeout: float) -> Any:
     """The request body as UTF-8 JSON; raises ApiError(400) that quotes the parser, also for another
-    declared charset, nesting too deep or numbers too long to parse (never a 500)."""
+    declared charset, nesting too deep or numbers too long to parse (never a 500), and ApiError(408)
+    for a body that has not arrived within `timeout` seconds (a client that stalls holds nothing)."""
     charset = (request.charset or "utf-8").lower()
     if charset not in ("utf-8", "utf8"):
         raise ApiError(400, f"charset {request.charset!r} is not supported; send the JSON body as UTF-8")
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError as e:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from e
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

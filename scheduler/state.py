@@ -20,6 +20,7 @@ class ServerSettings:
 
     served_name: str
     request_timeout: float = 600.0
+    body_timeout: float = 30.0  # a request body that takes longer to arrive is refused (408)
     max_running: int = 16
     max_queue: int = 64
     api_key: str | None = None

@@ -40,7 +40,8 @@ class ClusterProcess:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      start_new_session=True)
         self.worker_pids: dict[int, int] = {}
-        self.restart_hints: dict[int, str] = {}  # rank -> the command the cluster printed when it died
+        self.restart_hints: dict[int, str] = {}
+        self.stdout_lines: list[str] = []  # rank -> the command the cluster printed when it died
         self.node_pids: dict[int, int] = {}
         self.url = ""
         self.worker_port = 0
@@ -51,8 +52,12 @@ class ClusterProcess:
             self.stop()
             raise RuntimeError(f"cluster did not come up; log: {(tmp / f'cluster-{workers}.log').read_text()[-2000:]}")
 
+    def stdout_text(self) -> str:
+        return "".join(self.stdout_lines)
+
     def _read_stdout(self) -> None:
         for line in self.proc.stdout:
+            self.stdout_lines.append(line)
             if m := re.search(r"worker rank (\d+) pid (\d+)", line):
                 self.worker_pids[int(m[1])] = int(m[2])
             if m := re.search(r"worker rank (\d+) \(pid \d+\) exited .*restart it with: (.*)$", line):

@@ -1,6 +1,6 @@
 """A client that leaves a non-streamed request stops it: the generation ends, its slot is freed, a
 request abandoned in the queue never runs, and none of it counts as a server error. And time spent
-in the queue counts against --request-timeout."""
+in the queue counts against --request-timeout, and a body that stalls is refused (408)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from hf_reference import make_hf_checkpoint
 
 @pytest.fixture(scope="module")
 def slow_cluster(tmp_path_factory):
-    """One generation slot, 20 ms links (a 100-token request takes many seconds), a 4 s request timeout."""
+    """One generation slot, 20 ms links (a 100-token request takes many seconds), a 4 s request timeout,
+    1 s for a request body to arrive."""
     model = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "llama", seed=6)
     proc = ClusterProcess(model, 2, tmp_path_factory.mktemp("slow"), "--max-running", "1",
-                          "--link-latency-ms", "20", "--request-timeout", "4")
+                          "--link-latency-ms", "20", "--request-timeout", "4", "--body-timeout", "1")
     yield proc
     proc.stop()
 
@@ -96,3 +97,18 @@ async def test_time_in_the_queue_counts_against_the_request_timeout(slow_cluster
     (first, first_s), (queued, queued_s) = await asyncio.gather(timed(0.0), timed(1.0))
     assert first == 504 and queued == 504
     assert 3.5 < queued_s < 5.0, queued_s  # its own 4 s, though the slot was busy for 3 of them
+
+
+async def test_a_body_that_never_finishes_arriving_is_refused_with_408(slow_cluster):
+    host, port = slow_cluster.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"prompt\": \"The")  # and then nothing more
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 10)
+    body = await asyncio.wait_for(reader.read(4096), 10)
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 408"), status
+    assert b"did not arrive within 1 s" in body
+    async with aiohttp.ClientSession() as s, s.get(f"{slow_cluster.url}/health") as r:
+        assert r.status == 200

@@ -101,3 +101,52 @@ async def test_a_dead_worker_is_reaped_and_restarts_with_the_printed_command(mod
 def test_the_restart_hint_parser_reads_the_cluster_line():
     line = "edge-llm: worker rank 3 (pid 12) exited with status -9; restart it with: edge-llm worker --rank 3"
     assert re.search(r"restart it with: (.*)$", line)[1] == "edge-llm worker --rank 3"
+
+
+async def _stream_lines(url: str, on_first=None) -> list[str]:
+    import aiohttp
+
+    body = {"prompt": [0, 17, 250], "max_tokens": 40, "temperature": 0, "stream": True, "ignore_eos": True}
+    lines = []
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
+        try:
+            async for raw in r.content:
+                line = raw.decode().strip()
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if len(lines) == 1 and on_first is not None:
+                        on_first()
+        except aiohttp.ClientPayloadError:
+            lines.append("CUT")  # the server closed the stream mid-way
+    return lines
+
+
+async def test_sigterm_drains_requests_in_flight_then_stops(model, tmp_path):
+    cluster = ClusterProcess(model, 2, tmp_path, "--link-latency-ms", "20", "--drain-timeout", "60")
+    try:
+        lines = await _stream_lines(cluster.url, lambda: cluster.proc.send_signal(signal.SIGTERM))
+        assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+        assert len(lines) == 40 + 1  # every token, then [DONE]
+        assert cluster.proc.wait(timeout=30) == 0
+        log = (tmp_path / "cluster-2.log").read_text()
+        assert "Traceback" not in log
+    finally:
+        cluster.stop()
+    assert "draining 1 request(s) for up to 60 s" in cluster.stdout_text()
+
+
+async def test_a_second_signal_stops_at_once(model, tmp_path):
+    cluster = ClusterProcess(model, 2, tmp_path, "--link-latency-ms", "50", "--drain-timeout", "600")
+
+    def twice() -> None:
+        cluster.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        cluster.proc.send_signal(signal.SIGINT)
+
+    try:
+        began = time.monotonic()
+        lines = await _stream_lines(cluster.url, twice)
+        assert lines[-1] == "CUT" and len(lines) < 41  # cut short, not drained
+        assert cluster.proc.wait(timeout=30) == 0 and time.monotonic() - began < 30
+    finally:
+        cluster.stop()
