@@ -12,7 +12,6 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 from pathlib import Path
 
@@ -22,18 +21,7 @@ from transport.auth import new_secret
 from transport.collectives import RingAllReduce, StarAllReduce, measure_links
 from transport.link import LinkSpec
 from transport.loop import run_loop
-from transport.mesh import build_mesh
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports the OS says are free now (bound then released; fine for loopback benchmarks)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from transport.mesh import build_mesh, free_ports
 
 
 def _stats(samples: list[float]) -> dict[str, float]:

@@ -5,24 +5,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports the OS says are free now (bound then released; fine on loopback)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
 
 SECRET = "test-secret-" + "x" * 32
 

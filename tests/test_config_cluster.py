@@ -7,8 +7,9 @@ import sys
 
 import aiohttp
 import pytest
-from cluster_proc import free_ports
 from hf_reference import hf_greedy, make_hf_checkpoint
+
+from transport.mesh import free_ports
 
 PROMPT = [0, 17, 250, 33, 99, 5, 120]
 

@@ -9,7 +9,6 @@ from hf_reference import hf_greedy, make_hf_checkpoint
 
 from edge.master import ClusterEngine, MasterSettings
 from edge.worker import Worker, WorkerSettings
-from models.engine import EngineUnavailable
 from models.generation import generate
 from models.sampling import SamplingParams
 

@@ -13,8 +13,10 @@ import time
 
 import psutil
 import pytest
-from cluster_proc import ClusterProcess, free_ports, wait_plan
+from cluster_proc import ClusterProcess, wait_plan
 from hf_reference import make_hf_checkpoint
+
+from transport.mesh import free_ports
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ import msgpack
 import numpy as np
 import psutil
 import pytest
-from cluster_proc import free_ports
 
 from transport.collectives import LinkModel, RingAllReduce, StarAllReduce, make_allreduce
 from transport.errors import AuthError, ChannelClosed
 from transport.link import LinkSpec
 from transport.memory import memory_mesh
-from transport.mesh import build_mesh
+from transport.mesh import build_mesh, free_ports
 from transport.tcp import ChannelServer, connect
 
 SECRET = b"s" * 32

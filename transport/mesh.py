@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass, field
 
 from transport.errors import AuthError, FrameError
@@ -10,6 +11,18 @@ from transport.link import LinkSpec, Uplink
 from transport.tcp import ChannelServer, TcpChannel, connect
 
 Address = tuple[str, int]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the OS says are free now (bound then released): addresses for a loopback mesh in tests
+    and benchmarks, where another process taking one in between is not a concern."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind((host, 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 @dataclass
