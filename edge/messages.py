@@ -53,7 +53,6 @@ class Plan(Message):
     fetch: dict[str, Any] | None = None  # {files, plan}: the shard files it may fetch from the master
     config: dict[str, Any] | None = None  # config.json, with `fetch`
     position: int | None = None  # this device's place in the plan (None: its rank); differs after a re-plan
-    epoch: int = 0  # the plan's number: 0 at start, one more per re-plan
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ class Planner:
 
     async def plan_message(self, position: int, weights: list[float], fetch: bool) -> Plan:
         plan = Plan(len(weights), weights, dtype_name(self.ckpt.dtype), self.ckpt.quant_label, list(self.align),
-                    position=position, epoch=self.epoch)
+                    position=position)
         if not fetch:
             return plan
         files, split_plan = await self._fetch_offer(position, weights)

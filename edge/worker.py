@@ -100,7 +100,6 @@ class Worker:
         log.info("rank %d fixed overhead %.0f MB RSS", settings.rank, self.fixed_rss / (1 << 20))
         self.profile = measure_device()  # for --weights auto on the master
         self.links: PeerLinks | None = None
-        self.epoch = 0  # of the plan it serves
         self.kv = KVStores(settings.rank, settings.secret, settings.link, settings.step_timeout)
         self.data: DataLink | None = None  # the all-reduce data plane to the master, when offered
         self.fast: FastStar | None = None
@@ -123,7 +122,6 @@ class Worker:
             await self.slice.load_fetched(ch, plan.fetch, plan.config, key)
         else:
             await asyncio.to_thread(self.slice.load_local, key)
-        self.epoch = plan.epoch
         self.kv.reset()
         await self._open_data_link(plan)
         await send(ch, Ready(s.rank, self.shard.nbytes(), self.fixed_rss, self.slice.fetched_bytes))
@@ -205,7 +203,6 @@ class Worker:
             return
         await self.kv.close(*list(self.kv.stores))
         self.kv.reset()
-        self.epoch = msg.epoch
         self._connect_collectives()
         log.info("rank %d serves plan %d as %d of %d", self.settings.rank, msg.epoch, msg.position, msg.world_size)
         await send(self.master, Replanned(msg.epoch, self.shard.nbytes()))
