@@ -53,6 +53,7 @@ class Plan(Message):
     fetch: dict[str, Any] | None = None  # {files, plan}: the shard files it may fetch from the master
     config: dict[str, Any] | None = None  # config.json, with `fetch`
     position: int | None = None  # this device's place in the plan (None: its rank); differs after a re-plan
+    rank: int | None = None  # the rank the master gave a worker that joined without one
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from edge.messages import HEARTBEAT_TIMEOUT, Heartbeat, Join, Message, Ready, Refused, receive, send
@@ -137,15 +137,14 @@ class Roster:
             if join.role == "attention":
                 await self._on_attention_node(ch, join)
                 return
-            error = self._refusal(join)
+            rank = join.rank if join.rank is not None else self._free_rank()
+            error = self._refusal(rank, join)
             if error:
                 log.error("refusing worker %s: %s", ch.peer, error)
                 await send(ch, Refused(error))
                 return
-            rank = join.rank
             plan = await self.planner.plan_for(rank, join.profile, fetch=join.fingerprint is None)
-            if self.data_port is not None:
-                plan = type(plan)(**{**vars(plan), "data_port": self.data_port})
+            plan = replace(plan, data_port=self.data_port, rank=rank)
             await send(ch, plan)
             await self.planner.serve_fetch(ch, plan)
             ready = await receive(ch, Ready, READY_TIMEOUT)
@@ -156,11 +155,17 @@ class Roster:
         await self._on_ready(rank)
         await self._watch(rank, ch)
 
-    def _refusal(self, join: Join) -> str | None:
-        if join.rank is None or not 0 < join.rank < self.world_size:
-            return f"rank {join.rank!r} is not in 1..{self.world_size - 1}"
+    def _free_rank(self) -> int | None:
+        """The lowest worker rank nobody holds now: for a device started without --rank."""
+        return next((r for r in range(1, self.world_size) if not self.up(r)), None)
+
+    def _refusal(self, rank: int | None, join: Join) -> str | None:
+        if rank is None:
+            return f"every worker rank (1..{self.world_size - 1}) is taken; this cluster has {self.world_size} devices"
+        if not 0 < rank < self.world_size:
+            return f"rank {rank!r} is not in 1..{self.world_size - 1}"
         if join.fingerprint not in (self.fingerprint, None):
-            return (f"rank {join.rank}'s checkpoint differs from the master's "
+            return (f"rank {rank}'s checkpoint differs from the master's "
                     f"({join.fingerprint} != {self.fingerprint}); give every device the same model")
         return None
 

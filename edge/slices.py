@@ -31,7 +31,7 @@ class PlanRefused(Exception):
 
 @dataclass(frozen=True)
 class SliceSettings:
-    rank: int
+    rank: int | None
     dtype: str | None  # refuse a master that holds weights in another dtype (None: follow it)
     quantize: str | None  # refuse a master that quantizes otherwise (None: follow it)
     memory_budget_mb: float | None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -68,7 +68,7 @@ IDLE_TIMEOUT = 3600.0
 @dataclass(frozen=True)
 class WorkerSettings:
     model: str | None
-    rank: int
+    rank: int | None  # None: the master gives it the lowest rank not connected
     master_host: str
     master_port: int
     secret: bytes
@@ -97,7 +97,7 @@ class Worker:
         # The runtime's own memory (Python, torch, tokenizer-free imports), before any weight:
         # the fixed overhead that a memory budget comes on top of.
         self.fixed_rss = psutil.Process().memory_info().rss
-        log.info("rank %d fixed overhead %.0f MB RSS", settings.rank, self.fixed_rss / (1 << 20))
+        log.info("rank %s fixed overhead %.0f MB RSS", settings.rank or "(to be assigned)", self.fixed_rss / (1 << 20))
         self.profile = measure_device()  # for --weights auto on the master
         self.links: PeerLinks | None = None
         self.kv = KVStores(settings.rank, settings.secret, settings.link, settings.step_timeout)
@@ -117,6 +117,8 @@ class Worker:
         plan = await receive_plan(ch, Plan, 600.0)
         if isinstance(plan, Refused):
             raise PlanRefused(plan.error)
+        if s.rank is None:
+            s = self._take_rank(plan.rank)
         key = self.slice.check(plan)
         if plan.fetch is not None:
             await self.slice.load_fetched(ch, plan.fetch, plan.config, key)
@@ -127,6 +129,16 @@ class Worker:
         await send(ch, Ready(s.rank, self.shard.nbytes(), self.fixed_rss, self.slice.fetched_bytes))
         log.info("rank %d joined the master (%d MB of weights)", s.rank, self.shard.nbytes() >> 20)
         return ch
+
+    def _take_rank(self, rank: int | None) -> WorkerSettings:
+        """The rank the master gave this device; it asks for the same one when it rejoins."""
+        if rank is None:
+            raise PlanRefused("the master gave this device no rank")
+        self.settings = replace(self.settings, rank=rank)
+        self.slice.settings = replace(self.slice.settings, rank=rank)
+        self.kv.rank = self.links.rank = rank
+        log.info("the master gave this device rank %d", rank)
+        return self.settings
 
     @property
     def shard(self) -> ShardModel | None:
@@ -268,7 +280,8 @@ class Worker:
 
     async def run(self) -> None:
         """Join, serve, and rejoin after the master disappears; PlanRefused ends it."""
-        await stay_joined(self._join, self._serve, f"rank {self.settings.rank}", self.settings.master_timeout)
+        who = f"rank {self.settings.rank}" if self.settings.rank is not None else "this worker"
+        await stay_joined(self._join, self._serve, who, self.settings.master_timeout)
 
     async def aclose(self) -> None:
         """Release the links and the shard (after `run` ended or was cancelled)."""

@@ -150,7 +150,8 @@ def _worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--role", default="compute", choices=["compute", "attention"],
                    help="compute: a tensor-parallel rank (--rank); attention: an attention-offload "
                         "node (--node) that holds KV caches and needs no checkpoint")
-    p.add_argument("--rank", type=positive_int, help="compute rank, 1..N-1")
+    p.add_argument("--rank", type=positive_int,
+                   help="compute rank, 1..N-1 (default: the master gives the lowest rank not connected)")
     p.add_argument("--node", type=non_negative_int, help="attention node index, 0..K-1")
     p.add_argument("--model", help="this device's copy of the model (without it: fetch the shard from the master)")
     p.add_argument("--master", help="HOST:PORT where the master accepts workers")

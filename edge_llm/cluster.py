@@ -121,7 +121,8 @@ async def _serve_http(engine: ClusterEngine, http: HttpSettings, listener: socke
     await site.start()
     port = runner.addresses[0][1]
     print(f"edge-llm: serving {name!r} on http://{http.host}:{port} "
-          f"({engine.settings.world_size} worker(s)); workers join at port {engine.port}", flush=True)
+          f"({engine.settings.world_size} device(s): rank 0 and {engine.settings.world_size - 1} worker(s)); "
+          f"workers join at port {engine.port}", flush=True)
     return runner
 
 

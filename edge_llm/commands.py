@@ -253,9 +253,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.role == "attention":
         _attention_node(args, host, int(port), secret_file)
         return
-    if args.rank is None:
-        raise UserError("a compute worker needs --rank R (1..N-1)")
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{args.rank} %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{args.rank or '?'} %(levelname)s %(message)s")
     settings = WorkerSettings(model=model, rank=args.rank, master_host=host, master_port=int(port),
                               secret=_secret(secret_file, required=True), step_timeout=args.step_timeout,
                               link=link_from_args(args.link_latency_ms, args.link_bandwidth_mbps),

@@ -152,3 +152,26 @@ async def test_a_second_signal_stops_at_once(model, tmp_path):
         assert cluster.proc.wait(timeout=30) == 0 and time.monotonic() - began < 30
     finally:
         cluster.stop()
+
+
+async def test_a_worker_started_without_a_rank_takes_the_free_one(model, tmp_path):
+    """The README's `worker --model DIR --master HOST:PORT --secret-file F`, as written."""
+    cluster = ClusterProcess(model, 3, tmp_path)
+    restarted = None
+    try:
+        cluster.kill_worker(2)
+        await wait_plan(cluster.url, [0, 1])
+        restarted = subprocess.Popen(
+            [sys.executable, "-m", "edge_llm", "worker", "--model", str(model), "--master",
+             f"127.0.0.1:{cluster.worker_port}", "--secret-file", str(cluster.secret_file)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await wait_plan(cluster.url, [0, 1, 2])
+        full = subprocess.run([sys.executable, "-m", "edge_llm", "worker", "--model", str(model), "--master",
+                               f"127.0.0.1:{cluster.worker_port}", "--secret-file", str(cluster.secret_file)],
+                              capture_output=True, text=True, timeout=60)
+        assert full.returncode == 2 and "every worker rank (1..2) is taken" in full.stderr
+    finally:
+        if restarted is not None:
+            restarted.terminate()
+            restarted.wait(timeout=20)
+        cluster.stop()
