@@ -192,14 +192,14 @@ class ClusterEngine:
         weights = {0: shard.nbytes() + self.rank0.embed_bytes if shard else 0} | {
             r: rec.weight_bytes for r, rec in records.items()}
         return ClusterCounters(
-            links=link_bytes(self.roster), weight_bytes=weights,
-            timing=timing, window=window, fixed_rss={r: rec.fixed_rss for r, rec in records.items()},
+            links=link_bytes(self.roster), weight_bytes=weights, timing=timing, window=window,
+            fixed_rss={r: rec.fixed_rss for r, rec in records.items()},
             fetched={r: rec.fetched for r, rec in records.items()},
             attention=self.attention.snapshot() if self.attention else None,
             kv_rebuilds=self.kv_rebuilds, steps=self.steps_run, step_rows=self.rows_run,
             plan=plan_table(self.planner) if shard else [], replans=stats.replans, replan_seconds=stats.seconds,
             last_replan_seconds=stats.last_seconds, last_replan_started_at=stats.last_started_at,
-            last_replan_load_seconds=stats.last_load_seconds, replayed=stats.replayed)
+            last_replan_load_seconds=stats.last_load_seconds, replayed=stats.replayed, devices=self.roster.device_table())
 
     def offloaded(self) -> OffloadedEngine | None:
         return OffloadedEngine(self) if self.attention is not None else None

@@ -101,6 +101,12 @@ class Roster:
     def up(self, device: int) -> bool:
         return device == 0 or (device in self.records and self.records[device].up)
 
+    def device_table(self) -> dict[int, dict]:
+        """Per worker that ever joined: where it is, whether its link is up, its heartbeat's age."""
+        now = time.monotonic()
+        return {r: {"host": rec.channel.peer, "up": rec.up, "heartbeat_age_s": round(now - rec.last_seen, 3)}
+                for r, rec in self.records.items()}
+
     def data_plane_up(self, devices: list[int]) -> bool:
         """Whether a step's all-reduces can use the data plane: every worker of `devices` has a live
         data link."""

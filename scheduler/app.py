@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from models.engine import Engine
+from scheduler import dashboard
 from scheduler.admission import Admission
 from scheduler.cloud import CloudTier
 from scheduler.completions import complete, ensure_api_key
@@ -131,6 +132,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> web.Application:
         web.get("/v1/models", models),
         web.get("/v1/models/{model_id:.+}", model),
         web.get("/health", health),
+        web.get("/", dashboard.page),
+        web.get("/v1/events", dashboard.events),
         web.get("/metrics", metrics),
     ])
     return app

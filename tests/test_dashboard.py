@@ -1,0 +1,113 @@
+"""The web page in a real headless Chromium (Debian's, driven by Selenium) against a real cluster:
+it loads without console errors, shows every device with its numbers, streams a chat answer, and
+shows a killed worker red and, once it is back, green."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+from cluster_proc import ClusterProcess
+from hf_reference import make_hf_checkpoint
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from edge.messages import HEARTBEAT_TIMEOUT
+
+
+def browser(width: int = 1280, height: int = 900, phone: bool = False) -> webdriver.Chrome:
+    """Headless Chromium; `phone` emulates a phone's screen (a headless window is at least 500 px wide)."""
+    options = webdriver.ChromeOptions()
+    if phone:
+        options.add_experimental_option("mobileEmulation", {"deviceMetrics": {"width": width, "height": height,
+                                                                               "pixelRatio": 3.0}})
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+
+
+def console_errors(driver: webdriver.Chrome) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+CARDS_JS = """
+return [...document.querySelectorAll('.device')].map((card) => {
+  const terms = [...card.querySelectorAll('dt')].map((e) => e.textContent);
+  const values = [...card.querySelectorAll('dd')].map((e) => e.textContent);
+  return [card.dataset.rank, card.dataset.state, card.dataset.health, terms, values];
+});
+"""
+
+
+def cards(driver: webdriver.Chrome) -> dict[str, dict]:
+    """Each device card as the page shows it now (read in one script: the page redraws twice a second)."""
+    return {rank: {"state": state, "health": health, **dict(zip(terms, values, strict=True))}
+            for rank, state, health, terms, values in driver.execute_script(CARDS_JS)}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "llama", seed=13)
+
+
+def test_the_page_shows_the_cluster_chats_and_follows_a_lost_worker(model, tmp_path):
+    cluster = ClusterProcess(model, 3, tmp_path)  # rank 0 and 2 workers
+    driver, restarted = browser(), None
+    try:
+        driver.get(cluster.url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: len(cards(d)) == 3 and all(c["health"] == "ok" for c in cards(d).values()))
+        shown = cards(driver)
+        health = json.loads(urllib.request.urlopen(cluster.url + "/health").read())
+        for entry in health["plan"]:  # the numbers the server reports, per device
+            card = shown[str(entry["rank"])]
+            assert card["heads"] == str(entry["heads"]) and card["MLP columns"] == str(entry["mlp_columns"])
+            assert card["weights"].endswith("MB") and card["weights"] != "0.0 MB"
+
+        driver.find_element(By.ID, "prompt").send_keys("Hello there")
+        driver.find_element(By.CSS_SELECTOR, "#send button").click()
+        answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant[data-done='true']"))
+        assert answer.find_element(By.CLASS_NAME, "text").text.strip()
+        assert "route: edge" in driver.find_element(By.CLASS_NAME, "route").text
+
+        cluster.kill_worker(2)
+        began = time.monotonic()
+        WebDriverWait(driver, HEARTBEAT_TIMEOUT).until(lambda d: cards(d).get("2", {}).get("health") == "bad")
+        assert time.monotonic() - began < HEARTBEAT_TIMEOUT
+        restarted = cluster.start_worker(2)
+        WebDriverWait(driver, 60).until(lambda d: cards(d).get("2", {}).get("health") == "ok")
+        assert console_errors(driver) == []
+    finally:
+        driver.quit()
+        if restarted is not None:
+            restarted.terminate()
+            restarted.wait(timeout=20)
+        cluster.stop()
+
+
+def test_the_page_asks_for_the_api_key_and_works_at_phone_width(model, tmp_path):
+    cluster = ClusterProcess(model, 2, tmp_path, "--api-key", "page-key-123")
+    driver = browser(390, 844, phone=True)
+    try:
+        driver.get(cluster.url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_element(By.ID, "keybox").is_displayed())
+        assert cards(driver) == {}  # nothing without the key
+        driver.find_element(By.ID, "key").send_keys("page-key-123")
+        driver.find_element(By.CSS_SELECTOR, "#keyform button").click()
+        wait.until(lambda d: len(cards(d)) == 2)
+        viewport, width = driver.execute_script("return [window.innerWidth, document.documentElement.scrollWidth]")
+        assert viewport == 390 and width <= 390  # a phone's width, and no sideways scrolling on it
+        errors = [e for e in console_errors(driver) if "401" not in e["message"]]  # the refused feed, by design
+        assert errors == []
+    finally:
+        driver.quit()
+        cluster.stop()
