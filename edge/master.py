@@ -188,9 +188,8 @@ class ClusterEngine:
         records, shard, stats = self.roster.records, self.shard, self.replanner.stats
         meta = peer_meta_by_device(self.star, self.planner.devices)
         window = {0: shard.stats(), **meta} if shard is not None and shard.window else {}
-        timing = ({0: shard.timing} if shard is not None else {}) | {r: m for r, m in meta.items() if "forward_s" in m}
-        weights = {0: shard.nbytes() + self.rank0.embed_bytes if shard else 0} | {
-            r: rec.weight_bytes for r, rec in records.items()}
+        timing = ({0: shard.timing} if shard else {}) | {r: m for r, m in meta.items() if "forward_s" in m}
+        weights = {0: self.rank0.nbytes()} | {r: rec.weight_bytes for r, rec in records.items()}
         return ClusterCounters(
             links=link_bytes(self.roster), weight_bytes=weights, timing=timing, window=window,
             fixed_rss={r: rec.fixed_rss for r, rec in records.items()},
@@ -199,7 +198,8 @@ class ClusterEngine:
             kv_rebuilds=self.kv_rebuilds, steps=self.steps_run, step_rows=self.rows_run,
             plan=plan_table(self.planner) if shard else [], replans=stats.replans, replan_seconds=stats.seconds,
             last_replan_seconds=stats.last_seconds, last_replan_started_at=stats.last_started_at,
-            last_replan_load_seconds=stats.last_load_seconds, replayed=stats.replayed, devices=self.roster.device_table())
+            last_replan_load_seconds=stats.last_load_seconds, replayed=stats.replayed,
+            devices=self.roster.device_table(), budget_bytes=self.rank0.budget_bytes)
 
     def offloaded(self) -> OffloadedEngine | None:
         return OffloadedEngine(self) if self.attention is not None else None

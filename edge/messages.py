@@ -109,6 +109,7 @@ class Ready(Message):
     weight_bytes: int = 0
     fixed_rss_bytes: int = 0
     fetched_bytes: int = 0
+    budget_bytes: int | None = None  # its --memory-budget-mb (None: it holds its slice resident)
 
 
 HEARTBEAT_S = 0.5  # a worker says it is alive this often ...

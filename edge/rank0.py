@@ -25,6 +25,11 @@ class Rank0:
         self.shard: ShardModel | None = None
         self.embed: Callable[[torch.Tensor], torch.Tensor] | None = None  # token ids [B, S] -> [B, S, D]
         self.embed_bytes = 0  # resident embedding table bytes (none when mapped from the split)
+        self.budget_bytes = int(budget_mb * (1 << 20)) if budget_mb else None
+
+    def nbytes(self) -> int:
+        """Resident bytes: the slice (what stays of it under a budget) and the embedding table."""
+        return self.shard.nbytes() + self.embed_bytes if self.shard is not None else 0
 
     def load(self, weights: list[float], dims0: LocalDims) -> None:
         """The first plan: rank 0's slice, splitting every rank's files when a budget needs a split."""

@@ -39,6 +39,7 @@ class RankRecord:
     fetched: int = 0  # shard bytes it fetched from us when it joined
     free_bytes: int | None = None  # free memory: at join, then reported with every step
     fetches: bool = False  # it has no checkpoint: it fetches its slices from the master
+    budget_bytes: int | None = None  # its memory budget (None: resident)
     last_seen: float = field(default_factory=time.monotonic)  # its last heartbeat
 
     @property
@@ -104,8 +105,8 @@ class Roster:
     def device_table(self) -> dict[int, dict]:
         """Per worker that ever joined: where it is, whether its link is up, its heartbeat's age."""
         now = time.monotonic()
-        return {r: {"host": rec.channel.peer, "up": rec.up, "heartbeat_age_s": round(now - rec.last_seen, 3)}
-                for r, rec in self.records.items()}
+        return {r: {"host": rec.channel.peer, "up": rec.up, "heartbeat_age_s": round(now - rec.last_seen, 3),
+                    "budget_bytes": rec.budget_bytes} for r, rec in self.records.items()}
 
     def data_plane_up(self, devices: list[int]) -> bool:
         """Whether a step's all-reduces can use the data plane: every worker of `devices` has a live
@@ -180,7 +181,7 @@ class Roster:
         old = self.records.get(rank)
         self.records[rank] = RankRecord(ch, list(join.listen or []), ready.weight_bytes, ready.fixed_rss_bytes,
                                         ready.fetched_bytes, int(free) if isinstance(free, int | float) else None,
-                                        fetches=join.fingerprint is None)
+                                        fetches=join.fingerprint is None, budget_bytes=ready.budget_bytes)
         self.channels[rank] = ch
         if old is not None:
             await old.channel.aclose()

@@ -126,7 +126,8 @@ class Worker:
             await asyncio.to_thread(self.slice.load_local, key)
         self.kv.reset()
         await self._open_data_link(plan)
-        await send(ch, Ready(s.rank, self.shard.nbytes(), self.fixed_rss, self.slice.fetched_bytes))
+        budget = int(s.memory_budget_mb * (1 << 20)) if s.memory_budget_mb else None
+        await send(ch, Ready(s.rank, self.shard.nbytes(), self.fixed_rss, self.slice.fetched_bytes, budget))
         log.info("rank %d joined the master (%d MB of weights)", s.rank, self.shard.nbytes() >> 20)
         return ch
 

@@ -72,7 +72,8 @@ class ClusterCounters:
     last_replan_started_at: float = 0.0  # unix time
     last_replan_load_seconds: float = 0.0  # loading the new slices, of last_replan_seconds
     replayed: int = 0  # requests rebuilt from their tokens on a new plan
-    devices: dict[int, dict] = field(default_factory=dict)  # per worker: host, up, heartbeat_age_s
+    devices: dict[int, dict] = field(default_factory=dict)  # per worker: host, up, heartbeat age, budget
+    budget_bytes: int | None = None  # rank 0's memory budget (None: resident)
 
 
 class Session(Protocol):

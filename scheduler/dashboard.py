@@ -63,7 +63,8 @@ def devices(status: EngineStatus, counters: ClusterCounters | None) -> list[dict
     for rank in ranks:
         state = ("missing" if rank in status.missing_ranks else "lost" if rank in status.lost_ranks
                  else "serving" if rank in plan else "joining")
-        device = counters.devices.get(rank, {"host": "this machine (master)", "up": True, "heartbeat_age_s": 0.0})
+        device = counters.devices.get(rank, {"host": "this machine (master)", "up": True, "heartbeat_age_s": 0.0,
+                                             "budget_bytes": counters.budget_bytes})
         out.append(plan.get(rank, {}) | device | {
             "rank": rank, "state": state, "weight_bytes": counters.weight_bytes.get(rank),
             "link": counters.links.get(rank), "window": counters.window.get(rank)})

@@ -71,6 +71,7 @@ def test_the_page_shows_the_cluster_chats_and_follows_a_lost_worker(model, tmp_p
             card = shown[str(entry["rank"])]
             assert card["heads"] == str(entry["heads"]) and card["MLP columns"] == str(entry["mlp_columns"])
             assert card["weights"].endswith("MB") and card["weights"] != "0.0 MB"
+            assert card["budget"] == "none (resident)" and card["host"]
 
         driver.find_element(By.ID, "prompt").send_keys("Hello there")
         driver.find_element(By.CSS_SELECTOR, "#send button").click()
