@@ -128,9 +128,9 @@ async def wait_health(url: str, status: int, tries: int = 600) -> None:
     raise AssertionError(f"{url}/health never answered {status}")
 
 
-async def wait_plan(url: str, ranks: list[int], tries: int = 600) -> None:
-    """Poll /health until the cluster serves the plan over `ranks` (every 0.1 s): after a device
-    is lost the cluster re-plans without it; when it is back, with it."""
+async def wait_plan(url: str, ranks: list[int], tries: int = 600) -> dict:
+    """Poll /health until the cluster serves the plan over `ranks` (every 0.1 s) and return its
+    answer: after a device is lost the cluster re-plans without it; when it is back, with it."""
     import asyncio
 
     import aiohttp
@@ -139,8 +139,9 @@ async def wait_plan(url: str, ranks: list[int], tries: int = 600) -> None:
         for _ in range(tries):
             try:
                 async with s.get(f"{url}/health") as r:
-                    if r.status == 200 and [p["rank"] for p in (await r.json()).get("plan", [])] == ranks:
-                        return
+                    body = await r.json()
+                    if r.status == 200 and [p["rank"] for p in body.get("plan", [])] == ranks:
+                        return body
             except aiohttp.ClientConnectionError:
                 pass
             await asyncio.sleep(0.1)

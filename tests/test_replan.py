@@ -8,7 +8,7 @@ import json
 import aiohttp
 import psutil
 import pytest
-from cluster_proc import ClusterProcess
+from cluster_proc import ClusterProcess, wait_plan
 from hf_reference import hf_greedy, make_hf_checkpoint
 
 from edge.split import MANIFEST, head_file, split_model
@@ -52,16 +52,6 @@ async def stream(url: str, on_token=None, at: int = 10) -> tuple[list[int], list
 async def health(url: str) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as s, s.get(f"{url}/health") as r:
         return r.status, await r.json()
-
-
-async def wait_plan(url: str, ranks: list[int], tries: int = 600) -> dict:
-    """Until /health names `ranks` as the plan served (0.1 s polls)."""
-    for _ in range(tries):
-        status, body = await health(url)
-        if status == 200 and [p["rank"] for p in body.get("plan", [])] == ranks:
-            return body
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"the plan never became {ranks}: {body}")
 
 
 def assert_uninterrupted(result, reference) -> None:
