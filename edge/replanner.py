@@ -63,9 +63,9 @@ class Replanner:
 
     async def _replan_soon(self) -> None:
         try:
-            async with self._lock:
-                if self.needed():
-                    await self._replan_live()  # stats.refused says why it failed; /health names the rank
+            async with self._lock:  # another device lost meanwhile is planned around in the same task
+                while self.needed() and await self._replan_live() is None:
+                    pass  # a failure: stats.refused says why, /health names the rank
         finally:
             self._task = None
 
