@@ -105,10 +105,14 @@ def test_the_restart_hint_parser_reads_the_cluster_line():
     assert re.search(r"restart it with: (.*)$", line)[1] == "edge-llm worker --rank 3"
 
 
+DRAIN_TOKENS = 24  # at 20-50 ms per link hop: seconds of streaming, long enough to be caught mid-way
+
+
 async def _stream_lines(url: str, on_first=None) -> list[str]:
     import aiohttp
 
-    body = {"prompt": [0, 17, 250], "max_tokens": 40, "temperature": 0, "stream": True, "ignore_eos": True}
+    body = {"prompt": [0, 17, 250], "max_tokens": DRAIN_TOKENS, "temperature": 0, "stream": True,
+            "ignore_eos": True}
     lines = []
     async with aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as r:
         try:
@@ -128,7 +132,7 @@ async def test_sigterm_drains_requests_in_flight_then_stops(model, tmp_path):
     try:
         lines = await _stream_lines(cluster.url, lambda: cluster.proc.send_signal(signal.SIGTERM))
         assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
-        assert len(lines) == 40 + 1  # every token, then [DONE]
+        assert len(lines) == DRAIN_TOKENS + 1  # every token, then [DONE]
         assert cluster.proc.wait(timeout=30) == 0
         log = (tmp_path / "cluster-2.log").read_text()
         assert "Traceback" not in log
@@ -148,7 +152,7 @@ async def test_a_second_signal_stops_at_once(model, tmp_path):
     try:
         began = time.monotonic()
         lines = await _stream_lines(cluster.url, twice)
-        assert lines[-1] == "CUT" and len(lines) < 41  # cut short, not drained
+        assert lines[-1] == "CUT" and len(lines) < DRAIN_TOKENS + 1  # cut short, not drained
         assert cluster.proc.wait(timeout=30) == 0 and time.monotonic() - began < 30
     finally:
         cluster.stop()
