@@ -87,10 +87,10 @@ class Replanner:
         """A step failed on a device (the caller holds the step lock): drop workers that went silent
         (frozen), serve the devices that remain. None when the cluster can retry its requests, else
         why not ("" when re-planning does not apply)."""
-        if not (self.enabled and self.serving):
+        if not self.serving:
             return ""
-        await self.roster.drop_silent(SILENT_S)
-        return await self._replan_live()
+        await self.roster.drop_silent(SILENT_S)  # also without re-plans (ring): no later request pays for it
+        return await self._replan_live() if self.enabled else ""
 
     async def _replan_live(self) -> str | None:
         """Re-plan onto the devices that are up; a try that loses another device tries again without
