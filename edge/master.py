@@ -90,7 +90,7 @@ class ClusterEngine:
         self.tokenizer: Tokenizer = load_tokenizer(ckpt.folder, self.config)
         self.fingerprint = checkpoint_fingerprint(s.model)
         self.rank0 = Rank0(ckpt, s.memory_budget_mb, s.split_dir, s.keep_page_cache)
-        self.planner = Planner(ckpt, s.world_size, weights, s.weights == "auto", s.split_dir,
+        self.planner = Planner(ckpt, self.fingerprint, s.world_size, weights, s.weights == "auto", s.split_dir,
                                lambda w, dims0: self.rank0.load(w, dims0))
         plain = s.allreduce == "star" and (s.link is None or not s.link.active)
         self.roster = Roster(s.world_size, self.fingerprint, s.secret, s.link, self.planner, self._on_rank_ready,
@@ -134,9 +134,7 @@ class ClusterEngine:
         if self.attention is not None and not self.attention.missing():
             await self.attention.link({d: self.roster.channels[d] for d in devices[1:]}, self.planner.dims[0])
         for session in list(self.sessions):
-            if isinstance(session.kv, RemoteKV):
-                await session.kv.close()
-            session.rebuild(self.shard.new_cache(session.capacity))
+            await session.rebuild(self.shard.new_cache(session.capacity))
             await self.command(session.open_command())
         self.replanner.stats.replayed += len(self.sessions)
 
@@ -252,9 +250,7 @@ class ClusterEngine:
         """Move an offloaded request's KV to the compute ranks; the next step replays its history."""
         log.warning("request %s: attention offload failed (%s); rebuilding %d positions of KV on the "
                     "compute ranks", session.rid, reason, len(session.history))
-        if isinstance(session.kv, RemoteKV):
-            await session.kv.close()
-        session.rebuild(self.shard.new_cache(session.capacity))
+        await session.rebuild(self.shard.new_cache(session.capacity))
         self.kv_rebuilds += 1
         await self.command(session.open_command())
 

@@ -19,7 +19,6 @@ from edge.profile import measure_device, weights_from_profiles
 from edge.split import MANIFEST, SplitPlan, default_split_dir, plan_folder, rank_dir, split_model
 from models.checkpoint import Checkpoint
 from models.dtypes import dtype_name
-from models.files import checkpoint_fingerprint
 from models.quant import check_quantizable
 from models.sharding import LocalDims, PlanError, local_dims
 from transport.channel import Channel
@@ -49,9 +48,9 @@ class Planner:
     join with the plan. The plan covers a layout: the devices serving now, by position (device 0,
     the master, is always first); a re-plan after a device is lost or comes back adopts another."""
 
-    def __init__(self, ckpt: Checkpoint, world_size: int, weights: list[float] | None, auto: bool,
-                 split_dir: str | None, on_decided: Callable[[list[float], LocalDims], None]):
-        self.ckpt, self.world_size, self.auto = ckpt, world_size, auto
+    def __init__(self, ckpt: Checkpoint, fingerprint: str, world_size: int, weights: list[float] | None,
+                 auto: bool, split_dir: str | None, on_decided: Callable[[list[float], LocalDims], None]):
+        self.ckpt, self.fingerprint, self.world_size, self.auto = ckpt, fingerprint, world_size, auto
         self.align = ckpt.plan_align()  # slices of o_proj / down_proj never cut a quantization group
         self.split_dir = Path(split_dir) if split_dir else default_split_dir(ckpt.folder, dtype_name(ckpt.dtype),
                                                                              ckpt.quant_label)
@@ -116,7 +115,7 @@ class Planner:
 
     def _folder(self, weights: list[float]) -> Path:
         """The split folder of the plan with these weights (a subfolder for a re-planned layout)."""
-        plan = SplitPlan(len(weights), tuple(weights), checkpoint_fingerprint(self.ckpt.folder),
+        plan = SplitPlan(len(weights), tuple(weights), self.fingerprint,
                          dtype_name(self.ckpt.dtype), self.ckpt.quant_label, self.align)
         return plan_folder(self.split_dir, plan)
     async def _add_profile(self, rank: int, profile: object) -> None:

@@ -39,8 +39,11 @@ class ClusterSession:
         self.failed = False  # it lost a worker: no more steps
         self.closed = False
 
-    def rebuild(self, kv: KVCache) -> None:
-        """Its KV is lost (a re-plan, an attention node): start over in `kv`, replaying its history."""
+    async def rebuild(self, kv: KVCache) -> None:
+        """Its KV is lost (a re-plan, an attention node): release what the attention nodes held and
+        start over in `kv`, replaying its history."""
+        if isinstance(self.kv, RemoteKV):
+            await self.kv.close()
         self.kv, self.offload, self.replay = kv, False, True
 
     def open_command(self) -> OpenRequest:
