@@ -160,6 +160,8 @@ class AttentionNode:
                 raise ValueError(f"request {rid} is unknown here (KV lost?); it must restart at position 0")
             capacity = min(max(int(msg.get("cap", 0)), k.shape[2]), config.max_position_embeddings)
             req = requests[rid] = _Request(KVCache(config.num_layers, k.shape[1], config.head_dim, capacity))
+        if layer == 0 and req.next_layer == 0 and start < req.kv.length:
+            req.kv.rewind(start)  # the positions from `start` on held drafted tokens the model rejected
         if start != req.kv.length or layer != req.next_layer:
             raise ValueError(f"request {rid}: got layer {layer} at position {start}, expected layer "
                              f"{req.next_layer} at position {req.kv.length}")

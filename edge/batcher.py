@@ -40,10 +40,13 @@ class StepRequest:
     tokens: list[int]
     result: asyncio.Future
     score_k: int | None = None  # score the tokens (echo + logprobs) instead of predicting the next
+    every: bool = False  # verify drafted tokens: the logits after each of them [S, V]
+    room: int = 1 << 30  # positions left in the context: how wide (padded) a batch may make its row
 
     @property
     def decode(self) -> bool:
-        return len(self.tokens) == 1 and not self.session.replay and self.score_k is None
+        """A decode or verification step: it batches with others (shorter rows are padded)."""
+        return (len(self.tokens) == 1 or self.every) and not self.session.replay and self.score_k is None
 
 
 def deliver(result: asyncio.Future, value: object = None, error: BaseException | None = None) -> None:
@@ -55,6 +58,32 @@ def deliver(result: asyncio.Future, value: object = None, error: BaseException |
         result.set_exception(error)
     else:
         result.set_result(value)
+
+
+def step_rows(sessions: list, tokens: list[list[int]], every: list[bool] | None
+              ) -> tuple[list[list[int]], list[int], list[int | slice | None], bool]:
+    """A batch's token rows, padded to one width (repeating a row's last token: the positions past a
+    row's own tokens are forgotten at its next step), the KV positions each row's stores keep
+    before it (a replayed row starts over), and where each row's result lies in the step's output:
+    its last position, or with `every` its own positions (None: the output has one position per row).
+    Returns (rows, starts, wanted, every_position)."""
+    every = every or [False] * len(sessions)
+    rows = [s.history + t if s.replay else list(t) for s, t in zip(sessions, tokens, strict=True)]
+    width = max(len(r) for r in rows)
+    wide = any(every) or any(len(r) != width for r in rows)
+    starts, wanted = [], []
+    for s, row, t, all_positions in zip(sessions, rows, tokens, every, strict=True):
+        starts.append(0 if s.replay else len(s.history))
+        first = len(row) - len(t)  # a replayed row's own tokens come after its history
+        wanted.append(slice(first, len(row)) if all_positions else (len(row) - 1 if wide else None))
+        row += [row[-1]] * (width - len(row))
+    return rows, starts, wanted, wide
+
+
+def _fits(batch: list[StepRequest]) -> bool:
+    """Whether every row can be padded to the widest one without passing the end of its context."""
+    width = max(len(e.tokens) for e in batch)
+    return all(width - len(e.tokens) <= e.room for e in batch)
 
 
 class StepBatcher:
@@ -75,9 +104,10 @@ class StepBatcher:
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="step-runner")
 
-    def submit(self, session: Stepper, tokens: list[int], score_k: int | None = None) -> asyncio.Future:
+    def submit(self, session: Stepper, tokens: list[int], score_k: int | None = None, every: bool = False,
+               room: int = 1 << 30) -> asyncio.Future:
         """Queue a step; the future gets its outcome."""
-        entry = StepRequest(session, tokens, asyncio.get_running_loop().create_future(), score_k)
+        entry = StepRequest(session, tokens, asyncio.get_running_loop().create_future(), score_k, every, room)
         self.pending.append(entry)
         self._work.set()
         return entry.result
@@ -125,14 +155,16 @@ class StepBatcher:
             waiting = {id(e.session) for e in self.pending}
 
     def take_batch(self) -> list[StepRequest]:
-        """The next step: a prefill (or replay, or scoring) alone, else up to max_batch decode steps
-        in arrival order."""
+        """The next step: a prefill (or replay, or scoring) alone, else up to max_batch decode and
+        verification steps in arrival order, while every row's padding stays inside its context."""
         self.pending = [e for e in self.pending if not e.result.done() and not e.session.closed]
         batch: list[StepRequest] = []
         for entry in list(self.pending):
             solo = not entry.decode or self._alone(entry)
             if solo and batch:
                 break
+            if batch and not _fits([*batch, entry]):
+                continue
             batch.append(entry)
             self.pending.remove(entry)
             if solo or len(batch) >= self.max_batch:

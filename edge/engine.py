@@ -104,9 +104,10 @@ class ShardModel:
 
     async def forward(self, h: torch.Tensor, kvs: list[KVStore], star: StarAllReduce | StepCollective,
                       timeout: float, score: tuple[torch.Tensor, int] | None = None,
-                      fast: FastStar | None = None) -> np.ndarray | None:
-        """h: [B, S, D], one row per request (S == 1 when B > 1) -> next-token logits [B, V] at rank 0
-        (None elsewhere); raises collective and attention-node errors.
+                      fast: FastStar | None = None, every: bool = False) -> np.ndarray | None:
+        """h: [B, S, D], one row per request -> next-token logits [B, V] at rank 0 (None elsewhere), or
+        with `every` the logits after each of the S positions [B, S, V]; raises collective and
+        attention-node errors.
 
         With `score` (targets [S-1], k; B == 1): each rank's slice scores of positions 0..S-2
         (models.scoring) instead, gathered side by side at rank 0: [S-1, N x (3 + 2k)]. With `fast`
@@ -144,14 +145,16 @@ class ShardModel:
                 if len(kvs) == 1:
                     out = forward_layers(h, self.layers, self.config, self.dims, kvs[0], self.rotary, reduce)
                 else:
-                    attend = batch_attend_for(kvs, self.config, self.dims)
+                    attend = batch_attend_for(kvs, self.config, self.dims, h.shape[1])
                     out = forward_batch(h, self.layers, self.config, self.dims, kvs, self.rotary, reduce, attend)
                 if score is not None:  # every position of the prompt but the last predicts the next token
                     full = logits(out[:, :-1], self.output, self.config.rms_norm_eps)[0]  # [S-1, V_local]
                     return slice_scores(full, score[0], self.dims.vocab_start, score[1]).numpy()
+                if every:  # verifying drafted tokens: the prediction after each of them
+                    return logits(out, self.output, self.config.rms_norm_eps).numpy()  # [B, S, V_local]
                 return logits(out[:, -1:], self.output, self.config.rms_norm_eps)[:, -1].numpy()
 
-        local = await self.run(run)  # [B, V_local]: this rank's vocabulary slice
+        local = await self.run(run)  # [B, V_local] or [B, S, V_local]: this rank's vocabulary slice
         meta = self.stats() | {"mem_available": psutil.virtual_memory().available}  # the router's input
         return await star.gather(local, meta)
 

@@ -27,7 +27,8 @@ log = logging.getLogger("edge_llm.master")
 # What a failed cluster step raises: links and peers (transport), timeouts, rank 0's own weights.
 STEP_ERRORS = (TransportError, TimeoutError, SplitError)
 
-Forward = Callable[[list, list[list[int]], int | None], Awaitable[np.ndarray]]
+# (sessions, tokens, score_k, every) -> one output per session
+Forward = Callable[[list, list[list[int]], int | None, list[bool]], Awaitable[list[np.ndarray]]]
 
 
 async def _no_replan() -> str | None:
@@ -43,7 +44,8 @@ def lost_attention_node(error: BaseException) -> bool:
 class Failover:
     """Runs a batch through `forward` and gives each request its outcome exactly once.
 
-    forward(sessions, tokens, score_k) -> logits [B, V] (or a scoring pass's stats) raises STEP_ERRORS;
+    forward(sessions, tokens, score_k, every) -> per session its logits (or a scoring pass's stats),
+    raises STEP_ERRORS;
     rebuild(session, reason) moves an offloaded request's KV to the compute ranks;
     cluster_up() says every compute rank can take part; offload_ready() that the nodes are linked.
     """
@@ -59,12 +61,13 @@ class Failover:
             if entry.session.offload and not self._offload_ready() and self._cluster_up():
                 await self._rebuild(entry.session, "the attention nodes are not linked")
         try:
-            out = await self._forward([e.session for e in batch], [e.tokens for e in batch], _score_k(batch))
+            out = await self._forward([e.session for e in batch], [e.tokens for e in batch], _score_k(batch),
+                                      [e.every for e in batch])
         except (EngineUnavailable, *STEP_ERRORS) as error:  # EngineUnavailable: a rank was missing
             await self._recover(batch, error)
             return
-        for b, entry in enumerate(batch):
-            deliver(entry.result, _row(out, b, entry))
+        for entry, result in zip(batch, out, strict=True):
+            deliver(entry.result, result)
 
     async def _recover(self, batch: list[StepRequest], error: BaseException) -> None:
         reason = str(error) or type(error).__name__
@@ -90,11 +93,11 @@ class Failover:
         """Run each request's step alone once more; a second failure fails that request."""
         for entry in batch:
             try:
-                out = await self._forward([entry.session], [entry.tokens], entry.score_k)
+                out = await self._forward([entry.session], [entry.tokens], entry.score_k, [entry.every])
             except (EngineUnavailable, *STEP_ERRORS) as again:
                 self._fail(entry, EngineUnavailable(f"{failed_again}: {again}"))
                 continue
-            deliver(entry.result, _row(out, 0, entry))
+            deliver(entry.result, out[0])
 
     @staticmethod
     def _fail(entry: StepRequest, error: EngineUnavailable) -> None:
@@ -113,8 +116,3 @@ def _lost_a_device(error: BaseException) -> bool:
 def _score_k(batch: list[StepRequest]) -> int | None:
     """A scoring pass runs alone (the batcher never batches it)."""
     return batch[0].score_k if len(batch) == 1 else None
-
-
-def _row(out: np.ndarray, b: int, entry: StepRequest) -> np.ndarray:
-    """A request's share of the step's output: its logits [V], or the whole scoring stats."""
-    return out if entry.score_k is not None else out[b]

@@ -41,10 +41,20 @@ class KVStores:
         else:
             self.stores[rid] = RemoteKV(self.attn, rid, capacity, asyncio.get_running_loop())
 
-    def for_step(self, shard: ShardModel, rids: list[str], positions: int) -> list[KVCache | RemoteKV]:
-        """The stores of a step's rows; a request closed meanwhile runs on a scratch cache, so every
-        rank stays in step."""
-        return [self.stores.get(rid) or shard.new_cache(positions) for rid in rids]
+    def for_step(self, shard: ShardModel, rids: list[str], positions: int,
+                 starts: list[int] | None = None) -> list[KVCache | RemoteKV]:
+        """The stores of a step's rows, each rewound to its `starts` entry (the master's count of the
+        positions it holds); a request closed meanwhile runs on a scratch cache, so every rank stays
+        in step. Raises ValueError when a store holds fewer positions than the master counts."""
+        stores = []
+        for b, rid in enumerate(rids):
+            kv = self.stores.get(rid)
+            if kv is None:
+                kv = shard.new_cache(positions)
+            elif starts is not None:
+                kv.rewind(starts[b])
+            stores.append(kv)
+        return stores
 
     async def close(self, *rids: str) -> None:
         for rid in rids:

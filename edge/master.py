@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edge.attention_pool import AttentionPool
-from edge.batcher import StepBatcher, StepRequest
+from edge.batcher import StepBatcher, StepRequest, step_rows
 from edge.cluster_status import (
     free_kv_bytes,
     link_bytes,
@@ -39,12 +39,7 @@ from edge.session import ClusterSession, OffloadedEngine
 from edge.tensors import pack_tensor
 from models.checkpoint import Checkpoint
 from models.dtypes import resolve_dtype
-from models.engine import (
-    ClusterCounters,
-    EngineStatus,
-    EngineUnavailable,
-    PromptScores,
-)
+from models.engine import ClusterCounters, EngineStatus, EngineUnavailable, PromptScores
 from models.files import checkpoint_fingerprint
 from models.scoring import combine_scores
 from models.tokenizer import Tokenizer, load_tokenizer
@@ -202,6 +197,9 @@ class ClusterEngine:
     def offloaded(self) -> OffloadedEngine | None:
         return OffloadedEngine(self) if self.attention is not None else None
 
+    async def run_local(self, fn):
+        return await self.shard.run(fn)  # rank 0's compute thread
+
     async def wait_ready(self, timeout: float, with_attention_nodes: bool = False) -> None:
         """Until every rank has joined (and, if asked, the attention nodes are linked); TimeoutError."""
         async with asyncio.timeout(timeout):
@@ -225,7 +223,8 @@ class ClusterEngine:
         rid = f"r{next(self._rids)}"
         kv = (RemoteKV(self.attention.links, rid, capacity, asyncio.get_running_loop()) if offload
               else self.shard.new_cache(capacity))
-        session = ClusterSession(rid, kv, capacity, self.batcher, self.command, self.sessions)
+        session = ClusterSession(rid, kv, capacity, self.batcher, self.command, self.sessions,
+                                 self.config.max_position_embeddings)
         await self.command(session.open_command())
         return session
 
@@ -254,27 +253,29 @@ class ClusterEngine:
         self.kv_rebuilds += 1
         await self.command(session.open_command())
 
-    async def _forward(self, sessions: list[ClusterSession], tokens: list[list[int]],
-                       score_k: int | None = None) -> np.ndarray:
-        """One cluster-wide forward (the caller holds the lock): one row per session (its history
-        first if its KV was just rebuilt) -> logits [B, V]. Aborts the step on failure."""
+    async def _forward(self, sessions: list[ClusterSession], tokens: list[list[int]], score_k: int | None = None,
+                       every: list[bool] | None = None) -> list[np.ndarray]:
+        """One cluster-wide forward (the caller holds the lock), rows as `step_rows` makes them -> per
+        session its logits [V] (with `every`: [S, V]) or a scoring pass's stats. Aborts on failure."""
         missing = self.missing_ranks()
         if missing:
             raise EngineUnavailable(f"worker rank(s) {missing} disconnected during the request")
-        rows = [s.history + t if s.replay else t for s, t in zip(sessions, tokens, strict=True)]
+        rows, starts, wanted, wide = step_rows(sessions, tokens, every)
         step, fast = next(self._steps), self.roster.data_plane_up(self.planner.devices)
-        ids = torch.tensor(rows, dtype=torch.long)  # [B, S]; S == 1 when B > 1
+        ids = torch.tensor(rows, dtype=torch.long)  # [B, S]
+        for session, start in zip(sessions, starts, strict=True):
+            session.kv.rewind(start)
         h = await self.shard.run(lambda: self.rank0.embed(ids))  # [B, S, D]
         score = None
         if score_k is not None:  # one session, no replay: its tokens are the prompt to score
             score = (torch.tensor(rows[0][1:], dtype=torch.long), score_k)
         await self.command(Step([s.rid for s in sessions], step, pack_tensor(h), fast,
-                                score_k, rows[0][1:] if score else None))
+                                score_k, rows[0][1:] if score else None, starts, wide))
         collective = self.relinker.collective
         collective.begin(step)
         try:
             full = await self.shard.forward(h, [s.kv for s in sessions], collective,
-                                            self.settings.step_timeout, score, self.fast if fast else None)
+                                            self.settings.step_timeout, score, self.fast if fast else None, wide)
         except STEP_ERRORS:
             await self.star.abort(f"step {step} failed")
             if fast:  # workers waiting for a sum wait on their data links
@@ -285,7 +286,7 @@ class ClusterEngine:
             s.replay = False
         self.steps_run += 1
         self.rows_run += len(sessions)
-        return full
+        return [full] if score is not None else [full[b] if w is None else full[b][w] for b, w in enumerate(wanted)]
 
     async def aclose(self) -> None:
         await self.batcher.aclose()

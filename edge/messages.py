@@ -163,6 +163,10 @@ class Step(Message):
     fast: bool = False  # the all-reduces run on the data plane
     score: int | None = None  # score the tokens (echo + logprobs), top k ...
     targets: list[int] | None = None  # ... against these next tokens
+    # Per row: the positions its KV holds before this step; a store holding more forgets the rest
+    # (drafted tokens the model rejected, or a shorter row's padding). None: as held.
+    starts: list[int] | None = None
+    every: bool = False  # the logits after every position (verifying drafted tokens), not only the last
 
 
 @dataclass(frozen=True)

@@ -200,14 +200,21 @@ class RemoteKV:
     def advance(self, seqlen: int) -> None:
         self.length += seqlen
 
+    def rewind(self, length: int) -> None:
+        """Forget positions from `length` on: the nodes rewind when a step starts there (layer 0)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind offloaded KV of {self.length} positions to {length}")
+        self.length = length
+
     async def close(self) -> None:
         await self.links.close_request(self.rid)
 
 
-def batch_attend_for(kvs: list, config: LlamaConfig, dims: LocalDims) -> Attend:
-    """The attend of a decode batch: local rows on their KV caches, and the offloaded rows of one
+def batch_attend_for(kvs: list, config: LlamaConfig, dims: LocalDims, seqlen: int | None = None) -> Attend:
+    """The attend of a decode batch (`seqlen` new positions per row, default 1): local rows on their KV caches, and the offloaded rows of one
     set of links together, in one round trip per layer."""
-    attends = [kv.attend_for(config, dims, 1) for kv in kvs]
+    seqlen = 1 if seqlen is None else seqlen
+    attends = [kv.attend_for(config, dims, seqlen) for kv in kvs]
     remote = [b for b, kv in enumerate(kvs) if isinstance(kv, RemoteKV)]
     if len(remote) < 2 or len({id(kvs[b].links) for b in remote}) > 1:
         return batch_attend(attends)

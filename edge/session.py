@@ -29,8 +29,9 @@ class ClusterSession:
     """
 
     def __init__(self, rid: str, kv: KVCache | RemoteKV, capacity: int, batcher: StepBatcher,
-                 command: Callable[[Message, bool], Awaitable[None]], registry: set[ClusterSession]):
-        self.rid, self.kv, self.capacity = rid, kv, capacity
+                 command: Callable[[Message, bool], Awaitable[None]], registry: set[ClusterSession],
+                 context: int = 1 << 30):
+        self.rid, self.kv, self.capacity, self.context = rid, kv, capacity, context  # context: the model's
         self.offload = isinstance(kv, RemoteKV)
         self._batcher, self._command, self._registry = batcher, command, registry
         registry.add(self)  # the engine's open sessions: a re-plan rebuilds each of them
@@ -52,9 +53,23 @@ class ClusterSession:
 
     async def step(self, tokens: list[int]) -> torch.Tensor:
         """New tokens -> next-token logits [V], batched with other requests' decode steps."""
+        return torch.from_numpy(await self._submit(tokens, False))  # [V]
+
+    async def verify(self, tokens: list[int]) -> torch.Tensor:
+        """New tokens (the last chosen one and drafts after it) -> the logits after each [S, V]."""
+        return torch.from_numpy(await self._submit(tokens, True))  # [S, V]
+
+    def rewind(self, length: int) -> None:
+        """Keep the first `length` positions; every rank forgets the rest at the next step."""
+        if not 0 <= length <= len(self.history):
+            raise ValueError(f"cannot rewind a request of {len(self.history)} positions to {length}")
+        del self.history[length:]
+
+    async def _submit(self, tokens: list[int], every: bool):
         if self.failed:
             raise EngineUnavailable("this request lost a worker earlier")
-        return torch.from_numpy(await self._batcher.submit(self, tokens))  # [V]
+        room = self.context - len(self.history) - len(tokens)
+        return await self._batcher.submit(self, tokens, every=every, room=room)
 
     async def close(self) -> None:
         self.closed = True
@@ -86,3 +101,6 @@ class OffloadedEngine:
 
     def offloaded(self) -> OffloadedEngine:
         return self
+
+    async def run_local(self, fn):
+        return await self.engine.run_local(fn)

@@ -240,7 +240,6 @@ class Worker:
         holds (closed meanwhile) runs on a scratch cache, so every rank stays in step."""
         rids, rank, collective = msg.rids, self.settings.rank, self.collective
         h = unpack_tensor(msg.h)  # [B, S, D]
-        kvs = self.kv.for_step(self.shard, rids, h.shape[1])
         collective.begin(msg.step)
         fast = self.fast if msg.fast else None
         if self.kv.unlinked.intersection(rids):
@@ -251,7 +250,8 @@ class Worker:
             return
         try:
             score = (torch.tensor(msg.targets or [], dtype=torch.long), msg.score) if msg.score is not None else None
-            await self.shard.forward(h, kvs, collective, self.settings.step_timeout, score, fast)
+            kvs = self.kv.for_step(self.shard, rids, h.shape[1], msg.starts)
+            await self.shard.forward(h, kvs, collective, self.settings.step_timeout, score, fast, msg.every)
         except AttentionNodeFailed as e:  # tell the hub at once: it rebuilds the KV elsewhere
             log.warning("step %s of %s lost its attention node: %s", msg.step, rids, e)
             await self._fail(rids, f"rank {rank}: {e}", FailureCause.ATTENTION, fast)

@@ -59,6 +59,13 @@ class KVCache:
         """Called once per forward, after every layer appended `seqlen` positions."""
         self.length += seqlen
 
+    def rewind(self, length: int) -> None:
+        """Forget the positions from `length` on (drafted tokens the model rejected); the next
+        forward writes over them. Raises ValueError for a position this cache never held."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a KV cache of {self.length} positions to {length}")
+        self.length = length
+
     def attend_for(self, config: LlamaConfig, dims: LocalDims, seqlen: int) -> CacheAttention:
         return CacheAttention(self, config, gather_map(dims), seqlen)
 
@@ -138,3 +145,5 @@ class KVStore(Protocol):
     def attend_for(self, config: LlamaConfig, dims: LocalDims, seqlen: int) -> Attend: ...
 
     def advance(self, seqlen: int) -> None: ...
+
+    def rewind(self, length: int) -> None: ...

@@ -7,14 +7,16 @@ by both sides, so they live below both: the front end imports this module, never
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
 from models.config import LlamaConfig
 from models.tokenizer import Tokenizer
 
+T = TypeVar("T")
 # Per prompt position after the first: its natural-log probability and the top k (id, logprob).
 PromptScores = list[tuple[float, list[tuple[int, float]]]]
 
@@ -83,6 +85,15 @@ class Session(Protocol):
         """Feed new tokens, get the next-token logits [V] (float32)."""
         ...
 
+    async def verify(self, tokens: list[int]) -> torch.Tensor:
+        """Feed new tokens (drafted ones among them), get the logits after each of them [S, V]."""
+        ...
+
+    def rewind(self, length: int) -> None:
+        """Keep the first `length` positions fed so far, forget the rest (drafts the model rejected);
+        raises ValueError beyond what was fed."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -109,4 +120,9 @@ class Engine(Protocol):
 
     def offloaded(self) -> Engine | None:
         """The same engine with every session's KV on the attention nodes (None: no such route)."""
+        ...
+
+    async def run_local(self, fn: Callable[[], T]) -> T:
+        """Torch work on the master device's compute thread (a draft model runs there: one OpenMP
+        pool per process, not two competing for the cores)."""
         ...

@@ -1,38 +1,32 @@
 """The generation loop, shared by the single-device model and the edge cluster.
 
 An `Engine` (models.engine) runs forward steps (in its compute thread or across ranks); `generate` turns steps
-into a stream of `TokenEvent`s with sampling, logprobs, eos, stop strings and length limits.
+into a stream of `TokenEvent`s with sampling, logprobs, eos, stop strings and length limits, and
+speculative decoding when asked (models.decoding, models.speculative).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 import psutil
 import torch
 
 from models.config import LlamaConfig
-from models.detokenize import IncrementalText
+from models.decoding import Output, SpeculativeStep, TokenEvent, plain_step
+from models.drafting import Speculation
 from models.engine import ClusterCounters, Engine, EngineStatus, PromptScores
 from models.errors import GenerationError
 from models.model import LocalModel
-from models.sampling import SamplingParams, apply_penalties, choose_token, make_generator
+from models.sampling import SamplingParams, choose_token, make_generator
 from models.scoring import combine_scores, slice_scores
 
-
-@dataclass
-class TokenEvent:
-    """One generated token, its natural-log probability, alternatives and the text it finalised."""
-
-    token_id: int
-    logprob: float
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" on the last event
+T = TypeVar("T")
+__all__ = ["TokenEvent", "generate", "LocalEngine", "check_prompt"]
 
 
 class LocalSession:
@@ -43,9 +37,13 @@ class LocalSession:
         self._kv = engine.model.new_cache(capacity)
 
     async def step(self, tokens: list[int]) -> torch.Tensor:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._engine.compute, self._engine.model.forward,
-                                          tokens, self._kv)
+        return await self._engine.run_local(lambda: self._engine.model.forward(tokens, self._kv))  # [V]
+
+    async def verify(self, tokens: list[int]) -> torch.Tensor:
+        return await self._engine.run_local(lambda: self._engine.model.forward(tokens, self._kv, True))  # [S, V]
+
+    def rewind(self, length: int) -> None:
+        self._kv.rewind(length)
 
     async def close(self) -> None:
         self._kv = None  # type: ignore[assignment]
@@ -63,6 +61,10 @@ class LocalEngine:
     async def open_session(self, capacity: int = 64) -> LocalSession:
         return LocalSession(self, capacity)
 
+    async def run_local(self, fn: Callable[[], T]) -> T:
+        """Torch work on this device's one compute thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn)
+
     async def score(self, prompt_ids: list[int], k: int) -> PromptScores:
         """Log-probability of every prompt token after the first, and the top k at each position."""
         if len(prompt_ids) < 2:
@@ -72,7 +74,7 @@ class LocalEngine:
             logits = self.model.forward(prompt_ids, self.model.new_cache(len(prompt_ids)), all_logits=True)
             return slice_scores(logits[:-1], torch.tensor(prompt_ids[1:]), 0, k)
 
-        part = await asyncio.get_running_loop().run_in_executor(self.compute, run)
+        part = await self.run_local(run)
         return combine_scores([part], k)
 
     def status(self) -> EngineStatus:
@@ -102,42 +104,32 @@ def check_prompt(prompt_ids: list[int], config: LlamaConfig, vocab_limit: int) -
                               f"{config.max_position_embeddings - 1} prompt tokens fit")
 
 
-def _event(logits: torch.Tensor, token: int, n_top: int) -> TokenEvent:
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # natural log, from the raw logits
-    top: list[tuple[int, float]] = []
-    if n_top > 0:
-        values, ids = torch.topk(logprobs, min(n_top, logprobs.numel()))
-        top = [(int(i), float(v)) for i, v in zip(ids, values, strict=True)]
-    return TokenEvent(token_id=token, logprob=float(logprobs[token]), top_logprobs=top)
+async def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams,
+                   speculation: Speculation | None = None) -> AsyncIterator[TokenEvent]:
+    """Stream tokens for one request; raises GenerationError for prompts it cannot serve.
 
-
-async def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
-    """Stream tokens for one request; raises GenerationError for prompts it cannot serve."""
+    With `speculation` on, each step may verify drafted tokens and emit several: the same tokens
+    (greedy) or the same distribution (sampling) as without it."""
     config = engine.config
     check_prompt(prompt_ids, config, config.vocab_size)
     budget = min(params.max_tokens, config.max_position_embeddings - len(prompt_ids))
-    stop_ids = set() if params.ignore_eos else set(engine.tokenizer.eos_ids)
-    stop_ids |= set(params.extra_stop_ids)
-    text = IncrementalText(engine.tokenizer, prompt_ids, params.stop)
-    gen, counts = make_generator(params.seed), Counter[int]()
-    session = await engine.open_session(len(prompt_ids) + budget)
+    out, gen = Output(engine.tokenizer, prompt_ids, params, budget), make_generator(params.seed)
+    drafter = speculation.drafter(engine.run_local) if speculation is not None else None
+    room = speculation.num_draft_tokens if drafter is not None else 0
+    session = await engine.open_session(len(prompt_ids) + budget + room)
     try:
-        logits, produced = await session.step(prompt_ids), 0
-        while True:
-            token = choose_token(apply_penalties(logits, counts, params), params, gen)
-            event = _event(logits, token, params.logprobs)
-            counts[token] += 1
-            produced += 1
-            event.text = text.add(token)
-            if token in stop_ids or text.stopped:
-                event.finish_reason = "stop"
-            elif produced >= budget:
-                event.finish_reason = "length"
-            if event.finish_reason:
-                event.text += text.flush()
+        logits = await session.step(prompt_ids)  # [V]
+        event = out.emit(logits, choose_token(out.penalized(logits), params, gen))
+        yield event
+        if drafter is not None:
+            step = SpeculativeStep(session, out, drafter, speculation.policy(), speculation.stats, gen,
+                                   len(prompt_ids))
+        else:
+            step = partial(plain_step, session, out, gen=gen)
+        while not event.finish_reason:
+            for event in await step(event.token_id):
                 yield event
-                return
-            yield event
-            logits = await session.step([token])
     finally:
+        if drafter is not None:
+            drafter.close()
         await session.close()

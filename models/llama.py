@@ -186,20 +186,22 @@ def batch_attend(attends: list[Attend]) -> Attend:
 
 def forward_batch(h: torch.Tensor, layers: Callable[[int], LayerWeights], config: LlamaConfig, dims: LocalDims,
                   kvs: list[KVStore], rotary, reduce: Reduce = no_reduce, attend: Attend | None = None) -> torch.Tensor:
-    """h: [B, 1, D], one new token of each of B requests, each at its own position -> [B, 1, D].
+    """h: [B, S, D], S new tokens of each of B requests, each row at its own positions -> [B, S, D].
 
-    Decode is memory-bound: the batch reads every weight once, so B tokens cost about one. Rows
-    attend over their own KV stores (`attend`, default: each store's own); every store advances.
+    Decode is memory-bound: the batch reads every weight once, so B tokens cost about one (and S > 1
+    verifies drafted tokens). Rows attend over their own KV stores (`attend`, default: each store's
+    own); every store advances by S.
     """
-    if h.shape[1] != 1 or h.shape[0] != len(kvs):
-        raise ValueError(f"a decode batch is [B, 1, D] with one KV store per row, got {list(h.shape)} "
-                         f"for {len(kvs)} stores")
-    rows = [rotary.cos_sin(torch.tensor([kv.length])) for kv in kvs]  # per row: dynamic rope sees its own length
+    seqlen = h.shape[1]
+    if h.shape[0] != len(kvs):
+        raise ValueError(f"a batch has one KV store per row, got {list(h.shape)} for {len(kvs)} stores")
+    # per row: its own positions (dynamic rope sees its own length)
+    rows = [rotary.cos_sin(torch.arange(kv.length, kv.length + seqlen)) for kv in kvs]  # [S, hd] each
     cos_sin = rope_tables(torch.stack([c for c, _ in rows])[:, None], torch.stack([s for _, s in rows])[:, None],
-                          h.dtype)  # [B, 1, 1, hd]
-    attend = attend or batch_attend([kv.attend_for(config, dims, 1) for kv in kvs])
+                          h.dtype)  # [B, 1, S, hd]
+    attend = attend or batch_attend([kv.attend_for(config, dims, seqlen) for kv in kvs])
     for layer in range(config.num_layers):
         h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
     for kv in kvs:
-        kv.advance(1)
+        kv.advance(seqlen)
     return h

@@ -35,10 +35,9 @@ def apply_penalties(logits: torch.Tensor, counts: dict[int, int], params: Sampli
     return logits
 
 
-def choose_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    """logits: [V] float32 -> token id: argmax at temperature 0, else top-k/top-p sampling."""
-    if params.temperature <= 0:
-        return int(torch.argmax(logits))
+def token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits: [V] float32 (penalties applied) -> the distribution sampling draws from at temperature > 0:
+    temperature, then top-k, then top-p (nucleus) truncation."""
     scaled = logits / params.temperature
     if params.top_k > 0:
         kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
@@ -49,7 +48,14 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Genera
         outside = torch.cumsum(sorted_probs, 0) - sorted_probs > params.top_p  # keep the first over p
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return probs
+
+
+def choose_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    """logits: [V] float32 -> token id: argmax at temperature 0, else top-k/top-p sampling."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(token_probs(logits, params), 1, generator=gen))
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:

@@ -82,6 +82,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token (added ones too) and its id: two tokenizers with the same one agree on ids."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 

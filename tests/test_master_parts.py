@@ -1,12 +1,12 @@
 """The master's parts in one process, without workers: the step batcher and failover with fakes."""
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
-from edge.batcher import StepBatcher, StepRequest
+from edge.batcher import StepBatcher, StepRequest, step_rows
 from edge.failover import Failover
 from edge.split import SplitError
 from models.engine import EngineUnavailable
@@ -20,6 +20,7 @@ class FakeSession:
     failed: bool = False
     replay: bool = False
     offload: bool = False
+    history: list[int] = field(default_factory=list)
 
 
 class Recorder:
@@ -147,11 +148,11 @@ class FakeCluster:
         self.calls: list[list[str]] = []
         self.rebuilt: list[str] = []
 
-    async def forward(self, sessions, tokens, score_k):
+    async def forward(self, sessions, tokens, score_k, every):
         self.calls.append([s.name for s in sessions])
         if self.errors:
             raise self.errors.pop(0)
-        return np.array([[len(s.name), t[0]] for s, t in zip(sessions, tokens, strict=True)], dtype=np.float32)
+        return [np.array([len(s.name), t[0]], dtype=np.float32) for s, t in zip(sessions, tokens, strict=True)]
 
     async def rebuild(self, session, reason):
         self.rebuilt.append(session.name)
@@ -178,7 +179,29 @@ async def test_scoring_pass_gets_the_whole_output():
     cluster = FakeCluster()
     (entry,) = _entries(FakeSession("a"), score_k=3)
     await cluster.failover().run([entry])
-    assert entry.result.result().shape == (1, 2)
+    assert entry.result.result().tolist() == [1, 1]
+
+
+def test_step_rows_pad_verification_rows_and_say_where_each_result_lies():
+    plain, drafting, replayed = FakeSession("p"), FakeSession("d"), FakeSession("r", replay=True)
+    plain.history, drafting.history, replayed.history = [1, 2, 3], [4, 5], [6, 7]
+    rows, starts, wanted, wide = step_rows([plain, drafting], [[9], [8, 30, 31]], [False, True])
+    assert rows == [[9, 9, 9], [8, 30, 31]] and starts == [3, 2] and wide
+    assert wanted == [0, slice(0, 3)]  # the plain row's one position; every position of the drafts
+    rows, starts, wanted, wide = step_rows([replayed], [[8, 30]], [True])
+    assert rows == [[6, 7, 8, 30]] and starts == [0] and wanted == [slice(2, 4)]
+    assert step_rows([plain, drafting], [[9], [8]], None) == ([[9], [8]], [3, 2], [None, None], False)
+
+
+async def test_verification_steps_batch_with_decode_steps_while_the_padding_fits_the_context():
+    b = StepBatcher(Recorder(), max_batch=8)
+    a, v, near_end, last = FakeSession("a"), FakeSession("v"), FakeSession("end"), FakeSession("z")
+    b.submit(a, [1])
+    b.submit(v, [1, 2, 3, 4], every=True)  # a token and three drafts
+    b.submit(near_end, [1], room=1)  # padding it to 4 positions would pass the end of its context
+    b.submit(last, [5])
+    assert [e.session.name for e in b.take_batch()] == ["a", "v", "z"]
+    assert [e.session.name for e in b.take_batch()] == ["end"]
 
 
 @pytest.mark.parametrize("error", [ChannelClosed("worker gone"), TimeoutError(), SplitError("bad file"),
