@@ -17,6 +17,7 @@ from edge_llm.argtypes import (
     temperature,
     top_p,
 )
+from models.drafting import MAX_DRAFT_TOKENS, SPECULATE_CHOICES
 from models.dtypes import DTYPE_CHOICES
 from models.quant import QUANT_CHOICES
 
@@ -31,6 +32,20 @@ def _quantize_flag(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantization of the Linear layers and the LM head: int8 (per output "
                         "channel), int4 (groups of 32, scale + min), none (floats), or auto (default: as the "
                         "checkpoint stores them; a GGUF's Q8_0/Q4_0/Q4_1 blocks are kept)")
+
+
+def _speculate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", choices=list(SPECULATE_CHOICES),
+                   help="speculative decoding: ngram (drafts looked up in the prompt and output so far), "
+                        "draft (a small --draft-model on the master device) or off (default: draft when "
+                        "--draft-model is given, else off); greedy output is unchanged, sampling keeps its "
+                        "distribution")
+    p.add_argument("--num-draft-tokens", type=positive_int, default=4,
+                   help=f"tokens drafted per step at most, 1..{MAX_DRAFT_TOKENS} (default 4)")
+    p.add_argument("--draft-policy", default="adaptive", choices=["adaptive", "fixed"],
+                   help="adaptive (default): per request, draft as many as pay off by the measured acceptance "
+                        "rate and step time (none when they do not); fixed: always --num-draft-tokens")
+    p.add_argument("--draft-model", help="a small checkpoint folder with the served model's tokenizer")
 
 
 def _make_model(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +85,7 @@ def _generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print token ids and logprobs as JSON")
     _dtype_flag(p)
     _quantize_flag(p)
+    _speculate_flags(p)
     p.set_defaults(func=commands.generate)
 
 
@@ -127,6 +143,7 @@ def _cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cloud-above-tokens", type=non_negative_int,
                    help="routing: contexts above this go to the cloud tier")
     _cluster_flags(p)
+    _speculate_flags(p)
     p.set_defaults(func=commands.cluster)
 
 
@@ -141,6 +158,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
                                      "EDGE_LLM_API_KEY environment variable, else none)")
     p.add_argument("--drain-timeout", type=non_negative_float, default=10.0,
                    help="on SIGTERM / Ctrl-C, seconds requests in flight may finish (a second signal stops at once)")
+    _speculate_flags(p)
     p.set_defaults(func=commands.serve)
 
 

@@ -22,6 +22,7 @@ from aiohttp import web
 from edge.attention import AttentionNode, AttentionNodeSettings
 from edge.master import ClusterEngine, MasterSettings
 from edge.worker import Worker, WorkerSettings
+from models.drafting import SpeculationSettings
 from models.dtypes import dtype_name
 from scheduler.app import ServerSettings, create_app
 from scheduler.cloud import CloudSettings
@@ -48,6 +49,7 @@ class HttpSettings:
     api_key: str | None = None
     cloud: CloudSettings | None = None
     policy: Policy = field(default_factory=Policy)
+    speculation: SpeculationSettings = field(default_factory=SpeculationSettings)
 
 
 def threads_per_process(world_size: int) -> int:
@@ -114,7 +116,11 @@ async def _serve_http(engine: ClusterEngine, http: HttpSettings, listener: socke
     # handler_cancellation: a client that disconnects cancels its request's handler, so a request
     # nobody waits for stops generating (or never starts, when it was queued) and frees its slot.
     # shutdown_timeout: requests were given their time to finish (_drain); cleanup does not wait again.
-    runner = web.AppRunner(create_app(engine, server), handle_signals=False, handler_cancellation=True,
+    try:
+        speculation = http.speculation.build(engine.config, engine.tokenizer)
+    except ValueError as e:
+        raise StartupError(str(e)) from e
+    runner = web.AppRunner(create_app(engine, server, speculation), handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=0.5)
     await runner.setup()
     site = web.SockSite(runner, listener)

@@ -70,11 +70,30 @@ def _prompt_ids(args: argparse.Namespace, tokenizer) -> list[int]:
     return tokenizer.encode(text)
 
 
-async def _run_generation(engine, prompt_ids: list[int], params: SamplingParams, as_json: bool) -> None:
+def speculation_settings(args: argparse.Namespace):
+    """--speculate, --num-draft-tokens, --draft-policy, --draft-model, checked together."""
+    from models.drafting import SpeculationSettings
+
+    method = args.speculate or ("draft" if args.draft_model else "off")
+    settings = SpeculationSettings(method, args.num_draft_tokens, args.draft_policy == "adaptive",
+                                   _model_folder(args.draft_model) if args.draft_model else None)
+    try:
+        settings.check()
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    return settings
+
+
+async def _run_generation(engine, prompt_ids: list[int], params: SamplingParams, as_json: bool,
+                          speculation) -> None:
     from models.generation import generate
 
     result: dict[str, list] = {"token_ids": [], "logprobs": [], "top_logprobs": []}
-    async for event in generate(engine, prompt_ids, params):
+    try:
+        speculating = speculation.build(engine.config, engine.tokenizer)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    async for event in generate(engine, prompt_ids, params, speculating):
         result["token_ids"].append(event.token_id)
         result["logprobs"].append(event.logprob)
         result["top_logprobs"].append([[i, lp] for i, lp in event.top_logprobs])
@@ -92,7 +111,8 @@ async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams)
     settings = MasterSettings(model=args.model, world_size=args.workers, secret=new_secret(), dtype=args.dtype,
                               quantize=args.quantize)
     async with running_cluster(settings, spawn_workers=True, ready_timeout=300, announce=False) as engine:
-        await _run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json)
+        await _run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json,
+                              speculation_settings(args))
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -113,7 +133,8 @@ def generate(args: argparse.Namespace) -> None:
             return
         engine = LocalEngine(LocalModel(args.model, args.dtype, args.quantize))
         try:
-            asyncio.run(_run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json))
+            asyncio.run(_run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json,
+                                        speculation_settings(args)))
         finally:
             engine.close()
     except (CheckpointError, GenerationError, PlanError, EngineUnavailable, TimeoutError, StartupError) as e:
@@ -192,7 +213,8 @@ def cluster(args: argparse.Namespace) -> None:
     http = HttpSettings(args.host, args.port, args.served_name, max_running=args.max_running,
                         max_queue=args.max_queue, request_timeout=args.request_timeout,
                         body_timeout=args.body_timeout, drain_timeout=args.drain_timeout,
-                        api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"), cloud=cloud, policy=policy)
+                        api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"), cloud=cloud, policy=policy,
+                        speculation=speculation_settings(args))
     _run_master(settings, http, spawn=True, secret_file=args.secret_file or _private_secret_file(settings.secret))
 
 
@@ -228,6 +250,8 @@ def serve(args: argparse.Namespace) -> None:
                   quantize=args.quantize or cfg.quantize)
     http = replace(cfg.http, api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"),  # never in the file
                    drain_timeout=args.drain_timeout)
+    if args.speculate or args.draft_model:  # the command line overrides the file's [speculate] table
+        http = replace(http, speculation=speculation_settings(args))
     _run_master(cfg.master_settings(_secret(cfg.secret_file)), http, spawn=False)
 
 

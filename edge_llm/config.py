@@ -9,6 +9,7 @@ from pathlib import Path
 
 from edge.master import MasterSettings
 from edge_llm.cluster import HttpSettings, link_from_args
+from models.drafting import SpeculationSettings
 from models.dtypes import DTYPE_CHOICES
 from models.quant import QUANT_CHOICES
 from scheduler.cloud import CloudSettings
@@ -67,6 +68,23 @@ def _cloud(raw: dict | None) -> CloudSettings | None:
                          api_key=os.environ.get(str(raw.get("api_key_env", "EDGE_LLM_CLOUD_API_KEY"))))
 
 
+def _speculation(raw: dict) -> SpeculationSettings:
+    """The `[speculate]` table: method, num_draft_tokens, policy (adaptive | fixed), draft_model."""
+    known = {"method", "num_draft_tokens", "policy", "draft_model"}
+    if set(raw) - known:
+        raise ConfigError(f"unknown [speculate] key(s) {sorted(set(raw) - known)}; known: {sorted(known)}")
+    if raw.get("policy", "adaptive") not in ("adaptive", "fixed"):
+        raise ConfigError(f"[speculate] policy = {raw['policy']!r} is not adaptive or fixed")
+    settings = SpeculationSettings(str(raw.get("method", "draft" if raw.get("draft_model") else "off")),
+                                   int(raw.get("num_draft_tokens", 4)), raw.get("policy", "adaptive") == "adaptive",
+                                   raw.get("draft_model"))
+    try:
+        settings.check()
+    except ValueError as e:
+        raise ConfigError(f"[speculate] {e}") from e
+    return settings
+
+
 def _dtype(value: object) -> str:
     if value not in DTYPE_CHOICES:
         raise ConfigError(f"dtype = {value!r} is not one of {list(DTYPE_CHOICES)}")
@@ -90,7 +108,7 @@ def load_cluster_config(path: str | Path) -> ClusterConfig:
             model=raw["model"], master_host=master["address"], worker_port=int(raw.get("worker_port", 29500)),
             http=HttpSettings(host=raw.get("http_host", "0.0.0.0"), port=int(raw.get("http_port", 8000)),
                               served_name=raw.get("served_name"), cloud=_cloud(raw.get("cloud")),
-                              policy=_policy(raw.get("policy", {}))),
+                              policy=_policy(raw.get("policy", {})), speculation=_speculation(raw.get("speculate", {}))),
             attention_nodes=int(raw.get("attention", {}).get("nodes", 0)),
             weights=[float(n.get("weight", 1.0)) for n in nodes], secret_file=raw.get("secret_file"),
             step_timeout=float(raw.get("step_timeout", 5.0)), dtype=_dtype(raw.get("dtype", "auto")),

@@ -24,6 +24,7 @@ from models.speculative import Draft, Drafter, DraftPolicy, SpeculationStats
 from models.tokenizer import Tokenizer
 
 SPECULATE_CHOICES = ("off", "ngram", "draft")
+MAX_DRAFT_TOKENS = 16  # a verification step is padded to the widest row of its batch: keep rows short
 NGRAM_MAX, NGRAM_MIN = 4, 2  # the n-gram lengths looked up, longest first
 
 RunLocal = Callable[[Callable[[], object]], Awaitable[object]]
@@ -150,3 +151,31 @@ class Speculation:
 
     def policy(self) -> DraftPolicy:
         return DraftPolicy(self.num_draft_tokens, self.adaptive)
+
+
+@dataclass(frozen=True)
+class SpeculationSettings:
+    """What the command line (or a cluster file) asks for; `build` loads the draft model."""
+
+    method: str = "off"
+    num_draft_tokens: int = 4
+    adaptive: bool = True
+    draft_model: str | None = None  # a checkpoint folder, for method "draft"
+
+    def check(self) -> None:
+        """Raise ValueError (a user error) for settings that cannot work together."""
+        if self.method not in SPECULATE_CHOICES:
+            raise ValueError(f"speculate = {self.method!r} is not one of {list(SPECULATE_CHOICES)}")
+        if not 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"the number of draft tokens must be 1..{MAX_DRAFT_TOKENS}, not {self.num_draft_tokens}")
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("--speculate draft needs --draft-model DIR (a small checkpoint with the same tokenizer)")
+        if self.draft_model and self.method != "draft":
+            raise ValueError(f"--draft-model is used by --speculate draft, not --speculate {self.method}")
+
+    def build(self, config: LlamaConfig, tokenizer: Tokenizer) -> Speculation:
+        """The server's Speculation for a model of `config` and `tokenizer`; raises ValueError and
+        models.errors.CheckpointError for a draft model that cannot serve."""
+        self.check()
+        draft = DraftModel(self.draft_model, config, tokenizer) if self.method == "draft" else None
+        return Speculation(self.method, self.num_draft_tokens, self.adaptive, draft)

@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from models.drafting import Speculation
 from models.engine import Engine
 from scheduler import dashboard
 from scheduler.admission import Admission
@@ -24,6 +25,7 @@ from scheduler.state import (
     METRICS,
     ROUTE_KEY,
     SETTINGS,
+    SPECULATION,
     ServerSettings,
 )
 
@@ -115,13 +117,14 @@ async def _cloud_ctx(app: web.Application):
         await app[CLOUD].aclose()
 
 
-def create_app(engine: Engine, settings: ServerSettings) -> web.Application:
-    """The HTTP front end over an engine (one device or a cluster master)."""
+def create_app(engine: Engine, settings: ServerSettings, speculation: Speculation | None = None) -> web.Application:
+    """The HTTP front end over an engine (one device or a cluster master), speculating as asked."""
     app = web.Application(middlewares=[metrics_middleware, error_middleware, auth_middleware],
                           client_max_size=8 * 1024 * 1024)
     app[ENGINE] = engine
     app[SETTINGS] = settings
-    app[METRICS] = Metrics(engine.counters)
+    app[SPECULATION] = speculation or Speculation()
+    app[METRICS] = Metrics(engine.counters, app[SPECULATION].stats)
     app[ADMISSION] = Admission(settings.max_running, settings.max_queue)
     app[MEASURED] = Measured()
     app.cleanup_ctx.append(_cloud_ctx)

@@ -20,7 +20,16 @@ from scheduler.cloud import CloudUnavailable
 from scheduler.errors import ApiError, as_api_error, error_body
 from scheduler.router import Decision
 from scheduler.routing import choose_route, req_forced, route_headers, set_route
-from scheduler.state import ADMISSION, CLOUD, ENGINE, MEASURED, METRICS, ROUTE_KEY, SETTINGS
+from scheduler.state import (
+    ADMISSION,
+    CLOUD,
+    ENGINE,
+    MEASURED,
+    METRICS,
+    ROUTE_KEY,
+    SETTINGS,
+    SPECULATION,
+)
 
 Indexed = tuple[int, TokenEvent]
 
@@ -69,7 +78,7 @@ async def _merged(request: web.Request, req: api.ParsedRequest) -> AsyncIterator
     engine = _engine_for(request)
     for i in range(req.n):
         params = req.params if req.params.seed is None else replace(req.params, seed=req.params.seed + i)
-        stream = generate(engine, req.prompt_ids, params)
+        stream = generate(engine, req.prompt_ids, params, request.app[SPECULATION])
         streams.append(_observed(request, stream, len(req.prompt_ids)))
     pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
     try:

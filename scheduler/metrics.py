@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from models.engine import ClusterCounters
+from models.speculative import SpeculationStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 
@@ -135,10 +136,35 @@ def _per_rank_counters(per_rank: dict, families: dict[str, tuple[str, str]]) -> 
         yield family
 
 
+class _SpeculationCollector(Collector):
+    """Speculative decoding over every request: drafted and accepted tokens, tokens per step."""
+
+    def __init__(self, stats: SpeculationStats):
+        self._stats = stats
+
+    def collect(self) -> Iterable:
+        s = self._stats
+        for name, doc, value in (
+                ("edge_spec_drafted_tokens", "Drafted tokens verified by the model", s.drafted),
+                ("edge_spec_accepted_tokens", "Drafted tokens the model accepted", s.accepted),
+                ("edge_spec_steps", "Decode steps of speculating requests (plain or verifying)", s.steps),
+                ("edge_spec_step_tokens", "Tokens those steps emitted", s.tokens)):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], value)
+            yield family
+        rate = GaugeMetricFamily("edge_spec_acceptance_rate", "Accepted / drafted tokens (0 before any draft)")
+        rate.add_metric([], s.acceptance_rate)
+        per_step = GaugeMetricFamily("edge_spec_tokens_per_step", "Tokens emitted per decode step of "
+                                     "speculating requests (1.0 without speculation's gains)")
+        per_step.add_metric([], s.tokens_per_step)
+        yield from (rate, per_step)
+
+
 class Metrics:
     """One registry per app, so several servers in one process (tests) never share counters."""
 
-    def __init__(self, cluster_counters: Callable[[], ClusterCounters | None] | None = None):
+    def __init__(self, cluster_counters: Callable[[], ClusterCounters | None] | None = None,
+                 speculation: SpeculationStats | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("edge_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
@@ -155,6 +181,8 @@ class Metrics:
                                  registry=r)
         if cluster_counters is not None:
             r.register(_ClusterCollector(cluster_counters))
+        if speculation is not None:
+            r.register(_SpeculationCollector(speculation))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from models.drafting import Speculation
 from models.engine import Engine
 from scheduler.admission import Admission
 from scheduler.cloud import CloudSettings, CloudTier
@@ -37,4 +38,5 @@ METRICS = web.AppKey("metrics", Metrics)
 ADMISSION = web.AppKey("admission", Admission)
 CLOUD = web.AppKey("cloud", CloudTier)
 MEASURED = web.AppKey("measured", Measured)
+SPECULATION = web.AppKey("speculation", Speculation)  # drafts for every request (method "off": none)
 ROUTE_KEY = "edge_route"  # request-scoped: the Decision taken for this request

@@ -2,43 +2,23 @@
 wired together, tested in seconds without spawning processes."""
 
 import asyncio
-import contextlib
 
 import pytest
 from hf_reference import hf_greedy, make_hf_checkpoint
+from inprocess import SECRET, cluster
 
-from edge.master import ClusterEngine, MasterSettings
 from edge.worker import Worker, WorkerSettings
 from models.generation import generate
 from models.sampling import SamplingParams
 
 PROMPT = [0, 17, 250, 33, 99, 5, 120]
 NEW_TOKENS = 12
-SECRET = b"in-process-secret-" + b"z" * 20
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     folder = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "llama", seed=5)
     return folder, hf_greedy(folder, PROMPT, NEW_TOKENS)
-
-
-@contextlib.asynccontextmanager
-async def cluster(folder, world_size: int, **settings):
-    engine = ClusterEngine(MasterSettings(model=str(folder), world_size=world_size, secret=SECRET, **settings))
-    port = await engine.start()
-    workers = [Worker(WorkerSettings(str(folder), r, "127.0.0.1", port, SECRET)) for r in range(1, world_size)]
-    tasks = {w.settings.rank: asyncio.create_task(w.run(), name=f"worker-{w.settings.rank}") for w in workers}
-    try:
-        await engine.wait_ready(30)
-        yield engine, workers, tasks
-    finally:
-        for t in tasks.values():
-            t.cancel()
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
-        for w in workers:
-            await w.aclose()
-        await engine.aclose()
 
 
 async def greedy(engine, prompt=PROMPT, n=NEW_TOKENS) -> tuple[list[int], list[float]]:

@@ -8,12 +8,11 @@ import json
 import aiohttp
 import psutil
 import pytest
+from budgets import window_floor
 from cluster_proc import ClusterProcess, wait_plan
 from hf_reference import hf_greedy, make_hf_checkpoint
 
-from edge.split import MANIFEST, head_file, split_model
 from models.config import load_config
-from models.sharding import kv_bytes_per_token, local_dims
 
 PROMPT = [0, 17, 250, 33, 99, 5, 120]
 LONG = 80
@@ -141,16 +140,8 @@ async def test_two_devices_that_lose_one_go_on_with_one(llama, tmp_path):
 
 def _budget_between_one_and_two_devices(folder, tmp_path) -> float:
     """A memory budget (MB) that holds a rank's window of the 2-device plan but not of one device."""
-    config = load_config(folder)
-
-    def need(world: int) -> int:  # edge.weights.WeightWindow: head + KV reserve + two layers
-        out = split_model(folder, world, out=tmp_path / f"split-{world}", quiet=True)
-        files = json.loads((out / MANIFEST).read_text())["files"]
-        layer = max(e["bytes"] for n, e in files.items() if n.startswith("rank-0") and "layer" in n)
-        reserve = kv_bytes_per_token(config, local_dims(config, world)[0]) * min(2048, config.max_position_embeddings)
-        return files[head_file(world, 0)]["bytes"] + reserve + 2 * layer
-
-    return (need(1) + need(2)) / 2 / (1 << 20)
+    need = [window_floor(folder, world, tmp_path / f"split-{world}") for world in (1, 2)]
+    return sum(need) / 2 / (1 << 20)
 
 
 async def test_a_loss_that_leaves_too_little_memory_answers_503_naming_why(llama, tmp_path):
