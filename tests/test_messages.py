@@ -36,7 +36,7 @@ async def test_messages_travel_as_tagged_maps_and_come_back_equal():
     assert await receive(master, Join, 1) == sent[0]
     assert await receive(master, Ready, 1) == sent[1]
     assert Step(["r1"], 7, {"x": 1}, True).wire() == {"t": "ctl", "op": "step", "rids": ["r1"], "step": 7,
-                                                      "h": {"x": 1}, "fast": True}
+                                                      "h": {"x": 1}, "fast": True, "every": False}
 
 
 async def test_commands_are_told_apart_by_op():
