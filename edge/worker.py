@@ -54,6 +54,7 @@ from edge.tensors import unpack_tensor
 from models.checkpoint import Checkpoint
 from models.errors import CheckpointError
 from models.files import checkpoint_fingerprint
+from models.quant_kernels import warm_kernels
 from models.sharding import PlanError
 from transport.collectives import StarAllReduce, StepCollective
 from transport.errors import ChannelClosed, FailureCause, FrameError, PeerFailed, TransportError
@@ -94,8 +95,9 @@ class Worker:
                                                settings.memory_budget_mb, settings.split_dir,
                                                settings.keep_page_cache), ckpt)
         self.fingerprint = checkpoint_fingerprint(settings.model) if has_model else None
-        # The runtime's own memory (Python, torch, tokenizer-free imports), before any weight:
-        # the fixed overhead that a memory budget comes on top of.
+        # The runtime's own memory (Python, torch, tokenizer-free imports, compiled kernels), before
+        # any weight: the fixed overhead that a memory budget comes on top of.
+        warm_kernels()
         self.fixed_rss = psutil.Process().memory_info().rss
         log.info("rank %s fixed overhead %.0f MB RSS", settings.rank or "(to be assigned)", self.fixed_rss / (1 << 20))
         self.profile = measure_device()  # for --weights auto on the master

@@ -20,7 +20,7 @@ import torch
 from models.config import LlamaConfig
 from models.model import LocalModel
 from models.sampling import SamplingParams, token_probs
-from models.speculative import Draft, Drafter, DraftPolicy, SpeculationStats
+from models.speculative import Draft, Drafter, DraftPolicy, SpeculationStats, StepCosts
 from models.tokenizer import Tokenizer
 
 SPECULATE_CHOICES = ("off", "ngram", "draft")
@@ -130,6 +130,7 @@ class Speculation:
     adaptive: bool = True
     draft_model: DraftModel | None = None  # for method "draft"
     stats: SpeculationStats = field(default_factory=SpeculationStats)
+    costs: StepCosts = field(default_factory=StepCosts)  # what steps cost here, learnt from every request
 
     def __post_init__(self):
         if self.method not in SPECULATE_CHOICES:
@@ -150,7 +151,7 @@ class Speculation:
         return self.draft_model.session(run_local)  # type: ignore[union-attr]
 
     def policy(self) -> DraftPolicy:
-        return DraftPolicy(self.num_draft_tokens, self.adaptive)
+        return DraftPolicy(self.num_draft_tokens, self.adaptive, self.costs)
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,37 @@ if numba is not None:
             out[t, c * tw:(c + 1) * tw] = acc
 
 
+    # Plain float32 weights for 2..GEMV_ROWS rows (a batch of decode steps, drafted tokens to verify):
+    # torch's GEMM costs 2-2.6x a GEMV there on these hosts (it packs W first), this streams W once.
+    # Four output channels per pass: four independent sums keep the FMA units busy.
+
+    @tile_jit
+    def f32_channels(w, x, out, start, stop):  # w [N, K] f32, x [R, K] -> out[:, start:stop]
+        k_in, n = w.shape[1], start
+        while n + 4 <= stop:
+            w0, w1, w2, w3 = w[n], w[n + 1], w[n + 2], w[n + 3]
+            for t in range(x.shape[0]):
+                xt = x[t]
+                a0, a1, a2, a3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+                for k in range(k_in):
+                    xk = xt[k]
+                    a0 += w0[k] * xk
+                    a1 += w1[k] * xk
+                    a2 += w2[k] * xk
+                    a3 += w3[k] * xk
+                out[t, n], out[t, n + 1], out[t, n + 2], out[t, n + 3] = a0, a1, a2, a3
+            n += 4
+        for m in range(n, stop):
+            for t in range(x.shape[0]):
+                acc = np.float32(0.0)
+                for k in range(k_in):
+                    acc += w[m, k] * x[t, k]
+                out[t, m] = acc
+
+
+F32_BLOCK = 64  # output channels per task of the float32 kernel
+
+
 def _kernels(parallel: bool) -> dict:
     """The three GEMV kernels over all tiles, compiled (once, cached on disk) serial or with `prange`
     over tiles. The tile loops are plain functions: numba vectorizes them worse inside a parfor."""
@@ -132,7 +163,13 @@ def _kernels(parallel: bool) -> dict:
         for c in rng(q.shape[0]):
             int4_tile(q[c], scale[c], minimum[c], x, out, c)
 
-    return {"int8": int8, "int8g": int8g, "int4": int4}
+    @jit
+    def f32(w, x, out):  # w [N, K] -> out [R, N]
+        n = w.shape[0]
+        for b in rng((n + F32_BLOCK - 1) // F32_BLOCK):
+            f32_channels(w, x, out, b * F32_BLOCK, min(n, (b + 1) * F32_BLOCK))
+
+    return {"int8": int8, "int8g": int8g, "int4": int4, "f32": f32}
 
 
 _COMPILED: dict[bool, dict] = {}
@@ -149,6 +186,13 @@ def _kernel(kind: str):
     return _COMPILED[parallel][kind]
 
 
+def warm_kernels() -> None:
+    """Compile (or load from numba's cache) the kernels for this thread count now, so their runtime
+    memory (LLVM, ~50 MB) counts in a device's fixed overhead, before its weights, not as weights."""
+    if numba is not None:
+        _kernel("f32")(np.ones((1, 1), np.float32), np.ones((2, 1), np.float32), np.empty((2, 1), np.float32))
+
+
 def gemv(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x [T, K] float32 contiguous -> [T, N] float32 through the numba kernel for w's format."""
     out = torch.empty(x.shape[0], w.shape[0])
@@ -156,9 +200,23 @@ def gemv(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return out
 
 
+def _plain_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear of float32 x [..., K] and W [N, K] with 2..GEMV_ROWS rows, W streamed once."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty(flat.shape[0], w.shape[0])
+    _kernel("f32")(w.numpy(), flat.numpy(), out.numpy())
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
 def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for plain or quantized weights: x [..., K] -> [..., N] in x's dtype."""
     if isinstance(w, torch.Tensor):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if (numba is not None and 2 <= rows <= GEMV_ROWS and x.dtype == torch.float32 and w.dtype == torch.float32
+                and w.is_contiguous() and not w.requires_grad):
+            return _plain_rows(x, w, bias)
         return F.linear(x, w, bias)
     n, k = w.shape
     flat = x.reshape(-1, k)

@@ -71,24 +71,31 @@ def choose_verified(logits: torch.Tensor, params: SamplingParams, gen: torch.Gen
     return int(torch.multinomial(residual, 1, generator=gen))
 
 
+@dataclass
+class StepCosts:
+    """What steps cost on this server (one machine, one cluster): moving averages over every request."""
+
+    step_s: float | None = None  # a plain one-token step
+    row_s: float | None = None  # each verified row beyond the first
+    draft_s: float = 0.0  # drafting one token
+
+
 class DraftPolicy:
     """How many tokens one request drafts next (`k_max` at most; fewer near the end of its budget).
 
     Adaptive (the default): choose k maximising expected tokens per unit of time. With acceptance
-    rate a, a step verifying k drafts emits (1 - a^(k+1)) / (1 - a) tokens and costs
-    step + k x (row + draft): the measured time of a plain step, the measured extra time of each
-    verified row, and the measured time to draft one token. All are moving averages over this
-    request. When drafting does not pay (a low acceptance rate) k is 0, with a one-token probe
-    every PROBE_EVERY steps so a request whose text turns repetitive starts drafting again.
-    Fixed (`adaptive=False`): always k_max.
+    rate a (this request's moving average), a step verifying k drafts emits (1 - a^(k+1)) / (1 - a)
+    tokens and costs step + k x (row + draft): the measured time of a plain step, the measured extra
+    time of each verified row, and the measured time to draft one token (`StepCosts`, shared by the
+    server's requests). Until a plain step was measured it takes plain steps. When drafting does not
+    pay (a low acceptance rate) k is 0, with a one-token probe every PROBE_EVERY steps so a request
+    whose text turns repetitive starts drafting again. Fixed (`adaptive=False`): always k_max.
     """
 
-    def __init__(self, k_max: int, adaptive: bool = True):
+    def __init__(self, k_max: int, adaptive: bool = True, costs: StepCosts | None = None):
         self.k_max, self.adaptive = k_max, adaptive
+        self.costs = costs or StepCosts()
         self.acceptance = PRIOR_ACCEPTANCE
-        self.step_s: float | None = None  # a plain one-token step
-        self.row_s: float | None = None  # each verified row beyond the first
-        self.draft_s = 0.0  # drafting one token
         self._idle = 0
 
     def next_k(self, remaining: int) -> int:
@@ -99,6 +106,8 @@ class DraftPolicy:
             return 0
         if not self.adaptive:
             return limit
+        if self.costs.step_s is None:
+            return 0  # measure a plain step first
         k = max(range(limit + 1), key=self._rate)
         if k == 0:
             self._idle += 1
@@ -108,22 +117,23 @@ class DraftPolicy:
 
     def _rate(self, k: int) -> float:
         """Expected tokens per second of a step verifying k drafts (k = 0: a plain step)."""
-        a = min(self.acceptance, 0.999)
+        a, costs = min(self.acceptance, 0.999), self.costs
         tokens = (1 - a ** (k + 1)) / (1 - a)
-        step = self.step_s or 1.0
-        row = self.row_s if self.row_s is not None else PRIOR_ROW_COST * step
-        return tokens / (step + k * (row + self.draft_s)) - (1e-9 * k)  # ties: fewer drafts
+        step = costs.step_s or 1.0
+        row = costs.row_s if costs.row_s is not None else PRIOR_ROW_COST * step
+        return tokens / (step + k * (row + costs.draft_s)) - (1e-9 * k)  # ties: fewer drafts
 
     def observed_step(self, seconds: float) -> None:
-        self.step_s = _ewma(self.step_s, seconds)
+        self.costs.step_s = _ewma(self.costs.step_s, seconds)
 
     def observed_verify(self, drafted: int, accepted: int, seconds: float, draft_seconds: float) -> None:
         """A verification step of `drafted` drafts (`accepted` of them kept), its time and the time
         drafting took."""
+        costs = self.costs
         self.acceptance = _ewma(self.acceptance, accepted / drafted)
-        self.draft_s = _ewma(self.draft_s, draft_seconds / drafted)
-        if self.step_s is not None:
-            self.row_s = _ewma(self.row_s, max(0.0, seconds - self.step_s) / drafted)
+        costs.draft_s = _ewma(costs.draft_s, draft_seconds / drafted)
+        if costs.step_s is not None:
+            costs.row_s = _ewma(costs.row_s, max(0.0, seconds - costs.step_s) / drafted)
 
 
 def _ewma(old: float | None, new: float) -> float:

@@ -80,9 +80,10 @@ def test_ngram_lookup_takes_the_longest_earlier_match_with_room_for_k():
 
 def test_adaptive_policy_drafts_while_it_pays_and_probes_when_it_does_not():
     policy = DraftPolicy(6)
+    assert policy.next_k(remaining=100) == 0  # a plain step first: what does one cost?
+    policy.observed_step(0.010)
     assert policy.next_k(remaining=100) > 0  # the prior acceptance is worth drafting
     assert policy.next_k(remaining=3) == 2  # never more than the budget can emit
-    policy.observed_step(0.010)
     for _ in range(20):
         policy.observed_verify(4, 4, 0.012, 0.0)  # every draft held, a row costs 0.5 ms
     assert policy.next_k(100) == 6
