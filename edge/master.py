@@ -41,6 +41,7 @@ from models.checkpoint import Checkpoint
 from models.dtypes import resolve_dtype
 from models.engine import ClusterCounters, EngineStatus, EngineUnavailable, PromptScores
 from models.files import checkpoint_fingerprint
+from models.quant_kernels import warm_kernels
 from models.scoring import combine_scores
 from models.tokenizer import Tokenizer, load_tokenizer
 from transport.collectives import StarAllReduce
@@ -84,6 +85,7 @@ class ClusterEngine:
         self.config, self.quantize = ckpt.config, ckpt.quant_label
         self.tokenizer: Tokenizer = load_tokenizer(ckpt.folder, self.config)
         self.fingerprint = checkpoint_fingerprint(s.model)
+        warm_kernels()  # the first verification or batched step must not pay for compiling them
         self.rank0 = Rank0(ckpt, s.memory_budget_mb, s.split_dir, s.keep_page_cache)
         self.planner = Planner(ckpt, self.fingerprint, s.world_size, weights, s.weights == "auto", s.split_dir,
                                lambda w, dims0: self.rank0.load(w, dims0))

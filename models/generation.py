@@ -22,6 +22,7 @@ from models.drafting import Speculation
 from models.engine import ClusterCounters, Engine, EngineStatus, PromptScores
 from models.errors import GenerationError
 from models.model import LocalModel
+from models.quant_kernels import warm_kernels
 from models.sampling import SamplingParams, choose_token, make_generator
 from models.scoring import combine_scores, slice_scores
 
@@ -57,6 +58,7 @@ class LocalEngine:
         self.config = model.config
         self.tokenizer = model.tokenizer
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        warm_kernels()  # the first verification step must not pay for compiling them
 
     async def open_session(self, capacity: int = 64) -> LocalSession:
         return LocalSession(self, capacity)

@@ -132,8 +132,8 @@ class DraftPolicy:
         costs = self.costs
         self.acceptance = _ewma(self.acceptance, accepted / drafted)
         costs.draft_s = _ewma(costs.draft_s, draft_seconds / drafted)
-        if costs.step_s is not None:
-            costs.row_s = _ewma(costs.row_s, max(0.0, seconds - costs.step_s) / drafted)
+        if costs.step_s is not None:  # a row costs at most a step: one outlier (a stall) must not stop drafting
+            costs.row_s = _ewma(costs.row_s, min(max(0.0, seconds - costs.step_s) / drafted, costs.step_s))
 
 
 def _ewma(old: float | None, new: float) -> float:

@@ -1,7 +1,7 @@
 """Speculative decoding benchmark: decode tokens per second of `edge-llm cluster` with and without
 `--speculate ngram` (adaptive policy), side by side in one run, on loopback and on emulated
-5 ms / 100 Mbit/s links, for a repetitive prompt (code to repeat with an edit) and a
-non-repetitive one. Writes bench/speculative.json and bench/speculative.md.
+5 ms / 100 Mbit/s links, for a repetitive chat request (a document to quote word for word) and a
+non-repetitive one (a story). Writes bench/speculative.json and bench/speculative.md.
 
     .venv/bin/python scripts/bench_speculative.py [--models medium,large,smollm2-135m-instruct]
         [--workers 2,3] [--tokens 48] [--rounds 2]
@@ -28,34 +28,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import Cluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE = '''def moving_average(values, window):
-    """The mean of each run of `window` values."""
-    if window <= 0:
-        raise ValueError("window must be positive")
-    total = sum(values[:window])
-    out = [total / window]
-    for i in range(window, len(values)):
-        total += values[i] - values[i - window]
-        out.append(total / window)
-    return out
-'''
-PROMPTS = {
-    "repetitive": "Rename the function moving_average to rolling_mean and repeat the code unchanged otherwise.\n\n"
-                  + CODE + "\nHere is the code with the function renamed:\n\ndef rolling_mean(values, window):\n",
+DOCUMENT = ("The lighthouse at Cape Wrath was built in 1828 by Robert Stevenson. It stands on cliffs above "
+            "the Atlantic and its light can be seen from twenty-two nautical miles away. The keepers left in "
+            "1998, when the light was automated, and the buildings now house a small cafe for walkers.")
+PROMPTS = {  # chat messages: a document to quote word for word, and a story to make up
+    "repetitive": "Repeat the following text exactly, word for word:\n\n" + DOCUMENT,
     "non-repetitive": "Write a short story about a lighthouse keeper who finds a strange map washed ashore.",
 }
 LINKS = {"loopback": [], "5 ms, 100 Mbit/s": ["--link-latency-ms", "5", "--link-bandwidth-mbps", "100"]}
 
 
 def timed_request(cluster: Cluster, prompt: str, n: int) -> list[float]:
-    """Arrival times of the streamed tokens of a greedy completion of `prompt`."""
-    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True}
-    req = urllib.request.Request(f"{cluster.url}/v1/completions", data=json.dumps(body).encode(),
+    """Arrival times of the streamed tokens of a greedy chat completion of the user message `prompt`."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": n, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    req = urllib.request.Request(f"{cluster.url}/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     start, times = time.perf_counter(), []
     with urllib.request.urlopen(req, timeout=900) as resp:
         for line in resp:
-            if line.startswith(b"data: {"):
+            if line.startswith(b"data: {") and b'"content"' in line:
                 times.append(time.perf_counter() - start)
     return times
 
