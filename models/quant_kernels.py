@@ -1,4 +1,5 @@
-"""y = x @ W^T for quantized W: numba-compiled GEMV kernels for decode, dequantize + GEMM otherwise.
+"""y = x @ W^T: numba-compiled GEMV kernels for decode (quantized W, and float32 W up to 8 rows),
+dequantize + GEMM (or torch's own GEMM) otherwise.
 
 Why numba: decode streams every weight once per token, so the kernel must read the quantized bytes
 at memory speed. torch 2.13's stock CPU kernels for int8/int4 weights run at 0.8-1.3 Gparam/s on
@@ -111,13 +112,24 @@ if numba is not None:
             out[t, c * tw:(c + 1) * tw] = acc
 
 
-    # Plain float32 weights for 2..GEMV_ROWS rows (a batch of decode steps, drafted tokens to verify):
-    # torch's GEMM costs 2-2.6x a GEMV there on these hosts (it packs W first), this streams W once.
-    # Four output channels per pass: four independent sums keep the FMA units busy.
+    # Plain float32 weights for 1..GEMV_ROWS rows (a decode step, a batch of them, drafted tokens to
+    # verify): torch's GEMM costs 2-2.6x a GEMV for 2-8 rows on these hosts (it packs W first), this
+    # streams W once; and for one row it decodes 15-23% faster than torch's GEMV (MKL) on the AMD host
+    # (README, "Benchmarks"). Four output channels per pass for several rows: four independent sums
+    # keep the FMA units busy; one row: one long vectorized dot per channel.
 
     @tile_jit
     def f32_channels(w, x, out, start, stop):  # w [N, K] f32, x [R, K] -> out[:, start:stop]
         k_in, n = w.shape[1], start
+        if x.shape[0] == 1:  # one row (decode): one long vectorized dot per channel streams fastest
+            x0 = x[0]
+            for m in range(start, stop):
+                wm = w[m]
+                acc = np.float32(0.0)
+                for k in range(k_in):
+                    acc += wm[k] * x0[k]
+                out[0, m] = acc
+            return
         while n + 4 <= stop:
             w0, w1, w2, w3 = w[n], w[n + 1], w[n + 2], w[n + 3]
             for t in range(x.shape[0]):
@@ -201,7 +213,7 @@ def gemv(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 
 
 def _plain_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear of float32 x [..., K] and W [N, K] with 2..GEMV_ROWS rows, W streamed once."""
+    """F.linear of float32 x [..., K] and W [N, K] with 1..GEMV_ROWS rows, W streamed once."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty(flat.shape[0], w.shape[0])
     _kernel("f32")(w.numpy(), flat.numpy(), out.numpy())
@@ -214,7 +226,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
     """F.linear for plain or quantized weights: x [..., K] -> [..., N] in x's dtype."""
     if isinstance(w, torch.Tensor):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (numba is not None and 2 <= rows <= GEMV_ROWS and x.dtype == torch.float32 and w.dtype == torch.float32
+        if (numba is not None and 1 <= rows <= GEMV_ROWS and x.dtype == torch.float32 and w.dtype == torch.float32
                 and w.is_contiguous() and not w.requires_grad):
             return _plain_rows(x, w, bias)
         return F.linear(x, w, bias)

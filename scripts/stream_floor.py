@@ -1,5 +1,6 @@
 """The memory-streaming floor of a decode step: N processes, one thread each, each streaming its
-own rank's weight bytes through F.linear (the kernel the decode uses) concurrently, once per token.
+own rank's weight bytes through models.quant_kernels.linear (the kernel the decode uses: numba's
+float32 GEMV, or F.linear for bf16/fp16) concurrently, once per token.
 
 Nothing else is done (no attention, norms, all-reduce or Python around it), so a cluster's time per
 token over this floor is its overhead. Used by bench_decode.py; alone:
@@ -21,8 +22,10 @@ import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from models.config import load_config
 from models.dtypes import resolve_dtype
+from models.quant_kernels import linear, warm_kernels
 from models.sharding import local_dims
 torch.set_num_threads(1)
+warm_kernels()
 folder, world, rank, dtype_name, tokens = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 cfg = load_config(__import__("pathlib").Path(folder))
 dtype = resolve_dtype(dtype_name, cfg.torch_dtype)
@@ -38,8 +41,8 @@ nbytes = sum(w.nbytes for ws in layers for w in ws) + head.nbytes
 def token():
     for ws in layers:
         for w in ws:
-            torch.nn.functional.linear(x[w.shape[1]], w)
-    torch.nn.functional.linear(x[D], head)
+            linear(x[w.shape[1]], w)
+    linear(x[D], head)
 token()
 print("ready", flush=True)
 for line in sys.stdin:  # each "go": every rank allocated, all start together; EOF ends
