@@ -152,6 +152,7 @@ if numba is not None:
 
 
 F32_BLOCK = 64  # output channels per task of the float32 kernel
+PARALLEL_MIN_PARAMS = 1 << 20  # smaller float32 matrices run on one thread
 
 
 def _kernels(parallel: bool) -> dict:
@@ -187,10 +188,11 @@ def _kernels(parallel: bool) -> dict:
 _COMPILED: dict[bool, dict] = {}
 
 
-def _kernel(kind: str):
-    """The kernel for `kind` at torch's thread count (serial for one thread: no pool to wake)."""
+def _kernel(kind: str, small: bool = False):
+    """The kernel for `kind` at torch's thread count (serial for one thread, or for a `small` matrix,
+    whose microseconds of work waking the thread pool would double)."""
     threads = torch.get_num_threads()
-    parallel = threads > 1
+    parallel = threads > 1 and not small
     if parallel not in _COMPILED:
         _COMPILED[parallel] = _kernels(parallel)
     if parallel and numba.get_num_threads() != min(threads, numba.config.NUMBA_NUM_THREADS):
@@ -202,7 +204,8 @@ def warm_kernels() -> None:
     """Compile (or load from numba's cache) the kernels for this thread count now, so their runtime
     memory (LLVM, ~50 MB) counts in a device's fixed overhead, before its weights, not as weights."""
     if numba is not None:
-        _kernel("f32")(np.ones((1, 1), np.float32), np.ones((2, 1), np.float32), np.empty((2, 1), np.float32))
+        for small in (True, False):
+            _kernel("f32", small)(np.ones((1, 1), np.float32), np.ones((2, 1), np.float32), np.empty((2, 1), np.float32))
 
 
 def gemv(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
@@ -216,7 +219,7 @@ def _plain_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
     """F.linear of float32 x [..., K] and W [N, K] with 1..GEMV_ROWS rows, W streamed once."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty(flat.shape[0], w.shape[0])
-    _kernel("f32")(w.numpy(), flat.numpy(), out.numpy())
+    _kernel("f32", small=w.numel() < PARALLEL_MIN_PARAMS)(w.numpy(), flat.numpy(), out.numpy())
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], w.shape[0])

@@ -50,12 +50,9 @@ class _ClusterCollector(Collector):
     @staticmethod
     def _offload(snap: ClusterCounters) -> Iterable:
         """Step batching and attention-offload counters: KV rebuilds, per node its KV bytes and link bytes."""
-        steps = CounterMetricFamily("edge_cluster_steps", "Cluster-wide forward steps")
-        steps.add_metric([], snap.steps)
-        rows = CounterMetricFamily("edge_cluster_step_rows", "Request-steps those forwards carried "
-                                   "(concurrent decode steps run as one batched forward)")
-        rows.add_metric([], snap.step_rows)
-        yield from (steps, rows)
+        yield _single(CounterMetricFamily, "edge_cluster_steps", "Cluster-wide forward steps", snap.steps)
+        yield _single(CounterMetricFamily, "edge_cluster_step_rows", "Request-steps those forwards carried "
+                      "(concurrent decode and verification steps run as one batched forward)", snap.step_rows)
         yield from _plan(snap)
         rebuilds = CounterMetricFamily("edge_offload_kv_rebuilds",
                                        "Offloaded requests whose KV was rebuilt after losing an attention node")
@@ -144,20 +141,23 @@ class _SpeculationCollector(Collector):
 
     def collect(self) -> Iterable:
         s = self._stats
-        for name, doc, value in (
-                ("edge_spec_drafted_tokens", "Drafted tokens verified by the model", s.drafted),
-                ("edge_spec_accepted_tokens", "Drafted tokens the model accepted", s.accepted),
-                ("edge_spec_steps", "Decode steps of speculating requests (plain or verifying)", s.steps),
-                ("edge_spec_step_tokens", "Tokens those steps emitted", s.tokens)):
-            family = CounterMetricFamily(name, doc)
-            family.add_metric([], value)
-            yield family
-        rate = GaugeMetricFamily("edge_spec_acceptance_rate", "Accepted / drafted tokens (0 before any draft)")
-        rate.add_metric([], s.acceptance_rate)
-        per_step = GaugeMetricFamily("edge_spec_tokens_per_step", "Tokens emitted per decode step of "
-                                     "speculating requests (1.0 without speculation's gains)")
-        per_step.add_metric([], s.tokens_per_step)
-        yield from (rate, per_step)
+        yield _single(CounterMetricFamily, "edge_spec_drafted_tokens", "Drafted tokens verified by the model",
+                      s.drafted)
+        yield _single(CounterMetricFamily, "edge_spec_accepted_tokens", "Drafted tokens the model accepted", s.accepted)
+        yield _single(CounterMetricFamily, "edge_spec_steps", "Decode steps of speculating requests (plain or "
+                      "verifying)", s.steps)
+        yield _single(CounterMetricFamily, "edge_spec_step_tokens", "Tokens those steps emitted", s.tokens)
+        yield _single(GaugeMetricFamily, "edge_spec_acceptance_rate", "Accepted / drafted tokens (0 before any draft)",
+                      s.acceptance_rate)
+        yield _single(GaugeMetricFamily, "edge_spec_tokens_per_step", "Tokens emitted per decode step of "
+                      "speculating requests (1.0 without speculation's gains)", s.tokens_per_step)
+
+
+def _single(kind: type, name: str, doc: str, value: float):
+    """A metric family of one unlabelled sample."""
+    family = kind(name, doc)
+    family.add_metric([], value)
+    return family
 
 
 class Metrics:
