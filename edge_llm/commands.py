@@ -102,7 +102,7 @@ async def _run_generation(engine, prompt_ids: list[int], params: SamplingParams,
     print(json.dumps(result) if as_json else "")
 
 
-async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams) -> None:
+async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams, speculation) -> None:
     """`generate --workers N`: an emulated N-device cluster for one prompt, then stopped."""
     from edge.master import MasterSettings
     from edge_llm.cluster import running_cluster
@@ -111,8 +111,7 @@ async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams)
     settings = MasterSettings(model=args.model, world_size=args.workers, secret=new_secret(), dtype=args.dtype,
                               quantize=args.quantize)
     async with running_cluster(settings, spawn_workers=True, ready_timeout=300, announce=False) as engine:
-        await _run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json,
-                              speculation_settings(args))
+        await _run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json, speculation)
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -127,14 +126,14 @@ def generate(args: argparse.Namespace) -> None:
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             stop=tuple(args.stop), ignore_eos=args.ignore_eos,
                             logprobs=5 if args.json else 0)
+    speculation = speculation_settings(args)  # refused before anything loads
     try:
         if args.workers > 1:
-            run_loop(_generate_on_cluster(args, params))
+            run_loop(_generate_on_cluster(args, params, speculation))
             return
         engine = LocalEngine(LocalModel(args.model, args.dtype, args.quantize))
         try:
-            asyncio.run(_run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json,
-                                        speculation_settings(args)))
+            asyncio.run(_run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json, speculation))
         finally:
             engine.close()
     except (CheckpointError, GenerationError, PlanError, EngineUnavailable, TimeoutError, StartupError) as e:

@@ -116,9 +116,10 @@ async def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams
     check_prompt(prompt_ids, config, config.vocab_size)
     budget = min(params.max_tokens, config.max_position_embeddings - len(prompt_ids))
     out, gen = Output(engine.tokenizer, prompt_ids, params, budget), make_generator(params.seed)
-    drafter = speculation.drafter(engine.run_local) if speculation is not None else None
-    room = speculation.num_draft_tokens if drafter is not None else 0
+    speculating = speculation is not None and speculation.enabled
+    room = speculation.num_draft_tokens if speculating else 0  # positions a last verification may fill
     session = await engine.open_session(len(prompt_ids) + budget + room)
+    drafter = speculation.drafter(engine.run_local) if speculating else None
     try:
         logits = await session.step(prompt_ids)  # [V]
         event = out.emit(logits, choose_token(out.penalized(logits), params, gen))

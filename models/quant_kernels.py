@@ -205,7 +205,8 @@ def warm_kernels() -> None:
     memory (LLVM, ~50 MB) counts in a device's fixed overhead, before its weights, not as weights."""
     if numba is not None:
         for small in (True, False):
-            _kernel("f32", small)(np.ones((1, 1), np.float32), np.ones((2, 1), np.float32), np.empty((2, 1), np.float32))
+            w, x = np.ones((1, 1), np.float32), np.ones((2, 1), np.float32)
+            _kernel("f32", small)(w, x, np.empty((2, 1), np.float32))
 
 
 def gemv(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
