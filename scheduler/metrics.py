@@ -108,19 +108,19 @@ def _plan(snap: ClusterCounters) -> Iterable:
     for entry in snap.plan:
         heads.add_metric([str(entry["rank"])], entry["heads"])
         columns.add_metric([str(entry["rank"])], entry["mlp_columns"])
-    replans = CounterMetricFamily("edge_cluster_replans", "Plans adopted after a device was lost or came back")
-    replans.add_metric([], snap.replans)
-    seconds = CounterMetricFamily("edge_cluster_replan_seconds", "Seconds those re-plans took")
-    seconds.add_metric([], snap.replan_seconds)
-    last = GaugeMetricFamily("edge_cluster_last_replan_seconds", "Seconds the last re-plan took")
-    last.add_metric([], snap.last_replan_seconds)
-    started = GaugeMetricFamily("edge_cluster_last_replan_started", "Unix time the last re-plan began")
-    started.add_metric([], snap.last_replan_started_at)
-    load = GaugeMetricFamily("edge_cluster_last_replan_load_seconds", "Of the last re-plan: loading the new slices")
-    load.add_metric([], snap.last_replan_load_seconds)
-    replayed = CounterMetricFamily("edge_cluster_replayed_requests", "Requests rebuilt from their tokens on a new plan")
-    replayed.add_metric([], snap.replayed)
-    yield from (heads, columns, replans, seconds, last, started, load, replayed)
+    yield from (heads, columns)
+    yield _single(CounterMetricFamily, "edge_cluster_replans", "Plans adopted after a device was lost or came back",
+                  snap.replans)
+    yield _single(CounterMetricFamily, "edge_cluster_replan_seconds", "Seconds those re-plans took",
+                  snap.replan_seconds)
+    yield _single(GaugeMetricFamily, "edge_cluster_last_replan_seconds", "Seconds the last re-plan took",
+                  snap.last_replan_seconds)
+    yield _single(GaugeMetricFamily, "edge_cluster_last_replan_started", "Unix time the last re-plan began",
+                  snap.last_replan_started_at)
+    yield _single(GaugeMetricFamily, "edge_cluster_last_replan_load_seconds",
+                  "Of the last re-plan: loading the new slices", snap.last_replan_load_seconds)
+    yield _single(CounterMetricFamily, "edge_cluster_replayed_requests",
+                  "Requests rebuilt from their tokens on a new plan", snap.replayed)
 
 
 def _per_rank_counters(per_rank: dict, families: dict[str, tuple[str, str]]) -> Iterable:
