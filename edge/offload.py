@@ -210,10 +210,9 @@ class RemoteKV:
         await self.links.close_request(self.rid)
 
 
-def batch_attend_for(kvs: list, config: LlamaConfig, dims: LocalDims, seqlen: int | None = None) -> Attend:
-    """The attend of a decode batch (`seqlen` new positions per row, default 1): local rows on their KV caches, and the offloaded rows of one
+def batch_attend_for(kvs: list, config: LlamaConfig, dims: LocalDims, seqlen: int = 1) -> Attend:
+    """The attend of a batch of `seqlen` new positions per row: local rows on their KV caches, and the offloaded rows of one
     set of links together, in one round trip per layer."""
-    seqlen = 1 if seqlen is None else seqlen
     attends = [kv.attend_for(config, dims, seqlen) for kv in kvs]
     remote = [b for b, kv in enumerate(kvs) if isinstance(kv, RemoteKV)]
     if len(remote) < 2 or len({id(kvs[b].links) for b in remote}) > 1:

@@ -204,9 +204,9 @@ def warm_kernels() -> None:
     """Compile (or load from numba's cache) the kernels for this thread count now, so their runtime
     memory (LLVM, ~50 MB) counts in a device's fixed overhead, before its weights, not as weights."""
     if numba is not None:
+        w, x, out = np.ones((1, 1), np.float32), np.ones((2, 1), np.float32), np.empty((2, 1), np.float32)
         for small in (True, False):
-            w, x = np.ones((1, 1), np.float32), np.ones((2, 1), np.float32)
-            _kernel("f32", small)(w, x, np.empty((2, 1), np.float32))
+            _kernel("f32", small)(w, x, out)
 
 
 def gemv(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:

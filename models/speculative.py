@@ -11,7 +11,6 @@ the normalised residual max(0, p - q)). Drafts come from a `Drafter` (models.dra
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -137,7 +136,7 @@ class DraftPolicy:
 
 
 def _ewma(old: float | None, new: float) -> float:
-    return new if old is None or math.isnan(old) else (1 - EWMA) * old + EWMA * new
+    return new if old is None else (1 - EWMA) * old + EWMA * new
 
 
 @dataclass
