@@ -24,6 +24,7 @@ from edge.master import ClusterEngine, MasterSettings
 from edge.worker import Worker, WorkerSettings
 from models.drafting import SpeculationSettings
 from models.dtypes import dtype_name
+from models.threads import set_threads
 from scheduler.app import ServerSettings, create_app
 from scheduler.cloud import CloudSettings
 from scheduler.router import Policy
@@ -190,7 +191,7 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
     """The master engine with every worker joined; with `spawn_workers`, ranks 1..N-1 run here and
     are stopped on exit. Raises PlanError / CheckpointError before any process starts."""
     threads = threads_per_process(settings.world_size) if spawn_workers else torch.get_num_threads()
-    torch.set_num_threads(threads)
+    set_threads(threads)
     engine = ClusterEngine(settings)
     try:
         port = await engine.start()
@@ -281,12 +282,12 @@ async def _until_done_or_signalled(main: Coroutine[None, None, None]) -> None:
 
 
 async def run_worker(settings: WorkerSettings, threads: int) -> None:
-    torch.set_num_threads(threads)
+    set_threads(threads)
     await _until_done_or_signalled(Worker(settings).run())
 
 
 async def run_attention_node(settings: AttentionNodeSettings, threads: int) -> None:
-    torch.set_num_threads(threads)
+    set_threads(threads)
     await _until_done_or_signalled(AttentionNode(settings).run())
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
 import torch
 
+from models.attention_kernels import attend_cached, kernel_applies
 from models.config import LlamaConfig
 from models.sharding import LocalDims
 
@@ -25,6 +27,7 @@ class KVCache:
                  dtype: torch.dtype = torch.float32):
         self.length = 0
         self._shape = (1, n_kv_heads, capacity, head_dim)
+        self.dtype = dtype
         self._k = [torch.empty(self._shape, dtype=dtype) for _ in range(num_layers)]
         self._v = [torch.empty(self._shape, dtype=dtype) for _ in range(num_layers)]
 
@@ -40,12 +43,18 @@ class KVCache:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: [1, kv_heads, S, head_dim] at positions length.. -> all keys/values so far."""
         start, seqlen = self.length, k.shape[2]
-        if start + seqlen > self._k[layer].shape[2]:
-            self._grow(layer, start + seqlen)
+        self.reserve(layer, seqlen)
         self._k[layer][:, :, start:start + seqlen] = k
         self._v[layer][:, :, start:start + seqlen] = v
         end = start + seqlen
         return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
+
+    def reserve(self, layer: int, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for `seqlen` positions from `length` on -> the layer's whole key and value buffers,
+        [1, KV, capacity, hd] (contiguous; positions from `length` on hold no data yet)."""
+        if self.length + seqlen > self._k[layer].shape[2]:
+            self._grow(layer, self.length + seqlen)
+        return self._k[layer], self._v[layer]
 
     def _grow(self, layer: int, needed: int) -> None:
         capacity = max(needed, 2 * self._k[layer].shape[2])
@@ -125,6 +134,7 @@ class CacheAttention:
         self.positions = torch.arange(kv.length, kv.length + seqlen)  # [S]
         self.total = kv.length + seqlen
         self._masks: dict[int | None, torch.Tensor | None] = {}
+        self._head_map: np.ndarray | None = None  # KV head of each query head, for the kernel
 
     def _mask(self, layer: int) -> torch.Tensor | None:
         window = self.config.sliding_window(layer)
@@ -132,7 +142,17 @@ class CacheAttention:
             self._masks[window] = attention_mask(self.positions, self.total, window)
         return self._masks[window]
 
+    def _heads(self, n_heads: int, n_kv: int) -> np.ndarray:
+        if self._head_map is None:
+            group = n_heads // n_kv
+            self._head_map = np.array(self.kv_map or [h // group for h in range(n_heads)], dtype=np.int64)
+        return self._head_map
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if kernel_applies(q, self.kv.dtype):  # a decode step: one compiled call instead of ten torch ops
+            keys, values = self.kv.reserve(layer, q.shape[2])
+            return attend_cached(q, k, v, keys, values, self._heads(q.shape[1], k.shape[1]), self.kv.length,
+                                 self.config.sliding_window(layer))
         keys, values = self.kv.append(layer, k, v)  # [B, KV, T, hd]
         return grouped_attention(q, keys, values, self.kv_map, self._mask(layer))
 

@@ -19,6 +19,7 @@ from models.quant import QuantWeight
 from models.quant_kernels import linear
 from models.rope import apply_rope_tables, rope_tables
 from models.sharding import LocalDims
+from models.threads import step_threads
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Weight = torch.Tensor | QuantWeight  # a Linear weight [out, in]: plain, or quantized (models.quant)
@@ -167,8 +168,9 @@ def forward_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], confi
     seqlen = h.shape[1]
     cos_sin = rope_tables(*rotary.cos_sin(torch.arange(kv.length, kv.length + seqlen)), h.dtype)
     attend = kv.attend_for(config, dims, seqlen)
-    for layer in range(config.num_layers):
-        h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
+    with step_threads(seqlen):
+        for layer in range(config.num_layers):
+            h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
     kv.advance(seqlen)
     return h
 
@@ -200,8 +202,9 @@ def forward_batch(h: torch.Tensor, layers: Callable[[int], LayerWeights], config
     cos_sin = rope_tables(torch.stack([c for c, _ in rows])[:, None], torch.stack([s for _, s in rows])[:, None],
                           h.dtype)  # [B, 1, S, hd]
     attend = attend or batch_attend([kv.attend_for(config, dims, seqlen) for kv in kvs])
-    for layer in range(config.num_layers):
-        h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
+    with step_threads(h.shape[0] * seqlen):
+        for layer in range(config.num_layers):
+            h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
     for kv in kvs:
         kv.advance(seqlen)
     return h

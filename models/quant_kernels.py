@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from models.quant import QuantWeight
+from models.threads import kernel_threads
 
 GEMV_ROWS = 8  # rows of x up to which the GEMV kernel beats dequantize + GEMM
 
@@ -189,9 +190,9 @@ _COMPILED: dict[bool, dict] = {}
 
 
 def _kernel(kind: str, small: bool = False):
-    """The kernel for `kind` at torch's thread count (serial for one thread, or for a `small` matrix,
+    """The kernel for `kind` at the process's thread count (serial for one thread, or for a `small` matrix,
     whose microseconds of work waking the thread pool would double)."""
-    threads = torch.get_num_threads()
+    threads = kernel_threads()
     parallel = threads > 1 and not small
     if parallel not in _COMPILED:
         _COMPILED[parallel] = _kernels(parallel)

@@ -29,7 +29,8 @@ LOCAL = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from models.model import LocalModel
-torch.set_num_threads(int(sys.argv[3]))
+from models.threads import set_threads
+set_threads(int(sys.argv[3]))
 m = LocalModel(sys.argv[2]); kv = m.new_cache(512); m.forward([1, 2, 3], kv)
 times = []
 for _ in range(int(sys.argv[4])):

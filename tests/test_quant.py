@@ -34,6 +34,7 @@ from models.errors import CheckpointError
 from models.quant import GROUP, QuantWeight, quantize
 from models.quant_kernels import GEMV_ROWS, gemv, linear
 from models.sharding import PlanError, local_dims
+from models.threads import kernel_threads, set_threads
 
 PROMPT = [0, 17, 250, 33, 99, 5, 120]
 NEW_TOKENS = 24
@@ -157,12 +158,12 @@ def test_kernel_is_deterministic(method, threads):
         qw = QuantWeight.from_plain("int8g", qw.plain()[0].T.reshape(300, 8, GROUP).permute(1, 2, 0),
                                     torch.full((8, 300), 0.003, dtype=torch.float16))
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(6))
-    before = torch.get_num_threads()
+    before = kernel_threads()
     try:
-        torch.set_num_threads(threads)
+        set_threads(threads)
         runs = [gemv(x, qw) for _ in range(5)]
     finally:
-        torch.set_num_threads(before)
+        set_threads(before)
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 

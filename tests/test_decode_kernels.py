@@ -1,0 +1,94 @@
+"""The decode path's compiled attention and its thread policy, against the torch path they replace.
+
+The torch path (models.attention.grouped_attention with attention_mask) is the one checked against
+transformers on whole models (tests/test_equivalence.py); here the kernel must agree with it for
+every case a decode or verification step brings: grouped heads whole or gathered (kv_map), causal
+rows within a step, sliding windows shorter and longer than the context, the first position.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from models.attention import KVCache, attention_mask, grouped_attention
+from models.attention_kernels import MAX_POSITIONS, attend_cached, kernel_applies
+from models.threads import kernel_threads, set_threads, step_threads
+
+HEAD_DIM = 16
+
+
+def random_step(n_heads: int, n_kv: int, start: int, seqlen: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, n_heads, seqlen, HEAD_DIM, generator=g)
+    past_k, past_v = (torch.randn(1, n_kv, start, HEAD_DIM, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, n_kv, seqlen, HEAD_DIM, generator=g) for _ in range(2))
+    return q, past_k, past_v, k, v
+
+
+@pytest.mark.parametrize("start,seqlen,window", [(0, 1, None), (37, 1, None), (37, 1, 8), (5, 1, 8),
+                                                 (20, 4, None), (20, 4, 3), (0, MAX_POSITIONS, None)])
+@pytest.mark.parametrize("kv_map", [None, (0, 0, 1, 1, 1, 2)], ids=["whole-groups", "gathered"])
+def test_kernel_attends_as_the_torch_path(start, seqlen, window, kv_map):
+    n_heads, n_kv = 6, 3
+    q, past_k, past_v, k, v = random_step(n_heads, n_kv, start, seqlen, seed=start + seqlen)
+    cache = KVCache(1, n_kv, HEAD_DIM, capacity=start + seqlen)
+    cache.append(0, past_k, past_v)
+    cache.advance(start)
+    keys, values = cache.reserve(0, seqlen)
+    heads = np.array(kv_map or [h // 2 for h in range(n_heads)])
+    assert kernel_applies(q, cache.dtype)
+    got = attend_cached(q, k, v, keys, values, heads, start, window)
+
+    all_k, all_v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    mask = attention_mask(torch.arange(start, start + seqlen), start + seqlen, window)
+    want = grouped_attention(q, all_k, all_v, kv_map, mask)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # the new keys and values are in the cache, after the old ones
+    assert torch.equal(keys[:, :, :start + seqlen], all_k) and torch.equal(values[:, :, :start + seqlen], all_v)
+
+
+def test_the_kernel_serves_only_small_float32_rows():
+    q = torch.zeros(1, 2, 1, HEAD_DIM)
+    assert kernel_applies(q, torch.float32)
+    assert not kernel_applies(q, torch.bfloat16)  # a bf16 cache: torch path
+    assert not kernel_applies(q.bfloat16(), torch.bfloat16)
+    assert not kernel_applies(torch.zeros(1, 2, MAX_POSITIONS + 1, HEAD_DIM), torch.float32)  # a prefill
+    assert not kernel_applies(torch.zeros(2, 2, 1, HEAD_DIM), torch.float32)  # two rows: one call per row
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    set_threads(2)
+    yield
+    set_threads(before)
+
+
+def observed_in_steps(tokens: int) -> tuple[int, int, int]:
+    """torch's and the kernels' thread counts inside a step, and torch's after it."""
+    with step_threads(tokens):
+        inside = torch.get_num_threads(), kernel_threads()
+    return *inside, torch.get_num_threads()
+
+
+@pytest.mark.parametrize("where", ["main thread", "compute thread"])
+def test_small_steps_run_torch_on_one_thread_and_the_kernels_on_all(two_threads, where):
+    if where == "main thread":
+        small, prefill = observed_in_steps(1), observed_in_steps(64)
+    else:
+        seen = {}
+        worker = threading.Thread(target=lambda: seen.update(small=observed_in_steps(1), prefill=observed_in_steps(64)))
+        worker.start()
+        worker.join()
+        small, prefill = seen["small"], seen["prefill"]
+    assert small == (1, 2, 2)  # torch on one thread, the GEMV kernels on both, restored after
+    assert prefill == (2, 2, 2)  # a prefill keeps torch's threads for its GEMMs
+
+
+def test_a_step_that_raises_still_restores_the_threads(two_threads):
+    with pytest.raises(RuntimeError), step_threads(1):
+        raise RuntimeError("a worker died mid-step")
+    assert torch.get_num_threads() == 2
