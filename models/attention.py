@@ -10,8 +10,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from models.attention_kernels import attend_cached, kernel_applies
 from models.config import LlamaConfig
+from models.decode_kernels import attend_cached, kernel_applies
 from models.sharding import LocalDims
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from models.attention import Attend, KVStore
 from models.checkpoint import Checkpoint, layer_prefix
 from models.config import LlamaConfig
+from models.decode_kernels import rms_norm_rows, rope_heads, small_float32
 from models.quant import QuantWeight
 from models.quant_kernels import linear
 from models.rope import apply_rope_tables, rope_tables
@@ -83,6 +84,8 @@ def load_layer(ckpt: Checkpoint, layer: int, dims: LocalDims) -> LayerWeights:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [B, S, D] -> same dtype; normalised in float32, then scaled in x's dtype (as transformers)."""
+    if small_float32(x) and weight.dtype == torch.float32:  # a decode step: one compiled call
+        return rms_norm_rows(x, weight, eps)
     dtype = x.dtype
     x = x.float()
     variance = x.pow(2).mean(-1, keepdim=True)
@@ -94,10 +97,13 @@ def qkv(x: torch.Tensor, w: LayerWeights, dims: LocalDims,
     """x: [B, S, D] (normed) -> q [B, H, S, hd], k, v [B, KV, S, hd] for this rank's heads, RoPE applied."""
     bsz, seqlen, _ = x.shape
     head_dim = dims.head_dim
-    q = linear(x, w.wq, w.bq).view(bsz, seqlen, dims.n_local_heads, head_dim).transpose(1, 2)
-    k = linear(x, w.wk, w.bk).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
+    q = linear(x, w.wq, w.bq).view(bsz, seqlen, dims.n_local_heads, head_dim)
+    k = linear(x, w.wk, w.bk).view(bsz, seqlen, dims.n_local_kv_heads, head_dim)
     v = linear(x, w.wv, w.bv).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
     cos, signed_sin = cos_sin  # from rope_tables, in the activation dtype
+    if small_float32(x):  # a decode step: one compiled call per tensor
+        return rope_heads(q, cos, signed_sin).transpose(1, 2), rope_heads(k, cos, signed_sin).transpose(1, 2), v
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     return apply_rope_tables(q, cos, signed_sin), apply_rope_tables(k, cos, signed_sin), v
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from models.attention import KVCache, attention_mask, grouped_attention
-from models.attention_kernels import MAX_POSITIONS, attend_cached, kernel_applies
+from models.decode_kernels import MAX_POSITIONS, attend_cached, kernel_applies, rms_norm_rows, rope_heads, small_float32
+from models.rope import apply_rope_tables, rope_tables
 from models.threads import kernel_threads, set_threads, step_threads
 
 HEAD_DIM = 16
@@ -57,6 +58,29 @@ def test_the_kernel_serves_only_small_float32_rows():
     assert not kernel_applies(q.bfloat16(), torch.bfloat16)
     assert not kernel_applies(torch.zeros(1, 2, MAX_POSITIONS + 1, HEAD_DIM), torch.float32)  # a prefill
     assert not kernel_applies(torch.zeros(2, 2, 1, HEAD_DIM), torch.float32)  # two rows: one call per row
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 2, 64), (1, MAX_POSITIONS, 40)])
+def test_rms_norm_kernel_matches_the_transformers_formula(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x, weight = torch.randn(shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+    want = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))  # LlamaRMSNorm in float32
+    assert small_float32(x)
+    torch.testing.assert_close(rms_norm_rows(x, weight, 1e-5), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,seqlen,per_row_tables", [(1, 1, False), (1, 4, False), (3, 2, True)])
+def test_rope_kernel_matches_the_torch_rotation(rows, seqlen, per_row_tables):
+    g = torch.Generator().manual_seed(rows * 10 + seqlen)
+    x = torch.randn(rows, seqlen, 5, HEAD_DIM, generator=g)  # [B, S, H, hd]
+    angles = torch.rand(rows if per_row_tables else 1, seqlen, HEAD_DIM // 2, generator=g) * 50
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = (emb.cos(), emb.sin()) if per_row_tables else (emb.cos()[0], emb.sin()[0])
+    if per_row_tables:
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, hd], as forward_batch builds them
+    tables = rope_tables(cos, sin, torch.float32)
+    want = apply_rope_tables(x.transpose(1, 2), *tables)  # [B, H, S, hd]
+    torch.testing.assert_close(rope_heads(x, *tables).transpose(1, 2), want, atol=1e-6, rtol=1e-5)
 
 
 @pytest.fixture

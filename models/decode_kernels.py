@@ -1,6 +1,8 @@
-"""Attention of a few new positions over a float32 KV cache, in one numba-compiled call.
+"""The small ops of a decode step in float32, one numba-compiled call each: attention of a few new
+positions over the KV cache, RMSNorm, RoPE.
 
-Why: a decode step attends one query per head over the cache. In torch that is ten small ops per
+Why: a step's GEMVs stream the weights (models.quant_kernels); everything between them is a few
+microseconds of arithmetic spread over many torch ops, each paying its own dispatch. Attention: a decode step attends one query per head over the cache. In torch that is ten small ops per
 layer (the cache writes, two matmuls, the scale, the softmax, the reshapes), each paying its own
 dispatch: 49 us per layer for SmolLM2-135M on one thread, about 1.5 ms per token over 30 layers,
 where the arithmetic takes a few microseconds. This kernel does the same math in one call: for
@@ -8,8 +10,10 @@ each query head h (KV head kv_map[h]) and new position p, softmax over the visib
 and t > p - window for a sliding layer) of q.k_t / sqrt(head_dim), then the weighted sum of v_t.
 Sums run in float32 in key order (torch's GEMM sums in another order: the two agree to rounding).
 
-Prefills (more than `MAX_POSITIONS` new positions) and other dtypes keep the torch path
-(models.attention.grouped_attention), whose multi-threaded matmuls they need.
+RMSNorm (5 torch ops, 15 us) and RoPE of q and k (3 ops and a view each, 13 us) are one call of
+3-4 us. Prefills (more than `MAX_POSITIONS` new positions a row) and other dtypes keep the torch
+path (models.attention.grouped_attention, models.llama.rms_norm, models.rope.apply_rope_tables),
+whose multi-threaded ops they need and which the kernels must agree with to rounding.
 """
 
 from __future__ import annotations
@@ -65,6 +69,59 @@ if njit is not None:
                     for d in range(head_dim):
                         acc[d] += p * vt[d]
                 out[h, s] = acc
+
+
+    @njit(fastmath=True, cache=True, nogil=True)
+    def _rms_norm(x, weight, eps, out):  # pragma: no cover - compiled
+        """x [R, D] -> out [R, D] = weight * x / sqrt(mean(x^2) + eps), summed in float32."""
+        for r in range(x.shape[0]):
+            xr = x[r]
+            total = np.float32(0.0)
+            for d in range(xr.shape[0]):
+                total += xr[d] * xr[d]
+            inv = np.float32(1.0) / np.sqrt(total / np.float32(xr.shape[0]) + eps)
+            for d in range(xr.shape[0]):
+                out[r, d] = weight[d] * (xr[d] * inv)
+
+    @njit(fastmath=True, cache=True, nogil=True)
+    def _rope(x, cos, signed_sin, out):  # pragma: no cover - compiled
+        """x [B, S, H, hd]; cos, signed_sin [1 | B, S, hd] -> out [B, S, H, hd]:
+        x * cos + roll(x, hd / 2) * signed_sin (rotate_half, as models.rope.apply_rope_tables)."""
+        rows, seqlen, n_heads, head_dim = x.shape
+        half = head_dim // 2
+        for b in range(rows):
+            tb = b if cos.shape[0] > 1 else 0
+            for s in range(seqlen):
+                c, sn = cos[tb, s], signed_sin[tb, s]
+                for h in range(n_heads):
+                    xh, oh = x[b, s, h], out[b, s, h]
+                    for i in range(half):
+                        oh[i] = xh[i] * c[i] + xh[i + half] * sn[i]
+                    for i in range(half, head_dim):
+                        oh[i] = xh[i] * c[i] + xh[i - half] * sn[i]
+
+
+def small_float32(x: torch.Tensor) -> bool:
+    """True when the kernels serve x [..., D]: numba present, float32, at most MAX_POSITIONS rows."""
+    return njit is not None and x.dtype == torch.float32 and x.numel() <= MAX_POSITIONS * x.shape[-1]
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., D] float32 -> [..., D]: models.llama.rms_norm in one call."""
+    out = torch.empty(x.shape)
+    d = x.shape[-1]
+    _rms_norm(x.numpy().reshape(-1, d), weight.numpy(), np.float32(eps), out.numpy().reshape(-1, d))
+    return out
+
+
+def rope_heads(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, H, hd] float32 (heads not yet moved before positions); cos, signed_sin: the step's
+    tables ([S, hd] or [B, 1, S, hd], models.rope.rope_tables) -> rotated [B, S, H, hd]."""
+    out = torch.empty(x.shape)
+    seqlen, head_dim = x.shape[1], x.shape[3]
+    _rope(x.numpy(), cos.numpy().reshape(-1, seqlen, head_dim), signed_sin.numpy().reshape(-1, seqlen, head_dim),
+          out.numpy())
+    return out
 
 
 def kernel_applies(q: torch.Tensor, cache_dtype: torch.dtype) -> bool:
