@@ -2,13 +2,15 @@
 positions over the KV cache, RMSNorm, RoPE.
 
 Why: a step's GEMVs stream the weights (models.quant_kernels); everything between them is a few
-microseconds of arithmetic spread over many torch ops, each paying its own dispatch. Attention: a decode step attends one query per head over the cache. In torch that is ten small ops per
-layer (the cache writes, two matmuls, the scale, the softmax, the reshapes), each paying its own
-dispatch: 49 us per layer for SmolLM2-135M on one thread, about 1.5 ms per token over 30 layers,
-where the arithmetic takes a few microseconds. This kernel does the same math in one call: for
-each query head h (KV head kv_map[h]) and new position p, softmax over the visible keys t (t <= p,
-and t > p - window for a sliding layer) of q.k_t / sqrt(head_dim), then the weighted sum of v_t.
-Sums run in float32 in key order (torch's GEMM sums in another order: the two agree to rounding).
+microseconds of arithmetic spread over many torch ops, each paying its own dispatch.
+
+Attention of one query per head over the cache is ten small torch ops per layer (the cache writes,
+two matmuls, the scale, the softmax, the reshapes): 49 us per layer for SmolLM2-135M on one
+thread, about 1.5 ms per token over 30 layers, where the arithmetic takes a few microseconds. The
+kernel does the same math in one call (17 us with the call's own cost): for each query head h
+(KV head kv_map[h]) and new position p, softmax over the visible keys t (t <= p, and t > p - window
+for a sliding layer) of q.k_t / sqrt(head_dim), then the weighted sum of v_t. Sums run in float32
+in key order (torch's GEMM sums in another order: the two agree to rounding).
 
 RMSNorm (5 torch ops, 15 us) and RoPE of q and k (3 ops and a view each, 13 us) are one call of
 3-4 us. Prefills (more than `MAX_POSITIONS` new positions a row) and other dtypes keep the torch
@@ -23,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-MAX_POSITIONS = 8  # new positions per row up to which the kernel runs (a decode step, a verification)
+MAX_POSITIONS = 8  # new positions a row up to which the kernels run (a decode step, a verification)
 
 try:
     from numba import njit
@@ -70,7 +72,6 @@ if njit is not None:
                         acc[d] += p * vt[d]
                 out[h, s] = acc
 
-
     @njit(fastmath=True, cache=True, nogil=True)
     def _rms_norm(x, weight, eps, out):  # pragma: no cover - compiled
         """x [R, D] -> out [R, D] = weight * x / sqrt(mean(x^2) + eps), summed in float32."""
@@ -103,14 +104,16 @@ if njit is not None:
 
 def small_float32(x: torch.Tensor) -> bool:
     """True when the kernels serve x [..., D]: numba present, float32, at most MAX_POSITIONS rows."""
-    return njit is not None and x.dtype == torch.float32 and x.numel() <= MAX_POSITIONS * x.shape[-1]
+    rows = x.numel() // max(x.shape[-1], 1)
+    return njit is not None and x.dtype == torch.float32 and rows <= MAX_POSITIONS
 
 
 def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., D] float32 -> [..., D]: models.llama.rms_norm in one call."""
     out = torch.empty(x.shape)
     d = x.shape[-1]
-    _rms_norm(x.numpy().reshape(-1, d), weight.numpy(), np.float32(eps), out.numpy().reshape(-1, d))
+    rows = np.ascontiguousarray(x.numpy().reshape(-1, d))  # a view of a strided x is copied
+    _rms_norm(rows, weight.numpy(), np.float32(eps), out.numpy().reshape(-1, d))
     return out
 
 
@@ -119,23 +122,37 @@ def rope_heads(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     tables ([S, hd] or [B, 1, S, hd], models.rope.rope_tables) -> rotated [B, S, H, hd]."""
     out = torch.empty(x.shape)
     seqlen, head_dim = x.shape[1], x.shape[3]
-    _rope(x.numpy(), cos.numpy().reshape(-1, seqlen, head_dim), signed_sin.numpy().reshape(-1, seqlen, head_dim),
-          out.numpy())
+    tables = [t.numpy().reshape(-1, seqlen, head_dim) for t in (cos, signed_sin)]  # [1 | B, S, hd]
+    _rope(np.ascontiguousarray(x.numpy()), *tables, out.numpy())
     return out
 
 
+def warm_decode_kernels() -> None:
+    """Compile (or load from numba's cache) every kernel here for the one signature the wrappers
+    call them with (contiguous float32 arrays), so no request waits for a compiler."""
+    if njit is None:
+        return
+    x = torch.ones(1, 1, 2, 2)  # [B, S, H, hd]
+    rope_heads(x, torch.ones(1, 2), torch.ones(1, 2))
+    rms_norm_rows(x[0, 0], torch.ones(2), 1e-5)
+    q = x.transpose(1, 2)  # [1, H, S, hd]
+    cache = torch.zeros(1, 1, 1, 2)  # [1, KV, capacity, hd]
+    attend_cached(q, q[:, :1], q[:, :1], cache, cache.clone(), np.zeros(2, np.int64), 0, None)
+
+
 def kernel_applies(q: torch.Tensor, cache_dtype: torch.dtype) -> bool:
-    """True when `attend_cached` serves this call: numba present, one row, float32, a few positions."""
-    return njit is not None and q.shape[0] == 1 and q.shape[2] <= MAX_POSITIONS and q.dtype == cache_dtype == torch.float32
+    """True when `attend_cached` serves this call: numba, one row, float32, a few positions."""
+    return (njit is not None and q.shape[0] == 1 and q.shape[2] <= MAX_POSITIONS
+            and q.dtype == cache_dtype == torch.float32)
 
 
-def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  kv_map: np.ndarray, start: int, window: int | None) -> torch.Tensor:
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                  values: torch.Tensor, kv_map: np.ndarray, start: int, window: int | None) -> torch.Tensor:
     """q: [1, H, S, hd], k, v: [1, KV, S, hd] at positions start..start+S-1; keys, values: the cache
     buffers [1, KV, capacity >= start + S, hd] holding positions 0..start-1 -> [1, H, S, hd], with
     k and v written into the cache: causal (and sliding-window) attention, as
     models.attention.grouped_attention computes it."""
     out = torch.empty(q.shape[1:], dtype=torch.float32)
-    _attend(q[0].numpy(), k[0].numpy(), v[0].numpy(), keys[0].numpy(), values[0].numpy(), kv_map, start,
-            window or 0, out.numpy())
+    arrays = [np.ascontiguousarray(t[0].numpy()) for t in (q, k, v)]  # copies only for S > 1
+    _attend(*arrays, keys[0].numpy(), values[0].numpy(), kv_map, start, window or 0, out.numpy())
     return out[None]

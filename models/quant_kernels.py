@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.decode_kernels import warm_decode_kernels
 from models.quant import QuantWeight
 from models.threads import kernel_threads
 
@@ -190,8 +191,8 @@ _COMPILED: dict[bool, dict] = {}
 
 
 def _kernel(kind: str, small: bool = False):
-    """The kernel for `kind` at the process's thread count (serial for one thread, or for a `small` matrix,
-    whose microseconds of work waking the thread pool would double)."""
+    """The kernel for `kind` at the process's thread count (models.threads; serial for one thread,
+    or for a `small` matrix, whose microseconds of work waking the thread pool would double)."""
     threads = kernel_threads()
     parallel = threads > 1 and not small
     if parallel not in _COMPILED:
@@ -202,12 +203,14 @@ def _kernel(kind: str, small: bool = False):
 
 
 def warm_kernels() -> None:
-    """Compile (or load from numba's cache) the kernels for this thread count now, so their runtime
-    memory (LLVM, ~50 MB) counts in a device's fixed overhead, before its weights, not as weights."""
+    """Compile (or load from numba's cache) the float32 kernels for this thread count and a decode
+    step's small-op kernels (models.decode_kernels) now: no request waits for the compiler, and
+    their runtime memory (LLVM, ~50 MB) counts in a device's fixed overhead, not as weights."""
     if numba is not None:
         w, x, out = np.ones((1, 1), np.float32), np.ones((2, 1), np.float32), np.empty((2, 1), np.float32)
         for small in (True, False):
             _kernel("f32", small)(w, x, out)
+        warm_decode_kernels()
 
 
 def gemv(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
@@ -219,11 +222,12 @@ def gemv(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 
 def _plain_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear of float32 x [..., K] and W [N, K] with 1..GEMV_ROWS rows, W streamed once. Arrays
-    pass as numpy views (a strided x is copied by the reshape): each torch op saved here is a
-    microsecond per matrix, 7 matrices a layer."""
+    pass as numpy views (a strided x is copied, so one compiled signature serves every call): each
+    torch op saved here is a microsecond per matrix, 7 matrices a layer."""
     n, k = w.shape
     out = torch.empty(*x.shape[:-1], n)
-    _kernel("f32", small=n * k < PARALLEL_MIN_PARAMS)(w.numpy(), x.numpy().reshape(-1, k), out.numpy().reshape(-1, n))
+    kernel = _kernel("f32", small=n * k < PARALLEL_MIN_PARAMS)
+    kernel(w.numpy(), np.ascontiguousarray(x.numpy().reshape(-1, k)), out.numpy().reshape(-1, n))
     if bias is not None:
         out += bias
     return out

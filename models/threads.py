@@ -23,7 +23,7 @@ import torch
 SMALL_STEP_TOKENS = 8  # tokens per step (rows x positions) up to which torch runs on one thread
 
 _lock = threading.Lock()
-_threads: int | None = None  # the process's thread count: set_threads', else torch's before the first step
+_threads: int | None = None  # the process's count: set_threads', else torch's before the first step
 
 
 def set_threads(threads: int) -> None:

@@ -12,8 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+from models import decode_kernels
 from models.attention import KVCache, attention_mask, grouped_attention
-from models.decode_kernels import MAX_POSITIONS, attend_cached, kernel_applies, rms_norm_rows, rope_heads, small_float32
+from models.decode_kernels import (
+    MAX_POSITIONS,
+    attend_cached,
+    kernel_applies,
+    rms_norm_rows,
+    rope_heads,
+    small_float32,
+    warm_decode_kernels,
+)
 from models.rope import apply_rope_tables, rope_tables
 from models.threads import kernel_threads, set_threads, step_threads
 
@@ -28,8 +37,11 @@ def random_step(n_heads: int, n_kv: int, start: int, seqlen: int, seed: int):
     return q, past_k, past_v, k, v
 
 
-@pytest.mark.parametrize("start,seqlen,window", [(0, 1, None), (37, 1, None), (37, 1, 8), (5, 1, 8),
-                                                 (20, 4, None), (20, 4, 3), (0, MAX_POSITIONS, None)])
+STEPS = [(0, 1, None), (37, 1, None), (37, 1, 8), (5, 1, 8), (20, 4, None), (20, 4, 3),
+         (0, MAX_POSITIONS, None)]  # (positions before the step, new positions, sliding window)
+
+
+@pytest.mark.parametrize("start,seqlen,window", STEPS)
 @pytest.mark.parametrize("kv_map", [None, (0, 0, 1, 1, 1, 2)], ids=["whole-groups", "gathered"])
 def test_kernel_attends_as_the_torch_path(start, seqlen, window, kv_map):
     n_heads, n_kv = 6, 3
@@ -48,7 +60,8 @@ def test_kernel_attends_as_the_torch_path(start, seqlen, window, kv_map):
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     # the new keys and values are in the cache, after the old ones
-    assert torch.equal(keys[:, :, :start + seqlen], all_k) and torch.equal(values[:, :, :start + seqlen], all_v)
+    end = start + seqlen
+    assert torch.equal(keys[:, :, :end], all_k) and torch.equal(values[:, :, :end], all_v)
 
 
 def test_the_kernel_serves_only_small_float32_rows():
@@ -56,15 +69,17 @@ def test_the_kernel_serves_only_small_float32_rows():
     assert kernel_applies(q, torch.float32)
     assert not kernel_applies(q, torch.bfloat16)  # a bf16 cache: torch path
     assert not kernel_applies(q.bfloat16(), torch.bfloat16)
-    assert not kernel_applies(torch.zeros(1, 2, MAX_POSITIONS + 1, HEAD_DIM), torch.float32)  # a prefill
-    assert not kernel_applies(torch.zeros(2, 2, 1, HEAD_DIM), torch.float32)  # two rows: one call per row
+    prefill, two_rows = torch.zeros(1, 2, MAX_POSITIONS + 1, HEAD_DIM), torch.zeros(2, 2, 1, HEAD_DIM)
+    assert not kernel_applies(prefill, torch.float32)
+    assert not kernel_applies(two_rows, torch.float32)  # a batch attends row by row
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 576), (3, 2, 64), (1, MAX_POSITIONS, 40)])
 def test_rms_norm_kernel_matches_the_transformers_formula(shape):
     g = torch.Generator().manual_seed(sum(shape))
     x, weight = torch.randn(shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
-    want = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))  # LlamaRMSNorm in float32
+    # LlamaRMSNorm's formula in float32
+    want = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
     assert small_float32(x)
     torch.testing.assert_close(rms_norm_rows(x, weight, 1e-5), want, atol=1e-6, rtol=1e-5)
 
@@ -81,6 +96,23 @@ def test_rope_kernel_matches_the_torch_rotation(rows, seqlen, per_row_tables):
     tables = rope_tables(cos, sin, torch.float32)
     want = apply_rope_tables(x.transpose(1, 2), *tables)  # [B, H, S, hd]
     torch.testing.assert_close(rope_heads(x, *tables).transpose(1, 2), want, atol=1e-6, rtol=1e-5)
+
+
+def test_one_compiled_signature_serves_every_step_shape():
+    """The wrappers hand the kernels contiguous float32 arrays only, so the signature compiled at
+    start-up (warm_decode_kernels) serves verification steps and batches too: no request waits
+    for the compiler."""
+    warm_decode_kernels()
+    compiled = {k: len(k.signatures) for k in (decode_kernels._attend, decode_kernels._rope,
+                                                decode_kernels._rms_norm)}
+    x = torch.randn(2, 3, 6, HEAD_DIM)  # [B, S, H, hd]: two rows of a 3-position verification
+    tables = rope_tables(torch.ones(2, 1, 3, HEAD_DIM), torch.zeros(2, 1, 3, HEAD_DIM), torch.float32)
+    q = rope_heads(x, *tables).transpose(1, 2)  # [B, H, S, hd], not contiguous
+    k = v = x[:, :, :3].transpose(1, 2)
+    cache = KVCache(1, 3, HEAD_DIM, capacity=3)
+    attend_cached(q[1:], k[1:], v[1:], *cache.reserve(0, 3), np.array([0, 0, 1, 1, 2, 2]), 0, None)
+    rms_norm_rows(x[:, :, 0], torch.ones(HEAD_DIM), 1e-5)
+    assert {k: len(k.signatures) for k in compiled} == compiled
 
 
 @pytest.fixture
@@ -104,7 +136,8 @@ def test_small_steps_run_torch_on_one_thread_and_the_kernels_on_all(two_threads,
         small, prefill = observed_in_steps(1), observed_in_steps(64)
     else:
         seen = {}
-        worker = threading.Thread(target=lambda: seen.update(small=observed_in_steps(1), prefill=observed_in_steps(64)))
+        worker = threading.Thread(
+            target=lambda: seen.update(small=observed_in_steps(1), prefill=observed_in_steps(64)))
         worker.start()
         worker.join()
         small, prefill = seen["small"], seen["prefill"]
