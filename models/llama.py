@@ -174,7 +174,7 @@ def forward_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], confi
     seqlen = h.shape[1]
     cos_sin = rope_tables(*rotary.cos_sin(torch.arange(kv.length, kv.length + seqlen)), h.dtype)
     attend = kv.attend_for(config, dims, seqlen)
-    with step_threads(seqlen):
+    with step_threads(seqlen, h.dtype):
         for layer in range(config.num_layers):
             h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
     kv.advance(seqlen)
@@ -208,7 +208,7 @@ def forward_batch(h: torch.Tensor, layers: Callable[[int], LayerWeights], config
     cos_sin = rope_tables(torch.stack([c for c, _ in rows])[:, None], torch.stack([s for _, s in rows])[:, None],
                           h.dtype)  # [B, 1, S, hd]
     attend = attend or batch_attend([kv.attend_for(config, dims, seqlen) for kv in kvs])
-    with step_threads(h.shape[0] * seqlen):
+    with step_threads(h.shape[0] * seqlen, h.dtype):
         for layer in range(config.num_layers):
             h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
     for kv in kvs:

@@ -123,9 +123,9 @@ def two_threads():
     set_threads(before)
 
 
-def observed_in_steps(tokens: int) -> tuple[int, int, int]:
+def observed_in_steps(tokens: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
     """torch's and the kernels' thread counts inside a step, and torch's after it."""
-    with step_threads(tokens):
+    with step_threads(tokens, dtype):
         inside = torch.get_num_threads(), kernel_threads()
     return *inside, torch.get_num_threads()
 
@@ -145,7 +145,12 @@ def test_small_steps_run_torch_on_one_thread_and_the_kernels_on_all(two_threads,
     assert prefill == (2, 2, 2)  # a prefill keeps torch's threads for its GEMMs
 
 
+def test_half_precision_steps_keep_torchs_threads_for_its_gemvs(two_threads):
+    assert observed_in_steps(1, torch.bfloat16) == (2, 2, 2)
+    assert observed_in_steps(1, torch.float16) == (2, 2, 2)
+
+
 def test_a_step_that_raises_still_restores_the_threads(two_threads):
-    with pytest.raises(RuntimeError), step_threads(1):
+    with pytest.raises(RuntimeError), step_threads(1, torch.float32):
         raise RuntimeError("a worker died mid-step")
     assert torch.get_num_threads() == 2
