@@ -97,12 +97,9 @@ class ClusterEngine:
                           if s.attention_nodes else None)
         self._lock = asyncio.Lock()  # one cluster-wide step (or relink, or re-plan) at a time
         self.relinker = Relinker(self.roster, s.allreduce, s.step_timeout, self.attention, self._lock,
-                                 lambda: self.planner.dims[0], self.missing_ranks)
+                                 lambda: self.planner.dims[0], self.missing_ranks, lambda: self.planner.devices)
         self._wire(self.planner.devices)
-        # Re-plans need positions to be free of device ranks: the ring links by rank, so they keep
-        # today's behaviour (503 until the device returns).
-        self.replanner = Replanner(self.planner, self.roster, self._lock, s.allreduce == "star",
-                                   self.rank0.prepare, self._adopted)
+        self.replanner = Replanner(self.planner, self.roster, self._lock, self.rank0.prepare, self._adopted)
         self.failover = Failover(self._forward, self._rebuild_locally, lambda: not self.missing_ranks(),
                                  self.offload_ready, self.replanner.recover)
         self.batcher = StepBatcher(self._run_batch, s.max_batch,
@@ -125,9 +122,12 @@ class ClusterEngine:
         self.relinker.rewire(self.star)
 
     async def _adopted(self, devices: list[int]) -> None:
-        """A re-plan switched to `devices` (the step lock is held): rewire, relink the attention nodes,
-        and rebuild every open request from its tokens (its next step replays them)."""
+        """A re-plan switched to `devices` (the step lock is held): rewire, relink the ring (by the new
+        positions) and the attention nodes, and rebuild every open request from its tokens (its next
+        step replays them)."""
         self._wire(devices)
+        if self.settings.allreduce != "star":
+            await self.relinker.relink_ring()
         if self.attention is not None and not self.attention.missing():
             await self.attention.link({d: self.roster.channels[d] for d in devices[1:]}, self.planner.dims[0])
         for session in list(self.sessions):
@@ -142,7 +142,7 @@ class ClusterEngine:
         return self.port
 
     async def _on_rank_ready(self, device: int) -> None:
-        if self.replanner.enabled and self.replanner.serving:
+        if self.replanner.serving:
             await self.replanner.on_joined(device)  # grows the plan back (and relinks the nodes)
         else:
             await self.relinker.after_join()
@@ -279,7 +279,7 @@ class ClusterEngine:
             full = await self.shard.forward(h, [s.kv for s in sessions], collective,
                                             self.settings.step_timeout, score, self.fast if fast else None, wide)
         except STEP_ERRORS:
-            await self.star.abort(f"step {step} failed")
+            await collective.abort(f"step {step} failed")
             if fast:  # workers waiting for a sum wait on their data links
                 self.fast.report(ABORT, self.star.seq, f"step {step} failed")
             raise

@@ -1,6 +1,7 @@
 """Keeps the links between ranks matched to who is up: the all-reduce ring (`--allreduce ring|auto`)
-and every rank's links to the attention nodes, each relinked under a new epoch when a worker or a
-node (re)joins. Relinking holds the step lock, so no step runs on a half-built set of links.
+over the devices of the plan served now, and every rank's links to the attention nodes, each
+relinked under a new epoch when a worker or a node (re)joins or a re-plan changes the devices.
+Relinking holds the step lock, so no step runs on a half-built set of links.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 from edge.attention_pool import AttentionPool
 from edge.ring import link_ring_from_master
-from edge.roster import Roster
+from edge.roster import ByPosition, Roster
 from models.sharding import LocalDims
 from transport.collectives import StarAllReduce, StepCollective
 from transport.errors import TransportError
@@ -23,9 +24,11 @@ class Relinker:
     """Owns `collective` (what rank 0's forward all-reduces with) and whether the ring is whole."""
 
     def __init__(self, roster: Roster, algorithm: str, timeout: float, attention: AttentionPool | None,
-                 lock: asyncio.Lock, rank0_dims: Callable[[], LocalDims], missing_ranks: Callable[[], list[int]]):
+                 lock: asyncio.Lock, rank0_dims: Callable[[], LocalDims], missing_ranks: Callable[[], list[int]],
+                 devices: Callable[[], list[int]]):
         self.roster, self.algorithm, self.timeout = roster, algorithm, timeout
         self.attention, self._lock, self._rank0_dims = attention, lock, rank0_dims
+        self._devices = devices  # the plan's devices, by position (the ring's order)
         self._missing_ranks = missing_ranks  # the cluster's: workers, rank 0's plan, the ring
         self.ring_ok = algorithm == "star" or roster.world_size == 1
         self._epoch = 0
@@ -41,21 +44,29 @@ class Relinker:
         await self.link_attention()
 
     async def link_ring(self) -> None:
-        """(Re)build the worker ring once every worker is connected; until then the cluster is down."""
+        """(Re)build the worker ring once every worker of the plan is connected; until then the
+        cluster is down."""
         self.ring_ok = False
-        if self.roster.missing():
+        if self.roster.missing(self._devices()):
             return
         async with self._lock:
-            self._epoch += 1
-            listen = {r: rec.listen for r, rec in self.roster.records.items()}
-            try:
-                self.collective = await link_ring_from_master(self.roster.channels, listen, self._epoch,
-                                                              self.algorithm, self.star, self.timeout)
-            except (TransportError, TimeoutError) as e:
-                log.warning("could not link the ring: %s", e)
-                return
-            self.ring_ok = True
-            log.info("ring linked (epoch %d, %s)", self._epoch, self.algorithm)
+            await self.relink_ring()
+
+    async def relink_ring(self) -> None:
+        """Link the ring over the plan's devices in their positions; the caller holds the step lock
+        (a re-plan adopting a plan does)."""
+        self.ring_ok = False
+        devices = self._devices()
+        self._epoch += 1
+        listen = {p: self.roster.records[d].listen for p, d in enumerate(devices) if p > 0}
+        try:
+            self.collective = await link_ring_from_master(ByPosition(self.roster.channels, devices), listen,
+                                                          self._epoch, self.algorithm, self.star, self.timeout)
+        except (TransportError, TimeoutError, KeyError) as e:
+            log.warning("could not link the ring: %s", e)
+            return
+        self.ring_ok = True
+        log.info("ring linked over device(s) %s (epoch %d, %s)", devices, self._epoch, self.algorithm)
 
     async def link_attention(self) -> None:
         """Link every rank to the attention nodes once all ranks and nodes are up (else wait)."""

@@ -47,10 +47,10 @@ class Replanner:
     without using it yet (returning callables that switch to it or discard it, or raising);
     `adopted(devices)` rewires the collectives and replays every open request."""
 
-    def __init__(self, planner: Planner, roster: Roster, lock: asyncio.Lock, enabled: bool,
+    def __init__(self, planner: Planner, roster: Roster, lock: asyncio.Lock,
                  load_rank0: Callable[[list[float], LocalDims], tuple[Callable[[], None], Callable[[], None]]],
                  adopted: Callable[[list[int]], Awaitable[None]]):
-        self.planner, self.roster, self._lock, self.enabled = planner, roster, lock, enabled
+        self.planner, self.roster, self._lock = planner, roster, lock
         self._load_rank0, self._adopted = load_rank0, adopted
         self.stats = ReplanStats()
         self.serving = False  # the first plan has served with every device: from then on, re-plan
@@ -58,7 +58,7 @@ class Replanner:
 
     def on_lost(self, device: int) -> None:
         """A worker's link ended: re-plan without it now (no request needs to be in flight)."""
-        if self.enabled and self.serving and device in self.planner.devices and self._task is None:
+        if self.serving and device in self.planner.devices and self._task is None:
             self._task = asyncio.create_task(self._replan_soon(), name="replan")
 
     async def _replan_soon(self) -> None:
@@ -86,11 +86,11 @@ class Replanner:
     async def recover(self) -> str | None:
         """A step failed on a device (the caller holds the step lock): drop workers that went silent
         (frozen), serve the devices that remain. None when the cluster can retry its requests, else
-        why not ("" when re-planning does not apply)."""
+        why not ("" before the cluster first served with every device: nothing to re-plan from)."""
         if not self.serving:
             return ""
-        await self.roster.drop_silent(SILENT_S)  # also without re-plans (ring): no later request pays for it
-        return await self._replan_live() if self.enabled else ""
+        await self.roster.drop_silent(SILENT_S)
+        return await self._replan_live()
 
     async def _replan_live(self) -> str | None:
         """Re-plan onto the devices that are up; a try that loses another device tries again without

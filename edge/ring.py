@@ -1,15 +1,17 @@
-"""Worker-to-worker links for `--allreduce ring|auto`: rank r dials r+1; the master closes the ring.
+"""Worker-to-worker links for `--allreduce ring|auto`: position p dials p+1; the master closes the ring.
 
-Ring of N ranks: 0 -> 1 -> ... -> N-1 -> 0, where the links touching rank 0 are the workers'
-channels to the master. The master sends LinkRing (edge.messages) whenever the set of workers
-changes; every worker drops its old peer links, dials its successor, waits for its predecessor,
-(for auto) answers the master's link probes, and replies RingLinked.
+Ring of the N devices of the plan served now, by their positions in it: 0 -> 1 -> ... -> N-1 -> 0,
+where the links touching position 0 are the workers' channels to the master. The master sends
+LinkRing (edge.messages) whenever the plan or the set of workers changes (a re-plan after a loss
+renumbers the devices that remain); every worker drops its old peer links, dials its successor,
+waits for its predecessor, (for auto) answers the master's link probes, and replies RingLinked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 
 from edge.messages import AttentionLinked, Hello, LinkRing, RingLinked, receive, send
 from transport.channel import Channel
@@ -49,16 +51,17 @@ class PeerLinks:
             return
         await self._accepted.put((hello.epoch, ch))
 
-    async def link(self, master: Channel, msg: LinkRing, world_size: int, star: StarAllReduce,
+    async def link(self, master: Channel, msg: LinkRing, position: int, world_size: int, star: StarAllReduce,
                    timeout: float) -> StepCollective:
-        """Relink for this epoch and return the collective to use; raises on a broken ring."""
+        """Relink for this epoch as `position` of `world_size` (this device's place in the plan) and
+        return the collective to use; raises on a broken ring."""
         try:
             epoch, addrs = msg.epoch, {int(k): tuple(v) for k, v in msg.addrs.items()}
         except ValueError as e:
             raise FrameError(f"bad ring link message: {e}") from e
         await self._close_peers()
         self.peers = {0: master}  # type: ignore[dict-item]
-        nxt, prev = self.rank + 1, self.rank - 1
+        nxt, prev = position + 1, position - 1
         if nxt < world_size:
             host, port = addrs[nxt]
             ch = await connect(host, port, self._secret, timeout=LINK_TIMEOUT)
@@ -72,9 +75,9 @@ class PeerLinks:
                         self.peers[prev] = ch
                     else:
                         await ch.aclose()  # a straggler from an older ring
-        ring = RingAllReduce(self.rank, world_size, self.peers, timeout)
+        ring = RingAllReduce(position, world_size, self.peers, timeout)
         if msg.algorithm == "auto":
-            model = await measure_links(self.rank, world_size, {0: master}, timeout)
+            model = await measure_links(position, world_size, {0: master}, timeout)
             return StepCollective(star, AutoAllReduce(star, ring, model))
         return StepCollective(star, ring)
 
@@ -89,9 +92,10 @@ class PeerLinks:
         await self._server.aclose()
 
 
-async def link_ring_from_master(workers: dict[int, TcpChannel], addrs: dict[int, list], epoch: int,
+async def link_ring_from_master(workers: Mapping[int, TcpChannel], addrs: dict[int, list], epoch: int,
                                 algorithm: str, star: StarAllReduce, timeout: float) -> StepCollective:
-    """Master side: ask every worker to relink, probe links for auto, wait for every ring.ok."""
+    """Master side: ask every worker to relink, probe links for auto, wait for every ring.ok.
+    `workers` and `addrs` are keyed by position in the plan."""
     world = star.world_size
     msg = LinkRing(epoch, algorithm, {str(r): list(a) for r, a in addrs.items()})
     for ch in list(workers.values()):

@@ -229,7 +229,8 @@ class Worker:
         await self.kv.close(msg.rid)
 
     async def _link_ring(self, msg: LinkRing) -> None:
-        self.collective = await self.links.link(self.master, msg, int(self.slice.key[0]), self.collective.star,
+        world, position = int(self.slice.key[0]), int(self.slice.key[5])
+        self.collective = await self.links.link(self.master, msg, position, world, self.collective.star,
                                                 self.settings.step_timeout)
         await send(self.master, RingLinked(msg.epoch))
 

@@ -67,9 +67,12 @@ async def _three_streams_survive(cluster: ClusterProcess, reference, lose) -> No
         assert_uninterrupted(result, reference)
 
 
-async def test_a_killed_worker_is_planned_around_and_planned_back_in(llama, tmp_path):
+@pytest.mark.parametrize("allreduce", ["star", "ring"])
+async def test_a_killed_worker_is_planned_around_and_planned_back_in(llama, tmp_path, allreduce):
+    """On a ring the devices that remain are relinked in their new positions (0 -> 1 -> 0 after
+    the loss, 0 -> 1 -> 2 -> 0 again once the device is back)."""
     folder, reference = llama
-    cluster = ClusterProcess(folder, 3, tmp_path)
+    cluster = ClusterProcess(folder, 3, tmp_path, "--allreduce", allreduce)
     try:
         await _three_streams_survive(cluster, reference, lambda: cluster.kill_worker(2))
         body = await wait_plan(cluster.url, [0, 1])
@@ -89,10 +92,11 @@ async def test_a_killed_worker_is_planned_around_and_planned_back_in(llama, tmp_
         cluster.stop()
 
 
-async def test_a_frozen_worker_is_planned_around_and_back_in_when_it_wakes(llama, tmp_path):
+@pytest.mark.parametrize("allreduce", ["star", "ring"])
+async def test_a_frozen_worker_is_planned_around_and_back_in_when_it_wakes(llama, tmp_path, allreduce):
     """SIGSTOP: its sockets stay open; the step times out, the silent device is dropped."""
     folder, reference = llama
-    cluster = ClusterProcess(folder, 3, tmp_path, "--step-timeout", "2")
+    cluster = ClusterProcess(folder, 3, tmp_path, "--step-timeout", "2", "--allreduce", allreduce)
     frozen = psutil.Process(cluster.worker_pids[1])
     try:
         await _three_streams_survive(cluster, reference, frozen.suspend)

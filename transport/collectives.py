@@ -8,6 +8,7 @@ On edge links alpha dominates for decode-sized messages, so star is the default.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -316,12 +317,21 @@ class StepCollective:
     async def gather(self, x: np.ndarray, meta: dict | None = None) -> np.ndarray | None:
         return await self.star.gather(x, meta)
 
+    def _ring(self) -> RingAllReduce | None:
+        ring = getattr(self._allreduce, "ring", self._allreduce)
+        return ring if isinstance(ring, RingAllReduce) else None
+
     async def fail(self, reason: str, cause: FailureCause = FailureCause.PEER) -> None:
         """Report to the hub, and to the ring successor when partial sums travel around a ring."""
         await self.star.fail(reason, cause)
-        ring = getattr(self._allreduce, "ring", self._allreduce)
-        if isinstance(ring, RingAllReduce):
+        if (ring := self._ring()) is not None:
             await ring.fail(reason, cause)
 
     async def abort(self, reason: str) -> None:
+        """Hub only: release every rank still waiting in the step's all-reduces, in the star (the
+        sum it waits for) and around a ring (the failure passed on from the hub's successor), so a
+        lost device costs a re-plan, not a step timeout."""
         await self.star.abort(reason)
+        if (ring := self._ring()) is not None:
+            with contextlib.suppress(TransportError):  # the successor may be the device that was lost
+                await ring.fail(reason)
