@@ -17,3 +17,10 @@ def window_floor(folder: Path, world: int, out: Path) -> int:
     layer = max(e["bytes"] for n, e in files.items() if n.startswith("rank-0") and "layer" in n)
     reserve = kv_bytes_per_token(config, local_dims(config, world)[0]) * min(2048, config.max_position_embeddings)
     return files[head_file(world, 0)]["bytes"] + reserve + 2 * layer
+
+
+def budget_between_one_and_two_devices(folder: Path, out: Path) -> float:
+    """A memory budget (MB) that holds a rank's window of the 2-device plan but not of one device:
+    a 2-device cluster under it cannot re-plan onto one device when it loses the other."""
+    need = [window_floor(folder, world, out / f"split-{world}") for world in (1, 2)]
+    return sum(need) / 2 / (1 << 20)

@@ -9,7 +9,7 @@ import aiohttp
 import psutil
 import pytest
 import torch
-from budgets import window_floor
+from budgets import budget_between_one_and_two_devices
 from cluster_proc import ClusterProcess, wait_plan
 from hf_reference import hf_greedy, make_hf_checkpoint
 
@@ -147,15 +147,9 @@ async def test_two_devices_that_lose_one_go_on_with_one(llama, tmp_path):
         cluster.stop()
 
 
-def _budget_between_one_and_two_devices(folder, tmp_path) -> float:
-    """A memory budget (MB) that holds a rank's window of the 2-device plan but not of one device."""
-    need = [window_floor(folder, world, tmp_path / f"split-{world}") for world in (1, 2)]
-    return sum(need) / 2 / (1 << 20)
-
-
 async def test_a_loss_that_leaves_too_little_memory_answers_503_naming_why(llama, tmp_path):
     folder, reference = llama
-    budget = _budget_between_one_and_two_devices(folder, tmp_path)
+    budget = budget_between_one_and_two_devices(folder, tmp_path)
     cluster = ClusterProcess(folder, 2, tmp_path, "--memory-budget-mb", f"{budget:.4f}", "--split-dir",
                              str(tmp_path / "split"))
     try:

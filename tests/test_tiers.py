@@ -5,6 +5,7 @@ from contextlib import contextmanager
 
 import aiohttp
 import pytest
+from budgets import budget_between_one_and_two_devices
 from cluster_proc import ClusterProcess, wait_health
 from hf_reference import make_hf_checkpoint
 
@@ -66,14 +67,17 @@ async def _post(url, route=None, stream=False):
 
 @contextmanager
 def tiers(tmp_path, cloud_model, edge_model):
-    """A 1-device edge-llm as the cloud tier and a 2-device edge cluster that routes to it. The edge
-    links its devices in a ring, which does not re-plan: a lost worker takes the edge down."""
+    """A 1-device edge-llm as the cloud tier and a 2-device edge cluster that routes to it. The edge's
+    memory budget holds the model on two devices, not on one, so a lost worker takes the edge down
+    (it cannot re-plan onto the device that remains)."""
     (tmp_path / "cloud").mkdir()
     (tmp_path / "edge").mkdir()
+    budget = budget_between_one_and_two_devices(edge_model, tmp_path / "budget")
     cloud = ClusterProcess(cloud_model, 1, tmp_path / "cloud")
     try:
         edge = ClusterProcess(edge_model, 2, tmp_path / "edge", "--cloud", f"{cloud.url}/v1",
-                              "--step-timeout", "2", "--allreduce", "ring")
+                              "--step-timeout", "2", "--memory-budget-mb", f"{budget:.4f}",
+                              "--split-dir", str(tmp_path / "split"))
         try:
             yield cloud, edge
         finally:
