@@ -35,7 +35,6 @@ from models.llama import (
     load_output_head,
     logits,
     no_reduce,
-    reload_layer,
 )
 from models.rope import RotaryTable
 from models.scoring import slice_scores
@@ -78,15 +77,10 @@ class ShardModel:
         self.timing = {"forward_s": 0.0, "allreduce_s": 0.0, "allreduces": 0, "forwards": 0}
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, dims: LocalDims, held: ShardModel | None = None) -> ShardModel:
-        """Every layer resident, sliced straight from the Hugging Face files; with `held` (this
-        device's resident slice of an earlier plan, same dtype and format) only what it lacks is read."""
-        if held is not None and held.window is None:
-            layers = [reload_layer(ckpt, i, dims, held.layers(i), held.dims) for i in range(ckpt.config.num_layers)]
-            output = load_output_head(ckpt, dims, held.output, held.dims)
-        else:
-            layers = [load_layer(ckpt, i, dims) for i in range(ckpt.config.num_layers)]
-            output = load_output_head(ckpt, dims)
+    def from_checkpoint(cls, ckpt: Checkpoint, dims: LocalDims) -> ShardModel:
+        """Every layer resident, sliced straight from the Hugging Face files."""
+        layers = [load_layer(ckpt, i, dims) for i in range(ckpt.config.num_layers)]
+        output = load_output_head(ckpt, dims)
         nbytes = sum(w.nbytes() for w in layers) + output.lm_head.nbytes + output.norm.nbytes
         return cls(ckpt.config, dims, layers.__getitem__, output, nbytes)
 
@@ -183,17 +177,15 @@ class ShardModel:
 
 def load_shard(ckpt: Checkpoint, dims: LocalDims, world_size: int, weights: list[float] | None,
                budget_mb: float | None, split_dir: str | Path | None, split_all: bool = False,
-               drop_cache: bool = True, held: ShardModel | None = None) -> ShardModel:
+               drop_cache: bool = True) -> ShardModel:
     """This rank's shard, in the checkpoint's read dtype and quantization (`ckpt.with_dtype`,
     `with_quant`): resident from the checkpoint, or windowed from split files (of that format) under a budget.
 
     Splits on first start (every rank with `split_all`, as the emulated cluster's master does;
     else only this rank) and repairs a damaged split the same way. Raises SplitError / BudgetTooSmall.
-    A resident slice `held` from an earlier plan (in the same dtype and format) is reused where the
-    new slice overlaps it.
     """
     if budget_mb is None:
-        return ShardModel.from_checkpoint(ckpt, dims, held)
+        return ShardModel.from_checkpoint(ckpt, dims)
     dtype, quantize = dtype_name(ckpt.dtype), ckpt.quant_label
     folder = Path(split_dir) if split_dir else default_split_dir(ckpt.folder, dtype, quantize)
     plan = SplitPlan(world_size, tuple(weights or [1.0] * world_size), checkpoint_fingerprint(ckpt.folder), dtype,

@@ -41,7 +41,7 @@ class Rank0:
         BudgetTooSmall. Returns (commit: switch to it and release the old slice, discard it)."""
         world = len(weights)
         shard = load_shard(self._ckpt, dims0, world, weights, self._budget_mb, self._split_dir,
-                           split_all=split_all, drop_cache=self._drop_cache, held=self.shard)
+                           split_all=split_all, drop_cache=self._drop_cache)
         embed, embed_bytes = self._embedding(shard, world)
 
         def commit() -> None:

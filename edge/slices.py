@@ -1,7 +1,6 @@
 """One device's slice of the model for the plan it is given: which plans it accepts, and loading
 its slice from its own checkpoint (or split) or from shard files fetched from the master. A slice
-it already holds for the same plan is kept, not read again; a resident slice that grows in a
-re-plan reads only what it lacks."""
+it already holds for the same plan is kept, not read again."""
 
 from __future__ import annotations
 
@@ -79,10 +78,8 @@ class SliceLoader:
         s = self.settings
         world, weights, dtype, quantize, align, position = key
         dims = local_dims(self.ckpt.config, world, list(weights), align)[position]
-        same_format = self.key is not None and self.key[2:5] == key[2:5]
         shard = load_shard(self.ckpt.with_dtype(DTYPES[dtype]).with_quant(quantize), dims, world, list(weights),
-                           s.memory_budget_mb, s.split_dir, drop_cache=not s.keep_page_cache,
-                           held=self.shard if same_format else None)
+                           s.memory_budget_mb, s.split_dir, drop_cache=not s.keep_page_cache)
         if self.shard is not None:
             self.shard.close()
         self.shard, self.key = shard, key

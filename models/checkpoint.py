@@ -192,38 +192,6 @@ class Checkpoint:
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
         return None if tensor is None else tensor.to(self.dtype).contiguous()
 
-    def read_reusing(self, name: str, dims: LocalDims, held: torch.Tensor | None,
-                     held_dims: LocalDims) -> torch.Tensor | None:
-        """`read(name, dims)`, taking from `held` (this tensor's slice for `held_dims`, as `read` gave
-        it) whatever the two slices share, so a device whose slice grows in a re-plan reads only the
-        rows it lacks. Blocks, quantized weights and tensors nothing is held of are read whole."""
-        kind, unit = self._split(name)
-        if held is None or name in self._blocks or self.quantizes(name) or kind == "rank0":
-            return self.read(name, dims)
-        if kind == "replicated":
-            return held
-        (a, b), (c, d) = held_dims.rows(unit), dims.rows(unit)
-        lo, hi = max(a, c), min(b, d)
-        if lo >= hi:
-            return self.read(name, dims)
-        axis = 0 if kind == "out" else 1
-        parts = [self._read_rows(name, kind, c, lo), held.narrow(axis, lo - a, hi - lo),
-                 self._read_rows(name, kind, hi, d)]
-        parts = [p for p in parts if p is not None]
-        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=axis)
-
-    def _read_rows(self, name: str, kind: str, start: int, stop: int) -> torch.Tensor | None:
-        """Rows (kind "out") or columns ("in") [start, stop) of a tensor stored as floats."""
-        if start >= stop:
-            return None
-        path = self.files[name]
-        try:
-            view = self._handle(path).get_slice(name)
-            tensor = view[start:stop] if kind == "out" else view[:, start:stop]
-        except SafetensorError as e:
-            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
-        return tensor.to(self.dtype).contiguous()
-
     def read_weight(self, name: str, dims: LocalDims | None = None) -> torch.Tensor | QuantWeight:
         """A Linear weight [out, in] (or this rank's slice): quantized by `self.quant`, else as `read`.
 

@@ -82,17 +82,6 @@ def load_layer(ckpt: Checkpoint, layer: int, dims: LocalDims) -> LayerWeights:
     return LayerWeights(**tensors)
 
 
-def reload_layer(ckpt: Checkpoint, layer: int, dims: LocalDims, held: LayerWeights,
-                 held_dims: LocalDims) -> LayerWeights:
-    """`load_layer` for `dims`, reusing what `held` (the layer's slice for `held_dims`) holds of
-    it: a re-plan that widens a slice reads only the heads and columns it lacks
-    (`Checkpoint.read_reusing`)."""
-    tensors = {}
-    for field, name in layer_tensor_names(layer).items():
-        tensors[field] = ckpt.read_reusing(name, dims, getattr(held, field), held_dims) if ckpt.has(name) else None
-    return LayerWeights(**tensors)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [B, S, D] -> same dtype; normalised in float32, then scaled in x's dtype (as transformers)."""
     if small_float32(x) and weight.dtype == torch.float32:  # a decode step: one compiled call
@@ -159,16 +148,11 @@ def load_head(ckpt: Checkpoint) -> HeadWeights:
     return HeadWeights(embed=embed, norm=ckpt.read("model.norm.weight"), lm_head=head)
 
 
-def load_output_head(ckpt: Checkpoint, dims: LocalDims, held: HeadWeights | None = None,
-                     held_dims: LocalDims | None = None) -> HeadWeights:
-    """Final norm and this rank's vocabulary rows of the LM head (no embedding table); with `held`
-    (the head for `held_dims`), only the rows it lacks are read."""
+def load_output_head(ckpt: Checkpoint, dims: LocalDims) -> HeadWeights:
+    """Final norm and this rank's vocabulary rows of the LM head (no embedding table)."""
     name = "model.embed_tokens.weight" if ckpt.config.tie_word_embeddings else "lm_head.weight"
     empty = torch.empty(0)
-    if held is None or held_dims is None:
-        return HeadWeights(embed=empty, norm=ckpt.read("model.norm.weight"), lm_head=ckpt.read_weight(name, dims))
-    head = held.lm_head if isinstance(held.lm_head, torch.Tensor) else None
-    return HeadWeights(embed=empty, norm=held.norm, lm_head=ckpt.read_reusing(name, dims, head, held_dims))
+    return HeadWeights(embed=empty, norm=ckpt.read("model.norm.weight"), lm_head=ckpt.read_weight(name, dims))
 
 
 def embed(tokens: torch.Tensor, head: HeadWeights) -> torch.Tensor:
