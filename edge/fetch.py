@@ -5,6 +5,10 @@ Master -> worker  Chunk(name, offset, data, eof)  (CHUNK bytes at a time)
 The worker appends to NAME.part, so a broken transfer resumes where it stopped; at the end the
 sha256 must match the master's manifest before the file takes its real name. Files already
 present with the right checksum are not fetched again (after restarts, too).
+
+After a re-plan a worker that holds the files of its old slice asks only for what they lack:
+FetchRequest(name, field, start, stop) -> Piece(name, field, start, safetensors bytes), and
+assembles the rest from its own files (edge.reslice); the sha256 check is the same.
 """
 
 from __future__ import annotations
@@ -14,8 +18,17 @@ import json
 import logging
 from pathlib import Path
 
-from edge.messages import Chunk, FetchRequest, receive, send
-from edge.split import MANIFEST, sha256_file
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file
+
+from edge.messages import Chunk, FetchRequest, Piece, receive, send
+from edge.reslice import HeldSlice, assemble, load_weights, slice_weight, split_length
+from edge.split import MANIFEST, sha256_file, stored_tensors
+from models.llama import Weight, field_split
+from models.quant import gather_quantized
+from models.sharding import LocalDims, PlanError
 from transport.channel import Channel
 from transport.errors import FrameError, TransportError
 
@@ -41,7 +54,12 @@ async def serve_fetches(channel: Channel, split_dir: Path, allowed: set[str]) ->
         name, offset = msg.name, msg.offset
         if name not in allowed or offset < 0:
             raise FrameError(f"worker asked for {name!r} at {offset!r}, which is not its file")
-        data = await asyncio.to_thread(_read_chunk, _safe_name(name, split_dir), offset)
+        path = _safe_name(name, split_dir)
+        if msg.field is not None:
+            data = await asyncio.to_thread(_read_piece, path, msg.field, msg.start, msg.stop)
+            await send(channel, Piece(name, msg.field, msg.start, data))
+            continue
+        data = await asyncio.to_thread(_read_chunk, path, offset)
         await send(channel, Chunk(name, offset, data, len(data) < CHUNK))
 
 
@@ -51,14 +69,38 @@ def _read_chunk(path: Path, offset: int) -> bytes:
         return fh.read(CHUNK)
 
 
-async def fetch_files(channel: Channel, files: dict[str, dict], plan: dict, dest: Path) -> int:
-    """Worker side: make `dest` hold every file of `files` (name -> bytes, sha256); returns bytes fetched."""
+def _read_piece(path: Path, field: str, start: int, stop: int) -> bytes:
+    """Elements start..stop of `field` of a shard file, as the safetensors bytes of its stored tensors."""
+    try:
+        kind, _ = field_split(field)
+    except PlanError as e:
+        raise FrameError(f"worker asked for field {field!r} of {path.name}: {e}") from e
+    with safe_open(str(path), "pt") as fh:
+        stored = {k: fh.get_tensor(k) for k in fh.keys() if k == field or k.startswith(field + ".")}
+    weight = gather_quantized(stored).get(field)
+    if kind not in ("out", "in") or weight is None or not 0 <= start < stop <= split_length(weight, kind):
+        raise FrameError(f"worker asked for {field}[{start}:{stop}] of {path.name}, which it does not hold")
+    if (stop - start) * weight.nbytes // split_length(weight, kind) > 2 * CHUNK * 4:
+        raise FrameError(f"worker asked for {field}[{start}:{stop}] of {path.name}: too large a piece")
+    return save_safetensors(stored_tensors({field: slice_weight(weight, kind, start, stop)}))
+
+
+async def fetch_files(channel: Channel, files: dict[str, dict], plan: dict, dest: Path,
+                      held: HeldSlice | None = None, dims: LocalDims | None = None) -> int:
+    """Worker side: make `dest` hold every file of `files` (name -> bytes, sha256); returns bytes
+    fetched. With `held` (the slice it served) and `dims` (its slice of this plan), a file is
+    assembled from its old file plus the pieces it lacks where it can be."""
     fetched = 0
     for name, entry in sorted(files.items()):
         path = _safe_name(name, dest)
         if path.is_file() and path.stat().st_size == entry["bytes"] and \
                 await asyncio.to_thread(sha256_file, path) == entry["sha256"]:
             continue
+        if held is not None and dims is not None and (old := held.file_for(name)) is not None:
+            got = await _assemble_one(channel, name, path, entry, (old, held.dims, dims))
+            if got is not None:
+                fetched += got
+                continue
         fetched += await _fetch_one(channel, name, path, entry)
     await send(channel, FetchRequest(done=True))
     manifest = {"plan": plan, "files": files}
@@ -90,3 +132,41 @@ async def _fetch_one(channel: Channel, name: str, path: Path, entry: dict) -> in
         raise TransportError(f"{name}: checksum mismatch after fetching; will fetch again")
     part.replace(path)
     return offset - start
+
+
+async def _assemble_one(channel: Channel, name: str, path: Path, entry: dict,
+                        slices: tuple[Path, LocalDims, LocalDims]) -> int | None:
+    """Write `name` from the old file plus the pieces it lacks; the bytes fetched, or None when the
+    result is not the master's file (the caller fetches it whole)."""
+    old_path, old_dims, new_dims = slices
+    fetched = 0
+
+    async def fetch_piece(field: str, start: int, stop: int) -> Weight:
+        nonlocal fetched
+        await send(channel, FetchRequest(name, field=field, start=start, stop=stop))
+        msg = await receive(channel, Piece, FETCH_TIMEOUT)
+        if (msg.name, msg.field, msg.start) != (name, field, start):
+            raise FrameError(f"unexpected piece {msg.field}[{msg.start}:] of {msg.name}")
+        try:
+            tensors = load_safetensors(msg.data)
+            piece = gather_quantized(tensors).get(field)
+        except Exception as e:  # safetensors raises its own error types for damaged bytes
+            raise FrameError(f"piece {field}[{start}:{stop}] of {name} is damaged: {e}") from e
+        fetched += sum(t.nbytes for t in tensors.values())  # weight bytes, as a file's are counted
+        if piece is None:
+            raise FrameError(f"piece {field}[{start}:{stop}] of {name} holds no {field}")
+        return piece
+
+    old = await asyncio.to_thread(load_weights, old_path)
+    weights = await assemble(old, old_dims, new_dims, fetch_piece)
+    if weights is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".assembled")  # not .part: a whole fetch resumes those
+    await asyncio.to_thread(save_file, stored_tensors(weights), str(part))
+    if await asyncio.to_thread(sha256_file, part) != entry["sha256"]:
+        part.unlink()
+        log.warning("%s assembled from the held slice differs from the master's; fetching it whole", name)
+        return None
+    part.replace(path)
+    return fetched

@@ -5,7 +5,7 @@ tag `t` (and `op` for the master's commands on the "ctl" tag); decoding checks e
 
     worker -> master   Join, Ready, Heartbeat, RingLinked, AttentionLinked
     rank -> ring successor / attention node   Hello
-    master -> worker   Plan | Refused, [Chunk for each FetchRequest], then commands: OpenRequest,
+    master -> worker   Plan | Refused, [Chunk | Piece for each FetchRequest], then commands: OpenRequest,
                        CloseRequest, Step, LinkRing (edge/ring.py), LinkAttention, Replan
     node   -> master   Join(role="attention"), NodeStats (heartbeat);  master -> node  NodePlan
 The all-reduces themselves (transport.collectives, transport.fastpath) are the data plane.
@@ -81,12 +81,16 @@ async def receive_plan(ch: Channel, kind: type[M], timeout: float) -> M | Refuse
 @dataclass(frozen=True)
 class FetchRequest(Message):
     """A worker without its shard asks for the next chunk of one of its files (edge/fetch.py), or
-    says it is done (`done`)."""
+    for elements start..stop of one `field` of a file along the dimension the plan splits it by
+    (a re-plan: edge/reslice.py), or says it is done (`done`)."""
 
     TAG = "fetch"
     name: str | None = None
     offset: int = 0
     done: bool = False
+    field: str | None = None
+    start: int = 0
+    stop: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,17 @@ class Chunk(Message):
     offset: int
     data: bytes
     eof: bool = False
+
+
+@dataclass(frozen=True)
+class Piece(Message):
+    """Elements start..stop of one field of a shard file: its stored tensors as safetensors bytes."""
+
+    TAG = "piece"
+    name: str
+    field: str
+    start: int
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -244,6 +259,7 @@ class Replanned(Message):
     epoch: int
     weight_bytes: int = 0
     error: str | None = None
+    fetched_bytes: int = 0  # shard bytes it fetched from the master for this plan
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ class RankRecord:
     listen: list  # where it accepts its ring predecessor
     weight_bytes: int = 0  # resident weights
     fixed_rss: int = 0  # its RSS before weights
-    fetched: int = 0  # shard bytes it fetched from us when it joined
+    fetched: int = 0  # shard bytes it fetched from us when it joined or last re-planned
     free_bytes: int | None = None  # free memory: at join, then reported with every step
     fetches: bool = False  # it has no checkpoint: it fetches its slices from the master
     budget_bytes: int | None = None  # its memory budget (None: resident)

@@ -1,6 +1,7 @@
 """One device's slice of the model for the plan it is given: which plans it accepts, and loading
 its slice from its own checkpoint (or split) or from shard files fetched from the master. A slice
-it already holds for the same plan is kept, not read again."""
+it already holds for the same plan is kept, not read again; a fetching device that re-plans
+fetches only what its old slice lacks (edge.reslice)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from edge.engine import ShardModel, load_shard
 from edge.fetch import fetch_files
 from edge.messages import Plan
+from edge.reslice import HeldSlice
 from edge.split import SplitPlan, plan_folder
 from models.checkpoint import Checkpoint
 from models.config import config_from_hf
@@ -48,6 +50,7 @@ class SliceLoader:
         self.shard: ShardModel | None = None
         self.key: tuple | None = None
         self.fetched_bytes = 0
+        self.held: HeldSlice | None = None  # the files of a fetched slice, to assemble the next one from
 
     def check(self, plan: Plan) -> tuple:
         """The plan's key (world size, weights, dtype, quantize, alignment); PlanRefused when this
@@ -82,7 +85,7 @@ class SliceLoader:
                            s.memory_budget_mb, s.split_dir, drop_cache=not s.keep_page_cache)
         if self.shard is not None:
             self.shard.close()
-        self.shard, self.key = shard, key
+        self.shard, self.key, self.held = shard, key, None
 
     async def load_fetched(self, ch: Channel, fetch: dict, config_json: dict | None, key: tuple) -> None:
         """Fetch this device's shard files from the master (only what is missing or stale), then load."""
@@ -94,15 +97,16 @@ class SliceLoader:
             raise FrameError(f"the master's fetch offer is malformed: {e!r}") from e
         split_plan = SplitPlan(*key[:2], fingerprint, *key[2:5])
         dest = plan_folder(Path(s.split_dir or f"edge-llm-shards/{fingerprint}"), split_plan)
-        self.fetched_bytes = await fetch_files(ch, files, fetch_plan, dest)
-        log.info("rank %d: fetched %d bytes of shard files into %s", s.rank, self.fetched_bytes, dest)
         dims = local_dims(config, key[0], list(key[1]), key[4])[key[5]]
+        held = self.held if self.key is not None and self.key[2:5] == key[2:5] else None
+        self.fetched_bytes = await fetch_files(ch, files, fetch_plan, dest, held, dims)
+        log.info("rank %d: fetched %d bytes of shard files into %s", s.rank, self.fetched_bytes, dest)
         budget = int(s.memory_budget_mb * (1 << 20)) if s.memory_budget_mb else 1 << 62
         shard = await asyncio.to_thread(ShardModel.from_split, config, dims, dest, split_plan, budget,
                                         not s.keep_page_cache)
         if self.shard is not None:
             self.shard.close()
-        self.shard, self.key = shard, key
+        self.shard, self.key, self.held = shard, key, HeldSlice(dest, key[0], dims)
 
     def close(self) -> None:
         if self.shard is not None:

@@ -202,12 +202,14 @@ class Worker:
         """Load this device's slice of the new plan (while heartbeats go on), drop every request's KV
         (the master replays them), answer Replanned with the resident bytes or the reason it failed."""
         key = (msg.world_size, tuple(float(w) for w in msg.weights), *self.slice.key[2:5], msg.position)
+        fetched = 0
         try:
             if key == self.slice.key:  # it holds this slice already: nothing to load or fetch
                 if msg.fetch is not None:
                     await send(self.master, FetchRequest(done=True))
             elif msg.fetch is not None:
                 await self.slice.load_fetched(self.master, msg.fetch, msg.config, key)
+                fetched = self.slice.fetched_bytes
             else:
                 await asyncio.to_thread(self.slice.load_local, key)
         except ChannelClosed:
@@ -220,7 +222,7 @@ class Worker:
         self.kv.reset()
         self._connect_collectives()
         log.info("rank %d serves plan %d as %d of %d", self.settings.rank, msg.epoch, msg.position, msg.world_size)
-        await send(self.master, Replanned(msg.epoch, self.shard.nbytes()))
+        await send(self.master, Replanned(msg.epoch, self.shard.nbytes(), fetched_bytes=fetched))
 
     async def _open(self, msg: OpenRequest) -> None:
         await self.kv.open(self.shard, msg.rid, msg.cap, msg.offload)

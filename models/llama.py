@@ -19,7 +19,7 @@ from models.decode_kernels import rms_norm_rows, rope_heads, small_float32
 from models.quant import QuantWeight
 from models.quant_kernels import linear
 from models.rope import apply_rope_tables, rope_tables
-from models.sharding import LocalDims
+from models.sharding import LocalDims, PlanError, SplitKind, Unit, split_for
 from models.threads import step_threads
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -71,6 +71,17 @@ _LAYER_FIELDS = {
 def layer_tensor_names(layer: int) -> dict[str, str]:
     """LayerWeights field -> Hugging Face tensor name for one layer."""
     return {f: layer_prefix(layer) + suffix for f, suffix in _LAYER_FIELDS.items()}
+
+
+_HEAD_FIELDS = {"norm": "model.norm.weight", "lm_head": "lm_head.weight"}  # a rank's head file (HeadWeights)
+
+
+def field_split(field: str) -> tuple[SplitKind, Unit]:
+    """How a field of a layer's or the head's shard file (LayerWeights, HeadWeights) is cut over ranks."""
+    suffix = _LAYER_FIELDS.get(field) or _HEAD_FIELDS.get(field)
+    if suffix is None:
+        raise PlanError(f"no sharding rule for shard field {field!r}")
+    return split_for(suffix)
 
 
 def load_layer(ckpt: Checkpoint, layer: int, dims: LocalDims) -> LayerWeights:

@@ -39,7 +39,7 @@ class _ClusterCollector(Collector):
         for rank, nbytes in snap.fixed_rss.items():
             fixed.add_metric([str(rank)], nbytes)
         fetched = GaugeMetricFamily("edge_worker_fetched_bytes",
-                                    "Shard bytes a worker fetched from the master when it last joined",
+                                    "Shard bytes a worker fetched from the master when it last joined or re-planned",
                                     labels=["rank"])
         for rank, nbytes in snap.fetched.items():
             fetched.add_metric([str(rank)], nbytes)

@@ -4,6 +4,7 @@ Real processes on loopback."""
 
 import asyncio
 import json
+import math
 
 import aiohttp
 import psutil
@@ -11,8 +12,10 @@ import pytest
 from budgets import budget_between_one_and_two_devices
 from cluster_proc import ClusterProcess, wait_plan
 from hf_reference import hf_greedy, make_hf_checkpoint
+from safetensors import safe_open
 
 from models.config import load_config
+from models.sharding import TENSOR_SPLITS, local_dims
 
 PROMPT = [0, 17, 250, 33, 99, 5, 120]
 LONG = 80
@@ -123,11 +126,33 @@ async def test_a_worker_without_a_checkpoint_fetches_its_wider_slice(llama, tmp_
         assert_uninterrupted(result, reference)
         await wait_plan(cluster.url, [0, 1])
         assert list((tmp_path / "fetched").rglob("rank-1-of-2/*.safetensors"))  # its slice of the 2-device plan
+        async with aiohttp.ClientSession() as s, s.get(f"{cluster.url}/metrics") as r:
+            metrics = await r.text()
+        # it held position 1 of 3 and now serves 1 of 2: only the rows and columns it lacked came over
+        assert f'edge_worker_fetched_bytes{{rank="1"}} {float(missing_bytes(folder, 3, 1, 2, 1))}' in metrics
     finally:
         if fetcher is not None:
             fetcher.terminate()
             fetcher.wait(timeout=20)
         cluster.stop()
+
+
+def missing_bytes(folder, old_world: int, old_position: int, new_world: int, new_position: int) -> int:
+    """The float32 bytes of a device's slice of the new plan that its slice of the old plan lacks:
+    per split tensor, the rows (or columns) of its new range outside its old range."""
+    config = load_config(folder)
+    old, new = local_dims(config, old_world)[old_position], local_dims(config, new_world)[new_position]
+    total = 0
+    with safe_open(str(folder / "model.safetensors"), "pt") as fh:
+        for name in fh.keys():
+            kind, unit = TENSOR_SPLITS[name.split(".", 3)[-1] if name.startswith("model.layers.") else name]
+            if kind not in ("out", "in") or name == "model.embed_tokens.weight":  # rank 0's embedding
+                continue
+            shape = fh.get_slice(name).get_shape()
+            (s0, e0), (s1, e1) = old.rows(unit), new.rows(unit)
+            lacking = (e1 - s1) - max(0, min(e0, e1) - max(s0, s1))
+            total += lacking * (math.prod(shape) // shape[0 if kind == "out" else 1]) * 4
+    return total
 
 
 async def test_two_devices_that_lose_one_go_on_with_one(llama, tmp_path):
