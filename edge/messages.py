@@ -259,7 +259,7 @@ class Replanned(Message):
     epoch: int
     weight_bytes: int = 0
     error: str | None = None
-    fetched_bytes: int = 0  # shard bytes it fetched from the master for this plan
+    fetched_bytes: int | None = None  # shard bytes it fetched for this plan (None: it kept its slice)
 
 
 @dataclass(frozen=True)

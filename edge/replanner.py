@@ -163,4 +163,6 @@ class Replanner:
             raise ReplanFailed(f"rank {device} went away while re-planning ({e})") from e
         if done.error is not None:
             raise ReplanFailed(done.error)
-        record.weight_bytes, record.fetched = done.weight_bytes, done.fetched_bytes
+        record.weight_bytes = done.weight_bytes
+        if done.fetched_bytes is not None:
+            record.fetched = done.fetched_bytes

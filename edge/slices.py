@@ -103,7 +103,7 @@ class SliceLoader:
         log.info("rank %d: fetched %d bytes of shard files into %s", s.rank, self.fetched_bytes, dest)
         budget = int(s.memory_budget_mb * (1 << 20)) if s.memory_budget_mb else 1 << 62
         shard = await asyncio.to_thread(ShardModel.from_split, config, dims, dest, split_plan, budget,
-                                        not s.keep_page_cache)
+                                        not s.keep_page_cache, verified=files)  # fetch_files checked them
         if self.shard is not None:
             self.shard.close()
         self.shard, self.key, self.held = shard, key, HeldSlice(dest, key[0], dims)

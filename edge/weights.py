@@ -98,12 +98,17 @@ class WeightWindow:
     """Layer weights of one rank under a memory budget; `window(i)` is called by the forward."""
 
     def __init__(self, folder: Path, plan: SplitPlan, rank: int, num_layers: int, budget_bytes: int,
-                 reserve_bytes: int = 0, window: int = 2, drop_cache: bool = True):
+                 reserve_bytes: int = 0, window: int = 2, drop_cache: bool = True,
+                 verified: dict[str, dict] | None = None):
         self.folder, self.plan, self.rank = folder, plan, rank
         self.stats = WindowStats()
         self._drop_cache = drop_cache
-        self._entries = verify_rank(folder, plan, rank, num_layers)  # sha256 of every file, once
         self._names = [layer_file(plan.world_size, rank, i) for i in range(num_layers)]
+        names = [*self._names, head_file(plan.world_size, rank)]
+        if verified is not None and all(n in verified for n in names):
+            self._entries = verified  # checked by the caller a moment ago (edge.fetch)
+        else:
+            self._entries = verify_rank(folder, plan, rank, num_layers)  # sha256 of every file, once
         head_tensors, _ = read_layer_file(folder / head_file(plan.world_size, rank),
                                           self._entries[head_file(plan.world_size, rank)]["bytes"], False)
         self.head = HeadWeights(embed=torch.empty(0), norm=head_tensors["norm"],

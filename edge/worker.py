@@ -202,7 +202,7 @@ class Worker:
         """Load this device's slice of the new plan (while heartbeats go on), drop every request's KV
         (the master replays them), answer Replanned with the resident bytes or the reason it failed."""
         key = (msg.world_size, tuple(float(w) for w in msg.weights), *self.slice.key[2:5], msg.position)
-        fetched = 0
+        fetched = None  # it keeps what it holds: /metrics keeps what it fetched when it got it
         try:
             if key == self.slice.key:  # it holds this slice already: nothing to load or fetch
                 if msg.fetch is not None:
@@ -212,6 +212,7 @@ class Worker:
                 fetched = self.slice.fetched_bytes
             else:
                 await asyncio.to_thread(self.slice.load_local, key)
+                fetched = 0
         except ChannelClosed:
             raise  # the master is gone: rejoin
         except (SplitError, OSError, MemoryError, PlanError, CheckpointError, TransportError) as e:

@@ -79,8 +79,9 @@ class Cluster:
             time.sleep(0.1)
 
     def metric(self, name: str) -> float:
+        """A metric's value (NAME or NAME{labels}, as /metrics writes it)."""
         text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
-        return float(re.search(rf"^{name} (\S+)$", text, re.M)[1])
+        return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)[1])
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -120,7 +121,9 @@ def one_loss(model: str, scenario: str, tokens: int, at: int, tmp: Path) -> dict
             "edge_cluster_last_replan_seconds")
         load = cluster.metric("edge_cluster_last_replan_load_seconds")
         steady = sorted(b - a for a, b in zip(times[1:at], times[2:at]))
-        return {"scenario": scenario, "gap_ms": 1000 * (times[after] - times[after - 1]),
+        fetched = cluster.metric('edge_worker_fetched_bytes{rank="1"}') if worker is not None else 0.0
+        held = cluster.metric('edge_worker_weight_bytes{rank="1"}')
+        return {"scenario": scenario, "fetched_mb": fetched / 2**20, "slice_mb": held / 2**20, "gap_ms": 1000 * (times[after] - times[after - 1]),
                 "detect_ms": 1000 * (started - killed[0]), "load_ms": 1000 * load,
                 "switch_ms": 1000 * (total - load), "replay_ms": 1000 * (times[after] - started - total),
                 "tpot_ms": 1000 * steady[len(steady) // 2], "tokens": len(times)}
@@ -144,10 +147,13 @@ def write(rows: list[dict], out: Path) -> None:
     lines = ["A 3-device cluster streams one greedy request; worker rank 2 is SIGKILLed mid-stream. Gap: last "
              "token before the loss to the first after it = detection + re-plan (loading the new slices, then "
              "switching) + replay (the request's tokens fed again, then its step). One run each, 2-core host.",
+             "Rank 1's slice after the loss: the weight bytes it holds (resident; with a budget, what stays) and "
+             "what it fetched from the master (only the rows and columns its old slice lacked).",
              "", "| model | scenario | gap ms | detection ms | loading slices ms | switching ms | replay ms | "
-             "time per token before ms |", "|---|---|---|---|---|---|---|---|"]
+             "time per token before ms | rank 1 resident MB | rank 1 fetched MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['scenario']} | {r['gap_ms']:.0f} | {r['detect_ms']:.0f} | {r['load_ms']:.0f} | "
-              f"{r['switch_ms']:.0f} | {r['replay_ms']:.0f} | {r['tpot_ms']:.1f} |" for r in rows]
+              f"{r['switch_ms']:.0f} | {r['replay_ms']:.0f} | {r['tpot_ms']:.1f} | {r['slice_mb']:.0f} | "
+              f"{r['fetched_mb']:.0f} |" for r in rows]
     (out / "replan.md").write_text("\n".join(lines) + "\n")
 
 
