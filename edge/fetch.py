@@ -24,7 +24,7 @@ from safetensors.torch import save as save_safetensors
 from safetensors.torch import save_file
 
 from edge.messages import Chunk, FetchRequest, Piece, receive, send
-from edge.reslice import HeldSlice, assemble, load_weights, slice_weight, split_length
+from edge.reslice import PIECE_BYTES, HeldSlice, assemble, load_weights, slice_weight, split_length
 from edge.split import MANIFEST, sha256_file, stored_tensors
 from models.llama import Weight, field_split
 from models.quant import gather_quantized
@@ -80,7 +80,7 @@ def _read_piece(path: Path, field: str, start: int, stop: int) -> bytes:
     weight = gather_quantized(stored).get(field)
     if kind not in ("out", "in") or weight is None or not 0 <= start < stop <= split_length(weight, kind):
         raise FrameError(f"worker asked for {field}[{start}:{stop}] of {path.name}, which it does not hold")
-    if (stop - start) * weight.nbytes // split_length(weight, kind) > 2 * CHUNK * 4:
+    if (stop - start) * weight.nbytes // split_length(weight, kind) > 2 * PIECE_BYTES:
         raise FrameError(f"worker asked for {field}[{start}:{stop}] of {path.name}: too large a piece")
     return save_safetensors(stored_tensors({field: slice_weight(weight, kind, start, stop)}))
 
@@ -97,9 +97,9 @@ async def fetch_files(channel: Channel, files: dict[str, dict], plan: dict, dest
                 await asyncio.to_thread(sha256_file, path) == entry["sha256"]:
             continue
         if held is not None and dims is not None and (old := held.file_for(name)) is not None:
-            got = await _assemble_one(channel, name, path, entry, (old, held.dims, dims))
-            if got is not None:
-                fetched += got
+            assembled, got = await _assemble_one(channel, name, path, entry, (old, held.dims, dims))
+            fetched += got
+            if assembled:
                 continue
         fetched += await _fetch_one(channel, name, path, entry)
     await send(channel, FetchRequest(done=True))
@@ -135,9 +135,9 @@ async def _fetch_one(channel: Channel, name: str, path: Path, entry: dict) -> in
 
 
 async def _assemble_one(channel: Channel, name: str, path: Path, entry: dict,
-                        slices: tuple[Path, LocalDims, LocalDims]) -> int | None:
-    """Write `name` from the old file plus the pieces it lacks; the bytes fetched, or None when the
-    result is not the master's file (the caller fetches it whole)."""
+                        slices: tuple[Path, LocalDims, LocalDims]) -> tuple[bool, int]:
+    """Write `name` from the old file plus the pieces it lacks -> (whether the result is the
+    master's file: else the caller fetches it whole, the bytes fetched)."""
     old_path, old_dims, new_dims = slices
     fetched = 0
 
@@ -160,13 +160,13 @@ async def _assemble_one(channel: Channel, name: str, path: Path, entry: dict,
     old = await asyncio.to_thread(load_weights, old_path)
     weights = await assemble(old, old_dims, new_dims, fetch_piece)
     if weights is None:
-        return None
+        return False, fetched
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".assembled")  # not .part: a whole fetch resumes those
     await asyncio.to_thread(save_file, stored_tensors(weights), str(part))
     if await asyncio.to_thread(sha256_file, part) != entry["sha256"]:
         part.unlink()
         log.warning("%s assembled from the held slice differs from the master's; fetching it whole", name)
-        return None
+        return False, fetched
     part.replace(path)
-    return fetched
+    return True, fetched

@@ -5,8 +5,8 @@ tag `t` (and `op` for the master's commands on the "ctl" tag); decoding checks e
 
     worker -> master   Join, Ready, Heartbeat, RingLinked, AttentionLinked
     rank -> ring successor / attention node   Hello
-    master -> worker   Plan | Refused, [Chunk | Piece for each FetchRequest], then commands: OpenRequest,
-                       CloseRequest, Step, LinkRing (edge/ring.py), LinkAttention, Replan
+    master -> worker   Plan | Refused, [Chunk | Piece for each FetchRequest], then commands:
+                       OpenRequest, CloseRequest, Step, LinkRing (edge/ring.py), LinkAttention, Replan
     node   -> master   Join(role="attention"), NodeStats (heartbeat);  master -> node  NodePlan
 The all-reduces themselves (transport.collectives, transport.fastpath) are the data plane.
 """

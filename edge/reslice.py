@@ -14,19 +14,18 @@ whole, so a mistake here costs time, never a wrong weight.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from edge.split import rank_dir
 from models.llama import Weight, field_split
 from models.quant import GROUP, QuantWeight, gather_quantized
 from models.sharding import LocalDims, PlanError, SplitKind
 
-log = logging.getLogger("edge_llm.fetch")
 PIECE_BYTES = 8 << 20  # at most this much of one field per request (a frame, and memory, stay small)
 
 FetchPiece = Callable[[str, int, int], Awaitable[Weight]]  # (field, start, stop) of the new file -> weight
@@ -110,8 +109,6 @@ class HeldSlice:
 
 def load_weights(path: Path) -> dict[str, Weight]:
     """A shard file's fields (quantized ones gathered back into QuantWeights)."""
-    from safetensors.torch import load_file
-
     return gather_quantized(load_file(str(path)))
 
 
