@@ -123,8 +123,8 @@ def one_loss(model: str, scenario: str, tokens: int, at: int, tmp: Path) -> dict
         steady = sorted(b - a for a, b in zip(times[1:at], times[2:at]))
         fetched = cluster.metric('edge_worker_fetched_bytes{rank="1"}') if worker is not None else 0.0
         held = cluster.metric('edge_worker_weight_bytes{rank="1"}')
-        return {"scenario": scenario, "fetched_mb": fetched / 2**20, "slice_mb": held / 2**20, "gap_ms": 1000 * (times[after] - times[after - 1]),
-                "detect_ms": 1000 * (started - killed[0]), "load_ms": 1000 * load,
+        return {"scenario": scenario, "fetched_mb": fetched / 2**20, "slice_mb": held / 2**20,
+                "gap_ms": 1000 * (times[after] - times[after - 1]), "detect_ms": 1000 * (started - killed[0]), "load_ms": 1000 * load,
                 "switch_ms": 1000 * (total - load), "replay_ms": 1000 * (times[after] - started - total),
                 "tpot_ms": 1000 * steady[len(steady) // 2], "tokens": len(times)}
     finally:
