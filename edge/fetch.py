@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from pathlib import Path
 
 from safetensors import safe_open
@@ -75,14 +76,40 @@ def _read_piece(path: Path, field: str, start: int, stop: int) -> bytes:
         kind, _ = field_split(field)
     except PlanError as e:
         raise FrameError(f"worker asked for field {field!r} of {path.name}: {e}") from e
+    if kind not in ("out", "in"):
+        raise FrameError(f"worker asked for a piece of {field} of {path.name}, which is not split")
     with safe_open(str(path), "pt") as fh:
-        stored = {k: fh.get_tensor(k) for k in fh.keys() if k == field or k.startswith(field + ".")}
-    weight = gather_quantized(stored).get(field)
-    if kind not in ("out", "in") or weight is None or not 0 <= start < stop <= split_length(weight, kind):
-        raise FrameError(f"worker asked for {field}[{start}:{stop}] of {path.name}, which it does not hold")
-    if (stop - start) * weight.nbytes // split_length(weight, kind) > 2 * PIECE_BYTES:
-        raise FrameError(f"worker asked for {field}[{start}:{stop}] of {path.name}: too large a piece")
+        keys = [k for k in fh.keys() if k == field or k.startswith(field + ".")]
+        if keys == [field]:  # a plain tensor: read only the piece
+            return _plain_piece(path, fh.get_slice(field), field, kind, start, stop)
+        weight = gather_quantized({k: fh.get_tensor(k) for k in keys}).get(field)
+    if weight is None:
+        raise FrameError(f"worker asked for {field} of {path.name}, which has none")
+    length = split_length(weight, kind)
+    _check_piece(path, field, start, stop, length, weight.nbytes // max(1, length))
     return save_safetensors(stored_tensors({field: slice_weight(weight, kind, start, stop)}))
+
+
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1}  # safetensors dtype names
+
+
+def _plain_piece(path: Path, view, field: str, kind: str, start: int, stop: int) -> bytes:
+    shape = view.get_shape()
+    axis = 0 if kind == "out" else 1
+    if len(shape) <= axis:
+        raise FrameError(f"worker asked for columns of {field} of {path.name}, which has none")
+    element_bytes = math.prod(shape) // max(1, shape[axis]) * _ELEMENT_BYTES.get(view.get_dtype(), 8)
+    _check_piece(path, field, start, stop, shape[axis], element_bytes)
+    piece = view[start:stop] if axis == 0 else view[:, start:stop]
+    return save_safetensors({field: piece.contiguous()})
+
+
+def _check_piece(path: Path, field: str, start: int, stop: int, length: int, element_bytes: int) -> None:
+    """A piece must lie inside the field and be no larger than a worker asks for (edge.reslice)."""
+    if not 0 <= start < stop <= length:
+        raise FrameError(f"worker asked for {field}[{start}:{stop}] of {path.name}, which it does not hold")
+    if (stop - start) * element_bytes > 2 * PIECE_BYTES:
+        raise FrameError(f"worker asked for {field}[{start}:{stop}] of {path.name}: too large a piece")
 
 
 async def fetch_files(channel: Channel, files: dict[str, dict], plan: dict, dest: Path,

@@ -98,3 +98,11 @@ def test_the_master_refuses_a_piece_it_does_not_hold(checkpoint, tmp_path, field
     split = _split(checkpoint, tmp_path, 2, "float32")
     with pytest.raises(FrameError):
         _read_piece(split / rank_dir(2, 1) / "layer-000.safetensors", field, start, stop)
+
+
+@pytest.mark.parametrize("fmt", ["float32", "int4"])
+def test_the_master_refuses_a_piece_larger_than_a_worker_asks_for(checkpoint, tmp_path, monkeypatch, fmt):
+    split = _split(checkpoint, tmp_path, 2, fmt)
+    monkeypatch.setattr("edge.fetch.PIECE_BYTES", 64)
+    with pytest.raises(FrameError, match="too large"):
+        _read_piece(split / rank_dir(2, 1) / "layer-000.safetensors", "w_up", 0, 64)
