@@ -1,5 +1,7 @@
 """Codec round trips (property-based) and the rejection of every malformed message shape."""
 
+import random
+
 import msgpack
 import numpy as np
 import pytest
@@ -81,3 +83,18 @@ def test_frames_split_across_reads_reassemble():
     for i in range(len(stream)):
         parser.feed(stream[i:i + 1])
     assert got == [b"hello", b"", b"world"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_frames_in_reads_of_any_size_reassemble(seed):
+    """Bodies of 0 bytes to a megabyte in reads cut anywhere (inside headers too), bodies kept apart."""
+    rng = random.Random(seed)
+    bodies = [rng.randbytes(rng.choice([0, 1, 3, 4, 5, 300, 70_000, 1 << 20])) for _ in range(30)]
+    stream = b"".join(frame(b) for b in bodies)
+    got, pos = [], 0
+    parser = FrameParser(lambda body: got.append(bytes(body)))
+    while pos < len(stream):
+        step = rng.choice([1, 2, 3, 5, 4096, 65536, 300_000])
+        parser.feed(stream[pos:pos + step])
+        pos += step
+    assert got == bodies
