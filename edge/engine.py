@@ -87,13 +87,15 @@ class ShardModel:
     @classmethod
     def from_split(cls, config: LlamaConfig, dims: LocalDims, folder: Path, plan: SplitPlan,
                    budget_bytes: int, drop_cache: bool = True, kv_reserve_tokens: int = 2048,
-                   verified: dict[str, dict] | None = None) -> ShardModel:
+                   verified: dict[str, dict] | None = None, in_memory: dict[str, dict] | None = None,
+                   ) -> ShardModel:
         """Layers from per-layer shard files through a window that fits `budget_bytes`; `verified`:
-        the manifest entries of files the caller has just checked (fetched), not hashed again."""
+        the manifest entries of files the caller has just checked (fetched), not hashed again;
+        `in_memory`: the weights of some of those files, already in memory (not read back)."""
         reserve = kv_bytes_per_token(config, dims, plan.element_bytes) * min(kv_reserve_tokens,
                                                                              config.max_position_embeddings)
         window = WeightWindow(folder, plan, dims.rank, config.num_layers, budget_bytes, reserve,
-                              drop_cache=drop_cache, verified=verified)
+                              drop_cache=drop_cache, verified=verified, in_memory=in_memory)
         return cls(config, dims, window, window.head, window.nbytes(), window)
 
     def new_cache(self, capacity: int = 64) -> KVCache:

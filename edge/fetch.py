@@ -25,11 +25,11 @@ from safetensors.torch import save as save_safetensors
 from safetensors.torch import save_file
 
 from edge.messages import Chunk, FetchRequest, Piece, receive, send
-from edge.reslice import PIECE_BYTES, HeldSlice, assemble, load_weights, slice_weight, split_length
+from edge.reslice import PIECE_BYTES, Reslice, assemble, load_weights, slice_weight, split_length
 from edge.split import MANIFEST, sha256_file, stored_tensors
 from models.llama import Weight, field_split
 from models.quant import gather_quantized
-from models.sharding import LocalDims, PlanError
+from models.sharding import PlanError
 from transport.channel import Channel
 from transport.errors import FrameError, TransportError
 
@@ -113,18 +113,18 @@ def _check_piece(path: Path, field: str, start: int, stop: int, length: int, ele
 
 
 async def fetch_files(channel: Channel, files: dict[str, dict], plan: dict, dest: Path,
-                      held: HeldSlice | None = None, dims: LocalDims | None = None) -> int:
+                      reslice: Reslice | None = None) -> int:
     """Worker side: make `dest` hold every file of `files` (name -> bytes, sha256); returns bytes
-    fetched. With `held` (the slice it served) and `dims` (its slice of this plan), a file is
-    assembled from its old file plus the pieces it lacks where it can be."""
+    fetched. With `reslice` (a re-plan of a worker that holds a slice), a file is assembled from
+    its old file plus the pieces it lacks where it can be."""
     fetched = 0
     for name, entry in sorted(files.items()):
         path = _safe_name(name, dest)
         if path.is_file() and path.stat().st_size == entry["bytes"] and \
                 await asyncio.to_thread(sha256_file, path) == entry["sha256"]:
             continue
-        if held is not None and dims is not None and (old := held.file_for(name)) is not None:
-            assembled, got = await _assemble_one(channel, name, path, entry, (old, held.dims, dims))
+        if reslice is not None and (old := reslice.held.file_for(name)) is not None:
+            assembled, got = await _assemble_one(channel, name, path, entry, old, reslice)
             fetched += got
             if assembled:
                 continue
@@ -161,11 +161,10 @@ async def _fetch_one(channel: Channel, name: str, path: Path, entry: dict) -> in
     return offset - start
 
 
-async def _assemble_one(channel: Channel, name: str, path: Path, entry: dict,
-                        slices: tuple[Path, LocalDims, LocalDims]) -> tuple[bool, int]:
+async def _assemble_one(channel: Channel, name: str, path: Path, entry: dict, old_path: Path,
+                        reslice: Reslice) -> tuple[bool, int]:
     """Write `name` from the old file plus the pieces it lacks -> (whether the result is the
     master's file: else the caller fetches it whole, the bytes fetched)."""
-    old_path, old_dims, new_dims = slices
     fetched = 0
 
     async def fetch_piece(field: str, start: int, stop: int) -> Weight:
@@ -185,15 +184,16 @@ async def _assemble_one(channel: Channel, name: str, path: Path, entry: dict,
         return piece
 
     old = await asyncio.to_thread(load_weights, old_path)
-    weights = await assemble(old, old_dims, new_dims, fetch_piece)
+    weights = await assemble(old, reslice.held.dims, reslice.dims, fetch_piece)
     if weights is None:
         return False, fetched
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".assembled")  # not .part: a whole fetch resumes those
-    await asyncio.to_thread(save_file, stored_tensors(weights), str(part))
+    await asyncio.to_thread(save_file, stored_tensors(weights), str(part))  # faster than bytes, then a write
     if await asyncio.to_thread(sha256_file, part) != entry["sha256"]:
         part.unlink()
         log.warning("%s assembled from the held slice differs from the master's; fetching it whole", name)
         return False, fetched
     part.replace(path)
+    reslice.keep_weights(name, weights)
     return True, fetched

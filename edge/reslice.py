@@ -14,6 +14,7 @@ whole, so a mistake here costs time, never a wrong weight.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,29 @@ class HeldSlice:
         base = name.rsplit("/", 1)[-1]
         path = self.folder / rank_dir(self.world_size, self.dims.rank) / base
         return path if base != "embed.safetensors" and path.is_file() else None
+
+
+@dataclass
+class Reslice:
+    """How a re-plan's files are built from a held slice: `held` (the files it served), `dims` (its
+    slice of the new plan) and, with `keep`, the weights of every file it assembled, kept by file
+    name (a resident shard then takes them as they are instead of reading back what was written)."""
+
+    held: HeldSlice
+    dims: LocalDims
+    keep: bool = False
+    kept: dict[str, dict[str, Weight]] = dataclasses.field(default_factory=dict)
+
+    def keep_weights(self, name: str, weights: dict[str, Weight]) -> None:
+        if self.keep:
+            self.kept[name] = {f: _owned(w) for f, w in weights.items()}
+
+
+def _owned(w: Weight) -> Weight:
+    """`w` in memory of its own (a copy of a view, which would keep the old file's tensor alive)."""
+    if isinstance(w, QuantWeight):
+        return QuantWeight(w.kind, _owned(w.q), _owned(w.scale), None if w.min is None else _owned(w.min))
+    return w.clone() if w._base is not None or not w.is_contiguous() else w
 
 
 def load_weights(path: Path) -> dict[str, Weight]:

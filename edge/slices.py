@@ -13,7 +13,7 @@ from pathlib import Path
 from edge.engine import ShardModel, load_shard
 from edge.fetch import fetch_files
 from edge.messages import Plan
-from edge.reslice import HeldSlice
+from edge.reslice import HeldSlice, Reslice
 from edge.split import SplitPlan, plan_folder
 from models.checkpoint import Checkpoint
 from models.config import config_from_hf
@@ -98,12 +98,15 @@ class SliceLoader:
         split_plan = SplitPlan(*key[:2], fingerprint, *key[2:5])
         dest = plan_folder(Path(s.split_dir or f"edge-llm-shards/{fingerprint}"), split_plan)
         dims = local_dims(config, key[0], list(key[1]), key[4])[key[5]]
-        held = self.held if self.key is not None and self.key[2:5] == key[2:5] else None
-        self.fetched_bytes = await fetch_files(ch, files, fetch_plan, dest, held, dims)
+        reslice = None  # a re-plan: assemble from the slice held, keeping the result when all stays resident
+        if self.held is not None and self.key[2:5] == key[2:5]:
+            reslice = Reslice(self.held, dims, keep=not s.memory_budget_mb)
+        self.fetched_bytes = await fetch_files(ch, files, fetch_plan, dest, reslice)
         log.info("rank %d: fetched %d bytes of shard files into %s", s.rank, self.fetched_bytes, dest)
         budget = int(s.memory_budget_mb * (1 << 20)) if s.memory_budget_mb else 1 << 62
         shard = await asyncio.to_thread(ShardModel.from_split, config, dims, dest, split_plan, budget,
-                                        not s.keep_page_cache, verified=files)  # fetch_files checked them
+                                        not s.keep_page_cache, verified=files,  # fetch_files checked them
+                                        in_memory=reslice.kept if reslice is not None else None)
         if self.shard is not None:
             self.shard.close()
         self.shard, self.key, self.held = shard, key, HeldSlice(dest, key[0], dims)

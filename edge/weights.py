@@ -99,22 +99,25 @@ class WeightWindow:
 
     def __init__(self, folder: Path, plan: SplitPlan, rank: int, num_layers: int, budget_bytes: int,
                  reserve_bytes: int = 0, window: int = 2, drop_cache: bool = True,
-                 verified: dict[str, dict] | None = None):
+                 verified: dict[str, dict] | None = None, in_memory: dict[str, dict] | None = None):
         self.folder, self.plan, self.rank = folder, plan, rank
         self.stats = WindowStats()
         self._drop_cache = drop_cache
+        self._in_memory = in_memory or {}  # file name -> its weights, already in memory (edge.reslice)
         self._names = [layer_file(plan.world_size, rank, i) for i in range(num_layers)]
         names = [*self._names, head_file(plan.world_size, rank)]
         if verified is not None and all(n in verified for n in names):
             self._entries = verified  # checked by the caller a moment ago (edge.fetch)
         else:
             self._entries = verify_rank(folder, plan, rank, num_layers)  # sha256 of every file, once
-        head_tensors, _ = read_layer_file(folder / head_file(plan.world_size, rank),
-                                          self._entries[head_file(plan.world_size, rank)]["bytes"], False)
+        head_name = head_file(plan.world_size, rank)
+        head_tensors = self._in_memory.get(head_name) or \
+            read_layer_file(folder / head_name, self._entries[head_name]["bytes"], False)[0]
         self.head = HeadWeights(embed=torch.empty(0), norm=head_tensors["norm"],
                                 lm_head=head_tensors["lm_head"])
         resident_count = self._plan_residency(budget_bytes, reserve_bytes, window, num_layers)
         self._resident = {i: self._read(i, count=False) for i in range(resident_count)}
+        self._in_memory = {}  # streamed layers come from their files, into the window's buffers
         self._streamed = [i for i in range(num_layers) if i not in self._resident]
         self.window = window
         self.stats.streamed_layers = len(self._streamed)
@@ -146,6 +149,8 @@ class WeightWindow:
 
     def _read(self, layer: int, count: bool = True, buf: bytearray | None = None) -> LayerWeights:
         name = self._names[layer]
+        if name in self._in_memory:
+            return LayerWeights(**self._in_memory[name])
         start = time.perf_counter()
         tensors, size = read_layer_file(self.folder / name, self._entries[name]["bytes"],
                                         self._drop_cache and count, buf)

@@ -202,6 +202,8 @@ class Worker:
         """Load this device's slice of the new plan (while heartbeats go on), drop every request's KV
         (the master replays them), answer Replanned with the resident bytes or the reason it failed."""
         key = (msg.world_size, tuple(float(w) for w in msg.weights), *self.slice.key[2:5], msg.position)
+        log.info("rank %d loads its slice of plan %d (%d of %d)", self.settings.rank, msg.epoch, msg.position,
+                 msg.world_size)
         fetched = None  # it keeps what it holds: /metrics keeps what it fetched when it got it
         try:
             if key == self.slice.key:  # it holds this slice already: nothing to load or fetch

@@ -14,9 +14,19 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from edge.fetch import _read_piece
-from edge.reslice import HeldSlice, assemble, load_weights, parts_of
-from edge.split import MANIFEST, rank_dir, sha256_file, split_model, stored_tensors
+from edge.reslice import HeldSlice, Reslice, assemble, load_weights, parts_of
+from edge.split import (
+    MANIFEST,
+    SplitPlan,
+    layer_file,
+    rank_dir,
+    sha256_file,
+    split_model,
+    stored_tensors,
+)
+from edge.weights import WeightWindow
 from models.checkpoint import Checkpoint
+from models.files import checkpoint_fingerprint
 from models.quant import gather_quantized
 from models.sharding import TENSOR_SPLITS, local_dims
 from transport.errors import FrameError
@@ -106,3 +116,29 @@ def test_the_master_refuses_a_piece_larger_than_a_worker_asks_for(checkpoint, tm
     monkeypatch.setattr("edge.fetch.PIECE_BYTES", 64)
     with pytest.raises(FrameError, match="too large"):
         _read_piece(split / rank_dir(2, 1) / "layer-000.safetensors", "w_up", 0, 64)
+
+
+@pytest.mark.parametrize("fmt", ["float32", "int4"])
+def test_a_resident_window_takes_assembled_weights_as_a_read_of_its_files_gives_them(checkpoint, tmp_path, fmt):
+    old_dir, new_dir = _split(checkpoint, tmp_path, 3, fmt), _split(checkpoint, tmp_path, 2, fmt)
+    ckpt = Checkpoint(checkpoint)
+    align = ckpt.with_quant(FORMATS[fmt][1]).plan_align()
+    old_dims, new_dims = local_dims(ckpt.config, 3, None, align)[2], local_dims(ckpt.config, 2, None, align)[1]
+    reslice = Reslice(HeldSlice(old_dir, 3, old_dims), new_dims, keep=True)
+    manifest = json.loads((new_dir / MANIFEST).read_text())
+    for name in [n for n in manifest["files"] if n.startswith(rank_dir(2, 1) + "/")]:
+        async def fetch_piece(field, start, stop, name=name):
+            return gather_quantized(load_safetensors(_read_piece(new_dir / name, field, start, stop)))[field]
+
+        reslice.keep_weights(name, asyncio.run(assemble(load_weights(reslice.held.file_for(name)), old_dims,
+                                                        new_dims, fetch_piece)))
+    plan = SplitPlan(2, (1.0, 1.0), checkpoint_fingerprint(checkpoint), quantize=FORMATS[fmt][1], align=align)
+    kept = WeightWindow(new_dir, plan, 1, ckpt.config.num_layers, 1 << 40, in_memory=reslice.kept)
+    read = WeightWindow(new_dir, plan, 1, ckpt.config.num_layers, 1 << 40)
+    assert kept.stats.resident_bytes == read.stats.resident_bytes
+    assert kept(0).w_up is reslice.kept[layer_file(2, 1, 0)]["w_up"]  # taken, not read back
+    for layer in range(ckpt.config.num_layers):
+        a, b = stored_tensors(vars(kept(layer))), stored_tensors(vars(read(layer)))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = stored_tensors(vars(kept.head)), stored_tensors(vars(read.head))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
