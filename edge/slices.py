@@ -85,7 +85,7 @@ class SliceLoader:
                            s.memory_budget_mb, s.split_dir, drop_cache=not s.keep_page_cache)
         if self.shard is not None:
             self.shard.close()
-        self.shard, self.key, self.held = shard, key, None
+        self.shard, self.key, self.held, self.fetched_bytes = shard, key, None, 0
 
     async def load_fetched(self, ch: Channel, fetch: dict, config_json: dict | None, key: tuple) -> None:
         """Fetch this device's shard files from the master (only what is missing or stale), then load."""

@@ -202,19 +202,15 @@ class Worker:
         """Load this device's slice of the new plan (while heartbeats go on), drop every request's KV
         (the master replays them), answer Replanned with the resident bytes or the reason it failed."""
         key = (msg.world_size, tuple(float(w) for w in msg.weights), *self.slice.key[2:5], msg.position)
-        log.info("rank %d loads its slice of plan %d (%d of %d)", self.settings.rank, msg.epoch, msg.position,
-                 msg.world_size)
-        fetched = None  # it keeps what it holds: /metrics keeps what it fetched when it got it
+        unchanged = key == self.slice.key  # it holds this slice already: nothing to load or fetch
         try:
-            if key == self.slice.key:  # it holds this slice already: nothing to load or fetch
+            if unchanged:
                 if msg.fetch is not None:
                     await send(self.master, FetchRequest(done=True))
             elif msg.fetch is not None:
                 await self.slice.load_fetched(self.master, msg.fetch, msg.config, key)
-                fetched = self.slice.fetched_bytes
             else:
                 await asyncio.to_thread(self.slice.load_local, key)
-                fetched = 0
         except ChannelClosed:
             raise  # the master is gone: rejoin
         except (SplitError, OSError, MemoryError, PlanError, CheckpointError, TransportError) as e:
@@ -225,6 +221,7 @@ class Worker:
         self.kv.reset()
         self._connect_collectives()
         log.info("rank %d serves plan %d as %d of %d", self.settings.rank, msg.epoch, msg.position, msg.world_size)
+        fetched = None if unchanged else self.slice.fetched_bytes  # None: /metrics keeps its last fetch
         await send(self.master, Replanned(msg.epoch, self.shard.nbytes(), fetched_bytes=fetched))
 
     async def _open(self, msg: OpenRequest) -> None:
