@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from edge.messages import Chunk, FetchRequest, Piece, receive, send
 from edge.reslice import PIECE_BYTES, Reslice, assemble, load_weights, slice_weight, split_length
 from edge.split import MANIFEST, sha256_file, stored_tensors
+from edge.weights import SHARD_DTYPES
 from models.llama import Weight, field_split
 from models.quant import gather_quantized
 from models.sharding import PlanError
@@ -90,15 +91,12 @@ def _read_piece(path: Path, field: str, start: int, stop: int) -> bytes:
     return save_safetensors(stored_tensors({field: slice_weight(weight, kind, start, stop)}))
 
 
-_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1}  # safetensors dtype names
-
-
 def _plain_piece(path: Path, view, field: str, kind: str, start: int, stop: int) -> bytes:
-    shape = view.get_shape()
+    shape, dtype = view.get_shape(), SHARD_DTYPES.get(view.get_dtype())
     axis = 0 if kind == "out" else 1
-    if len(shape) <= axis:
-        raise FrameError(f"worker asked for columns of {field} of {path.name}, which has none")
-    element_bytes = math.prod(shape) // max(1, shape[axis]) * _ELEMENT_BYTES.get(view.get_dtype(), 8)
+    if len(shape) <= axis or dtype is None:
+        raise FrameError(f"worker asked for a piece of {field} of {path.name}, which cannot be cut so")
+    element_bytes = math.prod(shape) // max(1, shape[axis]) * dtype.itemsize
     _check_piece(path, field, start, stop, shape[axis], element_bytes)
     piece = view[start:stop] if axis == 0 else view[:, start:stop]
     return save_safetensors({field: piece.contiguous()})

@@ -48,7 +48,7 @@ def split_length(w: Weight, kind: SplitKind) -> int:
 def cat_weights(parts: list[Weight], kind: SplitKind) -> Weight:
     """The weight made of `parts` laid end to end along the dimension `kind` splits."""
     if not isinstance(parts[0], QuantWeight):
-        return torch.cat(parts, 0 if kind == "out" else 1).contiguous()
+        return torch.cat(parts, 0 if kind == "out" else 1)
     plains = [p.plain() for p in parts]  # q, scale, min with output channels last
     first = parts[0]
     if kind == "out":

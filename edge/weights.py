@@ -50,7 +50,7 @@ class WindowStats:
                 "resident_bytes": self.resident_bytes, "streamed_layers": self.streamed_layers}
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8}
+SHARD_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8}
 
 
 def _tensor_views(buf: bytearray, path: Path) -> dict[str, torch.Tensor]:
@@ -64,7 +64,7 @@ def _tensor_views(buf: bytearray, path: Path) -> dict[str, torch.Tensor]:
     base, tensors = 8 + header_len, {}
     for name, entry in header.items():
         start, stop = entry["data_offsets"]
-        dtype = _DTYPES.get(entry["dtype"])
+        dtype = SHARD_DTYPES.get(entry["dtype"])
         if dtype is None or base + stop > len(buf):
             raise SplitError(f"{path}: tensor {name!r} is damaged; run `edge-llm split` to repair it")
         count = (stop - start) // torch.empty(0, dtype=dtype).element_size()
