@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from models.config import LlamaConfig
-from models.decode_kernels import attend_cached, kernel_applies
+from models.decode_kernels import attend_arrays, attend_cached, kernel_applies
 from models.sharding import LocalDims
 
 
@@ -155,6 +155,13 @@ class CacheAttention:
                                  self.config.sliding_window(layer))
         keys, values = self.kv.append(layer, k, v)  # [B, KV, T, hd]
         return grouped_attention(q, keys, values, self.kv_map, self._mask(layer))
+
+    def attend_arrays(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """The kernel path of a call on arrays (models.decode_step): q [H, S, hd], k, v [KV, S, hd],
+        float32 and C-contiguous, RoPE applied -> [H, S, hd]; k and v are written into the cache."""
+        keys, values = self.kv.reserve(layer, q.shape[1])
+        return attend_arrays(q, k, v, keys[0].numpy(), values[0].numpy(), self._heads(q.shape[0], k.shape[0]),
+                             self.kv.length, self.config.sliding_window(layer))
 
 
 class KVStore(Protocol):

@@ -110,20 +110,30 @@ def small_float32(x: torch.Tensor) -> bool:
 
 def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., D] float32 -> [..., D]: models.llama.rms_norm in one call."""
-    out = torch.empty(x.shape)
     d = x.shape[-1]
     rows = np.ascontiguousarray(x.numpy().reshape(-1, d))  # a view of a strided x is copied
-    _rms_norm(rows, weight.numpy(), np.float32(eps), out.numpy().reshape(-1, d))
+    return torch.from_numpy(rms_norm_array(rows, weight.numpy(), eps)).view(x.shape)
+
+
+def rms_norm_array(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x [R, D] float32, C-contiguous; weight [D] float32 -> [R, D]."""
+    out = np.empty_like(x)
+    _rms_norm(x, weight, np.float32(eps), out)
     return out
 
 
 def rope_heads(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x: [B, S, H, hd] float32 (heads not yet moved before positions); cos, signed_sin: the step's
     tables ([S, hd] or [B, 1, S, hd], models.rope.rope_tables) -> rotated [B, S, H, hd]."""
-    out = torch.empty(x.shape)
     seqlen, head_dim = x.shape[1], x.shape[3]
     tables = [t.numpy().reshape(-1, seqlen, head_dim) for t in (cos, signed_sin)]  # [1 | B, S, hd]
-    _rope(np.ascontiguousarray(x.numpy()), *tables, out.numpy())
+    return torch.from_numpy(rope_array(np.ascontiguousarray(x.numpy()), *tables))
+
+
+def rope_array(x: np.ndarray, cos: np.ndarray, signed_sin: np.ndarray) -> np.ndarray:
+    """x [B, S, H, hd] float32, C-contiguous; cos, signed_sin [1 | B, S, hd] -> rotated [B, S, H, hd]."""
+    out = np.empty_like(x)
+    _rope(x, cos, signed_sin, out)
     return out
 
 
@@ -152,7 +162,15 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch
     buffers [1, KV, capacity >= start + S, hd] holding positions 0..start-1 -> [1, H, S, hd], with
     k and v written into the cache: causal (and sliding-window) attention, as
     models.attention.grouped_attention computes it."""
-    out = torch.empty(q.shape[1:], dtype=torch.float32)
     arrays = [np.ascontiguousarray(t[0].numpy()) for t in (q, k, v)]  # copies only for S > 1
-    _attend(*arrays, keys[0].numpy(), values[0].numpy(), kv_map, start, window or 0, out.numpy())
-    return out[None]
+    out = attend_arrays(*arrays, keys[0].numpy(), values[0].numpy(), kv_map, start, window)
+    return torch.from_numpy(out)[None]
+
+
+def attend_arrays(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                  kv_map: np.ndarray, start: int, window: int | None) -> np.ndarray:
+    """`attend_cached` on float32 C-contiguous arrays: q [H, S, hd], k, v [KV, S, hd]; keys, values
+    [KV, capacity, hd] -> [H, S, hd]."""
+    out = np.empty(q.shape, np.float32)
+    _attend(q, k, v, keys, values, kv_map, start, window or 0, out)
+    return out

@@ -16,6 +16,7 @@ from models.attention import Attend, KVStore
 from models.checkpoint import Checkpoint, layer_prefix
 from models.config import LlamaConfig
 from models.decode_kernels import rms_norm_rows, rope_heads, small_float32
+from models.decode_step import decode_layers, serves
 from models.quant import QuantWeight
 from models.quant_kernels import linear
 from models.rope import apply_rope_tables, rope_tables
@@ -186,8 +187,11 @@ def forward_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], confi
     cos_sin = rope_tables(*rotary.cos_sin(torch.arange(kv.length, kv.length + seqlen)), h.dtype)
     attend = kv.attend_for(config, dims, seqlen)
     with step_threads(seqlen, h.dtype):
-        for layer in range(config.num_layers):
-            h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
+        if serves(h, attend):  # a decode step: the same ops on arrays, without torch's dispatch
+            h = decode_layers(h, layers, config, dims, attend, cos_sin, reduce)
+        else:
+            for layer in range(config.num_layers):
+                h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
     kv.advance(seqlen)
     return h
 

@@ -213,40 +213,43 @@ def warm_kernels() -> None:
         warm_decode_kernels()
 
 
-def gemv(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-    """x [T, K] float32 contiguous -> [T, N] float32 through the numba kernel for w's format."""
-    out = torch.empty(x.shape[0], w.shape[0])
-    _kernel(w.kind)(*w.arrays, x.numpy(), out.numpy())
-    return out
+def kernel_serves(w: torch.Tensor | QuantWeight) -> bool:
+    """True when `gemv_rows` applies w: numba present, and w quantized or contiguous float32."""
+    if numba is None:
+        return False
+    return isinstance(w, QuantWeight) or (w.dtype == torch.float32 and w.is_contiguous() and not w.requires_grad)
 
 
-def _plain_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear of float32 x [..., K] and W [N, K] with 1..GEMV_ROWS rows, W streamed once. Arrays
-    pass as numpy views (a strided x is copied, so one compiled signature serves every call): each
-    torch op saved here is a microsecond per matrix, 7 matrices a layer."""
-    n, k = w.shape
-    out = torch.empty(*x.shape[:-1], n)
-    kernel = _kernel("f32", small=n * k < PARALLEL_MIN_PARAMS)
-    kernel(w.numpy(), np.ascontiguousarray(x.numpy().reshape(-1, k)), out.numpy().reshape(-1, n))
+def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> np.ndarray:
+    """x [R, K] float32, C-contiguous, 1 <= R <= GEMV_ROWS; w with `kernel_serves(w)` -> [R, N] float32
+    (+ bias), W streamed once by its format's kernel. Arrays in, arrays out: a decode step's layer
+    (models.decode_step) calls this without a torch op around it."""
+    n = w.shape[0]
+    out = np.empty((x.shape[0], n), np.float32)
+    if isinstance(w, QuantWeight):
+        _kernel(w.kind)(*w.arrays, x, out)
+    else:
+        _kernel("f32", small=n * w.shape[1] < PARALLEL_MIN_PARAMS)(w.numpy(), x, out)
     if bias is not None:
-        out += bias
+        out += bias.float().numpy()
     return out
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for plain or quantized weights: x [..., K] -> [..., N] in x's dtype."""
-    if isinstance(w, torch.Tensor):
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (numba is not None and 1 <= rows <= GEMV_ROWS and x.dtype == torch.float32 and w.dtype == torch.float32
-                and w.is_contiguous() and not w.requires_grad):
-            return _plain_rows(x, w, bias)
-        return F.linear(x, w, bias)
+    """F.linear for plain or quantized weights: x [..., K] -> [..., N] in x's dtype.
+
+    1..GEMV_ROWS rows go through `gemv_rows` (a strided x is copied, so one compiled signature serves
+    every call); more rows, or a weight no kernel serves, through torch's GEMM (W dequantized first).
+    """
     n, k = w.shape
-    flat = x.reshape(-1, k)
-    if numba is not None and flat.shape[0] <= GEMV_ROWS:
-        y = gemv(flat if flat.dtype == torch.float32 and flat.is_contiguous() else flat.float().contiguous(), w)
-    else:
-        y = F.linear(flat.float(), w.dequantize())
+    rows = x.numel() // k if k and x.shape[-1] == k else 0  # a mismatch goes to torch, which names it
+    if 1 <= rows <= GEMV_ROWS and kernel_serves(w) and (x.dtype == torch.float32 or isinstance(w, QuantWeight)):
+        flat = np.ascontiguousarray(x.detach().float().numpy().reshape(rows, k))
+        y = torch.from_numpy(gemv_rows(flat, w, bias))
+        return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], n)
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    y = F.linear(x.reshape(-1, k).float(), w.dequantize())
     if bias is not None:
         y += bias.float()
     return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], n)

@@ -1,0 +1,104 @@
+"""A decode step's layers on numpy arrays: the ops of models.llama.decoder_layer, the same kernels
+in the same order, without a torch op or a tensor <-> array conversion between them.
+
+Why: once the GEMVs, RMSNorm, RoPE and attention are compiled kernels, what is left of a decode
+step's layer is dispatch: a torch op or a wrapper's conversions cost 1-10 us each, a kernel call
+from arrays under 1 us. Measured on one process, 2 threads, median ms per token
+(/tmp scratch, AMD EPYC host on a slow day): the `small` preset 2.2 -> 1.4, SmolLM2-135M 44 -> 38,
+SmolLM2-135M int4 19 -> 13.4. bench/decode.md and bench/quant.md have the cluster numbers.
+
+Bit for bit the same as decoder_layer: the GEMVs (models.quant_kernels.gemv_rows), RMSNorm, RoPE
+and attention kernels (models.decode_kernels) see the same arrays; biases and residuals are the
+same float32 adds; SiLU and the gate x up product are torch's own ops on views of the arrays. So
+everything decoder_layer promises (tokens and logprobs against transformers, ranks identical)
+holds unchanged, and the tests check equality, not closeness.
+
+Serves one request (B = 1) of 1..MAX_POSITIONS new positions (a decode step, a verification of
+drafted tokens) in float32 over a local KV cache (models.attention.CacheAttention); batches,
+prefills, half precision and attention nodes take decoder_layer. A weight no kernel serves goes
+through models.quant_kernels.linear, as in decoder_layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.attention import Attend, CacheAttention
+from models.config import LlamaConfig
+from models.decode_kernels import MAX_POSITIONS, njit, rms_norm_array, rope_array
+from models.quant_kernels import gemv_rows, kernel_serves, linear
+from models.sharding import LocalDims
+
+if TYPE_CHECKING:
+    from models.llama import LayerWeights, Weight
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # as models.llama.Reduce: partial [1, S, D] -> sum
+
+
+def serves(h: torch.Tensor, attend: Attend) -> bool:
+    """True when `decode_layers` runs this step: h [1, S <= MAX_POSITIONS, D] float32, numba present,
+    attention over a local float32 KV cache."""
+    return (njit is not None and h.dtype == torch.float32 and h.shape[0] == 1 and 1 <= h.shape[1] <= MAX_POSITIONS
+            and isinstance(attend, CacheAttention) and attend.kv.dtype == torch.float32)
+
+
+def decode_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], config: LlamaConfig, dims: LocalDims,
+                  attend: CacheAttention, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                  reduce: Reduce) -> torch.Tensor:
+    """h: [1, S, D] -> [1, S, D] after every layer, as models.llama.decoder_layer layer by layer
+    (`serves(h, attend)` must hold); `cos_sin` from models.rope.rope_tables ([S, hd])."""
+    seqlen = h.shape[1]
+    cos, signed_sin = (np.ascontiguousarray(t.numpy().reshape(1, seqlen, dims.head_dim)) for t in cos_sin)
+    x = np.ascontiguousarray(h.numpy().reshape(seqlen, -1))  # [S, D]
+    step = _Step(config, dims, attend, cos, signed_sin, reduce)
+    for layer in range(config.num_layers):
+        x = step.layer(x, layers(layer), layer)
+    return torch.from_numpy(x).view(1, seqlen, -1)
+
+
+class _Step:
+    """One decode step's constants; `layer` applies one layer to the residual stream [S, D]."""
+
+    def __init__(self, config: LlamaConfig, dims: LocalDims, attend: CacheAttention, cos: np.ndarray,
+                 signed_sin: np.ndarray, reduce: Reduce):
+        self.eps, self.dims, self.attend, self.reduce = config.rms_norm_eps, dims, attend, reduce
+        self.cos, self.signed_sin = cos, signed_sin
+
+    def layer(self, h: np.ndarray, w: LayerWeights, layer: int) -> np.ndarray:
+        x = rms_norm_array(h, w.attn_norm.numpy(), self.eps)
+        h = h + self._sum(self._attention(x, w, layer))
+        x = rms_norm_array(h, w.mlp_norm.numpy(), self.eps)
+        gate = torch.from_numpy(_linear(x, w.w_gate, w.b_gate))
+        F.silu(gate, inplace=True)
+        gate.mul_(torch.from_numpy(_linear(x, w.w_up, w.b_up)))  # decoder_layer's silu(gate) * up
+        return h + self._sum(_linear(gate.numpy(), w.w_down, w.b_down))
+
+    def _attention(self, x: np.ndarray, w: LayerWeights, layer: int) -> np.ndarray:
+        """x [S, D] (normed) -> the partial output projection [S, D] over this rank's heads."""
+        seqlen, hd = x.shape[0], self.dims.head_dim
+        q = self._rope(_linear(x, w.wq, w.bq).reshape(1, seqlen, -1, hd))  # [1, S, H, hd]
+        k = self._rope(_linear(x, w.wk, w.bk).reshape(1, seqlen, -1, hd))  # [1, S, KV, hd]
+        v = _linear(x, w.wv, w.bv).reshape(seqlen, -1, hd)
+        heads = [np.ascontiguousarray(t.reshape(seqlen, -1, hd).transpose(1, 0, 2)) for t in (q, k, v)]
+        out = self.attend.attend_arrays(layer, *heads)  # [H, S, hd]
+        return _linear(np.ascontiguousarray(out.transpose(1, 0, 2).reshape(seqlen, -1)), w.wo, w.bo)
+
+    def _rope(self, x: np.ndarray) -> np.ndarray:
+        return rope_array(x, self.cos, self.signed_sin)
+
+    def _sum(self, partial: np.ndarray) -> np.ndarray:
+        """This rank's partial [S, D] -> the sum over ranks (the layer's `reduce`)."""
+        summed = self.reduce(torch.from_numpy(partial).view(1, *partial.shape))
+        return summed.numpy().reshape(partial.shape)
+
+
+def _linear(x: np.ndarray, w: Weight, bias: torch.Tensor | None) -> np.ndarray:
+    """x [S, D] float32 C-contiguous -> [S, N]: the kernel decoder_layer's `linear` picks for it."""
+    if kernel_serves(w):
+        return gemv_rows(x, w, bias)
+    return linear(torch.from_numpy(x), w, bias).numpy()
