@@ -164,6 +164,16 @@ class CacheAttention:
                              self.kv.length, self.config.sliding_window(layer))
 
 
+class BatchAttend:
+    """An attend over a batch: row b attends with `rows[b]` (its own request's KV store)."""
+
+    def __init__(self, rows: list[Attend]):
+        self.rows = rows
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]) for b, a in enumerate(self.rows)])
+
+
 class KVStore(Protocol):
     """Where a request's keys and values live: a local KVCache, or attention nodes (edge.offload)."""
 

@@ -13,9 +13,10 @@ same float32 adds; SiLU and the gate x up product are torch's own ops on views o
 everything decoder_layer promises (tokens and logprobs against transformers, ranks identical)
 holds unchanged, and the tests check equality, not closeness.
 
-Serves one request (B = 1) of 1..MAX_POSITIONS new positions (a decode step, a verification of
-drafted tokens) in float32 over a local KV cache (models.attention.CacheAttention); batches,
-prefills, half precision and attention nodes take decoder_layer. A weight no kernel serves goes
+Serves a step of B requests of S new positions each with B x S <= ROWS (a decode step, a batch
+of them, a verification of drafted tokens: where decoder_layer's kernels serve every op) in
+float32, each row over its own local KV cache (models.attention.CacheAttention); prefills, larger
+batches, half precision and attention nodes take decoder_layer. A weight no kernel serves goes
 through models.quant_kernels.linear, as in decoder_layer.
 """
 
@@ -28,46 +29,55 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.attention import Attend, CacheAttention
+from models.attention import Attend, BatchAttend, CacheAttention
 from models.config import LlamaConfig
 from models.decode_kernels import MAX_POSITIONS, njit, rms_norm_array, rope_array
-from models.quant_kernels import gemv_rows, kernel_serves, linear
+from models.quant_kernels import GEMV_ROWS, gemv_rows, kernel_serves, linear
 from models.sharding import LocalDims
 
 if TYPE_CHECKING:
     from models.llama import LayerWeights, Weight
 
+ROWS = min(MAX_POSITIONS, GEMV_ROWS)  # rows (B x S) up to which every op of decoder_layer is a kernel
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # as models.llama.Reduce: partial [1, S, D] -> sum
 
 
+def row_attends(attend: Attend, batch: int) -> list[CacheAttention] | None:
+    """The local cache attention of each of a step's `batch` rows, or None when some row's KV lives
+    elsewhere (or `attend` is not one per row)."""
+    rows = attend.rows if isinstance(attend, BatchAttend) else [attend]
+    return rows if len(rows) == batch and all(isinstance(a, CacheAttention) and a.kv.dtype == torch.float32 for a in rows) else None
+
+
 def serves(h: torch.Tensor, attend: Attend) -> bool:
-    """True when `decode_layers` runs this step: h [1, S <= MAX_POSITIONS, D] float32, numba present,
-    attention over a local float32 KV cache."""
-    return (njit is not None and h.dtype == torch.float32 and h.shape[0] == 1 and 1 <= h.shape[1] <= MAX_POSITIONS
-            and isinstance(attend, CacheAttention) and attend.kv.dtype == torch.float32)
+    """True when `decode_layers` runs this step: h [B, S, D] float32 with B x S <= ROWS, numba
+    present, every row's KV in a local float32 cache."""
+    rows = h.shape[0] * h.shape[1]
+    return (njit is not None and h.dtype == torch.float32 and 1 <= rows <= ROWS
+            and row_attends(attend, h.shape[0]) is not None)
 
 
 def decode_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], config: LlamaConfig, dims: LocalDims,
-                  attend: CacheAttention, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                  reduce: Reduce) -> torch.Tensor:
-    """h: [1, S, D] -> [1, S, D] after every layer, as models.llama.decoder_layer layer by layer
-    (`serves(h, attend)` must hold); `cos_sin` from models.rope.rope_tables ([S, hd])."""
-    seqlen = h.shape[1]
-    cos, signed_sin = (np.ascontiguousarray(t.numpy().reshape(1, seqlen, dims.head_dim)) for t in cos_sin)
-    x = np.ascontiguousarray(h.numpy().reshape(seqlen, -1))  # [S, D]
-    step = _Step(config, dims, attend, cos, signed_sin, reduce)
+                  attend: Attend, cos_sin: tuple[torch.Tensor, torch.Tensor], reduce: Reduce) -> torch.Tensor:
+    """h: [B, S, D] -> [B, S, D] after every layer, as models.llama.decoder_layer layer by layer
+    (`serves(h, attend)` must hold); `cos_sin` from models.rope.rope_tables ([S, hd] for every row,
+    or [B, 1, S, hd]: each row at its own positions)."""
+    batch, seqlen, width = h.shape
+    cos, signed_sin = (np.ascontiguousarray(t.numpy().reshape(-1, seqlen, dims.head_dim)) for t in cos_sin)
+    x = np.ascontiguousarray(h.numpy().reshape(batch * seqlen, width))  # [B x S, D]
+    step = _Step(config, dims, row_attends(attend, batch), (batch, seqlen), cos, signed_sin, reduce)
     for layer in range(config.num_layers):
         x = step.layer(x, layers(layer), layer)
-    return torch.from_numpy(x).view(1, seqlen, -1)
+    return torch.from_numpy(x).view(batch, seqlen, width)
 
 
 class _Step:
-    """One decode step's constants; `layer` applies one layer to the residual stream [S, D]."""
+    """One decode step's constants; `layer` applies one layer to the residual stream [B x S, D]."""
 
-    def __init__(self, config: LlamaConfig, dims: LocalDims, attend: CacheAttention, cos: np.ndarray,
-                 signed_sin: np.ndarray, reduce: Reduce):
-        self.eps, self.dims, self.attend, self.reduce = config.rms_norm_eps, dims, attend, reduce
-        self.cos, self.signed_sin = cos, signed_sin
+    def __init__(self, config: LlamaConfig, dims: LocalDims, attends: list[CacheAttention], shape: tuple[int, int],
+                 cos: np.ndarray, signed_sin: np.ndarray, reduce: Reduce):
+        self.eps, self.head_dim, self.attends, self.reduce = config.rms_norm_eps, dims.head_dim, attends, reduce
+        self.shape, self.cos, self.signed_sin = shape, cos, signed_sin
 
     def layer(self, h: np.ndarray, w: LayerWeights, layer: int) -> np.ndarray:
         x = rms_norm_array(h, w.attn_norm.numpy(), self.eps)
@@ -79,26 +89,31 @@ class _Step:
         return h + self._sum(_linear(gate.numpy(), w.w_down, w.b_down))
 
     def _attention(self, x: np.ndarray, w: LayerWeights, layer: int) -> np.ndarray:
-        """x [S, D] (normed) -> the partial output projection [S, D] over this rank's heads."""
-        seqlen, hd = x.shape[0], self.dims.head_dim
-        q = self._rope(_linear(x, w.wq, w.bq).reshape(1, seqlen, -1, hd))  # [1, S, H, hd]
-        k = self._rope(_linear(x, w.wk, w.bk).reshape(1, seqlen, -1, hd))  # [1, S, KV, hd]
-        v = _linear(x, w.wv, w.bv).reshape(seqlen, -1, hd)
-        heads = [np.ascontiguousarray(t.reshape(seqlen, -1, hd).transpose(1, 0, 2)) for t in (q, k, v)]
-        out = self.attend.attend_arrays(layer, *heads)  # [H, S, hd]
-        return _linear(np.ascontiguousarray(out.transpose(1, 0, 2).reshape(seqlen, -1)), w.wo, w.bo)
+        """x [B x S, D] (normed) -> the partial output projection [B x S, D] over this rank's heads;
+        row b attends over its own cache."""
+        (batch, seqlen), hd = self.shape, self.head_dim
+        q = self._rope(_linear(x, w.wq, w.bq).reshape(batch, seqlen, -1, hd))  # [B, S, H, hd]
+        k = self._rope(_linear(x, w.wk, w.bk).reshape(batch, seqlen, -1, hd))  # [B, S, KV, hd]
+        v = _linear(x, w.wv, w.bv).reshape(batch, seqlen, -1, hd)
+        outs = []
+        for b, attend in enumerate(self.attends):
+            heads = [np.ascontiguousarray(t[b].transpose(1, 0, 2)) for t in (q, k, v)]  # [H | KV, S, hd]
+            outs.append(attend.attend_arrays(layer, *heads))  # [H, S, hd]
+        out = np.stack(outs).transpose(0, 2, 1, 3).reshape(batch * seqlen, -1)  # [B x S, H x hd]
+        return _linear(np.ascontiguousarray(out), w.wo, w.bo)
 
     def _rope(self, x: np.ndarray) -> np.ndarray:
         return rope_array(x, self.cos, self.signed_sin)
 
     def _sum(self, partial: np.ndarray) -> np.ndarray:
-        """This rank's partial [S, D] -> the sum over ranks (the layer's `reduce`)."""
-        summed = self.reduce(torch.from_numpy(partial).view(1, *partial.shape))
+        """This rank's partial [B x S, D] -> the sum over ranks (the layer's `reduce`, on [B, S, D])."""
+        summed = self.reduce(torch.from_numpy(partial).view(*self.shape, -1))
         return summed.numpy().reshape(partial.shape)
 
 
 def _linear(x: np.ndarray, w: Weight, bias: torch.Tensor | None) -> np.ndarray:
-    """x [S, D] float32 C-contiguous -> [S, N]: the kernel decoder_layer's `linear` picks for it."""
+    """x [R, D] float32 C-contiguous, R <= ROWS -> [R, N]: the kernel decoder_layer's
+    `linear` picks for it."""
     if kernel_serves(w):
         return gemv_rows(x, w, bias)
     return linear(torch.from_numpy(x), w, bias).numpy()

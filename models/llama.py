@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.attention import Attend, KVStore
+from models.attention import Attend, BatchAttend, KVStore
 from models.checkpoint import Checkpoint, layer_prefix
 from models.config import LlamaConfig
 from models.decode_kernels import rms_norm_rows, rope_heads, small_float32
@@ -187,24 +187,25 @@ def forward_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], confi
     cos_sin = rope_tables(*rotary.cos_sin(torch.arange(kv.length, kv.length + seqlen)), h.dtype)
     attend = kv.attend_for(config, dims, seqlen)
     with step_threads(seqlen, h.dtype):
-        if serves(h, attend):  # a decode step: the same ops on arrays, without torch's dispatch
-            h = decode_layers(h, layers, config, dims, attend, cos_sin, reduce)
-        else:
-            for layer in range(config.num_layers):
-                h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
+        h = run_layers(h, layers, config, dims, attend, cos_sin, reduce)
     kv.advance(seqlen)
+    return h
+
+
+def run_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], config: LlamaConfig, dims: LocalDims,
+               attend: Attend, cos_sin: tuple[torch.Tensor, torch.Tensor], reduce: Reduce) -> torch.Tensor:
+    """h: [B, S, D] -> [B, S, D] through every layer: a decode step's few rows on arrays
+    (models.decode_step: the same ops without torch's dispatch, bit for bit), anything else op by op."""
+    if serves(h, attend):
+        return decode_layers(h, layers, config, dims, attend, cos_sin, reduce)
+    for layer in range(config.num_layers):
+        h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
     return h
 
 
 def batch_attend(attends: list[Attend]) -> Attend:
     """An attend over a batch: row b attends with attends[b] (its own request's KV store)."""
-    if len(attends) == 1:
-        return attends[0]
-
-    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.cat([a(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]) for b, a in enumerate(attends)])
-
-    return attend
+    return attends[0] if len(attends) == 1 else BatchAttend(attends)
 
 
 def forward_batch(h: torch.Tensor, layers: Callable[[int], LayerWeights], config: LlamaConfig, dims: LocalDims,
@@ -224,8 +225,7 @@ def forward_batch(h: torch.Tensor, layers: Callable[[int], LayerWeights], config
                           h.dtype)  # [B, 1, S, hd]
     attend = attend or batch_attend([kv.attend_for(config, dims, seqlen) for kv in kvs])
     with step_threads(h.shape[0] * seqlen, h.dtype):
-        for layer in range(config.num_layers):
-            h = decoder_layer(h, layers(layer), config, dims, attend, layer, cos_sin, reduce)
+        h = run_layers(h, layers, config, dims, attend, cos_sin, reduce)
     for kv in kvs:
         kv.advance(seqlen)
     return h

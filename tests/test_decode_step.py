@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import models.llama as llama
-from models.attention import KVCache
+from models.attention import BatchAttend, KVCache
 from models.checkpoint import Checkpoint
 from models.decode_kernels import MAX_POSITIONS
-from models.decode_step import decode_layers, serves
-from models.llama import decoder_layer, load_layer
+from models.decode_step import ROWS, decode_layers, serves
+from models.llama import batch_attend, decoder_layer, load_layer
 from models.model import LocalModel
 from models.rope import RotaryTable, rope_tables
 from models.sharding import local_dims
@@ -40,14 +40,13 @@ def shard(folder, quant: str, world: int, rank: int):
     return ckpt.config, dims, layers
 
 
-def filled_cache(config, dims, seed: int) -> KVCache:
-    """A cache holding PAST random positions (the same for both paths: each gets its own copy)."""
+def filled_cache(config, dims, past: int, seed: int) -> KVCache:
+    """A cache holding `past` random positions (the same for both paths: each gets its own copy)."""
     g = torch.Generator().manual_seed(seed)
-    kv = KVCache(config.num_layers, dims.n_local_kv_heads, config.head_dim, capacity=PAST + MAX_POSITIONS)
+    kv = KVCache(config.num_layers, dims.n_local_kv_heads, config.head_dim, capacity=past + MAX_POSITIONS)
     for layer in range(config.num_layers):
-        past = [torch.randn(1, dims.n_local_kv_heads, PAST, config.head_dim, generator=g) for _ in range(2)]
-        kv.append(layer, *past)
-    kv.advance(PAST)
+        kv.append(layer, *[torch.randn(1, dims.n_local_kv_heads, past, config.head_dim, generator=g) for _ in range(2)])
+    kv.advance(past)
     return kv
 
 
@@ -59,15 +58,17 @@ def counting_reduce(calls: list):
     return reduce
 
 
-def both_paths(config, dims, layers, seqlen: int, seed: int):
-    """The same step through decoder_layer and decode_layers -> (h, cache, reduce calls) per path."""
-    h = torch.randn(1, seqlen, config.hidden_size, generator=torch.Generator().manual_seed(seed))
-    rotary = RotaryTable(config)
-    cos_sin = rope_tables(*rotary.cos_sin(torch.arange(PAST, PAST + seqlen)), torch.float32)
+def both_paths(config, dims, layers, seqlen: int, seed: int, batch: int = 1):
+    """The same step of `batch` rows (row b with PAST + 3b positions cached) through decoder_layer and
+    decode_layers -> (h, caches, reduce calls) per path."""
+    h = torch.randn(batch, seqlen, config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    rotary, pasts = RotaryTable(config), [PAST + 3 * b for b in range(batch)]
+    tables = [rotary.cos_sin(torch.arange(p, p + seqlen)) for p in pasts]  # as forward_batch: per row
+    cos_sin = rope_tables(*(torch.stack([t[i] for t in tables])[:, None] for i in range(2)), torch.float32)
     results = []
     for arrays in (False, True):
-        kv, calls = filled_cache(config, dims, seed), []
-        attend = kv.attend_for(config, dims, seqlen)
+        kvs, calls = [filled_cache(config, dims, p, seed + b) for b, p in enumerate(pasts)], []
+        attend = batch_attend([kv.attend_for(config, dims, seqlen) for kv in kvs])
         reduce = counting_reduce(calls)
         with torch.inference_mode():
             if arrays:
@@ -77,8 +78,19 @@ def both_paths(config, dims, layers, seqlen: int, seed: int):
                 out = h
                 for i, w in enumerate(layers):
                     out = decoder_layer(out, w, config, dims, attend, i, cos_sin, reduce)
-        results.append((out, kv, calls))
+        results.append((out, kvs, calls))
     return results
+
+
+def assert_same(results, config, seqlen: int, batch: int = 1):
+    (ref, ref_kvs, ref_calls), (got, got_kvs, got_calls) = results
+    assert torch.equal(got, ref)
+    assert got_calls == ref_calls == [(batch, seqlen, config.hidden_size)] * (2 * config.num_layers)
+    for got_kv, ref_kv in zip(got_kvs, ref_kvs, strict=True):
+        end = got_kv.length + seqlen
+        for layer in range(config.num_layers):
+            for mine, theirs in zip(got_kv.reserve(layer, 0), ref_kv.reserve(layer, 0)):
+                assert torch.equal(mine[:, :, :end], theirs[:, :, :end])
 
 
 SLICES = [(1, 0), (2, 1), (3, 2)]  # qwen2's 4 heads in int4 groups of 2 heads leave no third rank a head
@@ -90,13 +102,14 @@ CASES = [(kind, quant, *s) for kind, quants in FORMATS.items() for quant in quan
 @pytest.mark.parametrize("kind,quant,world,rank", CASES)
 def test_the_array_step_is_the_torch_step_bit_for_bit(folders, kind, quant, world, rank, seqlen):
     config, dims, layers = shard(folders[kind], quant, world, rank)
-    (ref, ref_kv, ref_calls), (got, got_kv, got_calls) = both_paths(config, dims, layers, seqlen, seed=seqlen + rank)
-    assert torch.equal(got, ref)
-    assert got_calls == ref_calls == [(1, seqlen, config.hidden_size)] * (2 * config.num_layers)
-    end = PAST + seqlen
-    for layer in range(config.num_layers):
-        for mine, theirs in zip(got_kv.reserve(layer, 0), ref_kv.reserve(layer, 0)):
-            assert torch.equal(mine[:, :, :end], theirs[:, :, :end])
+    assert_same(both_paths(config, dims, layers, seqlen, seed=seqlen + rank), config, seqlen)
+
+
+@pytest.mark.parametrize("batch,seqlen", [(2, 1), (ROWS, 1), (2, 4)])
+@pytest.mark.parametrize("kind,quant", [("llama", "int4"), ("qwen2", "none"), ("mistral", "none")])
+def test_a_batch_of_requests_each_at_its_own_position_is_the_torch_batch(folders, kind, quant, batch, seqlen):
+    config, dims, layers = shard(folders[kind], quant, 2, 1)
+    assert_same(both_paths(config, dims, layers, seqlen, seed=batch, batch=batch), config, seqlen, batch)
 
 
 def test_a_weight_no_kernel_serves_takes_the_torch_linear(folders):
@@ -105,21 +118,24 @@ def test_a_weight_no_kernel_serves_takes_the_torch_linear(folders):
     config, dims, layers = shard(folders["qwen2"], "none", 1, 0)
     layers = [llama.LayerWeights(**(vars(w) | {"wq": w.wq.t().contiguous().t()})) for w in layers]
     assert not layers[0].wq.is_contiguous()
-    (ref, _, _), (got, _, _) = both_paths(config, dims, layers, 1, seed=3)
-    assert torch.equal(got, ref)
+    assert_same(both_paths(config, dims, layers, 1, seed=3), config, 1)
 
 
-def test_serves_only_one_float32_request_over_a_local_cache(folders):
+def test_serves_a_few_float32_rows_over_local_caches(folders):
     config, dims, _ = shard(folders["llama"], "none", 1, 0)
-    kv = KVCache(config.num_layers, dims.n_local_kv_heads, config.head_dim)
-    attend = kv.attend_for(config, dims, 1)
+    kvs = [KVCache(config.num_layers, dims.n_local_kv_heads, config.head_dim) for _ in range(ROWS + 1)]
+    attend = kvs[0].attend_for(config, dims, 1)
+    rows = batch_attend([kv.attend_for(config, dims, 1) for kv in kvs])
     d = config.hidden_size
     assert serves(torch.zeros(1, 1, d), attend)
-    assert serves(torch.zeros(1, MAX_POSITIONS, d), attend)
-    assert not serves(torch.zeros(1, MAX_POSITIONS + 1, d), attend)  # a prefill
-    assert not serves(torch.zeros(2, 1, d), attend)  # a batch
+    assert serves(torch.zeros(1, ROWS, d), attend)
+    assert serves(torch.zeros(ROWS, 1, d), BatchAttend(rows.rows[:ROWS]))
+    assert not serves(torch.zeros(1, ROWS + 1, d), attend)  # a prefill
+    assert not serves(torch.zeros(ROWS + 1, 1, d), rows)  # a batch whose GEMMs are torch's
+    assert not serves(torch.zeros(2, 1, d), attend)  # not one attend per row
     assert not serves(torch.zeros(1, 1, d, dtype=torch.bfloat16), attend)
     assert not serves(torch.zeros(1, 1, d), lambda layer, q, k, v: q)  # attention elsewhere (edge.offload)
+    assert not serves(torch.zeros(2, 1, d), BatchAttend([attend, lambda layer, q, k, v: q]))
     half = KVCache(config.num_layers, dims.n_local_kv_heads, config.head_dim, dtype=torch.bfloat16)
     assert not serves(torch.zeros(1, 1, d), half.attend_for(config, dims, 1))
 
@@ -145,3 +161,27 @@ def test_a_models_decode_steps_take_the_array_path(folders, monkeypatch):
     assert set(calls) == {len(prompt)}  # the prefill's layers only
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert np.isfinite(got[-1].numpy()).all()
+
+
+def test_a_batched_decode_step_takes_the_array_path(folders, monkeypatch):
+    """forward_batch (the step runner's batches) serves a decode batch on arrays, each request at its
+    own position, with the torch path's result."""
+    model = LocalModel(folders["qwen2"])
+    kvs = [model.new_cache(32) for _ in range(3)]
+    for i, kv in enumerate(kvs):
+        model.forward(list(range(5, 9 + 2 * i)), kv)
+    lengths = [kv.length for kv in kvs]
+    h = llama.embed(torch.tensor([[7], [8], [9]]), model.head)  # [3, 1, D]
+
+    def step() -> torch.Tensor:
+        with torch.inference_mode():
+            out = llama.forward_batch(h, model.layers.__getitem__, model.config, model.dims, kvs, model.rotary)
+        for kv, length in zip(kvs, lengths):
+            kv.rewind(length)
+        return out
+
+    monkeypatch.setattr(llama, "serves", lambda h, attend: False)
+    expected = step()
+    monkeypatch.undo()
+    monkeypatch.setattr(llama, "decoder_layer", lambda *a, **k: pytest.fail("the torch path ran"))
+    assert torch.equal(step(), expected)
