@@ -9,9 +9,9 @@ the channels the vectorized inner loop, x broadcast. They accumulate in float32:
 formats a partial sum per group of 32, then scale (and min x the group's sum of x) once per group;
 for per-channel int8 one sum over K, then the channel's scale.
 
-Rows of x beyond `GEMV_ROWS` (a prefill) dequantize W to float32 and use torch's GEMM, whose speed
-the weight format does not limit. Without numba (a platform with no wheel) every call takes that
-path: always correct, only slower.
+Rows of x beyond `GEMV_ROWS` (a prefill) dequantize W to float32 a block at a time and use torch's
+GEMM, whose speed the weight format does not limit (models.dequant_kernels). Without numba (a
+platform with no wheel) every call takes torch's GEMM: always correct, only slower.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from models.decode_kernels import warm_decode_kernels
+from models.dequant_kernels import prefill_linear
 from models.quant import QuantWeight
 from models.threads import kernel_threads
 
@@ -249,7 +250,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
         return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], n)
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    y = F.linear(x.reshape(-1, k).float(), w.dequantize())
+    y = prefill_linear(x.reshape(-1, k).float(), w)
     if bias is not None:
         y += bias.float()
     return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], n)

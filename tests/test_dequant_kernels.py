@@ -1,0 +1,63 @@
+"""A prefill through quantized weights (models.dequant_kernels) against QuantWeight.dequantize.
+
+`dequantize()` is the weight every reference in tests/test_quant.py is built from (transformers with
+the dequantized weights), so the blocks the kernels write must hold exactly its values, for every
+format, tile width and block boundary; the product is then torch's own GEMM.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import dequant_kernels
+from models.dequant_kernels import _kernel_args, prefill_linear
+from models.quant import GROUP, QuantWeight, quantize
+from models.quant_kernels import GEMV_ROWS, linear
+
+
+def weight(kind: str, n: int, k: int, seed: int) -> QuantWeight:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * k**-0.5
+    if kind != "int8g":
+        return quantize(w, kind)
+    codes = torch.randint(-127, 128, (k // GROUP, GROUP, n), dtype=torch.int8, generator=gen)  # plain [G, 32, N]
+    scales = (torch.rand(k // GROUP, n, generator=gen) * 0.01 + 1e-4).half()
+    return QuantWeight.from_plain("int8g", codes, scales)
+
+
+SHAPES = [(256, 64), (320, 96), (40, 32), (1536, 576)]  # tiles of 256, 64, 8, 256 output channels
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("kind", ["int8", "int8g", "int4"])
+def test_the_blocks_hold_exactly_the_dequantized_weights(kind, n, k):
+    w = weight(kind, n, k, seed=n + k)
+    kernel, args = _kernel_args(w)
+    tile = w.q.shape[-1]
+    out = torch.full((n, k), float("nan"))
+    for c0 in range(0, n // tile, 3):  # blocks of three tiles, the last one short
+        c1 = min(n // tile, c0 + 3)
+        kernel(*args, c0, c1, out[c0 * tile:c1 * tile].numpy())
+    assert torch.equal(out, w.dequantize())
+
+
+@pytest.mark.parametrize("rows", [GEMV_ROWS + 1, 37])
+@pytest.mark.parametrize("kind", ["int8", "int8g", "int4"])
+def test_a_prefill_multiplies_by_the_dequantized_weights(kind, rows, monkeypatch):
+    """Blocks smaller than the matrix (a remainder block too): the product is the GEMM's with W."""
+    w = weight(kind, 320, 96, seed=rows)
+    monkeypatch.setattr(dequant_kernels, "BLOCK_PARAMS", 3 * 64 * 96)  # tiles of 64: blocks of 3, 2
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(1))
+    expected = F.linear(x, w.dequantize())
+    got = prefill_linear(x, w)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # two GEMMs' float32 rounding
+
+
+def test_linear_prefills_without_building_the_whole_float32_matrix(monkeypatch):
+    """More rows than the GEMV kernels serve go through the blocks; `dequantize()` is never called."""
+    w = weight("int4", 256, 64, seed=2)
+    expected = F.linear(torch.ones(2, 12, 64), w.dequantize())
+    monkeypatch.setattr(QuantWeight, "dequantize", lambda self, dtype=None: pytest.fail("whole matrix built"))
+    got = linear(torch.ones(2, 12, 64), w)  # [B, S, K] with B x S = 24 rows
+    assert got.shape == (2, 12, 256)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
