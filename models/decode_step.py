@@ -5,7 +5,7 @@ Why: once the GEMVs, RMSNorm, RoPE and attention are compiled kernels, what is l
 step's layer is dispatch: a torch op or a wrapper's conversions cost 1-10 us each, a kernel call
 from arrays under 1 us. Measured on one process, 2 threads, median ms per token
 (/tmp scratch, AMD EPYC host on a slow day): the `small` preset 2.2 -> 1.4, SmolLM2-135M 44 -> 38,
-SmolLM2-135M int4 19 -> 13.4. bench/decode.md and bench/quant.md have the cluster numbers.
+SmolLM2-135M int4 19 -> 13.4. The README's Benchmarks section has the cluster numbers.
 
 Bit for bit the same as decoder_layer: the GEMVs (models.quant_kernels.gemv_rows), RMSNorm, RoPE
 and attention kernels (models.decode_kernels) see the same arrays; biases and residuals are the
@@ -39,14 +39,15 @@ if TYPE_CHECKING:
     from models.llama import LayerWeights, Weight
 
 ROWS = min(MAX_POSITIONS, GEMV_ROWS)  # rows (B x S) up to which every op of decoder_layer is a kernel
-Reduce = Callable[[torch.Tensor], torch.Tensor]  # as models.llama.Reduce: partial [1, S, D] -> sum
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # as models.llama.Reduce: partial [B, S, D] -> sum
 
 
 def row_attends(attend: Attend, batch: int) -> list[CacheAttention] | None:
     """The local cache attention of each of a step's `batch` rows, or None when some row's KV lives
     elsewhere (or `attend` is not one per row)."""
     rows = attend.rows if isinstance(attend, BatchAttend) else [attend]
-    return rows if len(rows) == batch and all(isinstance(a, CacheAttention) and a.kv.dtype == torch.float32 for a in rows) else None
+    local = all(isinstance(a, CacheAttention) and a.kv.dtype == torch.float32 for a in rows)
+    return rows if local and len(rows) == batch else None
 
 
 def serves(h: torch.Tensor, attend: Attend) -> bool:

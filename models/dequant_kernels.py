@@ -85,7 +85,7 @@ def prefill_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
         return F.linear(x, w.dequantize())
     n, k = w.shape
     tile = w.q.shape[-1]
-    tiles = max(1, BLOCK_PARAMS // (tile * k))
+    tiles = min(n // tile, max(1, BLOCK_PARAMS // (tile * k)))
     kernel, args = _kernel_args(w)
     buffer = torch.empty(tiles * tile, k)
     out = torch.empty(x.shape[0], n)
