@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from models.config import load_config
 from models.default_model import default_gguf
+from models.detokenize import IncrementalText
 from models.tokenizer import load_tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -84,6 +85,19 @@ def test_token_bytes_rebuild_the_text_even_when_tokens_split_characters(smollm2)
         assert b"".join(ours.token_bytes(i) for i in ids) == text.encode(), text
     emoji = ours.encode("🙂", add_special_tokens=False)
     assert len(emoji) > 1 and all(ours.token_bytes(i) != "\ufffd".encode() for i in emoji)
+
+
+def test_smollm2_streamed_text_is_transformers_decode(smollm2):
+    """Streaming token by token (a short window decoded each time) gives what transformers decodes
+    from the whole output, also where a character spans byte tokens (emoji, combining marks)."""
+    _, folder, ref_tok = smollm2
+    ours = load_tokenizer(folder, load_config(folder))
+    prompt = ours.encode("Repeat after me:", add_special_tokens=False)
+    for text in HARD_STRINGS:
+        ids = ours.encode(text, add_special_tokens=False)
+        inc = IncrementalText(ours, prompt, ())
+        streamed = "".join(inc.add(t) for t in ids) + inc.flush()
+        assert streamed == ref_tok.decode(ids, skip_special_tokens=True), text
 
 
 def test_smollm2_chat_template_matches_transformers(smollm2):

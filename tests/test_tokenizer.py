@@ -71,3 +71,26 @@ def test_text_that_only_looks_like_a_stop_prefix_is_released(tiny_model):
     text = "Hello, wonderful world"
     _, deltas, inc = _stream(tok, text, ("o, wx",))
     assert not inc.stopped and "".join(deltas) == text
+
+
+class CountingTokenizer:
+    """A tokenizer that records how many ids each decode call was given."""
+
+    def __init__(self, tok):
+        self.tok, self.sizes = tok, []
+
+    def decode(self, ids):
+        self.sizes.append(len(ids))
+        return self.tok.decode(ids)
+
+
+def test_streamed_text_is_the_whole_decode_and_each_token_decodes_a_short_window(tiny_model):
+    tok = load_tokenizer(tiny_model, load_config(tiny_model))
+    text = "Naïve café, déjà vu: 42 × 7 = 294.\n  Indented line; ünïcödé.  " * 40
+    prompt = tok.encode("Once upon a time", add_special_tokens=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    counting = CountingTokenizer(tok)
+    inc = IncrementalText(counting, prompt, ())
+    streamed = "".join(inc.add(t) for t in ids) + inc.flush()
+    assert streamed == tok.decode(prompt[-4:] + ids)[len(tok.decode(prompt[-4:])):]
+    assert len(ids) > 500 and max(counting.sizes) <= 12  # not the whole output, however long it grows
