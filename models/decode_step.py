@@ -42,6 +42,11 @@ ROWS = min(MAX_POSITIONS, GEMV_ROWS)  # rows (B x S) up to which every op of dec
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # as models.llama.Reduce: partial [B, S, D] -> sum
 
 
+def no_reduce(t: torch.Tensor) -> torch.Tensor:
+    """The single-device reduce: partial sums are already whole."""
+    return t
+
+
 def row_attends(attend: Attend, batch: int) -> list[CacheAttention] | None:
     """The local cache attention of each of a step's `batch` rows, or None when some row's KV lives
     elsewhere (or `attend` is not one per row)."""
@@ -79,6 +84,7 @@ class _Step:
                  cos: np.ndarray, signed_sin: np.ndarray, reduce: Reduce):
         self.eps, self.head_dim, self.attends, self.reduce = config.rms_norm_eps, dims.head_dim, attends, reduce
         self.shape, self.cos, self.signed_sin = shape, cos, signed_sin
+        self.alone = reduce is no_reduce  # one device: the partials are whole, no tensor round trip
 
     def layer(self, h: np.ndarray, w: LayerWeights, layer: int) -> np.ndarray:
         x = rms_norm_array(h, w.attn_norm.numpy(), self.eps)
@@ -100,7 +106,8 @@ class _Step:
         for b, attend in enumerate(self.attends):
             heads = [np.ascontiguousarray(t[b].transpose(1, 0, 2)) for t in (q, k, v)]  # [H | KV, S, hd]
             outs.append(attend.attend_arrays(layer, *heads))  # [H, S, hd]
-        out = np.stack(outs).transpose(0, 2, 1, 3).reshape(batch * seqlen, -1)  # [B x S, H x hd]
+        out = outs[0][None] if batch == 1 else np.stack(outs)  # [B, H, S, hd]
+        out = out.transpose(0, 2, 1, 3).reshape(batch * seqlen, -1)  # [B x S, H x hd]
         return _linear(np.ascontiguousarray(out), w.wo, w.bo)
 
     def _rope(self, x: np.ndarray) -> np.ndarray:
@@ -108,6 +115,8 @@ class _Step:
 
     def _sum(self, partial: np.ndarray) -> np.ndarray:
         """This rank's partial [B x S, D] -> the sum over ranks (the layer's `reduce`, on [B, S, D])."""
+        if self.alone:
+            return partial
         summed = self.reduce(torch.from_numpy(partial).view(*self.shape, -1))
         return summed.numpy().reshape(partial.shape)
 

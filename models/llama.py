@@ -16,7 +16,7 @@ from models.attention import Attend, BatchAttend, KVStore
 from models.checkpoint import Checkpoint, layer_prefix
 from models.config import LlamaConfig
 from models.decode_kernels import rms_norm_rows, rope_heads, small_float32
-from models.decode_step import decode_layers, serves
+from models.decode_step import decode_layers, no_reduce, serves
 from models.quant import QuantWeight
 from models.quant_kernels import linear
 from models.rope import apply_rope_tables, rope_tables
@@ -25,11 +25,6 @@ from models.threads import step_threads
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Weight = torch.Tensor | QuantWeight  # a Linear weight [out, in]: plain, or quantized (models.quant)
-
-
-def no_reduce(t: torch.Tensor) -> torch.Tensor:
-    """The single-device reduce: partial sums are already whole."""
-    return t
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ platform with no wheel) every call takes torch's GEMM: always correct, only slow
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -189,6 +191,7 @@ def _kernels(parallel: bool) -> dict:
 
 
 _COMPILED: dict[bool, dict] = {}
+_numba_threads = threading.local()  # the count this thread last gave numba (asking numba costs 2 us)
 
 
 def _kernel(kind: str, small: bool = False):
@@ -198,8 +201,9 @@ def _kernel(kind: str, small: bool = False):
     parallel = threads > 1 and not small
     if parallel not in _COMPILED:
         _COMPILED[parallel] = _kernels(parallel)
-    if parallel and numba.get_num_threads() != min(threads, numba.config.NUMBA_NUM_THREADS):
+    if parallel and getattr(_numba_threads, "count", None) != threads:  # numba's count is per OS thread
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        _numba_threads.count = threads
     return _COMPILED[parallel][kind]
 
 
