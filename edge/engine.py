@@ -20,6 +20,7 @@ import torch
 
 from edge.offload import batch_attend_for
 from edge.split import SplitError, SplitPlan, default_split_dir, plan_folder, split_model
+from edge.trace import AllReduceTrace
 from edge.weights import BudgetTooSmall, WeightWindow
 from models.attention import KVCache, KVStore
 from models.checkpoint import Checkpoint
@@ -75,6 +76,7 @@ class ShardModel:
         # Where a step's time goes on this rank (/metrics, scripts/profile_decode.py): the whole
         # forward on the compute thread, and the part of it spent in all-reduces (send + wait).
         self.timing = {"forward_s": 0.0, "allreduce_s": 0.0, "allreduces": 0, "forwards": 0}
+        self.trace = AllReduceTrace.from_env(dims.rank)  # None unless profiling (edge.trace)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, dims: LocalDims) -> ShardModel:
@@ -133,7 +135,7 @@ class ShardModel:
         def reduce_across(partial: torch.Tensor) -> torch.Tensor:  # runs on the compute thread
             # bf16/fp16 partials travel as float32 (exact) and are summed in float32 in rank order;
             # every rank rounds the same sum to the activation dtype, so all ranks stay identical.
-            began = time.perf_counter()
+            began, entered = time.perf_counter(), self.trace.now() if self.trace else 0
             arr = partial.detach().float().contiguous().numpy()
             if fast is not None:
                 summed = fast.allreduce(arr)
@@ -142,6 +144,8 @@ class ShardModel:
             out = torch.from_numpy(np.asarray(summed)).view(partial.shape).to(partial.dtype)
             self.timing["allreduce_s"] += time.perf_counter() - began
             self.timing["allreduces"] += 1
+            if self.trace:
+                self.trace.add(entered, self.trace.now())
             return out
 
         # One device has nothing to sum: no hop to the event loop and back.
@@ -154,6 +158,8 @@ class ShardModel:
             finally:
                 self.timing["forward_s"] += time.perf_counter() - began
                 self.timing["forwards"] += 1
+                if self.trace:
+                    self.trace.flush()
 
         def forward() -> np.ndarray:
             with torch.inference_mode():

@@ -50,10 +50,11 @@ for line in sys.stdin:
 
 
 class Cluster:
-    def __init__(self, model: str, workers: int, extra: list[str] | None = None):
+    def __init__(self, model: str, workers: int, extra: list[str] | None = None, env: dict | None = None):
         cmd = [sys.executable, "-m", "edge_llm", "cluster", "--model", model, "--workers", str(workers),
                "--port", "0", *(extra or [])]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env=None if env is None else os.environ | env)
         self.url = ""
         while not self.url:
             line = self.proc.stdout.readline()

@@ -4,7 +4,9 @@
 
 Per model and device count, from the cluster's own counters (/metrics, per rank) over one streamed
 request: the forward on each rank's compute thread, the part of it in all-reduces (send, the
-peer's arrival, the sum: it includes waiting for the slower rank), the rest of the forward (GEMVs,
+peer's arrival, the sum), split into waiting for the slower rank to arrive and the exchange after
+it (from a trace of every all-reduce's entry and exit on every rank, edge.trace: the ranks of this
+emulated cluster share one clock), the rest of the forward (GEMVs,
 attention, norms, the Python around them), and what the token costs outside the forward (the step
 runner, embedding, the logits gather, sampling, detokenising, the SSE write). Next to it, the
 memory-streaming floor of the same plan (scripts/stream_floor.py) and one process running the
@@ -18,12 +20,16 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import Cluster  # noqa: E402
 from stream_floor import measure_floor  # noqa: E402
+
+from edge.trace import TRACE_ENV, read_trace, split_allreduces  # noqa: E402
 
 LOCAL = r"""
 import json, sys, time, torch
@@ -48,22 +54,26 @@ def counters(url: str) -> dict[str, dict[str, float]]:
 
 
 def profile_cluster(model: str, workers: int, tokens: int) -> dict:
-    cluster = Cluster(model, workers)
-    try:
-        cluster.request(8)
-        before = counters(cluster.url)
-        times = cluster.request(tokens)
-        after = counters(cluster.url)
-    finally:
-        cluster.stop()
+    with tempfile.TemporaryDirectory() as trace_dir:
+        cluster = Cluster(model, workers, env={TRACE_ENV: trace_dir})
+        try:
+            cluster.request(8)
+            before, since = counters(cluster.url), time.monotonic_ns()
+            times = cluster.request(tokens)
+            until, after = time.monotonic_ns(), counters(cluster.url)
+        finally:
+            cluster.stop()
+        split = split_allreduces(read_trace(trace_dir), since, until) if workers > 1 else {}
     tpot = (times[-1] - times[0]) / (len(times) - 1)
     ranks = {}
     for rank in after:
         d = {k: after[rank][k] - before[rank].get(k, 0.0) for k in after[rank]}
-        per = 1000 / d["forwards"]
+        per, count = 1000 / d["forwards"], d["allreduces"] / d["forwards"]
+        part = split.get(int(rank), {"wait_s": 0.0, "exchange_s": 0.0})
         ranks[rank] = {"forward_ms": d["forward"] * per, "allreduce_ms": d["allreduce"] * per,
-                       "compute_ms": (d["forward"] - d["allreduce"]) * per,
-                       "allreduces_per_token": d["allreduces"] / d["forwards"]}
+                       "allreduce_wait_ms": 1000 * part["wait_s"] * count,
+                       "allreduce_exchange_ms": 1000 * part["exchange_s"] * count,
+                       "compute_ms": (d["forward"] - d["allreduce"]) * per, "allreduces_per_token": count}
     return {"tpot_ms": 1000 * tpot, "ranks": ranks, "outside_forward_ms": 1000 * tpot - ranks["0"]["forward_ms"]}
 
 
@@ -77,11 +87,13 @@ def local_forward_ms(model: str, threads: int, tokens: int) -> float:
 def write(results: dict, out: Path) -> None:
     out.mkdir(exist_ok=True)
     (out / "profile.json").write_text(json.dumps(results, indent=2))
-    lines = ["Per decode token (ms), median over one streamed request; all-reduce time includes waiting for "
-             "the slower rank. 'one process' runs the whole model's layers in one process on the same "
+    lines = ["Per decode token (ms), mean over one streamed request. All-reduce: this rank's time in them, of "
+             "which 'waiting' until the last rank entered and 'exchange' from then until this rank had the "
+             "sum (link, wake-up, sum). 'one process' runs the whole model's layers in one process on the same "
              "cores (no cluster); 'floor' streams each rank's weight bytes through F.linear, concurrently.", "",
              "| model | devices | time per token | floor | one process | rank | forward | of it all-reduce "
-             "(count) | of it compute | outside the forward (rank 0) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "(count) | waiting | exchange | of it compute | outside the forward (rank 0) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, per_n in results["models"].items():
         for n, r in per_n.items():
             for i, (rank, p) in enumerate(sorted(r["ranks"].items())):
@@ -89,7 +101,8 @@ def write(results: dict, out: Path) -> None:
                         else "| | | | | ")
                 tail = f"{r['outside_forward_ms']:.2f} |" if i == 0 else " |"
                 lines.append(f"{head}| {rank} | {p['forward_ms']:.2f} | {p['allreduce_ms']:.2f} "
-                             f"({p['allreduces_per_token']:.0f}) | {p['compute_ms']:.2f} | {tail}")
+                             f"({p['allreduces_per_token']:.0f}) | {p['allreduce_wait_ms']:.2f} | "
+                             f"{p['allreduce_exchange_ms']:.2f} | {p['compute_ms']:.2f} | {tail}")
     (out / "profile.md").write_text("\n".join(lines) + "\n")
 
 
