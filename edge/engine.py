@@ -20,7 +20,7 @@ import torch
 
 from edge.offload import batch_attend_for
 from edge.split import SplitError, SplitPlan, default_split_dir, plan_folder, split_model
-from edge.trace import AllReduceTrace
+from edge.trace import ALLREDUCE, FORWARD, StepTrace
 from edge.weights import BudgetTooSmall, WeightWindow
 from models.attention import KVCache, KVStore
 from models.checkpoint import Checkpoint
@@ -76,7 +76,7 @@ class ShardModel:
         # Where a step's time goes on this rank (/metrics, scripts/profile_decode.py): the whole
         # forward on the compute thread, and the part of it spent in all-reduces (send + wait).
         self.timing = {"forward_s": 0.0, "allreduce_s": 0.0, "allreduces": 0, "forwards": 0}
-        self.trace = AllReduceTrace.from_env(dims.rank)  # None unless profiling (edge.trace)
+        self.trace = StepTrace.from_env(dims.rank)  # None unless profiling (edge.trace)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, dims: LocalDims) -> ShardModel:
@@ -145,20 +145,21 @@ class ShardModel:
             self.timing["allreduce_s"] += time.perf_counter() - began
             self.timing["allreduces"] += 1
             if self.trace:
-                self.trace.add(entered, self.trace.now())
+                self.trace.add(ALLREDUCE, entered, self.trace.now())
             return out
 
         # One device has nothing to sum: no hop to the event loop and back.
         reduce = no_reduce if self.dims.world_size == 1 else reduce_across
 
         def run() -> np.ndarray:
-            began = time.perf_counter()
+            began, entered = time.perf_counter(), self.trace.now() if self.trace else 0
             try:
                 return forward()
             finally:
                 self.timing["forward_s"] += time.perf_counter() - began
                 self.timing["forwards"] += 1
                 if self.trace:
+                    self.trace.add(FORWARD, entered, self.trace.now())
                     self.trace.flush()
 
         def forward() -> np.ndarray:

@@ -1,35 +1,33 @@
 """Where one decode token's time goes, on 1 and 2 emulated devices: writes bench/profile.json and .md.
 
-    .venv/bin/python scripts/profile_decode.py [--model DIR ...] [--workers 1,2] [--tokens 64]
+    .venv/bin/python scripts/profile_decode.py [--model DIR ...] [--workers 1,2] [--tokens 64] [--quantize int8|int4]
 
-Per model and device count, from the cluster's own counters (/metrics, per rank) over one streamed
-request: the forward on each rank's compute thread, the part of it in all-reduces (send, the
+Per model and device count, over the decode steps of one streamed request (a trace of every
+forward and all-reduce on every rank, edge.trace; the ranks of this emulated cluster share one
+clock): the forward on each rank's compute thread, the part of it in all-reduces (send, the
 peer's arrival, the sum), split into waiting for the slower rank to arrive and the exchange after
-it (from a trace of every all-reduce's entry and exit on every rank, edge.trace: the ranks of this
-emulated cluster share one clock), the rest of the forward (GEMVs,
-attention, norms, the Python around them), and what the token costs outside the forward (the step
-runner, embedding, the logits gather, sampling, detokenising, the SSE write). Next to it, the
-memory-streaming floor of the same plan (scripts/stream_floor.py) and one process running the
-same layers with no cluster at all (models.model.LocalModel, one thread per device's share).
+it, the rest of the forward (GEMVs, attention, norms, the Python around them), and what the token
+costs outside the forward (the step runner, embedding, the logits gather, sampling, detokenising,
+the SSE write). Next to it, the memory-streaming floor of the same
+plan through the same kernels (scripts/stream_floor.py) and one process running the same layers
+with no cluster at all (models.model.LocalModel, one thread per device's share).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import Cluster  # noqa: E402
 from stream_floor import measure_floor  # noqa: E402
 
-from edge.trace import TRACE_ENV, read_trace, split_allreduces  # noqa: E402
+from edge.trace import TRACE_ENV, forward_seconds, read_trace, split_allreduces  # noqa: E402
 
 LOCAL = r"""
 import json, sys, time, torch
@@ -37,7 +35,7 @@ sys.path.insert(0, sys.argv[1])
 from models.model import LocalModel
 from models.threads import set_threads
 set_threads(int(sys.argv[3]))
-m = LocalModel(sys.argv[2]); kv = m.new_cache(512); m.forward([1, 2, 3], kv)
+m = LocalModel(sys.argv[2], quantize=sys.argv[5]); kv = m.new_cache(512); m.forward([1, 2, 3], kv)
 times = []
 for _ in range(int(sys.argv[4])):
     t = time.perf_counter(); m.forward([5], kv); times.append(time.perf_counter() - t)
@@ -45,41 +43,35 @@ print(json.dumps(sorted(times)[len(times) // 2]))
 """
 
 
-def counters(url: str) -> dict[str, dict[str, float]]:
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    out: dict[str, dict[str, float]] = {}
-    for name, rank, value in re.findall(r'^edge_rank_(\w+?)(?:_seconds)?_total\{rank="(\d+)"\} (\S+)$', text, re.M):
-        out.setdefault(rank, {})[name] = float(value)
-    return out
-
-
-def profile_cluster(model: str, workers: int, tokens: int) -> dict:
+def profile_cluster(model: str, workers: int, tokens: int, extra: list[str]) -> dict:
+    """The decode steps of one streamed request: the trace (edge.trace) from its first token on."""
     with tempfile.TemporaryDirectory() as trace_dir:
-        cluster = Cluster(model, workers, env={TRACE_ENV: trace_dir})
+        cluster = Cluster(model, workers, extra, env={TRACE_ENV: trace_dir})
         try:
             cluster.request(8)
-            before, since = counters(cluster.url), time.monotonic_ns()
+            started = time.monotonic_ns()
             times = cluster.request(tokens)
-            until, after = time.monotonic_ns(), counters(cluster.url)
+            until = time.monotonic_ns()
         finally:
             cluster.stop()
-        split = split_allreduces(read_trace(trace_dir), since, until) if workers > 1 else {}
+        trace = read_trace(trace_dir)
+    since = started + int(times[0] * 1e9)  # the prefill is over
+    split = split_allreduces(trace, since, until)
     tpot = (times[-1] - times[0]) / (len(times) - 1)
     ranks = {}
-    for rank in after:
-        d = {k: after[rank][k] - before[rank].get(k, 0.0) for k in after[rank]}
-        per, count = 1000 / d["forwards"], d["allreduces"] / d["forwards"]
-        part = split.get(int(rank), {"wait_s": 0.0, "exchange_s": 0.0})
-        ranks[rank] = {"forward_ms": d["forward"] * per, "allreduce_ms": d["allreduce"] * per,
-                       "allreduce_wait_ms": 1000 * part["wait_s"] * count,
-                       "allreduce_exchange_ms": 1000 * part["exchange_s"] * count,
-                       "compute_ms": (d["forward"] - d["allreduce"]) * per, "allreduces_per_token": count}
+    for rank, records in trace.items():
+        forward_s, forwards = forward_seconds(records, since, until)
+        count = split[rank]["count"] / forwards if forwards else 0.0  # all-reduces per forward
+        wait, exchange = 1000 * split[rank]["wait_s"] * count, 1000 * split[rank]["exchange_s"] * count
+        ranks[str(rank)] = {"forward_ms": 1000 * forward_s, "allreduce_ms": wait + exchange,
+                            "allreduce_wait_ms": wait, "allreduce_exchange_ms": exchange,
+                            "compute_ms": 1000 * forward_s - wait - exchange, "allreduces_per_token": count}
     return {"tpot_ms": 1000 * tpot, "ranks": ranks, "outside_forward_ms": 1000 * tpot - ranks["0"]["forward_ms"]}
 
 
-def local_forward_ms(model: str, threads: int, tokens: int) -> float:
+def local_forward_ms(model: str, threads: int, tokens: int, quantize: str | None) -> float:
     root = str(Path(__file__).resolve().parent.parent)
-    out = subprocess.run([sys.executable, "-c", LOCAL, root, model, str(threads), str(tokens)],
+    out = subprocess.run([sys.executable, "-c", LOCAL, root, model, str(threads), str(tokens), quantize or "auto"],
                          capture_output=True, text=True, check=True)
     return 1000 * json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -87,10 +79,11 @@ def local_forward_ms(model: str, threads: int, tokens: int) -> float:
 def write(results: dict, out: Path) -> None:
     out.mkdir(exist_ok=True)
     (out / "profile.json").write_text(json.dumps(results, indent=2))
-    lines = ["Per decode token (ms), mean over one streamed request. All-reduce: this rank's time in them, of "
-             "which 'waiting' until the last rank entered and 'exchange' from then until this rank had the "
-             "sum (link, wake-up, sum). 'one process' runs the whole model's layers in one process on the same "
-             "cores (no cluster); 'floor' streams each rank's weight bytes through F.linear, concurrently.", "",
+    lines = ["Per decode token (ms), mean over the decode steps of one streamed request. All-reduce: this "
+             "rank's time in them, of which 'waiting' until the last rank entered and 'exchange' from then "
+             "until this rank had the sum (link, wake-up, sum). 'one process' runs the whole model's layers in "
+             "one process on the same cores (no cluster); 'floor' streams each rank's weight bytes through the "
+             "decode's own GEMV kernels, concurrently.", "",
              "| model | devices | time per token | floor | one process | rank | forward | of it all-reduce "
              "(count) | waiting | exchange | of it compute | outside the forward (rank 0) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -112,6 +105,8 @@ def main() -> None:
                                                          "preset and the default model)")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="serve the weights quantized (the "
+                                                                    "floor and one process too)")
     parser.add_argument("--out", default="bench")
     args = parser.parse_args()
     models = args.model or ["models-cache/small", "models-cache/smollm2-135m-instruct"]
@@ -121,9 +116,9 @@ def main() -> None:
     results: dict = {"models": {}}
     for model in models:
         for n in (int(w) for w in args.workers.split(",")):
-            r = profile_cluster(model, n, args.tokens)
-            r["floor_ms"] = measure_floor(model, n)["ms"]
-            r["local_ms"] = local_forward_ms(model, max(1, 2 // n), args.tokens)
+            r = profile_cluster(model, n, args.tokens, ["--quantize", args.quantize] if args.quantize else [])
+            r["floor_ms"] = measure_floor(model, n, quantize=args.quantize)["ms"]
+            r["local_ms"] = local_forward_ms(model, max(1, 2 // n), args.tokens, args.quantize)
             results["models"].setdefault(Path(model).name, {})[str(n)] = r
             print(model, n, json.dumps(r), flush=True)
     write(results, Path(args.out))

@@ -1,11 +1,12 @@
 """The memory-streaming floor of a decode step: N processes, one thread each, each streaming its
 own rank's weight bytes through models.quant_kernels.linear (the kernel the decode uses: numba's
-float32 GEMV, or F.linear for bf16/fp16) concurrently, once per token.
+float32 GEMV, or F.linear for bf16/fp16, or with --quantize the int8/int4 kernels, the LM head at
+int8 under int4 as served) concurrently, once per token.
 
 Nothing else is done (no attention, norms, all-reduce or Python around it), so a cluster's time per
 token over this floor is its overhead. Used by bench_decode.py; alone:
 
-    .venv/bin/python scripts/stream_floor.py MODEL_DIR N [--dtype auto] [--tokens 20]
+    .venv/bin/python scripts/stream_floor.py MODEL_DIR N [--dtype auto] [--quantize int8|int4] [--tokens 20]
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from models.config import load_config
 from models.dtypes import resolve_dtype
+from models.quant import quantize
 from models.quant_kernels import linear, warm_kernels
 from models.sharding import local_dims
 torch.set_num_threads(1)
 warm_kernels()
 folder, world, rank, dtype_name, tokens = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+method = sys.argv[7] if len(sys.argv) > 7 else None
 cfg = load_config(__import__("pathlib").Path(folder))
 dtype = resolve_dtype(dtype_name, cfg.torch_dtype)
 d = local_dims(cfg, world)[rank]
@@ -35,8 +38,13 @@ shapes = [(d.n_local_heads * hd, D), (d.n_local_kv_heads * hd, D), (d.n_local_kv
           (D, d.n_local_heads * hd), (d.local_intermediate, D), (d.local_intermediate, D), (D, d.local_intermediate)]
 layers = [[torch.randn(s).to(dtype) for s in shapes] for _ in range(cfg.num_layers)]
 head = torch.randn(d.local_vocab, D).to(dtype)
+if method:
+    layers = [[quantize(w, method) for w in ws] for ws in layers]
+    head = quantize(head, "int8")
 x = {D: torch.randn(1, D).to(dtype), d.local_intermediate: torch.randn(1, d.local_intermediate).to(dtype),
      d.n_local_heads * hd: torch.randn(1, d.n_local_heads * hd).to(dtype)}
+if method:
+    x = {k: v.float() for k, v in x.items()}
 nbytes = sum(w.nbytes for ws in layers for w in ws) + head.nbytes
 def token():
     for ws in layers:
@@ -57,11 +65,12 @@ class Floor:
     """N floor processes, allocated once; `round()` runs one concurrent round, so a benchmark can
     alternate floor and system rounds and drift of the machine hits both alike."""
 
-    def __init__(self, model: str, world: int, dtype: str = "auto", tokens: int = 20):
+    def __init__(self, model: str, world: int, dtype: str = "auto", tokens: int = 20, quantize: str | None = None):
         root = str(Path(__file__).resolve().parent.parent)
         self.tokens = tokens
         self.procs = [subprocess.Popen([sys.executable, "-c", WORKER, root, model, str(world), str(r), dtype,
-                                        str(tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                        str(tokens), *([quantize] if quantize else [])],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                       for r in range(world)]
         for p in self.procs:
             if p.stdout.readline().strip() != "ready":
@@ -83,9 +92,10 @@ class Floor:
             p.wait()
 
 
-def measure_floor(model: str, world: int, dtype: str = "auto", tokens: int = 20, rounds: int = 1) -> dict:
+def measure_floor(model: str, world: int, dtype: str = "auto", tokens: int = 20, rounds: int = 1,
+                  quantize: str | None = None) -> dict:
     """Median time per token of the slowest rank (they run concurrently), and bytes per rank."""
-    floor = Floor(model, world, dtype, tokens)
+    floor = Floor(model, world, dtype, tokens, quantize)
     try:
         ms = [1000 * floor.round() for _ in range(rounds)]
     finally:
@@ -98,9 +108,10 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("workers", type=int)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantize", choices=["int8", "int4"])
     parser.add_argument("--tokens", type=int, default=20)
     args = parser.parse_args()
-    print(json.dumps(measure_floor(args.model, args.workers, args.dtype, args.tokens)))
+    print(json.dumps(measure_floor(args.model, args.workers, args.dtype, args.tokens, quantize=args.quantize)))
 
 
 if __name__ == "__main__":
