@@ -126,9 +126,10 @@ def test_int4_refuses_a_model_without_whole_groups(tmp_path):
 # --- kernels ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["int8", "int4", "int8g"])
-@pytest.mark.parametrize("rows", [1, 3, GEMV_ROWS + 5])
-def test_kernel_error_within_float32_dot_product_bound(method, rows):
-    """|y - exact| <= K u sum|w||x| (the float32 dot-product bound, with the exact product in float64)."""
+@pytest.mark.parametrize(("rows", "threads"), [(1, 1), (1, 2), (3, 1), (3, 2), (GEMV_ROWS + 5, 2)])
+def test_kernel_error_within_float32_dot_product_bound(method, rows, threads):
+    """|y - exact| <= K u sum|w||x| (the float32 dot-product bound, with the exact product in float64).
+    72 channels are 9 tiles of 8: runs of tiles per thread that STREAMS does not divide."""
     n, k = 72, 576
     w = random_weight(n, k, seed=2)
     if method == "int8g":
@@ -141,7 +142,12 @@ def test_kernel_error_within_float32_dot_product_bound(method, rows):
     deq = qw.dequantize().double()
     exact = x.double() @ deq.T
     bound = k * U * (x.double().abs() @ deq.abs().T)
-    y = linear(x, qw)
+    before = kernel_threads()
+    try:
+        set_threads(threads)
+        y = linear(x, qw)
+    finally:
+        set_threads(before)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     assert ((y.double() - exact).abs() <= bound).all()
 
