@@ -179,6 +179,9 @@ def _worker(sub: argparse._SubParsersAction) -> None:
                    help="seconds without a reachable master after which the device exits")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--step-timeout", type=positive_float, default=5.0, help="seconds an all-reduce waits")
+    p.add_argument("--poll-us", type=non_negative_int, default=0,
+                   help="microseconds an all-reduce polls for its peer's data before it sleeps (faster "
+                        "on a device whose cores are its own; 0: never)")
     p.add_argument("--link-latency-ms", type=non_negative_float, default=0.0, help="emulated latency to the master")
     p.add_argument("--link-bandwidth-mbps", type=non_negative_float, default=0.0,
                    help="emulated bandwidth to the master (0: unlimited)")

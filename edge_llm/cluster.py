@@ -30,6 +30,7 @@ from scheduler.cloud import CloudSettings
 from scheduler.router import Policy
 from scheduler.state import ADMISSION
 from transport.auth import SECRET_ENV
+from transport.fastpath import set_poll_us
 from transport.link import LinkSpec
 
 log = logging.getLogger("edge_llm.cluster")
@@ -58,10 +59,16 @@ def threads_per_process(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
 
+def poll_us_per_process(settings: MasterSettings) -> int:
+    """Emulated devices poll their data links (transport.fastpath.set_poll_us) only when each process
+    has a core of its own: polling where processes share cores takes the core a peer computes on."""
+    return 300 if settings.world_size + settings.attention_nodes <= (os.cpu_count() or 1) else 0
+
+
 def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "edge_llm", "worker", "--model", settings.model, "--rank", str(rank),
            "--master", f"127.0.0.1:{master_port}", "--threads", str(threads),
-           "--step-timeout", str(settings.step_timeout)]
+           "--step-timeout", str(settings.step_timeout), "--poll-us", str(poll_us_per_process(settings))]
     if settings.memory_budget_mb is not None:
         cmd += ["--memory-budget-mb", str(settings.memory_budget_mb)]
     if settings.split_dir is not None:
@@ -192,6 +199,7 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
     are stopped on exit. Raises PlanError / CheckpointError before any process starts."""
     threads = threads_per_process(settings.world_size) if spawn_workers else torch.get_num_threads()
     set_threads(threads)
+    set_poll_us(poll_us_per_process(settings) if spawn_workers else 0)
     engine = ClusterEngine(settings)
     try:
         port = await engine.start()

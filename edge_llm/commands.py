@@ -259,6 +259,7 @@ def worker(args: argparse.Namespace) -> None:
     from edge.slices import PlanRefused
     from edge.worker import WorkerSettings
     from edge_llm.cluster import link_from_args, run_worker
+    from transport.fastpath import set_poll_us
     from transport.loop import run_loop
 
     model, master, secret_file = _model_folder(args.model), args.master, args.secret_file
@@ -283,6 +284,7 @@ def worker(args: argparse.Namespace) -> None:
                               memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir,
                               keep_page_cache=args.keep_page_cache, dtype=args.dtype, quantize=args.quantize,
                               master_timeout=args.master_timeout)
+    set_poll_us(args.poll_us)
     try:
         run_loop(run_worker(settings, args.threads or __import__("torch").get_num_threads()))
     except (CheckpointError, PlanError, PlanRefused, StopJoining) as e:

@@ -3,6 +3,7 @@
 import asyncio
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,17 @@ from transport.errors import (
     FrameError,
     PeerFailed,
 )
-from transport.fastpath import ABORT, DATA, ERROR, DataLink, DataServer, FastStar, open_data_link
+from transport.fastpath import (
+    ABORT,
+    DATA,
+    ERROR,
+    FRAME,
+    DataLink,
+    DataServer,
+    FastStar,
+    open_data_link,
+    set_poll_us,
+)
 
 SECRET = b"s" * 32
 
@@ -124,3 +135,54 @@ async def test_handshake_admits_the_secret_only():
         server.close()
         for link in accepted.values():
             link.close()
+
+
+class CountingSocket:
+    """A socket that counts the blocking reads made on it (polling reads go to its fd directly)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.blocking_reads = sock, 0
+
+    def recv_into(self, *args):
+        self.blocking_reads += 1
+        return self.sock.recv_into(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+@pytest.fixture
+def polling():
+    set_poll_us(50_000)
+    yield
+    set_poll_us(0)
+
+
+@pytest.mark.parametrize(("pause", "polled"), [(0.0, True), (0.15, False)])
+def test_polling_reads_a_frame_that_comes_within_it_without_sleeping_in_recv(polling, pause, polled):
+    hub, worker = star_links(2)
+    counting = hub[1].sock = CountingSocket(hub[1].sock)
+    payload = np.arange(4096, dtype=np.float32)
+    raw = FRAME.pack(DATA, payload.nbytes, 4) + payload.tobytes()
+
+    def feed():  # the frame cut in pieces, `pause` before each
+        for i in range(0, len(raw), 5000):
+            time.sleep(pause)
+            worker[0].sock.sendall(raw[i:i + 5000])
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    out = np.empty(4096, np.float32)
+    hub[1].recv_into(4, out)
+    feeder.join()
+    assert out.tobytes() == payload.tobytes() and hub[1].bytes_received == len(raw)
+    assert (counting.blocking_reads == 0) == polled  # past the poll: the thread sleeps in recv
+
+
+def test_a_peer_gone_while_polling_closes_the_link(polling):
+    hub, worker = star_links(2)
+    worker[0].sock.sendall(FRAME.pack(DATA, 16, 1) + bytes(8))  # half a frame, then gone
+    worker[0].close()
+    with pytest.raises(ChannelClosed):
+        hub[1].recv_into(1, np.empty(4, np.float32))
+    assert hub[1].closed

@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import numpy as np
@@ -43,6 +45,19 @@ log = logging.getLogger("edge_llm.transport")
 FRAME = struct.Struct("<BxxxIQ")  # kind, payload bytes, sequence number
 DATA, ERROR, ABORT = 1, 2, 3
 MAX_PAYLOAD = 256 << 20
+_POLL = {"seconds": 0.0}  # process-wide, as the thread count is (set_poll_us)
+
+
+def set_poll_us(microseconds: int) -> None:
+    """How long a data-link read polls (non-blocking tries) before it sleeps in recv; 0: never.
+
+    Why: waking a thread that sleeps in recv took tens of microseconds per all-reduce on these
+    hosts (the 'exchange' of scripts/profile_decode.py: 2 devices of the `small` preset, 0.71-0.89
+    ms per token of it without polling, 0.39-0.46 with 300 us). Polling burns its core meanwhile,
+    so it pays only when the process has a core to itself: 3 emulated devices on 2 cores decoded
+    2x slower with it. `edge-llm cluster` turns it on when its devices do not outnumber the cores.
+    """
+    _POLL["seconds"] = microseconds / 1e6
 HANDSHAKE_TIMEOUT = 5.0
 
 
@@ -97,9 +112,26 @@ class DataLink:
             self.closed = True
             raise ChannelClosed(f"data link to {self.peer} closed ({e})") from e
 
+    def _poll(self, view: memoryview, seconds: float) -> int:
+        """Bytes of `view` read by non-blocking tries for up to `seconds`; raises ChannelClosed at EOF."""
+        fd, deadline, got = self.sock.fileno(), time.perf_counter() + seconds, 0
+        while got < len(view):
+            try:
+                n = os.readv(fd, [view[got:]])
+            except BlockingIOError:
+                if time.perf_counter() > deadline:
+                    break
+                continue
+            if n == 0:
+                self.closed = True
+                raise ChannelClosed(f"data link to {self.peer} closed by the peer")
+            got += n
+        return got
+
     def _read_exact(self, view: memoryview) -> None:
         got = 0
         try:
+            got = self._poll(view, _POLL["seconds"]) if _POLL["seconds"] else 0
             while got < len(view):
                 n = self.sock.recv_into(view[got:])
                 if n == 0:
