@@ -31,6 +31,7 @@ from edge.weights import SHARD_DTYPES
 from models.llama import Weight, field_split
 from models.quant import gather_quantized
 from models.sharding import PlanError
+from models.threads import to_passing_thread
 from transport.channel import Channel
 from transport.errors import FrameError, TransportError
 
@@ -181,13 +182,13 @@ async def _assemble_one(channel: Channel, name: str, path: Path, entry: dict, ol
             raise FrameError(f"piece {field}[{start}:{stop}] of {name} holds no {field}")
         return piece
 
-    old = await asyncio.to_thread(load_weights, old_path)
+    old = await to_passing_thread(load_weights, old_path)
     weights = await assemble(old, reslice.held.dims, reslice.dims, fetch_piece)
     if weights is None:
         return False, fetched
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".assembled")  # not .part: a whole fetch resumes those
-    await asyncio.to_thread(save_file, stored_tensors(weights), str(part))  # faster than bytes, then a write
+    await to_passing_thread(save_file, stored_tensors(weights), str(part))  # faster than bytes, then a write
     if await asyncio.to_thread(sha256_file, part) != entry["sha256"]:
         part.unlink()
         log.warning("%s assembled from the held slice differs from the master's; fetching it whole", name)

@@ -21,6 +21,7 @@ from models.checkpoint import Checkpoint
 from models.dtypes import dtype_name
 from models.quant import check_quantizable
 from models.sharding import LocalDims, PlanError, local_dims
+from models.threads import in_passing_thread, to_passing_thread
 from transport.channel import Channel
 
 log = logging.getLogger("edge_llm.master")
@@ -67,7 +68,7 @@ class Planner:
             local_dims(ckpt.config, world_size, align=self.align)  # refuse impossible worker counts now
             self._profiles[0] = measure_device()
         else:
-            self._decide(weights)  # PlanError / BudgetTooSmall at start
+            in_passing_thread(self._decide, weights)  # PlanError / BudgetTooSmall at start
 
     @property
     def decided(self) -> bool:
@@ -129,7 +130,7 @@ class Planner:
                 log.warning("measured weights %s cannot work (%s); splitting evenly", weights, e)
                 weights = None
             log.info("--weights auto: profiles %s -> weights %s", profiles, weights)
-            await asyncio.to_thread(self._decide, weights)
+            await to_passing_thread(self._decide, weights)
         async with asyncio.timeout(PLAN_WAIT_S):
             await self._decided.wait()
 
@@ -149,7 +150,7 @@ class Planner:
         world, folder = len(weights), self._folder(weights)
         state = await asyncio.to_thread(self._rank_files_state, folder, world, position)
         if not state or self._verified.get((folder, position)) != state:
-            await asyncio.to_thread(split_model, self.ckpt.folder, world, weights, folder, [position], True,
+            await to_passing_thread(split_model, self.ckpt.folder, world, weights, folder, [position], True,
                                     dtype_name(self.ckpt.dtype), self.ckpt.quant_label)
             self._verified[(folder, position)] = await asyncio.to_thread(self._rank_files_state, folder, world,
                                                                          position)

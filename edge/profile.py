@@ -8,12 +8,19 @@ import time
 import psutil
 import torch
 
+from models.threads import in_passing_thread
+
 log = logging.getLogger("edge_llm.profile")
 PROBE_BYTES = 32 << 20
 
 
 def measure_device() -> dict[str, float]:
-    """Free memory and matrix-vector bandwidth (what decode is bound by), in about 0.2 s."""
+    """Free memory and matrix-vector bandwidth (what decode is bound by), in about 0.2 s, measured
+    on a thread that ends with it (models.threads.in_passing_thread)."""
+    return in_passing_thread(_measure)
+
+
+def _measure() -> dict[str, float]:
     rows = PROBE_BYTES // 4 // 1024
     weight, x = torch.randn(rows, 1024), torch.randn(1024)
     torch.mv(weight, x)  # warm-up

@@ -20,6 +20,7 @@ from edge.messages import HEARTBEAT_S, Replan, Replanned, receive, send
 from edge.planner import Planner
 from edge.roster import Roster
 from models.sharding import LocalDims, PlanError
+from models.threads import to_passing_thread
 from transport.errors import TransportError
 
 log = logging.getLogger("edge_llm.master")
@@ -124,7 +125,7 @@ class Replanner:
             raise self._refuse(f"the {len(devices)} device(s) left cannot split this model: {e}") from e
         epoch = self.planner.epoch + 1
         log.warning("re-planning onto device(s) %s (plan %d)", devices, epoch)
-        loads = [asyncio.to_thread(self._load_rank0, weights, dims[0])]
+        loads = [to_passing_thread(self._load_rank0, weights, dims[0])]
         loads += [self._replan_worker(device, position, epoch, weights)
                   for position, device in enumerate(devices) if device != 0]
         results = await asyncio.gather(*loads, return_exceptions=True)

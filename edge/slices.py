@@ -5,7 +5,6 @@ fetches only what its old slice lacks (edge.reslice)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from models.config import config_from_hf
 from models.dtypes import DTYPES
 from models.quant import QUANT_CHOICES
 from models.sharding import local_dims
+from models.threads import to_passing_thread
 from transport.channel import Channel
 from transport.errors import FrameError
 
@@ -104,7 +104,7 @@ class SliceLoader:
         self.fetched_bytes = await fetch_files(ch, files, fetch_plan, dest, reslice)
         log.info("rank %d: fetched %d bytes of shard files into %s", s.rank, self.fetched_bytes, dest)
         budget = int(s.memory_budget_mb * (1 << 20)) if s.memory_budget_mb else 1 << 62
-        shard = await asyncio.to_thread(ShardModel.from_split, config, dims, dest, split_plan, budget,
+        shard = await to_passing_thread(ShardModel.from_split, config, dims, dest, split_plan, budget,
                                         not s.keep_page_cache, verified=files,  # fetch_files checked them
                                         in_memory=reslice.kept if reslice is not None else None)
         if self.shard is not None:

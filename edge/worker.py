@@ -56,6 +56,7 @@ from models.errors import CheckpointError
 from models.files import checkpoint_fingerprint
 from models.quant_kernels import warm_kernels
 from models.sharding import PlanError
+from models.threads import to_passing_thread
 from transport.collectives import StarAllReduce, StepCollective
 from transport.errors import ChannelClosed, FailureCause, FrameError, PeerFailed, TransportError
 from transport.fastpath import ERROR, DataLink, FastStar, open_data_link
@@ -95,9 +96,7 @@ class Worker:
                                                settings.memory_budget_mb, settings.split_dir,
                                                settings.keep_page_cache), ckpt)
         self.fingerprint = checkpoint_fingerprint(settings.model) if has_model else None
-        # The runtime's own memory (Python, torch, tokenizer-free imports, compiled kernels), before
-        # any weight: the fixed overhead that a memory budget comes on top of.
-        warm_kernels()
+        warm_kernels()  # then the runtime's own memory, before any weight: what a memory budget comes on top of
         self.fixed_rss = psutil.Process().memory_info().rss
         log.info("rank %s fixed overhead %.0f MB RSS", settings.rank or "(to be assigned)", self.fixed_rss / (1 << 20))
         self.profile = measure_device()  # for --weights auto on the master
@@ -125,7 +124,7 @@ class Worker:
         if plan.fetch is not None:
             await self.slice.load_fetched(ch, plan.fetch, plan.config, key)
         else:
-            await asyncio.to_thread(self.slice.load_local, key)
+            await to_passing_thread(self.slice.load_local, key)
         self.kv.reset()
         await self._open_data_link(plan)
         budget = int(s.memory_budget_mb * (1 << 20)) if s.memory_budget_mb else None
@@ -210,7 +209,7 @@ class Worker:
             elif msg.fetch is not None:
                 await self.slice.load_fetched(self.master, msg.fetch, msg.config, key)
             else:
-                await asyncio.to_thread(self.slice.load_local, key)
+                await to_passing_thread(self.slice.load_local, key)
         except ChannelClosed:
             raise  # the master is gone: rejoin
         except (SplitError, OSError, MemoryError, PlanError, CheckpointError, TransportError) as e:

@@ -132,6 +132,11 @@ class Checkpoint:
         head = name in ("lm_head.weight", "model.embed_tokens.weight")
         return "int8" if head and self.quant == "int4" else self.quant
 
+    @property
+    def block_formats(self) -> set[str]:
+        """The formats of the quantized blocks the files store (int8g | int4), if any."""
+        return set(self._blocks.values())
+
     def keeps_blocks(self, name: str) -> bool:
         """Whether `read_weight` serves `name` from its stored blocks (no dequantize-requantize)."""
         kind, method = self._blocks.get(name), self.method_for(name)

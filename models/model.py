@@ -13,6 +13,7 @@ from models.llama import embed, forward_layers, load_head, load_layer, logits
 from models.quant import check_quantizable
 from models.rope import RotaryTable
 from models.sharding import full_dims
+from models.threads import in_passing_thread
 from models.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -28,10 +29,13 @@ class LocalModel:
         self.config = ckpt.config
         self.tokenizer: Tokenizer = load_tokenizer(self.folder, self.config)
         self.dims = full_dims(self.config)
-        self.head = load_head(ckpt)
-        self.layers = [load_layer(ckpt, i, self.dims) for i in range(self.config.num_layers)]
+        # Loading is parallel torch work: on a thread that ends with it (models.threads.in_passing_thread)
+        self.head, self.layers = in_passing_thread(self._load, ckpt)
         self.rotary = RotaryTable(self.config)
         ckpt.close()
+
+    def _load(self, ckpt: Checkpoint) -> tuple:
+        return load_head(ckpt), [load_layer(ckpt, i, self.dims) for i in range(self.config.num_layers)]
 
     def new_cache(self, capacity: int = 64) -> KVCache:
         """A request's KV cache reserved for `capacity` positions (pages fill as it grows)."""

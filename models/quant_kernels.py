@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from models.decode_kernels import warm_decode_kernels
 from models.dequant_kernels import prefill_linear
 from models.quant import QuantWeight
-from models.threads import kernel_threads
+from models.threads import in_passing_thread, kernel_threads
 
 GEMV_ROWS = 8  # rows of x up to which the GEMV kernel beats dequantize + GEMM
 
@@ -236,12 +236,17 @@ def _kernel(kind: str, small: bool = False):
 def warm_kernels() -> None:
     """Compile (or load from numba's cache) the float32 kernels for this thread count and a decode
     step's small-op kernels (models.decode_kernels) now: no request waits for the compiler, and
-    their runtime memory (LLVM, ~50 MB) counts in a device's fixed overhead, not as weights."""
+    their runtime memory (LLVM, ~50 MB) counts in a device's fixed overhead, not as weights. On a
+    thread that ends with it (models.threads.in_passing_thread: no OpenMP team left behind)."""
     if numba is not None:
-        w, x, out = np.ones((1, 1), np.float32), np.ones((2, 1), np.float32), np.empty((2, 1), np.float32)
-        for small in (True, False):
-            _kernel("f32", small)(w, x, out)
-        warm_decode_kernels()
+        in_passing_thread(_warm)
+
+
+def _warm() -> None:
+    w, x, out = np.ones((1, 1), np.float32), np.ones((2, 1), np.float32), np.empty((2, 1), np.float32)
+    for small in (True, False):
+        _kernel("f32", small)(w, x, out)
+    warm_decode_kernels()
 
 
 def kernel_serves(w: torch.Tensor | QuantWeight) -> bool:

@@ -12,15 +12,23 @@ run on every thread the process was given (`kernel_threads`).
 Steps of more tokens (a prefill) keep torch's threads: their GEMMs need them; so do half-precision
 steps, whose GEMVs torch computes (bf16 on one device: 76 ms per token with two threads, 105 with
 one, `large` preset).
+
+Part of what that measured was a second OpenMP team: one left behind by loading on another thread
+that stayed alive. Parallel work now belongs on the compute thread alone, and loads, splits and
+warm-ups run on passing threads (`in_passing_thread` says why and what it saved).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 SMALL_STEP_TOKENS = 8  # tokens per step (rows x positions) up to which torch runs on one thread
 
@@ -67,3 +75,54 @@ def step_threads(tokens: int, dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def in_passing_thread(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """fn(*args, **kwargs) on a thread of its own that ends when fn does; its result, or its exception.
+
+    Why: OpenMP (libgomp, under torch's parallel ops and the numba kernels) keeps a thread team
+    for every thread that ever started parallel work, for as long as that thread lives, and once
+    its threads outnumber the cores it stops spinning between parallel regions, so that every
+    kernel call of the compute thread then pays for waking its team. On a 2-core Intel host one
+    2-thread device decoded SmolLM2-135M at 30 ms per token after loading (or warming kernels)
+    on another live thread, 12-13 ms when that thread had ended. Loads, splits and warm-ups run
+    here, never on the event loop's thread or asyncio.to_thread's pool, whose threads stay.
+    """
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="passing")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]
+
+
+async def to_passing_thread(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """As asyncio.to_thread, on a thread that ends with fn (`in_passing_thread`). If the caller is
+    cancelled, fn still runs to its end and its result is dropped."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(setter: Callable[[object], None], value: object) -> None:
+        if not future.done():
+            setter(value)
+
+    def run() -> None:
+        try:
+            outcome: tuple = (future.set_result, fn(*args, **kwargs))
+        except BaseException as e:  # handed to the awaiting task
+            outcome = (future.set_exception, e)
+        try:
+            loop.call_soon_threadsafe(deliver, *outcome)
+        except RuntimeError:  # the loop has closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name="passing", daemon=True).start()
+    return await future

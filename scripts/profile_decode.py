@@ -28,6 +28,7 @@ from bench_decode import Cluster  # noqa: E402
 from stream_floor import measure_floor  # noqa: E402
 
 from edge.trace import TRACE_ENV, forward_seconds, read_trace, split_allreduces  # noqa: E402
+from models.checkpoint import Checkpoint  # noqa: E402
 
 LOCAL = r"""
 import json, sys, time, torch
@@ -67,6 +68,13 @@ def profile_cluster(model: str, workers: int, tokens: int, extra: list[str]) -> 
                             "allreduce_wait_ms": wait, "allreduce_exchange_ms": exchange,
                             "compute_ms": 1000 * forward_s - wait - exchange, "allreduces_per_token": count}
     return {"tpot_ms": 1000 * tpot, "ranks": ranks, "outside_forward_ms": 1000 * tpot - ranks["0"]["forward_ms"]}
+
+
+def stored_format(model: str) -> str | None:
+    """int8 | int4 when the checkpoint's layers are stored as such blocks (a GGUF's, served as they
+    are), for the floor to stream the same bytes; None for floats."""
+    formats = Checkpoint(model).block_formats
+    return "int4" if "int4" in formats else "int8" if formats else None
 
 
 def local_forward_ms(model: str, threads: int, tokens: int, quantize: str | None) -> float:
@@ -117,7 +125,7 @@ def main() -> None:
     for model in models:
         for n in (int(w) for w in args.workers.split(",")):
             r = profile_cluster(model, n, args.tokens, ["--quantize", args.quantize] if args.quantize else [])
-            r["floor_ms"] = measure_floor(model, n, quantize=args.quantize)["ms"]
+            r["floor_ms"] = measure_floor(model, n, quantize=args.quantize or stored_format(model))["ms"]
             r["local_ms"] = local_forward_ms(model, max(1, 2 // n), args.tokens, args.quantize)
             results["models"].setdefault(Path(model).name, {})[str(n)] = r
             print(model, n, json.dumps(r), flush=True)
