@@ -34,6 +34,12 @@ def _quantize_flag(p: argparse.ArgumentParser) -> None:
                         "checkpoint stores them; a GGUF's Q8_0/Q4_0/Q4_1 blocks are kept)")
 
 
+def _poll_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--poll-us", type=non_negative_int, default=0,
+                   help="microseconds an all-reduce polls for its peers' data before it sleeps (faster "
+                        "on a device whose cores are its own; 0: never)")
+
+
 def _speculate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculate", choices=list(SPECULATE_CHOICES),
                    help="speculative decoding: ngram (drafts looked up in the prompt and output so far), "
@@ -158,6 +164,7 @@ def _serve(sub: argparse._SubParsersAction) -> None:
                                      "EDGE_LLM_API_KEY environment variable, else none)")
     p.add_argument("--drain-timeout", type=non_negative_float, default=10.0,
                    help="on SIGTERM / Ctrl-C, seconds requests in flight may finish (a second signal stops at once)")
+    _poll_flag(p)
     _speculate_flags(p)
     p.set_defaults(func=commands.serve)
 
@@ -179,9 +186,7 @@ def _worker(sub: argparse._SubParsersAction) -> None:
                    help="seconds without a reachable master after which the device exits")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--step-timeout", type=positive_float, default=5.0, help="seconds an all-reduce waits")
-    p.add_argument("--poll-us", type=non_negative_int, default=0,
-                   help="microseconds an all-reduce polls for its peer's data before it sleeps (faster "
-                        "on a device whose cores are its own; 0: never)")
+    _poll_flag(p)
     p.add_argument("--link-latency-ms", type=non_negative_float, default=0.0, help="emulated latency to the master")
     p.add_argument("--link-bandwidth-mbps", type=non_negative_float, default=0.0,
                    help="emulated bandwidth to the master (0: unlimited)")

@@ -199,7 +199,8 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
     are stopped on exit. Raises PlanError / CheckpointError before any process starts."""
     threads = threads_per_process(settings.world_size) if spawn_workers else torch.get_num_threads()
     set_threads(threads)
-    set_poll_us(poll_us_per_process(settings) if spawn_workers else 0)
+    if spawn_workers:  # `serve` and `worker` poll as their --poll-us says
+        set_poll_us(poll_us_per_process(settings))
     engine = ClusterEngine(settings)
     try:
         port = await engine.start()

@@ -244,6 +244,9 @@ def _cluster_config(path: str):
 def serve(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
+    from transport.fastpath import set_poll_us
+
+    set_poll_us(args.poll_us)
     cfg = _cluster_config(args.config)
     cfg = replace(cfg, model=_model_folder(cfg.model), dtype=args.dtype or cfg.dtype,
                   quantize=args.quantize or cfg.quantize)

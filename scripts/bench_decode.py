@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stream_floor import Floor  # noqa: E402
+from stream_floor import Floor, stored_format  # noqa: E402
 
 PROMPT = list(range(1, 17))
 HF_SCRIPT = r"""
@@ -198,7 +198,7 @@ def main() -> None:
     results["transformers"] = bench_hf(model, cores, args.rounds, args.new_tokens)
     print("transformers", results["transformers"], flush=True)
     for n in (int(w) for w in args.workers.split(",")):
-        floor = Floor(model, n)
+        floor = Floor(model, n, quantize=stored_format(model))  # a GGUF's blocks stream as they are served
         try:
             results["edge"][str(n)] = bench_cluster(model, n, args.rounds, args.new_tokens, floor)
         finally:

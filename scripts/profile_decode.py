@@ -25,10 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import Cluster  # noqa: E402
-from stream_floor import measure_floor  # noqa: E402
+from stream_floor import measure_floor, stored_format  # noqa: E402
 
 from edge.trace import TRACE_ENV, forward_seconds, read_trace, split_allreduces  # noqa: E402
-from models.checkpoint import Checkpoint  # noqa: E402
 
 LOCAL = r"""
 import json, sys, time, torch
@@ -68,13 +67,6 @@ def profile_cluster(model: str, workers: int, tokens: int, extra: list[str]) -> 
                             "allreduce_wait_ms": wait, "allreduce_exchange_ms": exchange,
                             "compute_ms": 1000 * forward_s - wait - exchange, "allreduces_per_token": count}
     return {"tpot_ms": 1000 * tpot, "ranks": ranks, "outside_forward_ms": 1000 * tpot - ranks["0"]["forward_ms"]}
-
-
-def stored_format(model: str) -> str | None:
-    """int8 | int4 when the checkpoint's layers are stored as such blocks (a GGUF's, served as they
-    are), for the floor to stream the same bytes; None for floats."""
-    formats = Checkpoint(model).block_formats
-    return "int4" if "int4" in formats else "int8" if formats else None
 
 
 def local_forward_ms(model: str, threads: int, tokens: int, quantize: str | None) -> float:

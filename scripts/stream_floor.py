@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from models.checkpoint import Checkpoint
+
 WORKER = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
@@ -59,6 +61,13 @@ for line in sys.stdin:  # each "go": every rank allocated, all start together; E
         t = time.perf_counter(); token(); times.append(time.perf_counter() - t)
     print(json.dumps({"rank": rank, "times": times, "bytes": nbytes}), flush=True)
 """
+
+
+def stored_format(model: str) -> str | None:
+    """int8 | int4 when the checkpoint's layers are stored as such blocks (a GGUF's, served as they
+    are), for the floor to stream the same bytes; None for floats."""
+    formats = Checkpoint(model).block_formats
+    return "int4" if "int4" in formats else "int8" if formats else None
 
 
 class Floor:

@@ -11,6 +11,8 @@ REFUSED = [
     (["cluster", "--model", "m", "--max-running", "0"], "--max-running: 0 is out of range"),
     (["cluster", "--model", "m", "--max-queue", "-1"], "--max-queue: -1 is out of range"),
     (["cluster", "--model", "m", "--step-timeout", "0"], "--step-timeout: 0 is out of range"),
+    (["worker", "--poll-us", "-1"], "--poll-us: -1 is out of range"),
+    (["serve", "--config", "c.toml", "--poll-us", "x"], "--poll-us"),
     (["cluster", "--model", "m", "--request-timeout", "-5"], "--request-timeout: -5 is out of range"),
     (["cluster", "--model", "m", "--port", "99999"], "--port: 99999 is out of range"),
     (["cluster", "--model", "m", "--port", "-1"], "--port: -1 is out of range"),
