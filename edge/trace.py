@@ -1,12 +1,13 @@
-"""An opt-in trace of every forward and all-reduce's entry and exit on this rank, for the decode profile.
+"""An opt-in trace of every forward's and all-reduce's entry and exit on this rank, for the decode profile.
 
 Why: a rank's time in an all-reduce is partly waiting for the slower rank to arrive and partly the
 exchange itself (the link, the wake-up, the sum); one rank alone cannot tell them apart. With
 EDGE_LLM_STEP_TRACE naming a folder, each rank appends (kind, entry, exit) of each all-reduce
 and forward, in CLOCK_MONOTONIC nanoseconds, to `rank<R>.<pid>.i64` there, once per forward (one
 write). The ranks of an emulated cluster share that clock, so scripts/profile_decode.py pairs the
-k-th all-reduce of every rank and splits it (`profile_window`), over the decode steps alone (the
-window after the first token). Off (the default) it costs nothing.
+k-th all-reduce of every rank and splits it (`split_allreduces`), and times forwards
+(`forward_seconds`), over the decode steps alone (the window after the first token). Off (the
+default) it costs nothing.
 """
 
 from __future__ import annotations
