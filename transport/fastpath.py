@@ -45,6 +45,7 @@ log = logging.getLogger("edge_llm.transport")
 FRAME = struct.Struct("<BxxxIQ")  # kind, payload bytes, sequence number
 DATA, ERROR, ABORT = 1, 2, 3
 MAX_PAYLOAD = 256 << 20
+HANDSHAKE_TIMEOUT = 5.0
 _POLL = {"seconds": 0.0}  # process-wide, as the thread count is (set_poll_us)
 
 
@@ -58,7 +59,6 @@ def set_poll_us(microseconds: int) -> None:
     2x slower with it. `edge-llm cluster` turns it on when its devices do not outnumber the cores.
     """
     _POLL["seconds"] = microseconds / 1e6
-HANDSHAKE_TIMEOUT = 5.0
 
 
 class DataLink:
