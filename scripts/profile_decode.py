@@ -8,9 +8,9 @@ clock): the forward on each rank's compute thread, the part of it in all-reduces
 peer's arrival, the sum), split into waiting for the slower rank to arrive and the exchange after
 it, the rest of the forward (GEMVs, attention, norms, the Python around them), and what the token
 costs outside the forward (the step runner, embedding, the logits gather, sampling, detokenising,
-the SSE write). Next to it, the memory-streaming floor of the same
-plan through the same kernels (scripts/stream_floor.py) and one process running the same layers
-with no cluster at all (models.model.LocalModel, one thread per device's share).
+the SSE write). Next to it, the memory-streaming floor of the same plan through the same kernels
+(scripts/stream_floor.py) and one process running the same layers with no cluster at all
+(models.model.LocalModel, one thread per device's share).
 """
 
 from __future__ import annotations
