@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import gguf
 import numpy as np
@@ -125,6 +127,17 @@ def test_int4_refuses_a_model_without_whole_groups(tmp_path):
 
 # --- kernels ---------------------------------------------------------------------------------------
 
+@contextmanager
+def on_threads(threads: int) -> Iterator[None]:
+    """The kernels on `threads` threads meanwhile; the process's count back after."""
+    before = kernel_threads()
+    try:
+        set_threads(threads)
+        yield
+    finally:
+        set_threads(before)
+
+
 @pytest.mark.parametrize("method", ["int8", "int4", "int8g"])
 @pytest.mark.parametrize(("rows", "threads"), [(1, 1), (1, 2), (3, 1), (3, 2), (GEMV_ROWS + 5, 2)])
 def test_kernel_error_within_float32_dot_product_bound(method, rows, threads):
@@ -142,12 +155,8 @@ def test_kernel_error_within_float32_dot_product_bound(method, rows, threads):
     deq = qw.dequantize().double()
     exact = x.double() @ deq.T
     bound = k * U * (x.double().abs() @ deq.abs().T)
-    before = kernel_threads()
-    try:
-        set_threads(threads)
+    with on_threads(threads):
         y = linear(x, qw)
-    finally:
-        set_threads(before)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     assert ((y.double() - exact).abs() <= bound).all()
 
@@ -164,12 +173,8 @@ def test_kernel_is_deterministic(method, threads):
         qw = QuantWeight.from_plain("int8g", qw.plain()[0].T.reshape(300, 8, GROUP).permute(1, 2, 0),
                                     torch.full((8, 300), 0.003, dtype=torch.float16))
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(6))
-    before = kernel_threads()
-    try:
-        set_threads(threads)
+    with on_threads(threads):
         runs = [torch.from_numpy(gemv_rows(x.numpy(), qw)) for _ in range(5)]
-    finally:
-        set_threads(before)
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
