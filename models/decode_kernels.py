@@ -27,10 +27,9 @@ import torch
 
 MAX_POSITIONS = 8  # new positions a row up to which the kernels run (a decode step, a verification)
 
-try:
-    from numba import njit
-except ImportError:  # pragma: no cover - numba ships wheels for every platform we target
-    njit = None
+from models.numba_target import numba
+
+njit = numba.njit if numba is not None else None
 
 
 if njit is not None:

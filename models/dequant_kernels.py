@@ -23,10 +23,9 @@ from models.quant import QuantWeight
 
 BLOCK_PARAMS = 1 << 18  # weights per block (1 MB of float32): at least one tile of output channels
 
-try:
-    from numba import njit
-except ImportError:  # pragma: no cover - numba ships wheels for every platform we target
-    njit = None
+from models.numba_target import numba
+
+njit = numba.njit if numba is not None else None
 
 
 if njit is not None:

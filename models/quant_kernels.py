@@ -24,19 +24,17 @@ import torch.nn.functional as F
 
 from models.decode_kernels import warm_decode_kernels
 from models.dequant_kernels import prefill_linear
+from models.numba_target import amd_cores, numba
 from models.quant import QuantWeight
 from models.threads import in_passing_thread, kernel_threads
 
 GEMV_ROWS = 8  # rows of x up to which the GEMV kernel beats dequantize + GEMM
 
-try:
-    import numba
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - numba ships wheels for every platform we target
-    numba = None
-
-
 if numba is not None:
+    from numba import njit, prange
+
+    from models.f32_kernels import f32_channels
+
     tile_jit = njit(fastmath=True, cache=True, nogil=True)
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
@@ -133,47 +131,9 @@ if numba is not None:
                 out[t, (c0 + s) * tw:(c0 + s + 1) * tw] = acc[s]
 
 
-    # Plain float32 weights for 1..GEMV_ROWS rows (a decode step, a batch of them, drafted tokens to
-    # verify): torch's GEMM costs 2-2.6x a GEMV for 2-8 rows on these hosts (it packs W first), this
-    # streams W once; and for one row it decodes 15-23% faster than torch's GEMV (MKL) on the AMD host
-    # (README, "Benchmarks"). Four output channels per pass for several rows: four independent sums
-    # keep the FMA units busy; one row: one long vectorized dot per channel.
-
-    @tile_jit
-    def f32_channels(w, x, out, start, stop):  # w [N, K] f32, x [R, K] -> out[:, start:stop]
-        k_in, n = w.shape[1], start
-        if x.shape[0] == 1:  # one row (decode): one long vectorized dot per channel streams fastest
-            x0 = x[0]
-            for m in range(start, stop):
-                wm = w[m]
-                acc = np.float32(0.0)
-                for k in range(k_in):
-                    acc += wm[k] * x0[k]
-                out[0, m] = acc
-            return
-        while n + 4 <= stop:
-            w0, w1, w2, w3 = w[n], w[n + 1], w[n + 2], w[n + 3]
-            for t in range(x.shape[0]):
-                xt = x[t]
-                a0, a1, a2, a3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
-                for k in range(k_in):
-                    xk = xt[k]
-                    a0 += w0[k] * xk
-                    a1 += w1[k] * xk
-                    a2 += w2[k] * xk
-                    a3 += w3[k] * xk
-                out[t, n], out[t, n + 1], out[t, n + 2], out[t, n + 3] = a0, a1, a2, a3
-            n += 4
-        for m in range(n, stop):
-            for t in range(x.shape[0]):
-                acc = np.float32(0.0)
-                for k in range(k_in):
-                    acc += w[m, k] * x[t, k]
-                out[t, m] = acc
-
-
 F32_BLOCK = 64  # output channels per task of the float32 kernel
 PARALLEL_MIN_PARAMS = 1 << 20  # smaller float32 matrices run on one thread
+SPREAD_ONE_ROW = not amd_cores()  # one row of float32: four channel streams per pass (models.f32_kernels)
 
 
 STREAMS = 4  # tiles of a quantized weight read side by side (concurrent memory streams)
@@ -208,10 +168,10 @@ def _kernels(parallel: bool) -> dict:
                 int4_tiles(q, scale, minimum, x, out, c, min(hi, c + STREAMS))
 
     @jit
-    def f32(w, x, out):  # w [N, K] -> out [R, N]
+    def f32(w, x, out, spread):  # w [N, K] -> out [R, N]
         n = w.shape[0]
         for b in rng((n + F32_BLOCK - 1) // F32_BLOCK):
-            f32_channels(w, x, out, b * F32_BLOCK, min(n, (b + 1) * F32_BLOCK))
+            f32_channels(w, x, out, b * F32_BLOCK, min(n, (b + 1) * F32_BLOCK), spread)
 
     return {"int8": int8, "int8g": int8g, "int4": int4, "f32": f32}
 
@@ -245,7 +205,7 @@ def warm_kernels() -> None:
 def _warm() -> None:
     w, x, out = np.ones((1, 1), np.float32), np.ones((2, 1), np.float32), np.empty((2, 1), np.float32)
     for small in (True, False):
-        _kernel("f32", small)(w, x, out)
+        _kernel("f32", small)(w, x, out, SPREAD_ONE_ROW)
     warm_decode_kernels()
 
 
@@ -265,7 +225,7 @@ def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor |
     if isinstance(w, QuantWeight):
         _kernel(w.kind)(*w.arrays, x, out, kernel_threads())  # one run of tiles per thread
     else:
-        _kernel("f32", small=n * w.shape[1] < PARALLEL_MIN_PARAMS)(w.numpy(), x, out)
+        _kernel("f32", small=n * w.shape[1] < PARALLEL_MIN_PARAMS)(w.numpy(), x, out, SPREAD_ONE_ROW)
     if bias is not None:
         out += bias.float().numpy()
     return out
