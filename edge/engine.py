@@ -19,8 +19,9 @@ import psutil
 import torch
 
 from edge.offload import batch_attend_for
+from edge.rank_reduce import RankReduce
 from edge.split import SplitError, SplitPlan, default_split_dir, plan_folder, split_model
-from edge.trace import ALLREDUCE, FORWARD, StepTrace
+from edge.trace import FORWARD, StepTrace
 from edge.weights import BudgetTooSmall, WeightWindow
 from models.attention import KVCache, KVStore
 from models.checkpoint import Checkpoint
@@ -132,24 +133,9 @@ class ShardModel:
         """
         loop = asyncio.get_running_loop()
 
-        def reduce_across(partial: torch.Tensor) -> torch.Tensor:  # runs on the compute thread
-            # bf16/fp16 partials travel as float32 (exact) and are summed in float32 in rank order;
-            # every rank rounds the same sum to the activation dtype, so all ranks stay identical.
-            began, entered = time.perf_counter(), self.trace.now() if self.trace else 0
-            arr = partial.detach().float().contiguous().numpy()
-            if fast is not None:
-                summed = fast.allreduce(arr)
-            else:
-                summed = asyncio.run_coroutine_threadsafe(star.allreduce(arr), loop).result(timeout + 1.0)
-            out = torch.from_numpy(np.asarray(summed)).view(partial.shape).to(partial.dtype)
-            self.timing["allreduce_s"] += time.perf_counter() - began
-            self.timing["allreduces"] += 1
-            if self.trace:
-                self.trace.add(ALLREDUCE, entered, self.trace.now())
-            return out
-
         # One device has nothing to sum: no hop to the event loop and back.
-        reduce = no_reduce if self.dims.world_size == 1 else reduce_across
+        reduce = (no_reduce if self.dims.world_size == 1 else
+                  RankReduce(star, fast, loop, timeout, self.timing, self.trace))
 
         def run() -> np.ndarray:
             began, entered = time.perf_counter(), self.trace.now() if self.trace else 0

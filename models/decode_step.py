@@ -117,6 +117,9 @@ class _Step:
         """This rank's partial [B x S, D] -> the sum over ranks (the layer's `reduce`, on [B, S, D])."""
         if self.alone:
             return partial
+        arrays = getattr(self.reduce, "arrays", None)  # a reduce that takes arrays (edge.rank_reduce)
+        if arrays is not None:
+            return arrays(partial)
         summed = self.reduce(torch.from_numpy(partial).view(*self.shape, -1))
         return summed.numpy().reshape(partial.shape)
 

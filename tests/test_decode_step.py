@@ -121,6 +121,37 @@ def test_a_weight_no_kernel_serves_takes_the_torch_linear(folders):
     assert_same(both_paths(config, dims, layers, 1, seed=3), config, 1)
 
 
+class ArrayReduce:
+    """A reduce with an array form (as edge.rank_reduce.RankReduce): the step must use that form."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def __call__(self, partial: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the tensor form was called")
+
+    def arrays(self, partial: np.ndarray) -> np.ndarray:
+        assert partial.dtype == np.float32
+        self.calls.append(partial.shape)
+        return partial * np.float32(0.75)
+
+
+@pytest.mark.parametrize("batch,seqlen", [(1, 1), (2, 3)])
+def test_a_reduce_with_an_array_form_gets_arrays_and_the_same_sums(folders, batch, seqlen):
+    config, dims, layers = shard(folders["llama"], "int8", 2, 1)
+    (ref, _, _), _ = both_paths(config, dims, layers, seqlen, seed=11, batch=batch)
+    h = torch.randn(batch, seqlen, config.hidden_size, generator=torch.Generator().manual_seed(11))
+    rotary, pasts = RotaryTable(config), [PAST + 3 * b for b in range(batch)]
+    tables = [rotary.cos_sin(torch.arange(p, p + seqlen)) for p in pasts]
+    cos_sin = rope_tables(*(torch.stack([t[i] for t in tables])[:, None] for i in range(2)), torch.float32)
+    kvs = [filled_cache(config, dims, p, 11 + b) for b, p in enumerate(pasts)]
+    attend, reduce = batch_attend([kv.attend_for(config, dims, seqlen) for kv in kvs]), ArrayReduce()
+    with torch.inference_mode():
+        out = decode_layers(h, layers.__getitem__, config, dims, attend, cos_sin, reduce)
+    assert torch.equal(out, ref)
+    assert reduce.calls == [(batch * seqlen, config.hidden_size)] * (2 * config.num_layers)
+
+
 def test_serves_a_few_float32_rows_over_local_caches(folders):
     config, dims, _ = shard(folders["llama"], "none", 1, 0)
     kvs = [KVCache(config.num_layers, dims.n_local_kv_heads, config.head_dim) for _ in range(ROWS + 1)]

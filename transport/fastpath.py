@@ -197,22 +197,23 @@ class FastStar:
             hub.send(DATA, seq, x.data)
             out = np.empty_like(x)
             hub.recv_into(seq, out)
-            if self.world_size == 2:  # direct exchange: both ranks sum rank 0's then rank 1's
-                first = out.copy()
-                first += x
-                return first
+            if self.world_size == 2:  # direct exchange: rank 0's + rank 1's (IEEE + commutes: same bits)
+                out += x
             return out
         if self.world_size == 2:
             peer = self.links[1]
             peer.send(DATA, seq, x.data)
+            summed = np.empty_like(x)
+            peer.recv_into(seq, summed)
+            summed += x  # rank 1's + rank 0's: the bits of rank 0's + rank 1's (IEEE + commutes)
+            return summed
         acc = x.copy()
         part = np.empty_like(x)
         for r in range(1, self.world_size):
             self.links[r].recv_into(seq, part)
             acc += part
-        if self.world_size > 2:
-            for r in range(1, self.world_size):
-                self.links[r].send(DATA, seq, acc.data)
+        for r in range(1, self.world_size):
+            self.links[r].send(DATA, seq, acc.data)
         return acc
 
     def report(self, kind: int, seq: int, reason: str, cause: FailureCause = FailureCause.PEER) -> None:
