@@ -111,7 +111,9 @@ async def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams
     """Stream tokens for one request; raises GenerationError for prompts it cannot serve.
 
     With `speculation` on, each step may verify drafted tokens and emit several: the same tokens
-    (greedy) or the same distribution (sampling) as without it."""
+    (greedy) or the same distribution (sampling) as without it. Unless the last event ends the
+    request, the next step starts before its events are yielded; a consumer that leaves cancels it.
+    """
     config = engine.config
     check_prompt(prompt_ids, config, config.vocab_size)
     budget = min(params.max_tokens, config.max_position_embeddings - len(prompt_ids))
@@ -120,19 +122,28 @@ async def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams
     room = speculation.num_draft_tokens if speculating else 0  # positions a last verification may fill
     session = await engine.open_session(len(prompt_ids) + budget + room)
     drafter = speculation.drafter(engine.run_local) if speculating else None
+    ahead: asyncio.Future[list[TokenEvent]] | None = None
     try:
         logits = await session.step(prompt_ids)  # [V]
-        event = out.emit(logits, choose_token(out.penalized(logits), params, gen))
-        yield event
+        events = [out.emit(logits, choose_token(out.penalized(logits), params, gen))]
         if drafter is not None:
             step = SpeculativeStep(session, out, drafter, speculation.policy(), speculation.stats, gen,
                                    len(prompt_ids))
         else:
             step = partial(plain_step, session, out, gen=gen)
-        while not event.finish_reason:
-            for event in await step(event.token_id):
+        while True:
+            # The next step computes while the consumer takes these events: the consumer's work (the
+            # HTTP write) overlaps the step instead of adding to every token's time.
+            ahead = None if events[-1].finish_reason else asyncio.ensure_future(step(events[-1].token_id))
+            for event in events:
                 yield event
+            if ahead is None:
+                return
+            events, ahead = await ahead, None
     finally:
+        if ahead is not None:  # the consumer left mid-stream: the step in flight is not wanted
+            ahead.cancel()
+            await asyncio.gather(ahead, return_exceptions=True)
         if drafter is not None:
             drafter.close()
         await session.close()

@@ -1,0 +1,98 @@
+"""models.generation.generate runs the next step while its consumer holds the events of the last one
+(the HTTP write overlaps the step), starts none after the last event, and cancels the one in flight
+when the consumer leaves. An in-memory engine: what is checked is the order of calls, not numbers."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from models.generation import generate
+from models.sampling import SamplingParams
+
+VOCAB = 4
+
+
+class GatedSession:
+    """Greedy next token = (last fed + 1) % VOCAB; decode steps wait for `opened` when it is set."""
+
+    def __init__(self, gate: asyncio.Event | None):
+        self.fed: list[list[int]] = []
+        self.gate, self.cancelled, self.closed = gate, 0, False
+
+    async def step(self, tokens: list[int]) -> torch.Tensor:
+        self.fed.append(tokens)
+        if self.gate is not None and len(self.fed) > 1:
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        logits = torch.zeros(VOCAB)
+        logits[(tokens[-1] + 1) % VOCAB] = 5.0
+        return logits
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class GatedEngine:
+    config = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=64)
+    tokenizer = SimpleNamespace(eos_ids=(), decode=lambda ids: "")
+
+    def __init__(self, gate: asyncio.Event | None = None):
+        self.gate, self.sessions = gate, []
+
+    async def open_session(self, capacity: int) -> GatedSession:
+        self.sessions.append(GatedSession(self.gate))
+        return self.sessions[-1]
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+async def test_the_next_step_runs_while_the_consumer_holds_an_event():
+    engine = GatedEngine()
+    stream = generate(engine, [0], greedy(4))
+    first = await anext(stream)
+    for _ in range(3):  # the consumer is busy elsewhere (an HTTP write) and has not asked again
+        await asyncio.sleep(0)
+    session = engine.sessions[0]
+    assert first.token_id == 1
+    assert session.fed == [[0], [1]]  # the step after the first token already ran
+    rest = [e.token_id async for e in stream]
+    assert rest == [2, 3, 0]
+    assert session.fed == [[0], [1], [2], [3]]  # none after the last event: 4 tokens, 4 steps
+    assert session.closed
+
+
+async def test_a_consumer_that_leaves_cancels_the_step_in_flight():
+    engine = GatedEngine(asyncio.Event())  # decode steps never finish unless opened
+    stream = generate(engine, [0], greedy(10))
+    await anext(stream)
+    await asyncio.sleep(0)
+    session = engine.sessions[0]
+    assert session.fed == [[0], [1]] and session.cancelled == 0  # in flight
+    await stream.aclose()
+    assert session.cancelled == 1 and session.closed
+
+
+async def test_a_step_that_fails_ahead_raises_at_its_events():
+    class Failing(GatedSession):
+        async def step(self, tokens):
+            if self.fed:
+                raise RuntimeError("a worker died")
+            return await super().step(tokens)
+
+    session = Failing(None)
+    engine = GatedEngine()
+    engine.open_session = lambda capacity: asyncio.sleep(0, session)  # type: ignore[method-assign]
+    stream = generate(engine, [0], greedy(3))
+    assert (await anext(stream)).token_id == 1
+    with pytest.raises(RuntimeError, match="a worker died"):
+        await anext(stream)
+    assert session.closed
