@@ -267,7 +267,7 @@ class ClusterEngine:
         ids = torch.tensor(rows, dtype=torch.long)  # [B, S]
         for session, start in zip(sessions, starts, strict=True):
             session.kv.rewind(start)
-        h = await self.shard.run(lambda: self.rank0.embed(ids))  # [B, S, D]
+        h = await self.rank0.embedded(ids)  # [B, S, D]
         score = None
         if score_k is not None:  # one session, no replay: its tokens are the prompt to score
             score = (torch.tensor(rows[0][1:], dtype=torch.long), score_k)
