@@ -25,9 +25,9 @@ import math
 import numpy as np
 import torch
 
-MAX_POSITIONS = 8  # new positions a row up to which the kernels run (a decode step, a verification)
-
 from models.numba_target import numba
+
+MAX_POSITIONS = 8  # new positions a row up to which the kernels run (a decode step, a verification)
 
 njit = numba.njit if numba is not None else None
 

@@ -85,6 +85,7 @@ class _Step:
         self.eps, self.head_dim, self.attends, self.reduce = config.rms_norm_eps, dims.head_dim, attends, reduce
         self.shape, self.cos, self.signed_sin = shape, cos, signed_sin
         self.alone = reduce is no_reduce  # one device: the partials are whole, no tensor round trip
+        self.sum_arrays = getattr(reduce, "arrays", None)  # a reduce that takes arrays (edge.rank_reduce)
 
     def layer(self, h: np.ndarray, w: LayerWeights, layer: int) -> np.ndarray:
         x = rms_norm_array(h, w.attn_norm.numpy(), self.eps)
@@ -117,9 +118,8 @@ class _Step:
         """This rank's partial [B x S, D] -> the sum over ranks (the layer's `reduce`, on [B, S, D])."""
         if self.alone:
             return partial
-        arrays = getattr(self.reduce, "arrays", None)  # a reduce that takes arrays (edge.rank_reduce)
-        if arrays is not None:
-            return arrays(partial)
+        if self.sum_arrays is not None:
+            return self.sum_arrays(partial)
         summed = self.reduce(torch.from_numpy(partial).view(*self.shape, -1))
         return summed.numpy().reshape(partial.shape)
 

@@ -19,11 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.numba_target import numba
 from models.quant import QuantWeight
 
 BLOCK_PARAMS = 1 << 18  # weights per block (1 MB of float32): at least one tile of output channels
-
-from models.numba_target import numba
 
 njit = numba.njit if numba is not None else None
 

@@ -10,8 +10,10 @@ Why 512-bit vectors on AVX-512 hosts: LLVM tunes Intel's AVX-512 cores to prefer
 is compute-bound on one core: on a Sapphire Rapids class Xeon (2 threads, 12 matrices of
 5632 x 2048, from memory) 512-bit vectors took it from 10.5-11.0 to 11.9-13.7 Gparam/s on one
 thread and from 20.5 to 23.9 on two; int8 and float32, memory-bound, stayed within noise (+0-8%).
-The vector width only changes how many output channels one instruction computes, never the order
-of any channel's sum, so the results are the same bits (tests/test_numba_target.py).
+In the quantized kernels the vector width only changes how many output channels one instruction
+computes, never the order of any channel's sum: the same bits (tests/test_numba_target.py). The
+float32 one-row dot runs along K, so its summation order follows the width (still within the
+float32 dot-product bound, and the same on every rank of a cluster of one kind of host).
 
 A user's own NUMBA_CPU_NAME / NUMBA_CPU_FEATURES / NUMBA_ENABLE_AVX=0 is left as it is.
 """
@@ -52,9 +54,9 @@ def host_cpu_name() -> str:
 
 
 def amd_cores() -> bool:
-    """True on AMD Zen (and older AMD) cores, where one memory stream per core reads at full speed
-    (31 GB/s per core on the EPYC host of README "Benchmarks", against 12-14 GB/s from several
-    streams on the Intel Xeon host): the float32 one-row kernel reads one stream there."""
+    """True on AMD Zen (and older AMD) cores: there one vectorized dot per output channel (one memory
+    stream) was measured the faster float32 one-row GEMV (the EPYC host's cores read 31 GB/s each),
+    elsewhere four streams (12-14 GB/s per core on the Intel Xeon host; models.f32_kernels)."""
     return host_cpu_name().startswith(("znver", "bdver", "btver", "amdfam"))
 
 
