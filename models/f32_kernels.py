@@ -21,21 +21,25 @@ from models.numba_target import numba
 if numba is not None:
     from numba import njit
 
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def dot4(w0, w1, w2, w3, x):  # four rows [K] . x [K]: four independent sums over one pass of x
+        a0, a1, a2, a3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+        for k in range(x.shape[0]):
+            xk = x[k]
+            a0 += w0[k] * xk
+            a1 += w1[k] * xk
+            a2 += w2[k] * xk
+            a3 += w3[k] * xk
+        return a0, a1, a2, a3
+
     @njit(fastmath=True, cache=True, nogil=True)
     def f32_one_row(w, x0, out0, start, stop, spread):  # w [N, K], x0 [K] -> out0[start:stop]
         k_in, m = w.shape[1], start
         if spread:  # channels j, j + q, j + 2q, j + 3q of the block side by side
             q = (stop - start) // 4
             for j in range(start, start + q):
-                w0, w1, w2, w3 = w[j], w[j + q], w[j + 2 * q], w[j + 3 * q]
-                a0, a1, a2, a3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
-                for k in range(k_in):
-                    xk = x0[k]
-                    a0 += w0[k] * xk
-                    a1 += w1[k] * xk
-                    a2 += w2[k] * xk
-                    a3 += w3[k] * xk
-                out0[j], out0[j + q], out0[j + 2 * q], out0[j + 3 * q] = a0, a1, a2, a3
+                sums = dot4(w[j], w[j + q], w[j + 2 * q], w[j + 3 * q], x0)
+                out0[j], out0[j + q], out0[j + 2 * q], out0[j + 3 * q] = sums
             m = start + 4 * q
         for n in range(m, stop):  # one long vectorized dot per channel
             wn = w[n]
@@ -51,17 +55,9 @@ if numba is not None:
             return
         k_in, n = w.shape[1], start
         while n + 4 <= stop:
-            w0, w1, w2, w3 = w[n], w[n + 1], w[n + 2], w[n + 3]
             for t in range(x.shape[0]):
-                xt = x[t]
-                a0, a1, a2, a3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
-                for k in range(k_in):
-                    xk = xt[k]
-                    a0 += w0[k] * xk
-                    a1 += w1[k] * xk
-                    a2 += w2[k] * xk
-                    a3 += w3[k] * xk
-                out[t, n], out[t, n + 1], out[t, n + 2], out[t, n + 3] = a0, a1, a2, a3
+                sums = dot4(w[n], w[n + 1], w[n + 2], w[n + 3], x[t])
+                out[t, n], out[t, n + 1], out[t, n + 2], out[t, n + 3] = sums
             n += 4
         for m in range(n, stop):
             for t in range(x.shape[0]):
