@@ -81,8 +81,8 @@ class Rank0:
         """tokens [B, S] -> [B, S, D]. A decode step's few rows of an in-memory table are copied right
         here, on the event loop: the hop to the compute thread and back took 280-370 us per token
         (median, 2-device `large` int4 decode; F.embedding itself 70 us of it there), the woken
-        thread waiting for the GIL while the loop ran other work. Rows read from the split's files, or a prefill's many,
-        go to the compute thread."""
+        thread waiting for the GIL while the loop ran other work. Rows read from the split's files,
+        or a prefill's many, go to the compute thread."""
         assert self.shard is not None and self.embed is not None
         if isinstance(self.embed, TableRows) and tokens.numel() <= SMALL_STEP_TOKENS:
             return self.embed(tokens)

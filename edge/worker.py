@@ -96,7 +96,7 @@ class Worker:
                                                settings.memory_budget_mb, settings.split_dir,
                                                settings.keep_page_cache), ckpt)
         self.fingerprint = checkpoint_fingerprint(settings.model) if has_model else None
-        warm_kernels()  # then the runtime's own memory, before any weight: what a memory budget comes on top of
+        warm_kernels()  # the fixed overhead (runtime, compiled kernels) a memory budget comes on top of
         self.fixed_rss = psutil.Process().memory_info().rss
         log.info("rank %s fixed overhead %.0f MB RSS", settings.rank or "(to be assigned)", self.fixed_rss / (1 << 20))
         self.profile = measure_device()  # for --weights auto on the master

@@ -67,7 +67,11 @@ def stored_format(model: str) -> str | None:
     """int8 | int4 when the checkpoint's layers are stored as quantized blocks (a GGUF's, served as
     they are), for the floor to stream about as many bytes (a Q8_0 file's int8g blocks are streamed
     as per-channel int8, 8 bits a weight against 8.5); None for floats."""
-    formats = Checkpoint(model).block_formats
+    ckpt = Checkpoint(model)
+    try:
+        formats = ckpt.block_formats
+    finally:
+        ckpt.close()
     return "int4" if "int4" in formats else "int8" if formats else None
 
 
