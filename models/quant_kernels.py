@@ -137,12 +137,19 @@ SPREAD_ONE_ROW = not amd_cores()  # one row of float32: four channel streams per
 
 
 STREAMS = 4  # tiles of a quantized weight read side by side (concurrent memory streams)
+# Grouped formats (int4, int8g) read a tile's scales (and mins) as streams of their own beside its
+# codes. On AMD Zen cores four tiles at a time (12 streams for int4) halved their speed from memory
+# (Zen 5, 12 matrices 5632 x 2048, one thread: int4 9.7-11.1 Gparam/s against 20.5-25.0 one tile
+# at a time; int8g 10.1-11.4 against 20.7-22.9), while per-channel int8 gained from four (two
+# threads: 46.5-47.4 against 34.7-37.1); on the Intel Xeon host four were the faster for int4 too
+# (8.7 -> 10.0). A channel's sum is the same sequence of operations either way.
+GROUPED_STREAMS = 1 if amd_cores() else STREAMS
 
 
 def _kernels(parallel: bool) -> dict:
     """The GEMV kernels over all tiles, compiled (once, cached on disk) serial or with `prange` over
-    `parts` (one contiguous run of tiles per thread, each read STREAMS tiles at a time). The tile
-    loops are plain functions: numba vectorizes them worse inside a parfor."""
+    `parts` (one contiguous run of tiles per thread, each read STREAMS or GROUPED_STREAMS tiles at a
+    time). The tile loops are plain functions: numba vectorizes them worse inside a parfor."""
     jit = njit(parallel=parallel, cache=True, nogil=True)
     rng = prange if parallel else range
 
@@ -157,15 +164,15 @@ def _kernels(parallel: bool) -> dict:
     def int8g(q, scale, x, out, parts):  # q [C, G, 32, T], scale [C, G, T]
         for p in rng(parts):
             lo, hi = p * q.shape[0] // parts, (p + 1) * q.shape[0] // parts
-            for c in range(lo, hi, STREAMS):
-                int8g_tiles(q, scale, x, out, c, min(hi, c + STREAMS))
+            for c in range(lo, hi, GROUPED_STREAMS):
+                int8g_tiles(q, scale, x, out, c, min(hi, c + GROUPED_STREAMS))
 
     @jit
     def int4(q, scale, minimum, x, out, parts):  # q [C, G, 16, T], scale/min [C, G, T]
         for p in rng(parts):
             lo, hi = p * q.shape[0] // parts, (p + 1) * q.shape[0] // parts
-            for c in range(lo, hi, STREAMS):
-                int4_tiles(q, scale, minimum, x, out, c, min(hi, c + STREAMS))
+            for c in range(lo, hi, GROUPED_STREAMS):
+                int4_tiles(q, scale, minimum, x, out, c, min(hi, c + GROUPED_STREAMS))
 
     @jit
     def f32(w, x, out, spread):  # w [N, K] -> out [R, N]
