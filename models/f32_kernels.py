@@ -1,5 +1,7 @@
-"""The float32 GEMV tile kernel: out[:, start:stop] = x @ w[start:stop]^T for 1..GEMV_ROWS rows of x,
-called by models.quant_kernels (one block of output channels per task).
+"""The float GEMV tile kernel: out[:, start:stop] = x @ w[start:stop]^T for 1..GEMV_ROWS rows of x,
+called by models.quant_kernels (one block of output channels per task). W is float32, or bf16 /
+fp16 held as its 16-bit patterns (uint16) and widened to float32 exactly as it is read: x and the
+sums are float32 either way.
 
 Why numba for plain float32 weights: torch's GEMM costs 2-2.6x a GEMV for 2-8 rows on these hosts
 (it packs W first), this streams W once; four output channels per pass for several rows: four
@@ -10,6 +12,13 @@ EPYC host); elsewhere four channels a quarter of the block apart per pass, four 
 the Intel Xeon host one stream read 10.2-11.6 GB/s on one thread and four 13.4-14.2 (torch's MKL
 GEMV 13.4-14.8). Either way each channel's sum is one sequence of operations, the same in every
 call, on every rank of a cluster on one kind of host.
+
+Why for 16-bit weights: torch 2.13's bf16 GEMV streamed 15-18 GB/s on one core of the Zen 5 host
+where this loop streams the same bytes at 42 (and its float32 GEMV 38): a bf16 checkpoint served
+as shipped decoded slower than the same model in float32. Widening is a shift of the bits into a
+float32 (bf16), or a shift and a scaling by 2^112 (fp16, subnormals included); the products and
+sums are those of torch's own bf16/fp16 GEMV (float32 accumulation, one rounding of the result to
+the weight dtype by the caller), in another order.
 """
 
 from __future__ import annotations
@@ -18,50 +27,84 @@ import numpy as np
 
 from models.numba_target import numba
 
+
+def widen(v, bf16):  # pragma: no cover - the compiled overload below is what kernels call
+    """A weight element as float32: v itself, or a uint16 bf16 (bf16=True) / fp16 bit pattern."""
+    raise NotImplementedError("widen is for compiled kernels")
+
+
 if numba is not None:
-    from numba import njit
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic, overload
+
+    @intrinsic
+    def bits_as_float32(typingctx, bits):  # pragma: no cover - compiled
+        """An integer's low 32 bits -> the float32 with that bit pattern (a bitcast, no conversion)."""
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+            return builder.bitcast(low, ir.FloatType())
+        return types.float32(bits), codegen
+
+    @overload(widen, inline="always")
+    def _widen(v, bf16):  # pragma: no cover - compiled
+        if isinstance(v, types.Float):
+            return lambda v, bf16: v
+
+        def from_bits(v, bf16):
+            h = np.uint32(v)
+            if bf16:  # bf16 is the top half of a float32
+                return bits_as_float32(h << np.uint32(16))
+            # fp16: sign to bit 31, exponent and mantissa 13 bits up, then x 2^(127 - 15)
+            bits = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
+            return bits_as_float32(bits) * np.float32(2.0**112)
+        return from_bits
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def dot4(w0, w1, w2, w3, x):  # four rows [K] . x [K]: four independent sums over one pass of x
+    def dot4(w0, w1, w2, w3, x, bf16):  # four rows [K] . x [K]: four independent sums over one pass of x
         a0, a1, a2, a3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
         for k in range(x.shape[0]):
             xk = x[k]
-            a0 += w0[k] * xk
-            a1 += w1[k] * xk
-            a2 += w2[k] * xk
-            a3 += w3[k] * xk
+            a0 += widen(w0[k], bf16) * xk
+            a1 += widen(w1[k], bf16) * xk
+            a2 += widen(w2[k], bf16) * xk
+            a3 += widen(w3[k], bf16) * xk
         return a0, a1, a2, a3
 
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def dot(wn, x, bf16):  # one row [K] . x [K]: one long vectorized sum
+        acc = np.float32(0.0)
+        for k in range(x.shape[0]):
+            acc += widen(wn[k], bf16) * x[k]
+        return acc
+
     @njit(fastmath=True, cache=True, nogil=True)
-    def f32_one_row(w, x0, out0, start, stop, spread):  # w [N, K], x0 [K] -> out0[start:stop]
-        k_in, m = w.shape[1], start
+    def f32_one_row(w, x0, out0, start, stop, spread, bf16):  # w [N, K], x0 [K] -> out0[start:stop]
+        m = start
         if spread:  # channels j, j + q, j + 2q, j + 3q of the block side by side
             q = (stop - start) // 4
             for j in range(start, start + q):
-                sums = dot4(w[j], w[j + q], w[j + 2 * q], w[j + 3 * q], x0)
+                sums = dot4(w[j], w[j + q], w[j + 2 * q], w[j + 3 * q], x0, bf16)
                 out0[j], out0[j + q], out0[j + 2 * q], out0[j + 3 * q] = sums
             m = start + 4 * q
-        for n in range(m, stop):  # one long vectorized dot per channel
-            wn = w[n]
-            acc = np.float32(0.0)
-            for k in range(k_in):
-                acc += wn[k] * x0[k]
-            out0[n] = acc
+        for n in range(m, stop):
+            out0[n] = dot(w[n], x0, bf16)
 
     @njit(fastmath=True, cache=True, nogil=True)
-    def f32_channels(w, x, out, start, stop, spread):  # w [N, K] f32, x [R, K] -> out[:, start:stop]
+    def f32_channels(w, x, out, start, stop, spread, bf16=False):
+        """w [N, K] float32 (or uint16 bits of bf16 / fp16), x [R, K] float32 -> out[:, start:stop]."""
         if x.shape[0] == 1:
-            f32_one_row(w, x[0], out[0], start, stop, spread)
+            f32_one_row(w, x[0], out[0], start, stop, spread, bf16)
             return
-        k_in, n = w.shape[1], start
+        n = start
         while n + 4 <= stop:
             for t in range(x.shape[0]):
-                sums = dot4(w[n], w[n + 1], w[n + 2], w[n + 3], x[t])
+                sums = dot4(w[n], w[n + 1], w[n + 2], w[n + 3], x[t], bf16)
                 out[t, n], out[t, n + 1], out[t, n + 2], out[t, n + 3] = sums
             n += 4
         for m in range(n, stop):
             for t in range(x.shape[0]):
-                acc = np.float32(0.0)
-                for k in range(k_in):
-                    acc += w[m, k] * x[t, k]
-                out[t, m] = acc
+                out[t, m] = dot(w[m], x[t], bf16)

@@ -175,10 +175,10 @@ def _kernels(parallel: bool) -> dict:
                 int4_tiles(q, scale, minimum, x, out, c, min(hi, c + GROUPED_STREAMS))
 
     @jit
-    def f32(w, x, out, spread):  # w [N, K] -> out [R, N]
+    def f32(w, x, out, spread, bf16):  # w [N, K] float32 | uint16 (bf16 / fp16 bits) -> out [R, N]
         n = w.shape[0]
         for b in rng((n + F32_BLOCK - 1) // F32_BLOCK):
-            f32_channels(w, x, out, b * F32_BLOCK, min(n, (b + 1) * F32_BLOCK), spread)
+            f32_channels(w, x, out, b * F32_BLOCK, min(n, (b + 1) * F32_BLOCK), spread, bf16)
 
     return {"int8": int8, "int8g": int8g, "int4": int4, "f32": f32}
 
@@ -210,32 +210,45 @@ def warm_kernels() -> None:
 
 
 def _warm() -> None:
-    w, x, out = np.ones((1, 1), np.float32), np.ones((2, 1), np.float32), np.empty((2, 1), np.float32)
-    for small in (True, False):
-        _kernel("f32", small)(w, x, out, SPREAD_ONE_ROW)
+    x, out = np.ones((2, 1), np.float32), np.empty((2, 1), np.float32)
+    for w in (np.ones((1, 1), np.float32), np.ones((1, 1), np.uint16)):  # float32; bf16 / fp16 bits
+        for small in (True, False):
+            _kernel("f32", small)(w, x, out, SPREAD_ONE_ROW, False)
     warm_decode_kernels()
 
 
+FLOAT_WEIGHTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def kernel_serves(w: torch.Tensor | QuantWeight) -> bool:
-    """True when `gemv_rows` applies w: numba present, and w quantized or contiguous float32."""
+    """True when `gemv_rows` applies w: numba present, and w quantized or a contiguous float32, bf16
+    or fp16 tensor."""
     if numba is None:
         return False
-    return isinstance(w, QuantWeight) or (w.dtype == torch.float32 and w.is_contiguous() and not w.requires_grad)
+    return isinstance(w, QuantWeight) or (w.dtype in FLOAT_WEIGHTS and w.is_contiguous() and not w.requires_grad)
 
 
 def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> np.ndarray:
     """x [R, K] float32, C-contiguous, 1 <= R <= GEMV_ROWS; w with `kernel_serves(w)` -> [R, N] float32
-    (+ bias), W streamed once by its format's kernel. Arrays in, arrays out: a decode step's layer
+    (+ bias), W streamed once by its format's kernel (bf16 / fp16 widened exactly as it is read). Arrays in, arrays out: a decode step's layer
     (models.decode_step) calls this without a torch op around it."""
     n = w.shape[0]
     out = np.empty((x.shape[0], n), np.float32)
     if isinstance(w, QuantWeight):
         _kernel(w.kind)(*w.arrays, x, out, kernel_threads())  # one run of tiles per thread
     else:
-        _kernel("f32", small=n * w.shape[1] < PARALLEL_MIN_PARAMS)(w.numpy(), x, out, SPREAD_ONE_ROW)
+        bits = w.numpy() if w.dtype == torch.float32 else w.view(torch.int16).numpy().view(np.uint16)
+        small = n * w.shape[1] < PARALLEL_MIN_PARAMS
+        _kernel("f32", small)(bits, x, out, SPREAD_ONE_ROW, w.dtype == torch.bfloat16)
     if bias is not None:
         out += bias.float().numpy()
     return out
+
+
+def _kernel_takes(dtype: torch.dtype, w: torch.Tensor | QuantWeight) -> bool:
+    """x of `dtype` goes to the kernel with a quantized weight, or one of its own dtype (F.linear
+    refuses mixed dtypes: those keep its error)."""
+    return isinstance(w, QuantWeight) or dtype == w.dtype
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,10 +256,12 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
 
     1..GEMV_ROWS rows go through `gemv_rows` (a strided x is copied, so one compiled signature serves
     every call); more rows, or a weight no kernel serves, through torch's GEMM (W dequantized first).
+    x in bf16 / fp16 is widened exactly and the float32 result rounded once to x's dtype, as torch's
+    own 16-bit GEMV does.
     """
     n, k = w.shape
     rows = x.numel() // k if k and x.shape[-1] == k else 0  # a mismatch goes to torch, which names it
-    if 1 <= rows <= GEMV_ROWS and kernel_serves(w) and (x.dtype == torch.float32 or isinstance(w, QuantWeight)):
+    if 1 <= rows <= GEMV_ROWS and kernel_serves(w) and _kernel_takes(x.dtype, w):
         flat = np.ascontiguousarray(x.detach().float().numpy().reshape(rows, k))
         y = torch.from_numpy(gemv_rows(flat, w, bias))
         return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], n)

@@ -1,12 +1,16 @@
 """bf16 and fp16 checkpoints served in the dtype they ship in, against transformers in that dtype.
 
 Tolerance: transformers computes a bf16 model with bf16 activations (norms and softmax in float32),
-and so do we, in the same order on one device: there the logprobs must be identical (0.0). With
-N devices each rank rounds its partial output projections to bf16 before the float32 all-reduce, one
-extra rounding of the same size as the ones the reference makes everywhere. So our deviation from
-the reference is bounded by twice the reference's own deviation from exact arithmetic, which we
+and so do we. Where the two differ is which side of a bf16 rounding a value lands on: a decode
+step's GEMVs (models.f32_kernels) sum the same exact float32 products as torch's bf16 GEMV in
+another order before the one rounding of each output to bf16, and with N devices each rank rounds
+its partial output projections to bf16 before the float32 all-reduce, one extra rounding of the
+same size as the ones the reference makes everywhere. Either way our result and the reference are
+two roundings of the same exact computation, each as far from it as the reference's own roundings,
+so their distance is bounded by twice the reference's own deviation from exact arithmetic, which we
 measure per checkpoint as the largest |logprob(transformers, dtype) - logprob(transformers, float32)|
 over the same tokens: tol = 2 x that (about 0.1 for bf16, 0.015 for fp16 on these checkpoints).
+Prefill (more than 8 rows) takes torch's own GEMM, as transformers does.
 """
 
 import functools
@@ -85,7 +89,7 @@ async def test_half_precision_cluster_matches_transformers(root, tmp_path, dtype
         choice = body["choices"][0]
         assert choice["token_ids"] == ref_tokens
         got = choice["logprobs"]["token_logprobs"]
-        assert got == pytest.approx(ref_logprobs, abs=0.0 if workers == 1 else tol)
+        assert got == pytest.approx(ref_logprobs, abs=tol)
         resident = await weight_bytes(cluster.url)
         assert resident == expected_bytes(folder, workers, ELEMENT_BYTES[dtype])
         if workers == 1:  # independent of the plan: every parameter once, at 2 bytes

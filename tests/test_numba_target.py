@@ -1,5 +1,5 @@
-"""The kernels' CPU target (models.numba_target) and the float32 one-row kernel's two ways of
-streaming W (models.f32_kernels).
+"""The kernels' CPU target (models.numba_target), the float kernel's two ways of streaming W and its
+bf16 / fp16 weights widened as they are read (models.f32_kernels).
 
 Oracles: the quantized kernels compiled for 256-bit vectors (LLVM's default tuning of AVX-512 Intel
 cores, what numba used before) give the same bits as the 512-bit build (the vector width only
@@ -125,3 +125,49 @@ def test_tiles_read_one_or_four_at_a_time_give_the_same_bits(kind):
         by_span.append(out.view(np.uint32))
     assert not np.isnan(by_span[0].view(np.float32)).any()
     assert (by_span[0] == by_span[1]).all() and (by_span[0] == by_span[2]).all()
+
+
+def sixteen_bit_weights(dtype: torch.dtype, n: int, k: int) -> torch.Tensor:
+    """Random weights in `dtype` with the awkward values planted: +-0, the extremes and (fp16)
+    subnormals, which the widening must carry over exactly."""
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 0.05).to(dtype)
+    info = torch.finfo(dtype)
+    specials = [0.0, -0.0, info.max, -info.max, info.tiny, -info.tiny, info.tiny / 8, 1.0, -2.5]
+    w.view(-1)[: len(specials)] = torch.tensor(specials).to(dtype)
+    return w
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spread", [True, False])
+def test_sixteen_bit_weights_are_widened_exactly(dtype, spread):
+    """x = the unit vectors e_0..e_K-1 (8 rows at a time, the most a GEMV serves, and one row): each
+    output is one weight x 1 plus zeros, so it must equal torch's own widening of that weight exactly
+    (extremes and subnormals included; -0 compares equal: a sum that starts at +0 ends at +0)."""
+    n, k = 70, 24
+    w = sixteen_bit_weights(dtype, n, k)
+    bits = w.view(torch.int16).numpy().view(np.uint16)
+    expected = w.float().numpy().T  # [K, N]: row j is column j of W
+    for rows in (1, 8):
+        for k0 in range(0, k, rows):
+            x = np.eye(k, dtype=np.float32)[k0:k0 + rows]
+            out = np.full((rows, n), np.nan, np.float32)
+            f32_channels(bits, x, out, 0, n, spread, dtype == torch.bfloat16)
+            assert (out == expected[k0:k0 + rows]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_sixteen_bit_gemv_within_the_dot_product_bound(dtype, rows):
+    """gemv_rows on a bf16 / fp16 weight against the float64 product of the widened weights, within
+    K u sum|w||x|; linear() on 16-bit x rounds that float32 result once to x's dtype."""
+    n, k = 130, 300
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(8)) * 0.05).to(dtype)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(9))
+    y = qk.gemv_rows(x.numpy(), w)
+    exact = x.double() @ w.double().T
+    bound = k * U * (x.double().abs() @ w.double().abs().T)
+    assert ((torch.from_numpy(y).double() - exact).abs() <= bound).all()
+    xh = x.to(dtype)
+    y16 = qk.linear(xh, w)
+    assert y16.dtype == dtype
+    assert torch.equal(y16, torch.from_numpy(qk.gemv_rows(xh.float().numpy(), w)).to(dtype))
