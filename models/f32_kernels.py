@@ -16,7 +16,7 @@ call, on every rank of a cluster on one kind of host.
 Why for 16-bit weights: torch 2.13's bf16 GEMV streamed 15-18 GB/s on one core of the Zen 5 host
 where this loop streams the same bytes at 42 (and its float32 GEMV 38): a bf16 checkpoint served
 as shipped decoded slower than the same model in float32. Widening is a shift of the bits into a
-float32 (bf16), or a shift and a scaling by 2^112 (fp16, subnormals included); the products and
+float32 (bf16), or the hardware's half-to-float conversion (fp16, LLVM's fpext); the products and
 sums are those of torch's own bf16/fp16 GEMV (float32 accumulation, one rounding of the result to
 the weight dtype by the caller), in another order.
 """
@@ -49,18 +49,27 @@ if numba is not None:
             return builder.bitcast(low, ir.FloatType())
         return types.float32(bits), codegen
 
+    @intrinsic
+    def half_bits_as_float32(typingctx, bits):  # pragma: no cover - compiled
+        """An integer's low 16 bits as an IEEE half -> that value as float32, exactly (LLVM's fpext:
+        one vcvtph2ps per vector on x86 with F16C)."""
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            low = builder.trunc(args[0], ir.IntType(16)) if bits.bitwidth > 16 else args[0]
+            return builder.fpext(builder.bitcast(low, ir.HalfType()), ir.FloatType())
+        return types.float32(bits), codegen
+
     @overload(widen, inline="always")
     def _widen(v, bf16):  # pragma: no cover - compiled
         if isinstance(v, types.Float):
             return lambda v, bf16: v
 
         def from_bits(v, bf16):
-            h = np.uint32(v)
             if bf16:  # bf16 is the top half of a float32
-                return bits_as_float32(h << np.uint32(16))
-            # fp16: sign to bit 31, exponent and mantissa 13 bits up, then x 2^(127 - 15)
-            bits = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
-            return bits_as_float32(bits) * np.float32(2.0**112)
+                return bits_as_float32(np.uint32(v) << np.uint32(16))
+            return half_bits_as_float32(v)
         return from_bits
 
     @njit(fastmath=True, cache=True, nogil=True, inline="always")

@@ -1,6 +1,7 @@
 """Weights as shipped: the `large` preset saved in bf16, served with --dtype bfloat16 and --dtype
 float32 on 1 and 2 devices, next to transformers computing in both dtypes, in one run. Also one
-GEMV (5632 x 2048, the large preset's MLP) per dtype and thread count: where the speed comes from.
+GEMV (5632 x 2048, the large preset's MLP) per dtype and thread count, torch's and the decode's own
+kernel: where the speed comes from.
 Writes bench/dtype.json and bench/dtype.md.
 
     .venv/bin/python scripts/bench_dtype.py [--model DIR] [--rounds 3] [--new-tokens 33]
@@ -26,21 +27,26 @@ from bench_decode import HF_SCRIPT, PROMPT, Cluster  # noqa: E402
 
 GEMV_SCRIPT = r"""
 import json, statistics, sys, time, torch
-torch.set_num_threads(int(sys.argv[1]))
+from models.quant_kernels import linear, warm_kernels
+from models.threads import set_threads
+set_threads(int(sys.argv[1]))
+warm_kernels()
 out = {}
 for name in ("float32", "bfloat16", "float16"):
     dtype = getattr(torch, name)
     # 16 matrices (0.7-1.5 GB) cycled, so every call streams from memory, not from the cache
     ws = [torch.randn(5632, 2048).to(dtype) for _ in range(16)]; x = torch.randn(1, 2048).to(dtype)
-    for w in ws: torch.nn.functional.linear(x, w)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for w in ws: torch.nn.functional.linear(x, w)
-        times.append((time.perf_counter() - t) / len(ws))
-    s = statistics.median(times)
-    w = ws[0]
-    out[name] = {"ms": s * 1e3, "gparam_s": w.numel() / s / 1e9, "gb_s": w.numel() * w.element_size() / s / 1e9}
+    for kernel, fn in (("F.linear", torch.nn.functional.linear), ("edge-llm", linear)):
+        for w in ws: fn(x, w)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for w in ws: fn(x, w)
+            times.append((time.perf_counter() - t) / len(ws))
+        s = statistics.median(times)
+        w = ws[0]
+        out[f"{name} {kernel}"] = {"ms": s * 1e3, "gparam_s": w.numel() / s / 1e9,
+                                   "gb_s": w.numel() * w.element_size() / s / 1e9}
     del ws
 print(json.dumps(out))
 """
@@ -85,8 +91,8 @@ class Edge:
 
 
 def gemv(threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", GEMV_SCRIPT, str(threads)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", GEMV_SCRIPT, str(threads)], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     return json.loads(out.stdout)
 
 
@@ -117,9 +123,10 @@ def write(results: dict, out: Path) -> None:
         per_rank = ", ".join(f"r{k}: {v / 1e6:.0f}" for k, v in sorted(r["weight_bytes"].items()))
         lines.append(f"| {name} | {r['ttft_ms']:.0f} | {r['tpot_ms']:.1f} | {r['tpot_ms'] / base:.2f} | "
                      f"{per_rank} | {r['gb_s']:.1f} |")
-    lines += ["", "One GEMV, 5632 x 2048 (F.linear, one token; 16 such matrices cycled so each call "
-              "streams its weights from memory), median of 5 rounds:", "",
-              "| dtype | threads | ms | Gparam/s | GB/s |", "|---|---|---|---|---|"]
+    lines += ["", "One GEMV, 5632 x 2048 (one token; torch's F.linear and the kernel a decode step uses, "
+              "models.quant_kernels.linear; 16 such matrices cycled so each call streams its weights from "
+              "memory), median of 5 rounds:", "",
+              "| dtype, kernel | threads | ms | Gparam/s | GB/s |", "|---|---|---|---|---|"]
     for threads, per_dtype in results["gemv"].items():
         for name, g in per_dtype.items():
             lines.append(f"| {name} | {threads} | {g['ms']:.3f} | {g['gparam_s']:.2f} | {g['gb_s']:.1f} |")
