@@ -230,8 +230,9 @@ def kernel_serves(w: torch.Tensor | QuantWeight) -> bool:
 
 def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> np.ndarray:
     """x [R, K] float32, C-contiguous, 1 <= R <= GEMV_ROWS; w with `kernel_serves(w)` -> [R, N] float32
-    (+ bias), W streamed once by its format's kernel (bf16 / fp16 widened exactly as it is read). Arrays in, arrays out: a decode step's layer
-    (models.decode_step) calls this without a torch op around it."""
+    (+ bias), W streamed once by its format's kernel (bf16 / fp16 widened exactly as it is read).
+    Arrays in, arrays out: a decode step's layer (models.decode_step) calls this without a torch op
+    around it."""
     n = w.shape[0]
     out = np.empty((x.shape[0], n), np.float32)
     if isinstance(w, QuantWeight):
