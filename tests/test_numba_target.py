@@ -24,7 +24,7 @@ from models import numba_target
 from models import quant_kernels as qk
 from models.f32_kernels import f32_channels
 from models.numba_target import WIDE_VECTORS, amd_cores
-from models.quant import GROUP, QuantWeight, quantize
+from models.quant import GROUP, QuantWeight, quantize, tile_width, tiled
 
 ROOT = Path(__file__).resolve().parent.parent
 U = 2.0**-24  # float32 unit roundoff
@@ -171,3 +171,29 @@ def test_sixteen_bit_gemv_within_the_dot_product_bound(dtype, rows):
     y16 = qk.linear(xh, w)
     assert y16.dtype == dtype
     assert torch.equal(y16, torch.from_numpy(qk.gemv_rows(xh.float().numpy(), w)).to(dtype))
+
+
+def test_tiles_are_whole_vectors_as_wide_as_divide_the_width():
+    """SmolLM2's 576- and 192-wide matrices (and their halves on 2 devices) get tiles of 12, 9 and 6
+    vectors instead of the 4 of the widest power of two; widths no vector divides keep small tiles."""
+    assert [tile_width(n) for n in (576, 192, 288, 96, 1536, 5632, 720)] == [192, 192, 144, 96, 256, 256, 240]
+    assert [tile_width(n) for n in (72, 40, 7)] == [8, 8, 1]
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_tile_width_does_not_change_the_bits(kind):
+    """A channel's sum is the same sequence of operations whatever tile holds it: the same weights
+    held in tiles of 64, 192 (what tile_width picks for 576) and 576 give the same output bits."""
+    g = torch.Generator().manual_seed(2)
+    w = quantize(torch.randn(576, 320, generator=g), kind)
+    q, scale, minimum = w.plain()
+    x = torch.randn(2, 320, generator=g).numpy()
+    outs = []
+    for width in (64, 192, 576):
+        if kind == "int8":
+            held = QuantWeight(kind, tiled(q, width), scale)
+        else:
+            held = QuantWeight(kind, tiled(q, width), tiled(scale, width), tiled(minimum, width))
+        outs.append(qk.gemv_rows(x, held).view(np.uint32))
+    assert w.q.shape[-1] == 192
+    assert (outs[0] == outs[1]).all() and (outs[0] == outs[2]).all()
