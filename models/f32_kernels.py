@@ -15,10 +15,10 @@ call, on every rank of a cluster on one kind of host.
 
 Why for 16-bit weights: torch 2.13's bf16 GEMV streamed 15-18 GB/s on one core of the Zen 5 host
 where this loop streams the same bytes at 26-42 (and float32 weights at 35-38): a bf16 checkpoint
-served as shipped decoded slower than the same model in float32 (bench/dtype.md). Widening is a shift of the bits into a
-float32 (bf16), or the hardware's half-to-float conversion (fp16, LLVM's fpext); the products and
-sums are those of torch's own bf16/fp16 GEMV (float32 accumulation, one rounding of the result to
-the weight dtype by the caller), in another order.
+served as shipped decoded slower than the same model in float32 (bench/dtype.md). Widening is a
+shift of the bits into a float32 (bf16), or the hardware's half-to-float conversion (fp16, LLVM's
+fpext); the products and sums are those of torch's own bf16/fp16 GEMV (float32 accumulation, one
+rounding of the result to the weight dtype by the caller), in another order.
 """
 
 from __future__ import annotations

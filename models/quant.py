@@ -32,7 +32,7 @@ QUANT_CHOICES = ("auto", "none", "int8", "int4")  # auto: as the checkpoint stor
 
 MAX_TILE = 256  # output channels per tile at most (a tile's partial sums stay in L1)
 LANES = 16  # float32 lanes of a 512-bit vector: the kernels' inner loop runs over whole vectors
-TILES = (8, 4, 2, 1)  # for widths no multiple of LANES divides
+TILES = (8, 4, 2, 1)  # for widths that are not multiples of LANES
 
 
 def tile_width(n: int) -> int:
@@ -43,6 +43,14 @@ def tile_width(n: int) -> int:
     Zen 5 host): per tile and input feature the loop's setup is paid over 4 vectors instead of 12."""
     whole_vectors = [t for t in range(MAX_TILE, 0, -LANES) if n % t == 0]
     return whole_vectors[0] if whole_vectors else next(t for t in TILES if n % t == 0)
+
+
+def kernel_array(t: torch.Tensor) -> np.ndarray:
+    """t as the numpy view a kernel takes (no copy): float16 and bfloat16 as their uint16 bits (numpy
+    has no bf16, and numba no float16)."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
 
 def tiled(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -102,10 +110,7 @@ class QuantWeight:
     def arrays(self) -> tuple[np.ndarray, ...]:
         """The kernel's arguments, made once (views, no copies): codes, then scales (float16 as their
         uint16 bits) and mins."""
-        def bits(t: torch.Tensor) -> np.ndarray:
-            return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.float16 else t.numpy()
-
-        return tuple(bits(t) for t in (self.q, self.scale, self.min) if t is not None)
+        return tuple(kernel_array(t) for t in (self.q, self.scale, self.min) if t is not None)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W [N, K] in float32 (then `dtype`): the weights the kernels compute with, exactly."""

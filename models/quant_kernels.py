@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from models.decode_kernels import warm_decode_kernels
 from models.dequant_kernels import prefill_linear
 from models.numba_target import amd_cores, numba
-from models.quant import QuantWeight
+from models.quant import QuantWeight, kernel_array
 from models.threads import in_passing_thread, kernel_threads
 
 GEMV_ROWS = 8  # rows of x up to which the GEMV kernel beats dequantize + GEMM
@@ -238,9 +238,8 @@ def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor |
     if isinstance(w, QuantWeight):
         _kernel(w.kind)(*w.arrays, x, out, kernel_threads())  # one run of tiles per thread
     else:
-        bits = w.numpy() if w.dtype == torch.float32 else w.view(torch.int16).numpy().view(np.uint16)
         small = n * w.shape[1] < PARALLEL_MIN_PARAMS
-        _kernel("f32", small)(bits, x, out, SPREAD_ONE_ROW, w.dtype == torch.bfloat16)
+        _kernel("f32", small)(kernel_array(w), x, out, SPREAD_ONE_ROW, w.dtype == torch.bfloat16)
     if bias is not None:
         out += bias.float().numpy()
     return out
