@@ -52,16 +52,18 @@ if njit is not None:
 
     @njit(cache=True, nogil=True)
     def _int4(q, scale, minimum, c0, c1, out):  # pragma: no cover - compiled
-        """q [C, G, 16, T] uint8 (element j low nibble, j + 16 high), scale/min [C, G, T] float32
-        -> out [(c1 - c0) x T, G x 32]: code x scale, then + min (two roundings, as torch)."""
-        groups, half, tw = q.shape[1], q.shape[2], q.shape[3]
+        """q [C, G, 4, T, 4] uint8 (byte j = [j // 4, channel, j % 4]: element j low nibble, j + 16
+        high; models.quant.interleaved), scale/min [C, G, T] float32 -> out [(c1 - c0) x T, G x 32]:
+        code x scale, then + min (two roundings, as torch)."""
+        groups, words, tw, word = q.shape[1], q.shape[2], q.shape[3], q.shape[4]
+        half = words * word
         for c in range(c0, c1):
             for i in range(tw):
                 row = out[(c - c0) * tw + i]
                 for g in range(groups):
                     s, m, base = scale[c, g, i], minimum[c, g, i], g * 2 * half
                     for j in range(half):
-                        v = q[c, g, j, i]
+                        v = q[c, g, j // word, i, j % word]
                         low = np.float32(v & np.uint8(15)) * s
                         high = np.float32(v >> np.uint8(4)) * s
                         row[base + j] = low + m
@@ -82,7 +84,7 @@ def prefill_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     if njit is None:
         return F.linear(x, w.dequantize())
     n, k = w.shape
-    tile = w.q.shape[-1]
+    tile = w.tile
     tiles = min(n // tile, max(1, BLOCK_PARAMS // (tile * k)))
     kernel, args = _kernel_args(w)
     buffer = torch.empty(tiles * tile, k)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from models.decode_kernels import warm_decode_kernels
 from models.dequant_kernels import prefill_linear
 from models.numba_target import amd_cores, numba
-from models.quant import QuantWeight, kernel_array
+from models.quant import GROUP, QuantWeight, kernel_array
 from models.threads import in_passing_thread, kernel_threads
 
 GEMV_ROWS = 8  # rows of x up to which the GEMV kernel beats dequantize + GEMM
@@ -33,7 +33,7 @@ GEMV_ROWS = 8  # rows of x up to which the GEMV kernel beats dequantize + GEMM
 if numba is not None:
     from numba import njit, prange
 
-    from models.f32_kernels import f32_channels
+    from models.f32_kernels import bits_as_float32, f32_channels, half_bits_as_float32
 
     tile_jit = njit(fastmath=True, cache=True, nogil=True)
 
@@ -100,33 +100,51 @@ if numba is not None:
             for s in range(c1 - c0):
                 out[t, (c0 + s) * tw:(c0 + s + 1) * tw] = acc[s]
 
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def sixteenths(word, shift):
+        """1 + (the code at bits shift..shift+3 of a uint32) / 16, exactly: the code moved into the top
+        of a float32's mantissa under the exponent of 1.0 (a shift and a mask-and-or per vector; no
+        byte widening, no int-to-float conversion)."""
+        if shift <= 19:
+            bits = (word << np.uint32(19 - shift)) & np.uint32(0xF << 19)
+        else:
+            bits = (word >> np.uint32(shift - 19)) & np.uint32(0xF << 19)
+        return bits_as_float32(bits | np.uint32(0x3F800000))
+
+    # int4: f = 1 + q / 16 is exact, so q x = 16 f x - 16 x, and a group's sum is
+    #   sum_j (scale q_j + min) x_j = 16 scale sum_j f_j x_j + (min - 16 scale) sum_j x_j.
+    # A channel's four bytes of a group row block (8 codes) are one uint32 (models.quant.interleaved).
+    # Rounding: the sums run over f x (|f| < 2) instead of q x, so the float32 error bound is taken over
+    # 16 |scale| f + |min - 16 scale| per weight instead of |w| (tests/test_quant.py derives it).
+
     @tile_jit
-    def int4_tiles(q, scale, minimum, x, out, c0, c1):  # q [C, G, 16, T] uint8, scale/min [C, G, T] f16 bits
-        groups, width, tw = q.shape[1], q.shape[2], q.shape[3]
-        low, four = np.uint8(15), np.uint8(4)
+    def int4_tiles(q, scale, minimum, x, out, c0, c1):  # q [C, G, 4, T] uint32, scale/min [C, G, T] f16 bits
+        groups, words, tw = q.shape[1], q.shape[2], q.shape[3]
         sums, acc = np.empty((c1 - c0, tw), np.float32), np.empty((c1 - c0, tw), np.float32)
-        bits, sc, mn = np.empty(tw, np.uint32), np.empty(tw, np.float32), np.empty(tw, np.float32)
+        sixteen = np.float32(16.0)
         for t in range(x.shape[0]):
             acc[:] = 0.0
             for g in range(groups):
                 sums[:] = 0.0
-                xsum = np.float32(0.0)  # the min term: min x the sum of the group's x
-                base = g * 2 * width
-                for j in range(0, width, 2):  # byte j: element j (low nibble) and j + 16 (high)
-                    a0, b0 = x[t, base + j], x[t, base + width + j]
-                    a1, b1 = x[t, base + j + 1], x[t, base + width + j + 1]
-                    xsum += (a0 + b0) + (a1 + b1)
+                xsum = np.float32(0.0)  # the min term: (min - 16 scale) x the sum of the group's x
+                for r in range(words):  # word r: elements 4r + b (low nibbles) and 4r + b + 16 (high)
+                    j = g * GROUP + 4 * r
+                    a0, a1, a2, a3 = x[t, j], x[t, j + 1], x[t, j + 2], x[t, j + 3]
+                    b0, b1, b2, b3 = x[t, j + 16], x[t, j + 17], x[t, j + 18], x[t, j + 19]
+                    xsum += ((a0 + b0) + (a1 + b1)) + ((a2 + b2) + (a3 + b3))
                     for s in range(c1 - c0):
-                        q0, q1, sm = q[c0 + s, g, j], q[c0 + s, g, j + 1], sums[s]
-                        for i in range(tw):  # uint8 masks keep 16 lanes per vector (int64 gives 8)
-                            v0, v1 = q0[i], q1[i]
-                            sm[i] += (np.float32(np.uint8(v0 & low)) * a0 + np.float32(np.uint8(v0 >> four)) * b0
-                                      + np.float32(np.uint8(v1 & low)) * a1 + np.float32(np.uint8(v1 >> four)) * b1)
+                        row, sm = q[c0 + s, g, r], sums[s]
+                        for i in range(tw):
+                            v = row[i]
+                            sm[i] += (((sixteenths(v, 0) * a0 + sixteenths(v, 4) * b0)
+                                       + (sixteenths(v, 8) * a1 + sixteenths(v, 12) * b1))
+                                      + ((sixteenths(v, 16) * a2 + sixteenths(v, 20) * b2)
+                                         + (sixteenths(v, 24) * a3 + sixteenths(v, 28) * b3)))
                 for s in range(c1 - c0):
-                    half_to_float(scale[c0 + s, g], bits, sc)
-                    half_to_float(minimum[c0 + s, g], bits, mn)
+                    sc, mn, a, sm = scale[c0 + s, g], minimum[c0 + s, g], acc[s], sums[s]
                     for i in range(tw):
-                        acc[s, i] += sc[i] * sums[s, i] + mn[i] * xsum
+                        s16 = half_bits_as_float32(sc[i]) * sixteen
+                        a[i] += s16 * sm[i] + (half_bits_as_float32(mn[i]) - s16) * xsum
             for s in range(c1 - c0):
                 out[t, (c0 + s) * tw:(c0 + s + 1) * tw] = acc[s]
 
@@ -168,7 +186,7 @@ def _kernels(parallel: bool) -> dict:
                 int8g_tiles(q, scale, x, out, c, min(hi, c + GROUPED_STREAMS))
 
     @jit
-    def int4(q, scale, minimum, x, out, parts):  # q [C, G, 16, T], scale/min [C, G, T]
+    def int4(q, scale, minimum, x, out, parts):  # q [C, G, 4, T] uint32, scale/min [C, G, T]
         for p in rng(parts):
             lo, hi = p * q.shape[0] // parts, (p + 1) * q.shape[0] // parts
             for c in range(lo, hi, GROUPED_STREAMS):

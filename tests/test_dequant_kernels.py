@@ -33,7 +33,7 @@ SHAPES = [(256, 64), (320, 96), (40, 32), (1536, 576)]  # tiles of 256, 64, 8, 2
 def test_the_blocks_hold_exactly_the_dequantized_weights(kind, n, k):
     w = weight(kind, n, k, seed=n + k)
     kernel, args = _kernel_args(w)
-    tile = w.q.shape[-1]
+    tile = w.tile
     out = torch.full((n, k), float("nan"))
     for c0 in range(0, n // tile, 3):  # blocks of three tiles, the last one short
         c1 = min(n // tile, c0 + 3)

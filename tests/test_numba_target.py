@@ -24,7 +24,7 @@ from models import numba_target
 from models import quant_kernels as qk
 from models.f32_kernels import f32_channels
 from models.numba_target import WIDE_VECTORS, amd_cores
-from models.quant import GROUP, QuantWeight, quantize, tile_width, tiled
+from models.quant import GROUP, QuantWeight, quantize, tile_width
 
 ROOT = Path(__file__).resolve().parent.parent
 U = 2.0**-24  # float32 unit roundoff
@@ -190,10 +190,8 @@ def test_tile_width_does_not_change_the_bits(kind):
     x = torch.randn(2, 320, generator=g).numpy()
     outs = []
     for width in (64, 192, 576):
-        if kind == "int8":
-            held = QuantWeight(kind, tiled(q, width), scale)
-        else:
-            held = QuantWeight(kind, tiled(q, width), tiled(scale, width), tiled(minimum, width))
+        held = QuantWeight.from_plain(kind, q, scale, minimum, width)
+        assert held.tile == width
         outs.append(qk.gemv_rows(x, held).view(np.uint32))
-    assert w.q.shape[-1] == 192
+    assert w.tile == 192
     assert (outs[0] == outs[1]).all() and (outs[0] == outs[2]).all()
