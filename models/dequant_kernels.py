@@ -40,15 +40,17 @@ if njit is not None:
 
     @njit(cache=True, nogil=True)
     def _int8g(q, scale, c0, c1, out):  # pragma: no cover - compiled
-        """q [C, G, 32, T] int8, scale [C, G, T] float32 -> out [(c1 - c0) x T, G x 32]."""
-        groups, width, tw = q.shape[1], q.shape[2], q.shape[3]
+        """q [C, G, 8, T, 4] int8 (element j = [j // 4, channel, j % 4], models.quant.interleaved),
+        scale [C, G, T] float32 -> out [(c1 - c0) x T, G x 32]."""
+        groups, words, tw, word = q.shape[1], q.shape[2], q.shape[3], q.shape[4]
+        width = words * word
         for c in range(c0, c1):
             for i in range(tw):
                 row = out[(c - c0) * tw + i]
                 for g in range(groups):
                     s = scale[c, g, i]
                     for j in range(width):
-                        row[g * width + j] = np.float32(q[c, g, j, i]) * s
+                        row[g * width + j] = np.float32(q[c, g, j // word, i, j % word]) * s
 
     @njit(cache=True, nogil=True)
     def _int4(q, scale, minimum, c0, c1, out):  # pragma: no cover - compiled

@@ -10,10 +10,10 @@ memory in tiles of output channels, see QuantWeight), so the GEMV kernel's inner
 output channels with x broadcast (it vectorizes at any width; a loop over the 32 elements of one
 group does not). An int4 byte holds element j of its group in the low nibble and element j + 16 in
 the high one, as GGUF's Q4 blocks do, so a GGUF block is a byte shuffle away, never a
-dequantize-requantize. Held int4 tiles keep a channel's bytes 4r..4r+3 of a group side by side
-(`interleaved`): the kernel reads them as one 32-bit word and takes its eight nibbles apart with
-shifts and masks, where widening single bytes to 32-bit lanes was the shuffle unit's work and
-limited the kernel (models.quant_kernels).
+dequantize-requantize. Held tiles of the grouped formats keep a channel's bytes 4r..4r+3 of a
+group side by side (`interleaved`): the kernel reads them as one 32-bit word and takes its codes
+apart with shifts and masks, where widening single bytes to 32-bit lanes was the shuffle unit's
+work and limited the kernels (models.quant_kernels).
 
 Quantization is per output row and per group, so it does not depend on the plan: a tensor-parallel
 slice of the quantized tensor is the quantized slice, as long as a column slice never cuts a group.
@@ -67,18 +67,18 @@ def untiled(t: torch.Tensor) -> torch.Tensor:
     return t.movedim(0, -2).reshape(*t.shape[1:-1], t.shape[0] * t.shape[-1])
 
 
-WORD = 4  # int4 code bytes of one channel held side by side: one 32-bit word, eight codes
+WORD = 4  # code bytes of one channel held side by side (grouped formats): one 32-bit word
 
 
 def interleaved(q: torch.Tensor) -> torch.Tensor:
-    """int4 tiles [C, G, 16, T] -> [C, G, 4, T, 4]: [c, g, r, t, b] is byte 4r + b of channel t
-    (elements 4r + b and 4r + b + 16 of group g)."""
-    tiles, groups, half, width = q.shape
-    return q.reshape(tiles, groups, half // WORD, WORD, width).transpose(3, 4).contiguous()
+    """Grouped tiles [C, G, R, T] (R = 16 int4 bytes | 32 int8g codes) -> [C, G, R / 4, T, 4]:
+    [c, g, r, t, b] is byte 4r + b of channel t's group g (int4: elements 4r + b and 4r + b + 16)."""
+    tiles, groups, rows, width = q.shape
+    return q.reshape(tiles, groups, rows // WORD, WORD, width).transpose(3, 4).contiguous()
 
 
 def deinterleaved(q: torch.Tensor) -> torch.Tensor:
-    """[C, G, 4, T, 4] -> [C, G, 16, T]: the inverse of `interleaved`."""
+    """[C, G, R / 4, T, 4] -> [C, G, R, T]: the inverse of `interleaved`."""
     tiles, groups, words, width, _ = q.shape
     return q.transpose(3, 4).reshape(tiles, groups, words * WORD, width)
 
@@ -87,14 +87,14 @@ def deinterleaved(q: torch.Tensor) -> torch.Tensor:
 class QuantWeight:
     """A quantized Linear weight of logical shape [N, K]; `linear` (models.quant_kernels) applies it.
 
-    Codes are held in tiles of T output channels, [N / T, K, T], [N / T, G, 32, T] or (int4)
-    [N / T, G, 4, T, 4] (`interleaved`): a GEMV streams one contiguous tile after another (in the
+    Codes are held in tiles of T output channels, [N / T, K, T] (int8) or [N / T, G, 8 | 4, T, 4]
+    (int8g, int4: `interleaved`): a GEMV streams one contiguous tile after another (in the
     plain [K, N] or [G, 32 | 16, N] order the same bytes read at about half the speed). Checkpoint
     files keep the plain order (`plain`, `from_plain`); split files the held one.
     """
 
     kind: str
-    q: torch.Tensor  # int8 [C, K, T] | int8 [C, G, 32, T] | uint8 [C, G, 4, T, 4]
+    q: torch.Tensor  # int8 [C, K, T] | int8 [C, G, 8, T, 4] | uint8 [C, G, 4, T, 4]
     scale: torch.Tensor  # float32 [N] | float16 [C, G, T]
     min: torch.Tensor | None = None  # float16 [C, G, T] (int4 only)
 
@@ -106,20 +106,19 @@ class QuantWeight:
         width = width or tile_width(q.shape[-1])
         if kind == "int8":
             return cls(kind, tiled(q, width), scale.contiguous())
-        codes = interleaved(tiled(q, width)) if kind == "int4" else tiled(q, width)
-        return cls(kind, codes, tiled(scale, width), None if minimum is None else tiled(minimum, width))
+        return cls(kind, interleaved(tiled(q, width)), tiled(scale, width),
+                   None if minimum is None else tiled(minimum, width))
 
     def plain(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """q, scale, min in the plain order (output channels last)."""
         if self.kind == "int8":
             return untiled(self.q), self.scale, None
-        codes = untiled(deinterleaved(self.q) if self.kind == "int4" else self.q)
-        return codes, untiled(self.scale), None if self.min is None else untiled(self.min)
+        return untiled(deinterleaved(self.q)), untiled(self.scale), None if self.min is None else untiled(self.min)
 
     @property
     def tile(self) -> int:
         """Output channels per tile."""
-        return self.q.shape[3] if self.kind == "int4" else self.q.shape[-1]
+        return self.q.shape[-1] if self.kind == "int8" else self.q.shape[3]
 
     @cached_property
     def shape(self) -> tuple[int, int]:
@@ -135,10 +134,10 @@ class QuantWeight:
 
     @cached_property
     def arrays(self) -> tuple[np.ndarray, ...]:
-        """The kernel's arguments, made once (views, no copies): codes (int4: a channel's four bytes as
-        one uint32, [C, G, 4, T]), then scales (float16 as their uint16 bits) and mins."""
+        """The kernel's arguments, made once (views, no copies): codes (grouped formats: a channel's
+        four bytes as one uint32, [C, G, R / 4, T]), then scales (float16 as their uint16 bits) and mins."""
         arrays = [kernel_array(t) for t in (self.q, self.scale, self.min) if t is not None]
-        if self.kind == "int4":
+        if self.kind != "int8":
             arrays[0] = arrays[0].view(np.uint32)[..., 0]
         return tuple(arrays)
 
@@ -186,13 +185,14 @@ class QuantWeight:
 
 
 def kind_of(q: torch.Tensor) -> str:
-    """The format of held tensors: int8 [C, K, T] -> int8, int8 [C, G, 32, T] -> int8g, uint8
+    """The format of held tensors: int8 [C, K, T] -> int8, int8 [C, G, 8, T, 4] -> int8g, uint8
     [C, G, 4, T, 4] -> int4."""
     if q.dtype == torch.int8 and q.dim() == 3:
         return "int8"
-    if q.dtype == torch.int8 and q.dim() == 4 and q.shape[2] == GROUP:
+    grouped = q.dim() == 5 and q.shape[4] == WORD
+    if q.dtype == torch.int8 and grouped and q.shape[2] * WORD == GROUP:
         return "int8g"
-    if q.dtype == torch.uint8 and q.dim() == 5 and q.shape[2] * q.shape[4] == GROUP // 2 and q.shape[4] == WORD:
+    if q.dtype == torch.uint8 and grouped and q.shape[2] * WORD == GROUP // 2:
         return "int4"
     raise CheckpointError(f"quantized weights of dtype {q.dtype} and shape {list(q.shape)} are not a known format")
 
@@ -207,8 +207,8 @@ def gather_quantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             base = name[:-2]
             if f"{base}.scale" not in tensors:
                 raise CheckpointError(f"quantized tensor {base!r} has no scale")
-            if tensor.dtype == torch.uint8 and tensor.dim() == 4 and tensor.shape[2] == GROUP // 2:
-                tensor = interleaved(tensor)  # int4 tiles as split files of earlier versions hold them
+            if tensor.dim() == 4 and tensor.shape[2] in (GROUP, GROUP // 2):  # as earlier versions' split files hold them
+                tensor = interleaved(tensor)
             out[base] = QuantWeight(kind_of(tensor), tensor, tensors[f"{base}.scale"], tensors.get(f"{base}.min"))
         else:
             out[name] = tensor

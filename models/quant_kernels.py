@@ -37,17 +37,6 @@ if numba is not None:
 
     tile_jit = njit(fastmath=True, cache=True, nogil=True)
 
-    @njit(fastmath=True, cache=True, nogil=True, inline="always")
-    def half_to_float(h, bits, dst):
-        """float16 bits [n] -> float32 [n], exact for finite values, vectorized (numba has no float16):
-        the sign and the exponent-and-mantissa bits moved into a float32, then scaled by 2^112."""
-        for i in range(h.shape[0]):
-            v = np.uint32(h[i])
-            bits[i] = ((v & np.uint32(0x8000)) << np.uint32(16)) | ((v & np.uint32(0x7FFF)) << np.uint32(13))
-        f = bits[: h.shape[0]].view(np.float32)
-        for i in range(h.shape[0]):
-            dst[i] = f[i] * np.float32(2.0**112)
-
     # Tiles c0..c1-1 of T output channels each: a tile's codes are one contiguous block, read front to
     # back, with x broadcast and the T channels as the vectorized inner loop; the tiles are read side
     # by side (one pass over K feeds all of them), as STREAMS concurrent memory streams: one stream
@@ -78,25 +67,33 @@ if numba is not None:
                 for i in range(tw):
                     out[t, n0 + i] = acc[s, i] * scale[n0 + i]
 
+    @njit(fastmath=True, cache=True, nogil=True, inline="always")
+    def signed_byte(word, b):
+        """Byte b of a uint32 as a signed integer, in float32 (exact): shifted to the top, then back down
+        with the sign (in-lane shifts where widening bytes to 32-bit lanes is a shuffle per vector)."""
+        return np.float32(np.int32(word << np.uint32(24 - 8 * b)) >> np.int32(24))
+
     @tile_jit
-    def int8g_tiles(q, scale, x, out, c0, c1):  # q [C, G, 32, T] int8, scale [C, G, T] f16 bits
-        groups, width, tw = q.shape[1], q.shape[2], q.shape[3]
+    def int8g_tiles(q, scale, x, out, c0, c1):  # q [C, G, 8, T] uint32 (4 codes each), scale [C, G, T] f16 bits
+        groups, words, tw = q.shape[1], q.shape[2], q.shape[3]
         sums, acc = np.empty((c1 - c0, tw), np.float32), np.empty((c1 - c0, tw), np.float32)
-        bits, sc = np.empty(tw, np.uint32), np.empty(tw, np.float32)
         for t in range(x.shape[0]):
             acc[:] = 0.0
             for g in range(groups):
                 sums[:] = 0.0
-                for j in range(0, width, 2):
-                    x0, x1 = x[t, g * width + j], x[t, g * width + j + 1]
+                for r in range(words):  # word r: elements 4r .. 4r + 3 of the group
+                    j = g * GROUP + 4 * r
+                    a0, a1, a2, a3 = x[t, j], x[t, j + 1], x[t, j + 2], x[t, j + 3]
                     for s in range(c1 - c0):
-                        q0, q1, sm = q[c0 + s, g, j], q[c0 + s, g, j + 1], sums[s]
+                        row, sm = q[c0 + s, g, r], sums[s]
                         for i in range(tw):
-                            sm[i] += np.float32(q0[i]) * x0 + np.float32(q1[i]) * x1
+                            v = row[i]
+                            sm[i] += ((signed_byte(v, 0) * a0 + signed_byte(v, 1) * a1)
+                                      + (signed_byte(v, 2) * a2 + signed_byte(v, 3) * a3))
                 for s in range(c1 - c0):
-                    half_to_float(scale[c0 + s, g], bits, sc)
+                    sc, a, sm = scale[c0 + s, g], acc[s], sums[s]
                     for i in range(tw):
-                        acc[s, i] += sc[i] * sums[s, i]
+                        a[i] += half_bits_as_float32(sc[i]) * sm[i]
             for s in range(c1 - c0):
                 out[t, (c0 + s) * tw:(c0 + s + 1) * tw] = acc[s]
 
@@ -179,7 +176,7 @@ def _kernels(parallel: bool) -> dict:
                 int8_tiles(q, scale, x, out, c, min(hi, c + STREAMS))
 
     @jit
-    def int8g(q, scale, x, out, parts):  # q [C, G, 32, T], scale [C, G, T]
+    def int8g(q, scale, x, out, parts):  # q [C, G, 8, T] uint32, scale [C, G, T]
         for p in rng(parts):
             lo, hi = p * q.shape[0] // parts, (p + 1) * q.shape[0] // parts
             for c in range(lo, hi, GROUPED_STREAMS):

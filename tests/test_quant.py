@@ -94,13 +94,32 @@ def test_int4_words_hold_a_channels_bytes_of_a_group_side_by_side():
     assert torch.equal(words.permute(1, 2, 0, 3).reshape(groups, 4, n), expected)
 
 
-def test_int4_split_files_of_the_earlier_layout_still_load():
-    """Split files written before the word layout hold int4 tiles as [C, G, 16, T]: read back, they
-    are the same weights."""
-    qw = quantize(random_weight(40, 128, seed=4), "int4")
-    earlier = {"w.q": deinterleaved(qw.q), "w.scale": qw.scale, "w.min": qw.min}
+def int8g_weight(n: int, k: int, seed: int) -> QuantWeight:
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (k // GROUP, GROUP, n), generator=gen, dtype=torch.int8)  # [G, 32, N]
+    return QuantWeight.from_plain("int8g", codes, (torch.rand(k // GROUP, n, generator=gen) * 0.01).half())
+
+
+def test_int8g_words_hold_four_signed_codes_of_a_channel():
+    """Word [c, g, r, t] of held int8g codes is elements 4r..4r+3 of channel c x T + t's group g,
+    element 4r + b as the signed byte at bits 8b (the kernel sign-extends each with two shifts)."""
+    qw = int8g_weight(40, 64, seed=5)
+    q = qw.plain()[0].long()  # [G, 32, N], -127..127
+    groups, _, n = q.shape
+    words = torch.from_numpy(qw.arrays[0].astype(np.int64))  # [C, G, 8, T]
+    codes = torch.stack([((words >> (8 * b)) & 255) for b in range(4)], -1)  # [C, G, 8, T, 4] unsigned
+    codes = torch.where(codes > 127, codes - 256, codes)
+    assert torch.equal(codes.permute(1, 2, 4, 0, 3).reshape(groups, GROUP, n), q)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8g"])
+def test_split_files_of_the_earlier_grouped_layout_still_load(kind):
+    """Split files written before the word layout hold grouped tiles as [C, G, 16 | 32, T]: read back,
+    they are the same weights."""
+    qw = quantize(random_weight(40, 128, seed=4), "int4") if kind == "int4" else int8g_weight(40, 128, seed=4)
+    earlier = {"w.q": deinterleaved(qw.q), "w.scale": qw.scale} | ({"w.min": qw.min} if kind == "int4" else {})
     loaded = gather_quantized(earlier)["w"]
-    assert loaded.kind == "int4" and torch.equal(loaded.q, qw.q)
+    assert loaded.kind == kind and torch.equal(loaded.q, qw.q)
     assert torch.equal(loaded.dequantize(), qw.dequantize())
 
 
