@@ -16,6 +16,7 @@ platform with no wheel) every call takes torch's GEMM: always correct, only slow
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -237,10 +238,13 @@ FLOAT_WEIGHTS = (torch.float32, torch.bfloat16, torch.float16)
 
 def kernel_serves(w: torch.Tensor | QuantWeight) -> bool:
     """True when `gemv_rows` applies w: numba present, and w quantized or a contiguous float32, bf16
-    or fp16 tensor."""
+    or fp16 tensor. The grouped formats' kernels read a channel's four code bytes as one uint32,
+    byte b at bits 8b: a big-endian host takes torch's path with them instead."""
     if numba is None:
         return False
-    return isinstance(w, QuantWeight) or (w.dtype in FLOAT_WEIGHTS and w.is_contiguous() and not w.requires_grad)
+    if isinstance(w, QuantWeight):
+        return w.kind == "int8" or sys.byteorder == "little"
+    return w.dtype in FLOAT_WEIGHTS and w.is_contiguous() and not w.requires_grad
 
 
 def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> np.ndarray:
