@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -53,8 +54,8 @@ def token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def choose_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     """logits: [V] float32 -> token id: argmax at temperature 0, else top-k/top-p sampling."""
-    if params.temperature <= 0:
-        return int(torch.argmax(logits))
+    if params.temperature <= 0:  # numpy: no torch op (and OpenMP team) on the event loop's thread
+        return int(np.argmax(logits.detach().numpy()))
     return int(torch.multinomial(token_probs(logits, params), 1, generator=gen))
 
 
