@@ -3,11 +3,12 @@ dequantize + GEMM (or torch's own GEMM) otherwise.
 
 Why numba: decode streams every weight once per token, so the kernel must read the quantized bytes
 at memory speed. torch 2.13's stock CPU kernels for int8/int4 weights run at 0.8-1.3 Gparam/s on
-these hosts, slower than its own float32 GEMV (4.5); these loops run at 17-20 Gparam/s per thread
-from memory (README, "Quantized weights"). Each task is one tile of output channels (models.quant),
-the channels the vectorized inner loop, x broadcast. They accumulate in float32: for the grouped
-formats a partial sum per group of 32, then scale (and min x the group's sum of x) once per group;
-for per-channel int8 one sum over K, then the channel's scale.
+these hosts, slower than its own float32 GEMV (4.5); these loops run at 22-43 Gparam/s per thread
+from memory on the Zen 5 host (README, "Quantized weights"). Each task is one tile of output
+channels (models.quant), the channels the vectorized inner loop, x broadcast. They accumulate in
+float32: for the grouped formats a partial sum per group of 32, then scale (int4: and a min term
+times the group's sum of x) once per group; for per-channel int8 one sum over K, then the
+channel's scale.
 
 Rows of x beyond `GEMV_ROWS` (a prefill) dequantize W to float32 a block at a time and use torch's
 GEMM, whose speed the weight format does not limit (models.dequant_kernels). Without numba (a
@@ -158,7 +159,9 @@ STREAMS = 4  # tiles of a quantized weight read side by side (concurrent memory 
 # (Zen 5, 12 matrices 5632 x 2048, one thread: int4 9.7-11.1 Gparam/s against 20.5-25.0 one tile
 # at a time; int8g 10.1-11.4 against 20.7-22.9), while per-channel int8 gained from four (two
 # threads: 46.5-47.4 against 34.7-37.1); on the Intel Xeon host four were the faster for int4 too
-# (8.7 -> 10.0). A channel's sum is the same sequence of operations either way.
+# (8.7 -> 10.0). With codes four to a word (int4_tiles, int8g_tiles) one tile still beats four on
+# Zen 5 (int4, one thread: 41-43 against 16); the Intel host's four is not re-measured. A channel's
+# sum is the same sequence of operations either way.
 GROUPED_STREAMS = 1 if amd_cores() else STREAMS
 
 
