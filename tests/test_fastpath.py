@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from transport.collectives import STEP_SHIFT
 from transport.errors import (
     AuthError,
     ChannelClosed,
@@ -79,14 +80,30 @@ def test_sums_in_rank_order_identical_on_every_rank(world):
         assert out.tobytes() == expected.tobytes()
 
 
+def seq(step: int, count: int) -> int:
+    """Collective #count of `step`, as StarAllReduce.begin numbers them."""
+    return (step << STEP_SHIFT) + count
+
+
 def test_stale_frames_of_a_failed_step_are_skipped():
     hub, worker = star_links(2)
-    worker[0].send(DATA, 5, np.ones(4, np.float32).data)  # left over from an aborted step
-    worker[0].send(ERROR, 6, b"old failure")
-    worker[0].send(DATA, 9, np.full(4, 2, np.float32).data)
+    worker[0].send(DATA, seq(7, 5), np.ones(4, np.float32).data)  # left over from step 7, which failed
+    worker[0].send(ERROR, seq(7, 6), b"old failure")
+    worker[0].send(DATA, seq(8, 1), np.zeros(4, np.float32).data)  # an earlier collective of this step
+    worker[0].send(DATA, seq(8, 2), np.full(4, 2, np.float32).data)
     out = np.empty(4, np.float32)
-    hub[1].recv_into(9, out)
+    hub[1].recv_into(seq(8, 2), out)
     assert out.tolist() == [2, 2, 2, 2]
+
+
+def test_an_abort_ends_the_step_even_for_a_worker_a_collective_ahead():
+    """The hub failed before its all-reduce #3 of step 8 (an attention node stopped answering) and
+    aborts at #2, the last one it reached; the worker already waits in #3. The abort must release it:
+    taken as left over, the worker would read the retried step's first frame as out of step."""
+    hub, worker = star_links(2)
+    FastStar(0, 2, {1: hub[1]}, lambda: seq(8, 2)).report(ABORT, seq(8, 2), "step 8 failed")
+    with pytest.raises(CollectiveAborted, match="step 8 failed"):
+        worker[0].recv_into(seq(8, 3), np.empty(4, np.float32))
 
 
 @pytest.mark.parametrize(("kind", "error"), [(ERROR, PeerFailed), (ABORT, CollectiveAborted)])

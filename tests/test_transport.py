@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from transport.collectives import LinkModel, RingAllReduce, StarAllReduce, make_allreduce
-from transport.errors import AuthError, ChannelClosed
+from transport.errors import AuthError, ChannelClosed, CollectiveAborted
 from transport.link import LinkSpec
 from transport.memory import memory_mesh
 from transport.mesh import build_mesh, free_ports
@@ -234,3 +234,19 @@ async def test_emulated_low_bandwidth_makes_ring_beat_star_and_auto_agrees():
     assert model.choose(size * 4, world) == "ring"
     wifi = LinkModel(alpha=5e-3, bandwidth=125e6)  # 5 ms, 1 Gbit/s: latency-bound
     assert wifi.choose(4096 * 4, world) == "star" and wifi.choose(size * 4, world) == "star"
+
+
+async def test_an_abort_releases_a_worker_waiting_in_a_later_all_reduce_of_the_step():
+    """The hub aborts at the all-reduce it reached (#1 of step 8); a worker already waiting in #2
+    of that step is released, not left to read the next step's messages as out of step."""
+    mesh = memory_mesh(2)
+    hub, worker = StarAllReduce(0, 2, mesh[0], timeout=5), StarAllReduce(1, 2, mesh[1], timeout=5)
+    hub.begin(8)
+    worker.begin(8)
+    hub.next_seq()
+    worker.next_seq()  # both were in #1; the worker went on to #2
+    waiting = asyncio.ensure_future(worker.allreduce(np.ones(4, np.float32)))
+    await asyncio.sleep(0.05)
+    await hub.abort("step 8 failed")
+    with pytest.raises(CollectiveAborted, match="step 8 failed"):
+        await asyncio.wait_for(waiting, 5)

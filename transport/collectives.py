@@ -33,6 +33,20 @@ class Collective(Protocol):
     async def allreduce(self, x: np.ndarray) -> np.ndarray: ...
 
 
+STEP_SHIFT = 16  # a collective's number: its step << STEP_SHIFT, plus its count within the step (begin)
+
+
+def stale(got: int, wanted: int, failure: bool) -> bool:
+    """Whether a message numbered `got` is left over from an earlier collective, while #wanted is
+    awaited. A failure report (a rank's error, the hub's abort) ends the whole step it was sent in,
+    whatever its count: the hub aborts at the all-reduce it reached, while a faster worker may wait
+    in a later one of that step (it skipped the abort as old and read the retried step's data as
+    out of step, closing its data link: the hung-attention-node test, now and then)."""
+    if failure:
+        return got >> STEP_SHIFT < wanted >> STEP_SHIFT
+    return got < wanted
+
+
 def _check_seq(msg: dict, seq: int, peer: str) -> None:
     if msg.get("s") != seq:
         raise FrameError(f"collective out of step with {peer}: expected #{seq}, got #{msg.get('s')}")
@@ -46,10 +60,12 @@ async def _recv_current(channel: Channel, tag: str, seq: int, timeout: float) ->
     while True:
         msg = await channel.recv(tag, timeout)
         s = msg.get("s")
-        if isinstance(s, int) and s < seq:
+        if isinstance(s, int) and stale(s, seq, "error" in msg or "abort" in msg):
             continue
         if "error" in msg:
             raise PeerFailed(str(msg["error"]), FailureCause.parse(msg.get("cause")))
+        if "abort" in msg:
+            return msg  # the caller raises CollectiveAborted
         _check_seq(msg, seq, channel.peer)
         return msg
 
@@ -70,7 +86,7 @@ class StarAllReduce:
 
     def begin(self, step: int) -> None:
         """Align sequence numbers at a step boundary so ranks recover after a failed step."""
-        self._seq = step << 16
+        self._seq = step << STEP_SHIFT
 
     def next_seq(self) -> int:
         """The number of the next collective (the data plane, transport.fastpath, shares the count)."""
@@ -178,7 +194,7 @@ class RingAllReduce:
 
     def begin(self, step: int) -> None:
         """Align sequence numbers at a step boundary (as StarAllReduce.begin)."""
-        self._seq = step << 16
+        self._seq = step << STEP_SHIFT
 
     async def _pass(self, tag: str, chunk: np.ndarray) -> np.ndarray:
         nxt = self._channels[(self.rank + 1) % self.world_size]

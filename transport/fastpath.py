@@ -9,7 +9,8 @@ float32).
 
 Frame: a 16-byte header (kind, payload bytes, collective sequence number) and the payload: the
 array's bytes for DATA; for ERROR (a rank cannot finish the step) its FailureCause, a newline and
-a UTF-8 reason; for ABORT (the hub gave up on the step) the reason. Frames of an abandoned step (lower sequence numbers) are skipped.
+a UTF-8 reason; for ABORT (the hub gave up on the step) the reason. Frames of an abandoned step (lower
+sequence numbers) are skipped; a failure report ends its whole step (transport.collectives.stale).
 Peers authenticate with the cluster's HMAC handshake before the first frame.
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from transport.auth import client_handshake, server_handshake
 from transport.codec import decode, encode
+from transport.collectives import stale
 from transport.errors import (
     AuthError,
     ChannelClosed,
@@ -159,7 +161,7 @@ class DataLink:
             if kind in (ERROR, ABORT) or got < seq:
                 body = bytearray(size)
                 self._read_exact(memoryview(body))
-                if got < seq:
+                if stale(got, seq, kind != DATA):
                     continue  # left over from a step that failed
                 cause, _, reason = body.decode(errors="replace").partition("\n")
                 raise (PeerFailed(reason, FailureCause.parse(cause)) if kind == ERROR else
