@@ -207,8 +207,8 @@ def gather_quantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             base = name[:-2]
             if f"{base}.scale" not in tensors:
                 raise CheckpointError(f"quantized tensor {base!r} has no scale")
-            if tensor.dim() == 4 and tensor.shape[2] in (GROUP, GROUP // 2):  # as earlier versions' split files hold them
-                tensor = interleaved(tensor)
+            if tensor.dim() == 4 and tensor.shape[2] in (GROUP, GROUP // 2):
+                tensor = interleaved(tensor)  # grouped tiles as earlier versions' split files hold them
             out[base] = QuantWeight(kind_of(tensor), tensor, tensors[f"{base}.scale"], tensors.get(f"{base}.min"))
         else:
             out[name] = tensor

@@ -200,8 +200,8 @@ def test_kernel_error_within_float32_dot_product_bound(method, rows, threads):
     (K u sum c|x|), and the reference's weights are scale x q + min rounded once (K u sum |w||x|
     covers it). For int8 and int8g c = |w|: the plain float32 dot-product bound. For int4 the kernel
     sums 16 scale (1 + q/16) x and (min - 16 scale) x, magnitudes ~17x |w| for Gaussian weights:
-    a looser worst case; measured, its error is 3-4x that of summing q x (576 x 576 weights). 72 channels are
-    9 tiles of 8: runs of tiles per thread that STREAMS does not divide."""
+    a looser worst case; measured, its error is 3-4x that of summing q x (576 x 576 weights).
+    72 channels are 9 tiles of 8: runs of tiles per thread that STREAMS does not divide."""
     n, k = 72, 576
     w = random_weight(n, k, seed=2)
     if method == "int8g":
