@@ -163,8 +163,16 @@ class ShardModel:
                 return logits(out[:, -1:], self.output, self.config.rms_norm_eps)[:, -1].numpy()
 
         local = await self.run(run)  # [B, V_local] or [B, S, V_local]: this rank's vocabulary slice
+        self.mark("on_loop")
         meta = self.stats() | {"mem_available": memory_available()}  # the router's input
-        return await star.gather(local, meta)
+        full = await star.gather(local, meta)
+        self.mark("gathered")
+        return full
+
+    def mark(self, stage: str) -> None:
+        """A moment of a step outside the forward, when profiling (edge.trace.STAGES)."""
+        if self.trace:
+            self.trace.mark(stage)
 
     def close(self) -> None:
         self.compute.shutdown(wait=False, cancel_futures=True)

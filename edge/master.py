@@ -106,8 +106,7 @@ class ClusterEngine:
                                    alone=lambda e: e.session.offload and not self.offload_ready())
         self.sessions: set[ClusterSession] = set()  # open requests
         self._steps, self._rids = itertools.count(1), itertools.count(1)
-        self.kv_rebuilds = 0
-        self.steps_run = 0  # cluster-wide forwards
+        self.kv_rebuilds = self.steps_run = 0  # requests' KV rebuilt on the compute ranks; cluster-wide forwards
         self.rows_run = 0  # request-steps they carried (rows / steps = mean decode batch)
 
     shard = property(lambda self: self.rank0.shard)  # ShardModel | None: rank 0's slice
@@ -262,6 +261,7 @@ class ClusterEngine:
         missing = self.missing_ranks()
         if missing:
             raise EngineUnavailable(f"worker rank(s) {missing} disconnected during the request")
+        self.shard.mark("step_begun")
         rows, starts, wanted, wide = step_rows(sessions, tokens, every)
         step, fast = next(self._steps), self.roster.data_plane_up(self.planner.devices)
         ids = torch.tensor(rows, dtype=torch.long)  # [B, S]
@@ -273,6 +273,7 @@ class ClusterEngine:
             score = (torch.tensor(rows[0][1:], dtype=torch.long), score_k)
         await self.command(Step([s.rid for s in sessions], step, pack_tensor(h), fast,
                                 score_k, rows[0][1:] if score else None, starts, wide))
+        self.shard.mark("command_sent")
         collective = self.relinker.collective
         collective.begin(step)
         try:

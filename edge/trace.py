@@ -6,28 +6,39 @@ EDGE_LLM_STEP_TRACE naming a folder, each rank appends (kind, entry, exit) of ea
 and forward, in CLOCK_MONOTONIC nanoseconds, to `rank<R>.<pid>.i64` there, once per forward (one
 write). The ranks of an emulated cluster share that clock, so scripts/profile_decode.py pairs the
 k-th all-reduce of every rank and splits it (`split_allreduces`), and times forwards
-(`forward_seconds`), over the decode steps alone (the window after the first token). Off (the
-default) it costs nothing.
+(`forward_seconds`), over the decode steps alone (the window after the first token). Between two
+forwards rank 0 and the workers also mark the moments of a step outside the forward (`STAGES`:
+back on the event loop, logits gathered, the next step begun, its command sent, the command
+received), so `between_forwards` says where the time between forwards goes. Off (the default) it
+costs nothing.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 TRACE_ENV = "EDGE_LLM_STEP_TRACE"
-ALLREDUCE, FORWARD = 0, 1  # record kinds
+ALLREDUCE, FORWARD, MARK = 0, 1, 2  # record kinds; a MARK is (MARK, stage index, ns)
+# A step's moments outside the forward, in order: rank 0's compute thread handed the forward's
+# output back to the event loop; every rank's logits gathered; the next step begun (by the step
+# runner, after sampling, detokenizing and the request's generate loop); its command sent to the
+# workers; a worker received it. Then each rank's next FORWARD entry.
+STAGES = ("on_loop", "gathered", "step_begun", "command_sent", "step_received")
 
 
 class StepTrace:
-    """Collects (kind, entry, exit) ns records on the compute thread; `flush` appends them to the file."""
+    """Collects (kind, entry, exit) ns records on the compute thread, and marks from the event loop's
+    thread too; `flush` appends them to the file."""
 
     def __init__(self, folder: str | os.PathLike, rank: int):
         self.path = Path(folder) / f"rank{rank}.{os.getpid()}.i64"
         self._records: list[int] = []
+        self._lock = threading.Lock()  # marks come from the event loop while the compute thread flushes
 
     @classmethod
     def from_env(cls, rank: int) -> StepTrace | None:
@@ -39,14 +50,22 @@ class StepTrace:
         return time.monotonic_ns()
 
     def add(self, kind: int, entered: int, left: int) -> None:
-        self._records += (kind, entered, left)
+        with self._lock:
+            self._records += (kind, entered, left)
+
+    def mark(self, stage: str) -> None:
+        """This moment as one of `STAGES`."""
+        with self._lock:
+            self._records += (MARK, STAGES.index(stage), self.now())
 
     def flush(self) -> None:
-        """Append this forward's records (int64 little-endian triples) and forget them."""
-        if self._records:
+        """Append the records so far (int64 little-endian triples) and forget them. Called at the end
+        of every forward: the marks of a step after its forward are written with the next one."""
+        with self._lock:
+            records, self._records = self._records, []
+        if records:
             with open(self.path, "ab") as f:
-                f.write(np.asarray(self._records, dtype="<i8").tobytes())
-            self._records.clear()
+                f.write(np.asarray(records, dtype="<i8").tobytes())
 
 
 def read_trace(folder: str | os.PathLike) -> dict[int, np.ndarray]:
@@ -89,3 +108,47 @@ def forward_seconds(trace: np.ndarray, since: int, until: int) -> tuple[float, i
     """One rank's mean forward seconds over its forwards within [since, until] ns, and their count."""
     forwards = trace[(trace[:, 0] == FORWARD) & (trace[:, 1] >= since) & (trace[:, 2] <= until)]
     return (float((forwards[:, 2] - forwards[:, 1]).mean()) / 1e9 if len(forwards) else 0.0), len(forwards)
+
+
+def between_forwards(trace: dict[int, np.ndarray], since: int, until: int) -> dict[str, float]:
+    """Mean seconds per decode step from rank 0's forward exit to its next forward's entry, split at
+    rank 0's marks: "to_loop" (until back on the event loop), "gather" (the other ranks' logits),
+    "next_step" (sampling, detokenizing, the generate loop and the step runner, until the next step
+    begins), "command" (embedding the token, framing and sending the step's command), "to_compute"
+    (until rank 0's compute thread enters the forward); and for the workers (mean over them),
+    "worker_receive" (command sent to received) and "worker_to_compute" (received to their forward's
+    entry). Over the steps within [since, until] ns whose every moment was marked; "steps" counts them.
+    """
+    exits, entries, stages = _forwards_and_marks(trace[0])
+    workers = [_forwards_and_marks(t) for r, t in sorted(trace.items()) if r != 0]
+    parts: dict[str, list[float]] = {}
+    for left, entered in zip(exits, entries[1:]):
+        if left < since or entered > until:
+            continue
+        moments = [_first_after(stages.get(i, np.empty(0, np.int64)), left) for i in range(4)]
+        received = [_first_after(w[2].get(4, np.empty(0, np.int64)), left) for w in workers]
+        started = [_first_after(w[1], left) for w in workers]
+        if None in moments or None in received or None in started or moments[-1] > entered:
+            continue
+        times = [left, *moments, entered]
+        for name, a, b in zip(("to_loop", "gather", "next_step", "command", "to_compute"), times, times[1:]):
+            parts.setdefault(name, []).append((b - a) / 1e9)
+        for r, s in zip(received, started):
+            parts.setdefault("worker_receive", []).append((r - moments[3]) / 1e9)
+            parts.setdefault("worker_to_compute", []).append((s - r) / 1e9)
+    steps = len(parts.get("to_loop", []))
+    return {name: float(np.mean(v)) for name, v in parts.items()} | {"steps": steps}
+
+
+def _forwards_and_marks(records: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """One rank's forward exits and entries (in order) and its marks' times per stage index."""
+    forwards = records[records[:, 0] == FORWARD]
+    marks = records[records[:, 0] == MARK]
+    stages = {int(i): np.sort(marks[marks[:, 1] == i, 2]) for i in np.unique(marks[:, 1])}
+    return forwards[:, 2], forwards[:, 1], stages
+
+
+def _first_after(times: np.ndarray, moment: int) -> int | None:
+    """The first of the sorted `times` at or after `moment`."""
+    i = int(np.searchsorted(times, moment))
+    return int(times[i]) if i < len(times) else None

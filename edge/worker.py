@@ -242,6 +242,7 @@ class Worker:
     async def _step(self, msg: Step) -> None:
         """One step for a batch of requests (rows of h). A row whose request this rank no longer
         holds (closed meanwhile) runs on a scratch cache, so every rank stays in step."""
+        self.shard.mark("step_received")
         rids, rank, collective = msg.rids, self.settings.rank, self.collective
         h = unpack_tensor(msg.h)  # [B, S, D]
         collective.begin(msg.step)

@@ -8,7 +8,9 @@ clock): the forward on each rank's compute thread, the part of it in all-reduces
 peer's arrival, the sum), split into waiting for the slower rank to arrive and the exchange after
 it, the rest of the forward (GEMVs, attention, norms, the Python around them), and what the token
 costs outside the forward (the step runner, embedding, the logits gather, sampling, detokenising,
-the SSE write). Next to it, the memory-streaming floor of the same plan through the same kernels
+the SSE write), split in a second table at the moments rank 0 and the workers mark between two
+forwards (edge.trace.STAGES: back on the event loop, logits gathered, next step begun, its
+command sent, a worker's command received). Next to it, the memory-streaming floor of the same plan through the same kernels
 (scripts/stream_floor.py) and one process running the same layers with no cluster at all
 (models.model.LocalModel, one thread per device's share).
 """
@@ -27,7 +29,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import Cluster  # noqa: E402
 from stream_floor import measure_floor, stored_format  # noqa: E402
 
-from edge.trace import TRACE_ENV, forward_seconds, read_trace, split_allreduces  # noqa: E402
+from edge.trace import (  # noqa: E402
+    TRACE_ENV,
+    between_forwards,
+    forward_seconds,
+    read_trace,
+    split_allreduces,
+)
 
 LOCAL = r"""
 import json, sys, time, torch
@@ -66,7 +74,9 @@ def profile_cluster(model: str, workers: int, tokens: int, extra: list[str]) -> 
         ranks[str(rank)] = {"forward_ms": 1000 * forward_s, "allreduce_ms": wait + exchange,
                             "allreduce_wait_ms": wait, "allreduce_exchange_ms": exchange,
                             "compute_ms": 1000 * forward_s - wait - exchange, "allreduces_per_token": count}
-    return {"tpot_ms": 1000 * tpot, "ranks": ranks, "outside_forward_ms": 1000 * tpot - ranks["0"]["forward_ms"]}
+    between = {k: v if k == "steps" else 1000 * v for k, v in between_forwards(trace, since, until).items()}
+    return {"tpot_ms": 1000 * tpot, "ranks": ranks, "outside_forward_ms": 1000 * tpot - ranks["0"]["forward_ms"],
+            "between_forwards_ms": between}
 
 
 def local_forward_ms(model: str, threads: int, tokens: int, quantize: str | None) -> float:
@@ -96,7 +106,28 @@ def write(results: dict, out: Path) -> None:
                 lines.append(f"{head}| {rank} | {p['forward_ms']:.2f} | {p['allreduce_ms']:.2f} "
                              f"({p['allreduces_per_token']:.0f}) | {p['allreduce_wait_ms']:.2f} | "
                              f"{p['allreduce_exchange_ms']:.2f} | {p['compute_ms']:.2f} | {tail}")
-    (out / "profile.md").write_text("\n".join(lines) + "\n")
+    (out / "profile.md").write_text("\n".join(lines + between_table(results)) + "\n")
+
+
+BETWEEN = (("to_loop", "back on the event loop"), ("gather", "other ranks' logits gathered"),
+           ("next_step", "sampling, detokenizing, generate loop, step runner"),
+           ("command", "embedding, step command framed and sent"), ("to_compute", "to the compute thread"),
+           ("worker_receive", "worker: command received"), ("worker_to_compute", "worker: to its compute thread"))
+
+
+def between_table(results: dict) -> list[str]:
+    """Rank 0's time from one forward's exit to the next one's entry, stage by stage (edge.trace)."""
+    lines = ["", "Between two forwards of rank 0 (us per decode step, mean): from its forward's exit, each column "
+             "the time until the next moment (edge.trace.STAGES), the last rank 0 column ending at its next "
+             "forward's entry; the worker columns run from rank 0's command sent, beside rank 0's last one.", "",
+             "| model | devices | " + " | ".join(title for _, title in BETWEEN) + " | steps |",
+             "|---|---|" + "---|" * (len(BETWEEN) + 1)]
+    for model, per_n in results["models"].items():
+        for n, r in per_n.items():
+            b = r["between_forwards_ms"]
+            cells = " | ".join(f"{1000 * b[k]:.0f}" if k in b else "-" for k, _ in BETWEEN)
+            lines.append(f"| {model} | {n} | {cells} | {b.get('steps', 0)} |")
+    return lines
 
 
 def main() -> None:

@@ -12,8 +12,11 @@ from hf_reference import make_hf_checkpoint
 from edge.trace import (
     ALLREDUCE,
     FORWARD,
+    MARK,
+    STAGES,
     TRACE_ENV,
     StepTrace,
+    between_forwards,
     forward_seconds,
     read_trace,
     split_allreduces,
@@ -58,6 +61,40 @@ def test_records_append_per_flush(tmp_path):
     assert read_trace(tmp_path)[3].tolist() == [[ALLREDUCE, 1, 2], [ALLREDUCE, 3, 5], [FORWARD, 0, 13]]
 
 
+def marks(**times):
+    """MARK records of the named stages at the given ns."""
+    return [(MARK, STAGES.index(stage), t) for stage, t in times.items()]
+
+
+def test_between_forwards_by_hand():
+    # rank 0: forward 0..100, then back on the loop at 110, gathered 130, next step begun 160, its
+    # command sent 200, next forward from 230; the worker got the command at 210, entered at 225
+    rank0 = np.array([(FORWARD, 0, 100), *marks(on_loop=110, gathered=130, step_begun=160, command_sent=200),
+                      (FORWARD, 230, 400)])
+    rank1 = np.array([(FORWARD, 5, 98), *marks(step_received=210), (FORWARD, 225, 390)])
+    assert between_forwards({0: rank0, 1: rank1}, 0, 500) == {
+        "to_loop": 10e-9, "gather": 20e-9, "next_step": 30e-9, "command": 40e-9, "to_compute": 30e-9,
+        "worker_receive": 10e-9, "worker_to_compute": 15e-9, "steps": 1}
+    assert between_forwards({0: rank0, 1: rank1}, 0, 229) == {"steps": 0}  # the next forward begins later
+    no_command = rank0[[i for i, r in enumerate(rank0) if r[0] != MARK or r[1] != STAGES.index("command_sent")]]
+    assert between_forwards({0: no_command, 1: rank1}, 0, 500) == {"steps": 0}  # an unmarked step is left out
+    alone = between_forwards({0: rank0}, 0, 500)  # one device: no worker columns
+    assert alone == {"to_loop": 10e-9, "gather": 20e-9, "next_step": 30e-9, "command": 40e-9,
+                     "to_compute": 30e-9, "steps": 1}
+
+
+def test_marks_are_kept_in_order_with_the_records(tmp_path):
+    trace = StepTrace(tmp_path, rank=0)
+    trace.add(FORWARD, 1, 2)
+    trace.mark("gathered")
+    trace.flush()
+    records = read_trace(tmp_path)[0]
+    assert records[0].tolist() == [FORWARD, 1, 2]
+    assert records[1, :2].tolist() == [MARK, STAGES.index("gathered")] and records[1, 2] > 2
+    with pytest.raises(ValueError):
+        trace.mark("no such stage")
+
+
 async def rank_allreduces(url: str) -> dict[int, float]:
     async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
         text = await r.text()
@@ -78,7 +115,8 @@ async def test_a_traced_cluster_records_every_all_reduce_of_every_rank(tmp_path,
         counted = await rank_allreduces(cluster.url)
     finally:
         cluster.stop()
-    trace = read_trace(traces)
+    traced = read_trace(traces)
+    trace = {r: t[t[:, 0] != MARK] for r, t in traced.items()}  # forwards and all-reduces
     assert sorted(trace) == [0, 1, 2]
     layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]  # two all-reduces each
     kinds = {r: (t[:, 0] == ALLREDUCE).sum() for r, t in trace.items()}
@@ -98,3 +136,15 @@ async def test_a_traced_cluster_records_every_all_reduce_of_every_rank(tmp_path,
     split = split_allreduces(trace, 0, int(left.max()))
     for r, t in reduces_only.items():  # waiting + exchange is all of a rank's time in all-reduces
         assert split[r]["wait_s"] + split[r]["exchange_s"] == pytest.approx((t[:, 1] - t[:, 0]).mean() / 1e9)
+    stages = {r: sorted(STAGES[i] for i in t[t[:, 0] == MARK, 1]) for r, t in traced.items()}
+    # one of each a step; a rank writes its marks with its forwards, so the last step's marks after its
+    # forward wait for a next one
+    assert stages[0] == sorted(["step_begun", "command_sent"] * 6 + ["on_loop", "gathered"] * 5)
+    assert stages[1] == stages[2] == sorted(["step_received"] * 6 + ["on_loop", "gathered"] * 5)
+    between = between_forwards(traced, 0, int(trace[0][:, 2].max()))
+    assert between["steps"] == 5  # every gap between rank 0's six forwards
+    assert all(v >= 0 for v in between.values())
+    forwards = trace[0][trace[0][:, 0] == FORWARD]
+    gaps = (forwards[1:, 1] - forwards[:-1, 2]).mean() / 1e9
+    rank0_parts = ("to_loop", "gather", "next_step", "command", "to_compute")
+    assert sum(between[k] for k in rank0_parts) == pytest.approx(gaps)  # they split the gaps, nothing more
