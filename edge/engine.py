@@ -129,7 +129,8 @@ class ShardModel:
 
         With `score` (targets [S-1], k; B == 1): each rank's slice scores of positions 0..S-2
         (models.scoring) instead, gathered side by side at rank 0: [S-1, N x (3 + 2k)]. With `fast`
-        the all-reduces run on the compute thread over the data plane (every rank must agree).
+        the all-reduces and the gather run on the compute thread over the data plane (every rank
+        must agree).
         """
         loop = asyncio.get_running_loop()
 
@@ -162,12 +163,26 @@ class ShardModel:
                     return logits(out, self.output, self.config.rms_norm_eps).numpy()  # [B, S, V_local]
                 return logits(out[:, -1:], self.output, self.config.rms_norm_eps)[:, -1].numpy()
 
+        if fast is not None:  # the gather too, on the compute thread over the data plane
+            full, metas = await self.run(lambda: self._gathered(run(), fast))
+            self.mark("on_loop")
+            star.peer_meta.update(metas)
+            return full
         local = await self.run(run)  # [B, V_local] or [B, S, V_local]: this rank's vocabulary slice
         self.mark("on_loop")
-        meta = self.stats() | {"mem_available": memory_available()}  # the router's input
-        full = await star.gather(local, meta)
+        full = await star.gather(local, self._meta())
         self.mark("gathered")
         return full
+
+    def _gathered(self, local: np.ndarray, fast: FastStar) -> tuple[np.ndarray | None, dict[int, dict]]:
+        """On the compute thread: every rank's slice side by side at rank 0 (FastStar.gather)."""
+        out = fast.gather(local, self._meta())
+        self.mark("gathered")
+        return out
+
+    def _meta(self) -> dict:
+        """What a worker reports with each step: its counters and free memory (the router's input)."""
+        return self.stats() | {"mem_available": memory_available()}
 
     def mark(self, stage: str) -> None:
         """A moment of a step outside the forward, when profiling (edge.trace.STAGES)."""

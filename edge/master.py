@@ -268,12 +268,12 @@ class ClusterEngine:
         for session, start in zip(sessions, starts, strict=True):
             session.kv.rewind(start)
         h = await self.rank0.embedded(ids)  # [B, S, D]
+        self.shard.mark("rows_embedded")
         score = None
         if score_k is not None:  # one session, no replay: its tokens are the prompt to score
             score = (torch.tensor(rows[0][1:], dtype=torch.long), score_k)
         await self.command(Step([s.rid for s in sessions], step, pack_tensor(h), fast,
                                 score_k, rows[0][1:] if score else None, starts, wide))
-        self.shard.mark("command_sent")
         collective = self.relinker.collective
         collective.begin(step)
         try:

@@ -8,7 +8,7 @@ write). The ranks of an emulated cluster share that clock, so scripts/profile_de
 k-th all-reduce of every rank and splits it (`split_allreduces`), and times forwards
 (`forward_seconds`), over the decode steps alone (the window after the first token). Between two
 forwards rank 0 and the workers also mark the moments of a step outside the forward (`STAGES`:
-back on the event loop, logits gathered, the next step begun, its command sent, the command
+back on the event loop, logits gathered, the next step begun, its rows embedded, the command
 received), so `between_forwards` says where the time between forwards goes. Off (the default) it
 costs nothing.
 """
@@ -26,9 +26,10 @@ TRACE_ENV = "EDGE_LLM_STEP_TRACE"
 ALLREDUCE, FORWARD, MARK = 0, 1, 2  # record kinds; a MARK is (MARK, stage index, ns)
 # A step's moments outside the forward, in order: rank 0's compute thread handed the forward's
 # output back to the event loop; every rank's logits gathered; the next step begun (by the step
-# runner, after sampling, detokenizing and the request's generate loop); its command sent to the
-# workers; a worker received it. Then each rank's next FORWARD entry.
-STAGES = ("on_loop", "gathered", "step_begun", "command_sent", "step_received")
+# runner, after sampling, detokenizing and the request's generate loop); its rows embedded (the
+# command to the workers is framed and sent next); a worker received the command. Then each rank's
+# next FORWARD entry.
+STAGES = ("on_loop", "gathered", "step_begun", "rows_embedded", "step_received")
 
 
 class StepTrace:
@@ -112,32 +113,42 @@ def forward_seconds(trace: np.ndarray, since: int, until: int) -> tuple[float, i
 
 def between_forwards(trace: dict[int, np.ndarray], since: int, until: int) -> dict[str, float]:
     """Mean seconds per decode step from rank 0's forward exit to its next forward's entry, split at
-    rank 0's marks: "to_loop" (until back on the event loop), "gather" (the other ranks' logits),
-    "next_step" (sampling, detokenizing, the generate loop and the step runner, until the next step
-    begins), "command" (embedding the token, framing and sending the step's command), "to_compute"
-    (until rank 0's compute thread enters the forward); and for the workers (mean over them),
-    "worker_receive" (command sent to received) and "worker_to_compute" (received to their forward's
-    entry). Over the steps within [since, until] ns whose every moment was marked; "steps" counts them.
+    rank 0's marks in the order they happened, each part named by the moment that ends it:
+    "to_loop" (until back on the event loop), "gather" (until every rank's logits are in: on the
+    event loop after the hop back, or on the data plane before it), "next_step" (sampling,
+    detokenizing, the generate loop and the step runner, until the next step begins), "embed" (the
+    step's rows and their embedding), "to_compute" (framing and sending the step's command to the
+    workers, until rank 0's compute thread enters the forward); and for the workers (mean over
+    them), "worker_receive" (rows embedded to the command received: framing, sending, receiving)
+    and "worker_to_compute" (received to their forward's entry). Over the
+    steps within [since, until] ns whose every moment was marked; "steps" counts them.
     """
     exits, entries, stages = _forwards_and_marks(trace[0])
     workers = [_forwards_and_marks(t) for r, t in sorted(trace.items()) if r != 0]
+    received_at = STAGES.index("step_received")
     parts: dict[str, list[float]] = {}
     for left, entered in zip(exits, entries[1:]):
         if left < since or entered > until:
             continue
-        moments = [_first_after(stages.get(i, np.empty(0, np.int64)), left) for i in range(4)]
-        received = [_first_after(w[2].get(4, np.empty(0, np.int64)), left) for w in workers]
+        moments = {_ENDS[i]: _first_after(stages.get(i, _NONE), left) for i in range(len(_ENDS))}
+        received = [_first_after(w[2].get(received_at, _NONE), left) for w in workers]
         started = [_first_after(w[1], left) for w in workers]
-        if None in moments or None in received or None in started or moments[-1] > entered:
+        if None in (*moments.values(), *received, *started) or max(moments.values()) > entered:
             continue
-        times = [left, *moments, entered]
-        for name, a, b in zip(("to_loop", "gather", "next_step", "command", "to_compute"), times, times[1:]):
-            parts.setdefault(name, []).append((b - a) / 1e9)
+        previous = left
+        for name, t in sorted(moments.items(), key=lambda item: item[1]):
+            parts.setdefault(name, []).append((t - previous) / 1e9)
+            previous = t
+        parts.setdefault("to_compute", []).append((entered - previous) / 1e9)
         for r, s in zip(received, started):
-            parts.setdefault("worker_receive", []).append((r - moments[3]) / 1e9)
+            parts.setdefault("worker_receive", []).append((r - moments["embed"]) / 1e9)
             parts.setdefault("worker_to_compute", []).append((s - r) / 1e9)
     steps = len(parts.get("to_loop", []))
     return {name: float(np.mean(v)) for name, v in parts.items()} | {"steps": steps}
+
+
+_ENDS = ("to_loop", "gather", "next_step", "embed")  # the part of the gap that rank 0's STAGES[i] ends
+_NONE = np.empty(0, np.int64)
 
 
 def _forwards_and_marks(records: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:

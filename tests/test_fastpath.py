@@ -8,12 +8,14 @@ import time
 import numpy as np
 import pytest
 
+from transport.codec import encode
 from transport.collectives import STEP_SHIFT
 from transport.errors import (
     AuthError,
     ChannelClosed,
     CollectiveAborted,
     CollectiveTimeout,
+    FailureCause,
     FrameError,
     PeerFailed,
 )
@@ -22,6 +24,8 @@ from transport.fastpath import (
     DATA,
     ERROR,
     FRAME,
+    GATHER,
+    META_LENGTH,
     DataLink,
     DataServer,
     FastStar,
@@ -78,6 +82,61 @@ def test_sums_in_rank_order_identical_on_every_rank(world):
     outs = run_ranks(world, partials)
     for out in outs:
         assert out.tobytes() == expected.tobytes()
+
+
+def run_gather(world: int, slices: list[np.ndarray], metas: list[dict]) -> list[tuple]:
+    links = star_links(world)
+    outs: list[tuple | None] = [None] * world
+
+    def rank(r: int) -> None:
+        outs[r] = FastStar(r, world, links[r], lambda: 5).gather(slices[r], metas[r])
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return outs
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_gather_puts_every_ranks_slice_side_by_side_at_the_hub(world):
+    rng = np.random.default_rng(world)
+    widths = [7, 5, 6, 3][:world]  # vocabulary slices of an uneven plan
+    slices = [rng.standard_normal((2, 3, n)).astype(np.float32) for n in widths]  # [B, S, V_r]
+    metas = [{"forward_s": 0.5 * r, "mem_available": 1000 + r} for r in range(world)]
+    outs = run_gather(world, slices, metas)
+    full, got = outs[0]
+    assert full.shape == (2, 3, sum(widths))
+    assert full.tobytes() == np.concatenate(slices, axis=-1).tobytes()
+    assert got == {r: metas[r] for r in range(1, world)}  # the workers' counters, by rank
+    assert all(out == (None, {}) for out in outs[1:])
+
+
+def test_a_workers_failure_report_ends_the_hubs_gather():
+    hub, worker = star_links(2)
+    worker[0].send(GATHER, seq(7, 9), np.ones(4, np.float32).data, b"", META_LENGTH.pack(0))  # a failed step's
+    worker[0].send(ERROR, seq(8, 4), f"{FailureCause.INTERNAL.value}\nrank 1: internal error".encode())
+    with pytest.raises(PeerFailed, match="internal error") as failed:
+        FastStar(0, 2, {1: hub[1]}, lambda: seq(8, 3)).gather(np.ones((1, 4), np.float32), {})
+    assert failed.value.cause == FailureCause.INTERNAL
+
+
+NOT_A_MAP = encode({"t": "ga", "meta": [1, 2]})
+
+
+@pytest.mark.parametrize("payload", [
+    [np.ones(5, np.float32).data, b"", META_LENGTH.pack(0)],  # 5 floats are not 2 rows
+    [np.ones(4, np.float32).data, b"xx", META_LENGTH.pack(9)],  # counters longer than the frame
+    [np.ones(4, np.float32).data, NOT_A_MAP, META_LENGTH.pack(len(NOT_A_MAP))],  # counters not a map
+    [b"\x01"],  # shorter than its own length field
+], ids=["rows", "length", "map", "short"])
+def test_a_gather_frame_that_does_not_parse_is_refused(payload):
+    hub, worker = star_links(2)
+    worker[0].send(GATHER, 1, *payload)
+    with pytest.raises(FrameError):
+        hub[1].recv_gather(1, rows=2)
+    assert hub[1].closed
 
 
 def seq(step: int, count: int) -> int:

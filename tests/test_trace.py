@@ -68,18 +68,23 @@ def marks(**times):
 
 def test_between_forwards_by_hand():
     # rank 0: forward 0..100, then back on the loop at 110, gathered 130, next step begun 160, its
-    # command sent 200, next forward from 230; the worker got the command at 210, entered at 225
-    rank0 = np.array([(FORWARD, 0, 100), *marks(on_loop=110, gathered=130, step_begun=160, command_sent=200),
+    # rows embedded 200, next forward from 230; the worker got the command at 210, entered at 225
+    rank0 = np.array([(FORWARD, 0, 100), *marks(on_loop=110, gathered=130, step_begun=160, rows_embedded=200),
                       (FORWARD, 230, 400)])
     rank1 = np.array([(FORWARD, 5, 98), *marks(step_received=210), (FORWARD, 225, 390)])
     assert between_forwards({0: rank0, 1: rank1}, 0, 500) == {
-        "to_loop": 10e-9, "gather": 20e-9, "next_step": 30e-9, "command": 40e-9, "to_compute": 30e-9,
+        "to_loop": 10e-9, "gather": 20e-9, "next_step": 30e-9, "embed": 40e-9, "to_compute": 30e-9,
         "worker_receive": 10e-9, "worker_to_compute": 15e-9, "steps": 1}
     assert between_forwards({0: rank0, 1: rank1}, 0, 229) == {"steps": 0}  # the next forward begins later
-    no_command = rank0[[i for i, r in enumerate(rank0) if r[0] != MARK or r[1] != STAGES.index("command_sent")]]
-    assert between_forwards({0: no_command, 1: rank1}, 0, 500) == {"steps": 0}  # an unmarked step is left out
+    unmarked = rank0[[i for i, r in enumerate(rank0) if r[0] != MARK or r[1] != STAGES.index("rows_embedded")]]
+    assert between_forwards({0: unmarked, 1: rank1}, 0, 500) == {"steps": 0}  # an unmarked step is left out
+    fast = np.array([(FORWARD, 0, 100), *marks(gathered=120, on_loop=130, step_begun=160, rows_embedded=200),
+                     (FORWARD, 230, 400)])  # the gather on the compute thread, before the hop back
+    assert between_forwards({0: fast, 1: rank1}, 0, 500) == {
+        "gather": 20e-9, "to_loop": 10e-9, "next_step": 30e-9, "embed": 40e-9, "to_compute": 30e-9,
+        "worker_receive": 10e-9, "worker_to_compute": 15e-9, "steps": 1}
     alone = between_forwards({0: rank0}, 0, 500)  # one device: no worker columns
-    assert alone == {"to_loop": 10e-9, "gather": 20e-9, "next_step": 30e-9, "command": 40e-9,
+    assert alone == {"to_loop": 10e-9, "gather": 20e-9, "next_step": 30e-9, "embed": 40e-9,
                      "to_compute": 30e-9, "steps": 1}
 
 
@@ -139,12 +144,12 @@ async def test_a_traced_cluster_records_every_all_reduce_of_every_rank(tmp_path,
     stages = {r: sorted(STAGES[i] for i in t[t[:, 0] == MARK, 1]) for r, t in traced.items()}
     # one of each a step; a rank writes its marks with its forwards, so the last step's marks after its
     # forward wait for a next one
-    assert stages[0] == sorted(["step_begun", "command_sent"] * 6 + ["on_loop", "gathered"] * 5)
+    assert stages[0] == sorted(["step_begun", "rows_embedded"] * 6 + ["on_loop", "gathered"] * 5)
     assert stages[1] == stages[2] == sorted(["step_received"] * 6 + ["on_loop", "gathered"] * 5)
     between = between_forwards(traced, 0, int(trace[0][:, 2].max()))
     assert between["steps"] == 5  # every gap between rank 0's six forwards
-    assert all(v >= 0 for v in between.values())
+    assert all(v >= 0 for v in between.values()), between
     forwards = trace[0][trace[0][:, 0] == FORWARD]
     gaps = (forwards[1:, 1] - forwards[:-1, 2]).mean() / 1e9
-    rank0_parts = ("to_loop", "gather", "next_step", "command", "to_compute")
+    rank0_parts = ("to_loop", "gather", "next_step", "embed", "to_compute")
     assert sum(between[k] for k in rank0_parts) == pytest.approx(gaps)  # they split the gaps, nothing more

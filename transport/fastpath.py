@@ -3,13 +3,17 @@
 Why: on the event-loop path every all-reduce hands the partial from the compute thread to the
 loop and the sum back, in each process: four thread wake-ups per all-reduce, two per layer, which
 on a 2-core device costs far more than the loopback round trip itself (bench/profile.md). Here the
-compute thread writes its partial and reads the sum itself. The control plane (steps, gathers,
-heartbeats) stays on the event loop; the sums are bit-identical to StarAllReduce's (rank order,
-float32).
+compute thread writes its partial and reads the sum itself. The step's closing gather of every
+rank's logits slice goes the same way: a worker's compute thread sends its slice as its forward
+ends, rank 0's reads them after its own, and no worker's event loop, no msgpack and no per-frame
+HMAC stand between the last layer and rank 0's sampling (`FastStar.gather`). The control plane
+(steps, heartbeats) stays on the event loop; the sums are bit-identical to StarAllReduce's (rank
+order, float32), the gathered logits are the same bytes.
 
 Frame: a 16-byte header (kind, payload bytes, collective sequence number) and the payload: the
-array's bytes for DATA; for ERROR (a rank cannot finish the step) its FailureCause, a newline and
-a UTF-8 reason; for ABORT (the hub gave up on the step) the reason. Frames of an abandoned step (lower
+array's bytes for DATA; for GATHER a worker's float32 slice, its counters (msgpack) and their
+length (uint32); for ERROR (a rank cannot finish the step) its FailureCause, a newline and a UTF-8
+reason; for ABORT (the hub gave up on the step) the reason. Frames of an abandoned step (lower
 sequence numbers) are skipped; a failure report ends its whole step (transport.collectives.stale).
 Peers authenticate with the cluster's HMAC handshake before the first frame.
 """
@@ -45,8 +49,10 @@ from transport.frames import HANDSHAKE_MAX_FRAME, HEADER
 
 log = logging.getLogger("edge_llm.transport")
 FRAME = struct.Struct("<BxxxIQ")  # kind, payload bytes, sequence number
-DATA, ERROR, ABORT = 1, 2, 3
+DATA, ERROR, ABORT, GATHER = 1, 2, 3, 4
 MAX_PAYLOAD = 256 << 20
+META_LENGTH = struct.Struct("<I")  # the last bytes of a GATHER frame: how long its counters are
+MAX_META = 64 << 10
 HANDSHAKE_TIMEOUT = 5.0
 _POLL = {"seconds": 0.0}  # process-wide, as the thread count is (set_poll_us)
 
@@ -78,12 +84,14 @@ class DataLink:
         self._lock = threading.Lock()
         self._header = bytearray(FRAME.size)
 
-    def send(self, kind: int, seq: int, payload: bytes | memoryview = b"") -> None:
-        """Raises ChannelClosed when the peer is gone."""
-        data = memoryview(payload).cast("B")  # bytes, whatever the array's shape and dtype
+    def send(self, kind: int, seq: int, *payload: bytes | memoryview) -> None:
+        """One frame whose payload is the parts of `payload` back to back; raises ChannelClosed when
+        the peer is gone."""
+        parts = [memoryview(p).cast("B") for p in payload]  # bytes, whatever the array's shape and dtype
+        size = sum(len(p) for p in parts)
         with self._lock:
-            self._sendall([FRAME.pack(kind, len(data), seq), data])
-            self.bytes_sent += FRAME.size + len(data)
+            self._sendall([FRAME.pack(kind, size, seq), *parts])
+            self.bytes_sent += FRAME.size + size
 
     def send_nowait(self, kind: int, seq: int, reason: str, cause: FailureCause = FailureCause.PEER) -> None:
         """A failure report from the event loop: never blocks it; dropped if the link is busy or full.
@@ -152,6 +160,37 @@ class DataLink:
     def recv_into(self, seq: int, out: np.ndarray) -> None:
         """The peer's DATA frame for collective #seq, read straight into `out`; raises PeerFailed,
         CollectiveAborted, CollectiveTimeout, ChannelClosed or FrameError."""
+        size = self._current(seq, DATA)
+        if size != out.nbytes:
+            self.closed = True
+            raise FrameError(f"{self.peer}: data #{seq} of {size} bytes, expected {out.nbytes}")
+        self._read_exact(memoryview(out).cast("B"))
+
+    def recv_gather(self, seq: int, rows: int) -> tuple[np.ndarray, dict]:
+        """The peer's GATHER frame for collective #seq: its float32 slice [rows, n] and its counters;
+        raises as recv_into, and FrameError for a frame that does not parse."""
+        size = self._current(seq, GATHER)
+        body = bytearray(size)
+        self._read_exact(memoryview(body))
+        meta_length = META_LENGTH.unpack_from(body, size - META_LENGTH.size)[0] if size >= META_LENGTH.size else -1
+        data = size - META_LENGTH.size - meta_length
+        width = data // (4 * rows) if rows > 0 and data > 0 else 0
+        if not 0 <= meta_length <= MAX_META or data != 4 * rows * width:
+            self.closed = True
+            raise FrameError(f"{self.peer}: gather #{seq} of {size} bytes does not hold {rows} rows and counters")
+        try:
+            meta = decode(memoryview(body)[data:data + meta_length]).get("meta")
+            if not isinstance(meta, dict):
+                raise FrameError("a gather's counters must be a map")
+        except FrameError as e:
+            self.closed = True
+            raise FrameError(f"{self.peer}: gather #{seq}: {e}") from e
+        return np.frombuffer(body, np.float32, count=rows * width).reshape(rows, width), meta
+
+    def _current(self, seq: int, wanted: int) -> int:
+        """Reads frames up to the header of collective #seq's frame, which must be of kind `wanted`;
+        returns its payload's size. Skips frames left by an earlier step; raises PeerFailed or
+        CollectiveAborted for a failure report of this step, FrameError for a frame out of step."""
         while True:
             self._read_exact(memoryview(self._header))
             kind, size, got = FRAME.unpack(self._header)
@@ -161,17 +200,15 @@ class DataLink:
             if kind in (ERROR, ABORT) or got < seq:
                 body = bytearray(size)
                 self._read_exact(memoryview(body))
-                if stale(got, seq, kind != DATA):
+                if stale(got, seq, kind in (ERROR, ABORT)):
                     continue  # left over from a step that failed
                 cause, _, reason = body.decode(errors="replace").partition("\n")
                 raise (PeerFailed(reason, FailureCause.parse(cause)) if kind == ERROR else
                        CollectiveAborted(f"the hub aborted all-reduce #{seq}: {reason}"))
-            if kind != DATA or got != seq or size != out.nbytes:
+            if kind != wanted or got != seq:
                 self.closed = True  # the peer is out of step: no more steps on this link
-                raise FrameError(f"{self.peer}: frame kind {kind} #{got} of {size} bytes, expected data "
-                                 f"#{seq} of {out.nbytes}")
-            self._read_exact(memoryview(out).cast("B"))
-            return
+                raise FrameError(f"{self.peer}: frame kind {kind} #{got}, expected kind {wanted} #{seq}")
+            return size
 
     def close(self) -> None:
         self.closed = True
@@ -217,6 +254,23 @@ class FastStar:
         for r in range(1, self.world_size):
             self.links[r].send(DATA, seq, acc.data)
         return acc
+
+    def gather(self, x: np.ndarray, meta: dict) -> tuple[np.ndarray | None, dict[int, dict]]:
+        """x [..., n_r] float32, this rank's slice -> at the hub every rank's slice concatenated along
+        the last axis in rank order [..., sum n_r], and each worker's `meta` (small counters) by rank;
+        (None, {}) elsewhere. StarAllReduce.gather on the data plane (one collective number)."""
+        seq = self._next_seq()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.rank != 0:
+            counters = encode({"t": "ga", "meta": meta})
+            self.links[0].send(GATHER, seq, x.data, counters, META_LENGTH.pack(len(counters)))
+            return None, {}
+        rows = x.size // x.shape[-1] if x.shape[-1] else 0
+        parts, metas = [x], {}
+        for r in range(1, self.world_size):
+            part, metas[r] = self.links[r].recv_gather(seq, rows)
+            parts.append(part.reshape(*x.shape[:-1], part.shape[-1]))
+        return np.concatenate(parts, axis=-1), metas
 
     def report(self, kind: int, seq: int, reason: str, cause: FailureCause = FailureCause.PEER) -> None:
         """From the event loop: ERROR to the hub (a worker's failure) or ABORT to every worker (the hub's)."""
