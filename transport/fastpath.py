@@ -265,7 +265,7 @@ class FastStar:
             counters = encode({"t": "ga", "meta": meta})
             self.links[0].send(GATHER, seq, x.data, counters, META_LENGTH.pack(len(counters)))
             return None, {}
-        rows = x.size // x.shape[-1] if x.shape[-1] else 0
+        rows = int(np.prod(x.shape[:-1]))  # each worker's slice: these rows, its own width
         parts, metas = [x], {}
         for r in range(1, self.world_size):
             part, metas[r] = self.links[r].recv_gather(seq, rows)
