@@ -56,13 +56,14 @@ def star_links(world: int, timeout: float = 2.0) -> list[dict[int, DataLink]]:
     return links
 
 
-def run_ranks(world: int, partials: list[np.ndarray], start_seq: int = 0) -> list[np.ndarray]:
+def on_rank_threads(world: int, call) -> list:
+    """call(rank, its FastStar) on every rank at once (a thread each, as the compute threads) -> results."""
     links = star_links(world)
-    counters = [iter(range(start_seq + 1, start_seq + 100)) for _ in range(world)]
-    outs: list[np.ndarray | None] = [None] * world
+    counters = [iter(range(1, 100)) for _ in range(world)]
+    outs: list = [None] * world
 
     def rank(r: int) -> None:
-        outs[r] = FastStar(r, world, links[r], counters[r].__next__).allreduce(partials[r])
+        outs[r] = call(r, FastStar(r, world, links[r], counters[r].__next__))
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
     for t in threads:
@@ -79,24 +80,9 @@ def test_sums_in_rank_order_identical_on_every_rank(world):
     expected = partials[0].copy()
     for p in partials[1:]:
         expected += p  # the hub's order: rank 0, then 1, 2, ...
-    outs = run_ranks(world, partials)
+    outs = on_rank_threads(world, lambda r, star: star.allreduce(partials[r]))
     for out in outs:
         assert out.tobytes() == expected.tobytes()
-
-
-def run_gather(world: int, slices: list[np.ndarray], metas: list[dict]) -> list[tuple]:
-    links = star_links(world)
-    outs: list[tuple | None] = [None] * world
-
-    def rank(r: int) -> None:
-        outs[r] = FastStar(r, world, links[r], lambda: 5).gather(slices[r], metas[r])
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
-    return outs
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -105,7 +91,7 @@ def test_gather_puts_every_ranks_slice_side_by_side_at_the_hub(world):
     widths = [7, 5, 6, 3][:world]  # vocabulary slices of an uneven plan
     slices = [rng.standard_normal((2, 3, n)).astype(np.float32) for n in widths]  # [B, S, V_r]
     metas = [{"forward_s": 0.5 * r, "mem_available": 1000 + r} for r in range(world)]
-    outs = run_gather(world, slices, metas)
+    outs = on_rank_threads(world, lambda r, star: star.gather(slices[r], metas[r]))
     full, got = outs[0]
     assert full.shape == (2, 3, sum(widths))
     assert full.tobytes() == np.concatenate(slices, axis=-1).tobytes()
