@@ -106,7 +106,7 @@ class ClusterEngine:
                                    alone=lambda e: e.session.offload and not self.offload_ready())
         self.sessions: set[ClusterSession] = set()  # open requests
         self._steps, self._rids = itertools.count(1), itertools.count(1)
-        self.kv_rebuilds = self.steps_run = 0  # requests' KV rebuilt on the compute ranks; cluster-wide forwards
+        self.kv_rebuilds = self.steps_run = 0  # KV rebuilds; cluster-wide forwards
         self.rows_run = 0  # request-steps they carried (rows / steps = mean decode batch)
 
     shard = property(lambda self: self.rank0.shard)  # ShardModel | None: rank 0's slice

@@ -120,8 +120,8 @@ def between_forwards(trace: dict[int, np.ndarray], since: int, until: int) -> di
     step's rows and their embedding), "to_compute" (framing and sending the step's command to the
     workers, until rank 0's compute thread enters the forward); and for the workers (mean over
     them), "worker_receive" (rows embedded to the command received: framing, sending, receiving)
-    and "worker_to_compute" (received to their forward's entry). Over the
-    steps within [since, until] ns whose every moment was marked; "steps" counts them.
+    and "worker_to_compute" (received to their forward's entry). Over the steps within [since,
+    until] ns whose every moment was marked; "steps" counts them.
     """
     exits, entries, stages = _forwards_and_marks(trace[0])
     workers = [_forwards_and_marks(t) for r, t in sorted(trace.items()) if r != 0]

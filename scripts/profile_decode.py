@@ -9,9 +9,9 @@ peer's arrival, the sum), split into waiting for the slower rank to arrive and t
 it, the rest of the forward (GEMVs, attention, norms, the Python around them), and what the token
 costs outside the forward (the step runner, embedding, the logits gather, sampling, detokenising,
 the SSE write), split in a second table at the moments rank 0 and the workers mark between two
-forwards (edge.trace.STAGES: back on the event loop, logits gathered, next step begun, its
-rows embedded, a worker's command received). Next to it, the memory-streaming floor of the same plan through the same kernels
-(scripts/stream_floor.py) and one process running the same layers with no cluster at all
+forwards (edge.trace.STAGES: back on the event loop, logits gathered, next step begun, its rows
+embedded, a worker's command received). Next to it, the memory-streaming floor of the same plan
+through the same kernels (scripts/stream_floor.py) and one process running the same layers with no cluster at all
 (models.model.LocalModel, one thread per device's share).
 """
 
@@ -75,8 +75,8 @@ def profile_cluster(model: str, workers: int, tokens: int, extra: list[str]) -> 
                             "allreduce_wait_ms": wait, "allreduce_exchange_ms": exchange,
                             "compute_ms": 1000 * forward_s - wait - exchange, "allreduces_per_token": count}
     between = {k: v if k == "steps" else 1000 * v for k, v in between_forwards(trace, since, until).items()}
-    return {"tpot_ms": 1000 * tpot, "ranks": ranks, "outside_forward_ms": 1000 * tpot - ranks["0"]["forward_ms"],
-            "between_forwards_ms": between}
+    outside = 1000 * tpot - ranks["0"]["forward_ms"]
+    return {"tpot_ms": 1000 * tpot, "ranks": ranks, "outside_forward_ms": outside, "between_forwards_ms": between}
 
 
 def local_forward_ms(model: str, threads: int, tokens: int, quantize: str | None) -> float:
@@ -112,16 +112,17 @@ def write(results: dict, out: Path) -> None:
 BETWEEN = (("to_loop", "back on the event loop"), ("gather", "other ranks' logits gathered"),
            ("next_step", "sampling, detokenizing, generate loop, step runner"),
            ("embed", "step rows embedded"), ("to_compute", "command framed and sent, to the compute thread"),
-           ("worker_receive", "worker: command received"), ("worker_to_compute", "worker: to its compute thread"))
+           ("worker_receive", "worker: command received"),
+           ("worker_to_compute", "worker: to its compute thread"))
 
 
 def between_table(results: dict) -> list[str]:
     """Rank 0's time from one forward's exit to the next one's entry, stage by stage (edge.trace)."""
-    lines = ["", "Between two forwards of rank 0 (us per decode step, mean): the gap from its forward's exit to "
-             "its next forward's entry, split at the moments it marks (edge.trace.STAGES), each column the part "
-             "that its moment ends (in the order they happen: on the data plane the gather precedes the hop "
-             "back to the event loop); the worker columns run from rank 0's rows embedded, beside rank 0's "
-             "last one.", "",
+    lines = ["", "Between two forwards of rank 0 (us per decode step, mean): the gap from its forward's "
+             "exit to its next forward's entry, split at the moments it marks (edge.trace.STAGES), each "
+             "column the part that its moment ends (in the order they happen: on the data plane the "
+             "gather precedes the hop back to the event loop); the worker columns run from rank 0's rows "
+             "embedded, beside rank 0's last one.", "",
              "| model | devices | " + " | ".join(title for _, title in BETWEEN) + " | steps |",
              "|---|---|" + "---|" * (len(BETWEEN) + 1)]
     for model, per_n in results["models"].items():

@@ -101,7 +101,8 @@ def test_gather_puts_every_ranks_slice_side_by_side_at_the_hub(world):
 
 def test_a_workers_failure_report_ends_the_hubs_gather():
     hub, worker = star_links(2)
-    worker[0].send(GATHER, seq(7, 9), np.ones(4, np.float32).data, b"", META_LENGTH.pack(0))  # a failed step's
+    left_over = [np.ones(4, np.float32).data, b"", META_LENGTH.pack(0)]  # a gather of a step that failed
+    worker[0].send(GATHER, seq(7, 9), *left_over)
     worker[0].send(ERROR, seq(8, 4), f"{FailureCause.INTERNAL.value}\nrank 1: internal error".encode())
     with pytest.raises(PeerFailed, match="internal error") as failed:
         FastStar(0, 2, {1: hub[1]}, lambda: seq(8, 3)).gather(np.ones((1, 4), np.float32), {})

@@ -76,7 +76,8 @@ def test_between_forwards_by_hand():
         "to_loop": 10e-9, "gather": 20e-9, "next_step": 30e-9, "embed": 40e-9, "to_compute": 30e-9,
         "worker_receive": 10e-9, "worker_to_compute": 15e-9, "steps": 1}
     assert between_forwards({0: rank0, 1: rank1}, 0, 229) == {"steps": 0}  # the next forward begins later
-    unmarked = rank0[[i for i, r in enumerate(rank0) if r[0] != MARK or r[1] != STAGES.index("rows_embedded")]]
+    embedded = STAGES.index("rows_embedded")
+    unmarked = rank0[[i for i, r in enumerate(rank0) if r[0] != MARK or r[1] != embedded]]
     assert between_forwards({0: unmarked, 1: rank1}, 0, 500) == {"steps": 0}  # an unmarked step is left out
     fast = np.array([(FORWARD, 0, 100), *marks(gathered=120, on_loop=130, step_begun=160, rows_embedded=200),
                      (FORWARD, 230, 400)])  # the gather on the compute thread, before the hop back

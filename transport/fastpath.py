@@ -172,12 +172,13 @@ class DataLink:
         size = self._current(seq, GATHER)
         body = bytearray(size)
         self._read_exact(memoryview(body))
-        meta_length = META_LENGTH.unpack_from(body, size - META_LENGTH.size)[0] if size >= META_LENGTH.size else -1
-        data = size - META_LENGTH.size - meta_length
+        tail = size - META_LENGTH.size
+        meta_length = META_LENGTH.unpack_from(body, tail)[0] if tail >= 0 else -1
+        data = tail - meta_length
         width = data // (4 * rows) if rows > 0 and data > 0 else 0
         if not 0 <= meta_length <= MAX_META or data != 4 * rows * width:
             self.closed = True
-            raise FrameError(f"{self.peer}: gather #{seq} of {size} bytes does not hold {rows} rows and counters")
+            raise FrameError(f"{self.peer}: gather #{seq} of {size} bytes is not {rows} rows and counters")
         try:
             meta = decode(memoryview(body)[data:data + meta_length]).get("meta")
             if not isinstance(meta, dict):
