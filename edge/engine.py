@@ -181,7 +181,10 @@ class ShardModel:
         return out
 
     def _meta(self) -> dict:
-        """What a worker reports with each step: its counters and free memory (the router's input)."""
+        """What a worker reports with each step: its counters and free memory (the router's input).
+        Rank 0 reports nothing: the hub reads its own counters directly and drops its own meta."""
+        if self.dims.rank == 0:
+            return {}
         return self.stats() | {"mem_available": memory_available()}
 
     def mark(self, stage: str) -> None:
