@@ -28,6 +28,7 @@ from models.checkpoint import Checkpoint
 from models.config import LlamaConfig
 from models.dtypes import dtype_name
 from models.files import checkpoint_fingerprint
+from models.fusion import fuse_layer
 from models.llama import (
     HeadWeights,
     LayerWeights,
@@ -82,7 +83,7 @@ class ShardModel:
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, dims: LocalDims) -> ShardModel:
         """Every layer resident, sliced straight from the Hugging Face files."""
-        layers = [load_layer(ckpt, i, dims) for i in range(ckpt.config.num_layers)]
+        layers = [fuse_layer(load_layer(ckpt, i, dims)) for i in range(ckpt.config.num_layers)]
         output = load_output_head(ckpt, dims)
         nbytes = sum(w.nbytes() for w in layers) + output.lm_head.nbytes + output.norm.nbytes
         return cls(ckpt.config, dims, layers.__getitem__, output, nbytes)

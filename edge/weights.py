@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from edge.split import SplitError, SplitPlan, embed_file, head_file, layer_file, verify_rank
+from models.fusion import fuse_layer
 from models.llama import HeadWeights, LayerWeights
 from models.quant import gather_quantized
 
@@ -116,7 +117,7 @@ class WeightWindow:
         self.head = HeadWeights(embed=torch.empty(0), norm=head_tensors["norm"],
                                 lm_head=head_tensors["lm_head"])
         resident_count = self._plan_residency(budget_bytes, reserve_bytes, window, num_layers)
-        self._resident = {i: self._read(i, count=False) for i in range(resident_count)}
+        self._resident = {i: fuse_layer(self._read(i, count=False), own=True) for i in range(resident_count)}
         self._in_memory = {}  # streamed layers come from their files, into the window's buffers
         self._streamed = [i for i in range(num_layers) if i not in self._resident]
         self.window = window

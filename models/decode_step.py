@@ -22,6 +22,7 @@ through models.quant_kernels.linear, as in decoder_layer.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -91,18 +92,26 @@ class _Step:
         x = rms_norm_array(h, w.attn_norm.numpy(), self.eps)
         h = h + self._sum(self._attention(x, w, layer))
         x = rms_norm_array(h, w.mlp_norm.numpy(), self.eps)
-        gate = torch.from_numpy(_linear(x, w.w_gate, w.b_gate))
-        F.silu(gate, inplace=True)
-        gate.mul_(torch.from_numpy(_linear(x, w.w_up, w.b_up)))  # decoder_layer's silu(gate) * up
-        return h + self._sum(_linear(gate.numpy(), w.w_down, w.b_down))
+        if w.w_gate_up is not None:  # one GEMV for both (models.fusion)
+            gate, up = _columns(_linear(x, w.w_gate_up, w.b_gate_up), [w.w_gate.shape[0]])
+        else:
+            gate, up = _linear(x, w.w_gate, w.b_gate), _linear(x, w.w_up, w.b_up)
+        act = torch.from_numpy(gate)
+        F.silu(act, inplace=True)
+        act.mul_(torch.from_numpy(up))  # decoder_layer's silu(gate) * up
+        return h + self._sum(_linear(gate, w.w_down, w.b_down))
 
     def _attention(self, x: np.ndarray, w: LayerWeights, layer: int) -> np.ndarray:
         """x [B x S, D] (normed) -> the partial output projection [B x S, D] over this rank's heads;
         row b attends over its own cache."""
         (batch, seqlen), hd = self.shape, self.head_dim
-        q = self._rope(_linear(x, w.wq, w.bq).reshape(batch, seqlen, -1, hd))  # [B, S, H, hd]
-        k = self._rope(_linear(x, w.wk, w.bk).reshape(batch, seqlen, -1, hd))  # [B, S, KV, hd]
-        v = _linear(x, w.wv, w.bv).reshape(batch, seqlen, -1, hd)
+        if w.wqkv is not None:  # one GEMV for the three (models.fusion)
+            q, k, v = _columns(_linear(x, w.wqkv, w.bqkv), [w.wq.shape[0], w.wk.shape[0]])
+        else:
+            q, k, v = (_linear(x, wt, b) for wt, b in ((w.wq, w.bq), (w.wk, w.bk), (w.wv, w.bv)))
+        q = self._rope(q.reshape(batch, seqlen, -1, hd))  # [B, S, H, hd]
+        k = self._rope(k.reshape(batch, seqlen, -1, hd))  # [B, S, KV, hd]
+        v = v.reshape(batch, seqlen, -1, hd)
         outs = []
         for b, attend in enumerate(self.attends):
             heads = [np.ascontiguousarray(t[b].transpose(1, 0, 2)) for t in (q, k, v)]  # [H | KV, S, hd]
@@ -130,3 +139,10 @@ def _linear(x: np.ndarray, w: Weight, bias: torch.Tensor | None) -> np.ndarray:
     if kernel_serves(w):
         return gemv_rows(x, w, bias)
     return linear(torch.from_numpy(x), w, bias).numpy()
+
+
+def _columns(y: np.ndarray, widths: list[int]) -> list[np.ndarray]:
+    """y [R, N] -> its column blocks of `widths` (and the rest), each C-contiguous (a copy only for
+    R > 1: one row's blocks are contiguous already), as the kernels take them."""
+    bounds = [0, *itertools.accumulate(widths), y.shape[1]]
+    return [np.ascontiguousarray(y[:, a:b]) for a, b in itertools.pairwise(bounds)]

@@ -47,9 +47,19 @@ class LayerWeights:
     b_gate: torch.Tensor | None = None
     b_up: torch.Tensor | None = None
     b_down: torch.Tensor | None = None
+    # Where the parts fuse (models.fusion.fuse_layer): wq, wk, wv back to back ([(H + 2 KV) hd, D],
+    # the three are views of it), w_gate and w_up likewise; None otherwise. Never stored or counted.
+    wqkv: Weight | None = None
+    bqkv: torch.Tensor | None = None
+    w_gate_up: Weight | None = None
+    b_gate_up: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in vars(self).values() if t is not None)  # tensors and QuantWeights alike
+        """Bytes held (a fused weight's parts are views of it: counted once, as the parts)."""
+        return sum(t.nbytes for f, t in vars(self).items() if t is not None and f not in FUSED_FIELDS)
+
+
+FUSED_FIELDS = ("wqkv", "bqkv", "w_gate_up", "b_gate_up")
 
 
 LINEAR_FIELDS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")

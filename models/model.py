@@ -9,6 +9,7 @@ import torch
 from models.attention import KVCache
 from models.checkpoint import Checkpoint
 from models.dtypes import resolve_dtype
+from models.fusion import fuse_layer
 from models.llama import embed, forward_layers, load_head, load_layer, logits
 from models.quant import check_quantizable
 from models.rope import RotaryTable
@@ -35,7 +36,7 @@ class LocalModel:
         ckpt.close()
 
     def _load(self, ckpt: Checkpoint) -> tuple:
-        return load_head(ckpt), [load_layer(ckpt, i, self.dims) for i in range(self.config.num_layers)]
+        return load_head(ckpt), [fuse_layer(load_layer(ckpt, i, self.dims)) for i in range(self.config.num_layers)]
 
     def new_cache(self, capacity: int = 64) -> KVCache:
         """A request's KV cache reserved for `capacity` positions (pages fill as it grows)."""

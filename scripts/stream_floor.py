@@ -1,7 +1,8 @@
 """The memory-streaming floor of a decode step: N processes, one thread each, each streaming its
 own rank's weight bytes through models.quant_kernels.linear (the kernel the decode uses: numba's
 float32 GEMV, or F.linear for bf16/fp16, or with --quantize the int8/int4 kernels, the LM head at
-int8 under int4 as served) concurrently, once per token.
+int8 under int4 as served) concurrently, once per token; q, k, v and gate, up fused into one
+matrix each, as the decode holds them (models.fusion).
 
 Nothing else is done (no attention, norms, all-reduce or Python around it), so a cluster's time per
 token over this floor is its overhead. Used by bench_decode.py; alone:
@@ -25,6 +26,7 @@ import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from models.config import load_config
 from models.dtypes import resolve_dtype
+from models.fusion import fuse
 from models.quant import quantize
 from models.quant_kernels import linear, warm_kernels
 from models.sharding import local_dims
@@ -43,6 +45,7 @@ head = torch.randn(d.local_vocab, D).to(dtype)
 if method:
     layers = [[quantize(w, method) for w in ws] for ws in layers]
     head = quantize(head, "int8")
+layers = [[fuse(ws[:3], [None] * 3)[0], ws[3], fuse(ws[4:6], [None] * 2)[0], ws[6]] for ws in layers]
 x = {D: torch.randn(1, D).to(dtype), d.local_intermediate: torch.randn(1, d.local_intermediate).to(dtype),
      d.n_local_heads * hd: torch.randn(1, d.n_local_heads * hd).to(dtype)}
 if method:

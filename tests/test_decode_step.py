@@ -16,6 +16,7 @@ from models.attention import BatchAttend, KVCache
 from models.checkpoint import Checkpoint
 from models.decode_kernels import MAX_POSITIONS
 from models.decode_step import ROWS, decode_layers, serves
+from models.fusion import fuse_layer
 from models.llama import batch_attend, decoder_layer, load_layer
 from models.model import LocalModel
 from models.rope import RotaryTable, rope_tables
@@ -58,9 +59,9 @@ def counting_reduce(calls: list):
     return reduce
 
 
-def both_paths(config, dims, layers, seqlen: int, seed: int, batch: int = 1):
+def both_paths(config, dims, layers, seqlen: int, seed: int, batch: int = 1, array_layers=None):
     """The same step of `batch` rows (row b with PAST + 3b positions cached) through decoder_layer and
-    decode_layers -> (h, caches, reduce calls) per path."""
+    decode_layers (on `array_layers` if given) -> (h, caches, reduce calls) per path."""
     h = torch.randn(batch, seqlen, config.hidden_size, generator=torch.Generator().manual_seed(seed))
     rotary, pasts = RotaryTable(config), [PAST + 3 * b for b in range(batch)]
     tables = [rotary.cos_sin(torch.arange(p, p + seqlen)) for p in pasts]  # as forward_batch: per row
@@ -73,7 +74,7 @@ def both_paths(config, dims, layers, seqlen: int, seed: int, batch: int = 1):
         with torch.inference_mode():
             if arrays:
                 assert serves(h, attend)
-                out = decode_layers(h, layers.__getitem__, config, dims, attend, cos_sin, reduce)
+                out = decode_layers(h, (array_layers or layers).__getitem__, config, dims, attend, cos_sin, reduce)
             else:
                 out = h
                 for i, w in enumerate(layers):
@@ -103,6 +104,24 @@ CASES = [(kind, quant, *s) for kind, quants in FORMATS.items() for quant in quan
 def test_the_array_step_is_the_torch_step_bit_for_bit(folders, kind, quant, world, rank, seqlen):
     config, dims, layers = shard(folders[kind], quant, world, rank)
     assert_same(both_paths(config, dims, layers, seqlen, seed=seqlen + rank), config, seqlen)
+
+
+@pytest.mark.parametrize("seqlen", [1, 3])
+@pytest.mark.parametrize("kind,quant,world,rank", CASES)
+def test_the_array_step_on_fused_projections_is_the_torch_step_on_the_parts(folders, kind, quant, world, rank, seqlen):
+    """One GEMV for q, k, v and one for gate, up (models.fusion) against decoder_layer's five."""
+    config, dims, layers = shard(folders[kind], quant, world, rank)
+    fused = [fuse_layer(w) for w in layers]
+    assert all(w.wqkv is not None and w.w_gate_up is not None for w in fused)
+    assert_same(both_paths(config, dims, layers, seqlen, seed=seqlen + rank, array_layers=fused), config, seqlen)
+
+
+@pytest.mark.parametrize("batch,seqlen", [(2, 1), (2, 4)])
+def test_a_batch_on_fused_projections_is_the_torch_batch(folders, batch, seqlen):
+    config, dims, layers = shard(folders["qwen2"], "int4", 2, 1)
+    fused = [fuse_layer(w) for w in layers]
+    assert_same(both_paths(config, dims, layers, seqlen, seed=batch, batch=batch, array_layers=fused),
+                config, seqlen, batch)
 
 
 @pytest.mark.parametrize("batch,seqlen", [(2, 1), (ROWS, 1), (2, 4)])
