@@ -95,7 +95,8 @@ class ShardModel:
                    ) -> ShardModel:
         """Layers from per-layer shard files through a window that fits `budget_bytes`; `verified`:
         the manifest entries of files the caller has just checked (fetched), not hashed again;
-        `in_memory`: the weights of some of those files, already in memory (not read back)."""
+        `in_memory`: the weights of some of those files, already in memory (not read back; a layer's
+        entry is taken out of the dict as the window takes the layer)."""
         reserve = kv_bytes_per_token(config, dims, plan.element_bytes) * min(kv_reserve_tokens,
                                                                              config.max_position_embeddings)
         window = WeightWindow(folder, plan, dims.rank, config.num_layers, budget_bytes, reserve,

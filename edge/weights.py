@@ -117,7 +117,7 @@ class WeightWindow:
         self.head = HeadWeights(embed=torch.empty(0), norm=head_tensors["norm"],
                                 lm_head=head_tensors["lm_head"])
         resident_count = self._plan_residency(budget_bytes, reserve_bytes, window, num_layers)
-        self._resident = {i: fuse_layer(self._read(i, count=False), own=True) for i in range(resident_count)}
+        self._resident = {i: self._resident_layer(i) for i in range(resident_count)}
         self._in_memory = {}  # streamed layers come from their files, into the window's buffers
         self._streamed = [i for i in range(num_layers) if i not in self._resident]
         self.window = window
@@ -148,10 +148,16 @@ class WeightWindow:
                 f"{head_bytes / MB:.1f} MB and a KV reserve of {reserve / MB:.1f} MB)")
         return int(slots - window)
 
-    def _read(self, layer: int, count: bool = True, buf: bytearray | None = None) -> LayerWeights:
+    def _resident_layer(self, layer: int) -> LayerWeights:
+        """A layer that stays, fused (models.fusion) in memory of its own. An in-memory layer's entry is
+        taken out of `in_memory`, so its parts that fuse are freed as their fused copy is made."""
         name = self._names[layer]
         if name in self._in_memory:
-            return LayerWeights(**self._in_memory[name])
+            return fuse_layer(LayerWeights(**self._in_memory.pop(name)))
+        return fuse_layer(self._read(layer, count=False), own=True)
+
+    def _read(self, layer: int, count: bool = True, buf: bytearray | None = None) -> LayerWeights:
+        name = self._names[layer]
         start = time.perf_counter()
         tensors, size = read_layer_file(self.folder / name, self._entries[name]["bytes"],
                                         self._drop_cache and count, buf)

@@ -133,10 +133,13 @@ def test_a_resident_window_takes_assembled_weights_as_a_read_of_its_files_gives_
         reslice.keep_weights(name, asyncio.run(assemble(load_weights(reslice.held.file_for(name)), old_dims,
                                                         new_dims, fetch_piece)))
     plan = SplitPlan(2, (1.0, 1.0), checkpoint_fingerprint(checkpoint), quantize=FORMATS[fmt][1], align=align)
+    assembled = reslice.kept[layer_file(2, 1, 0)]
     kept = WeightWindow(new_dir, plan, 1, ckpt.config.num_layers, 1 << 40, in_memory=reslice.kept)
     read = WeightWindow(new_dir, plan, 1, ckpt.config.num_layers, 1 << 40)
     assert kept.stats.resident_bytes == read.stats.resident_bytes
-    assert kept(0).w_up is reslice.kept[layer_file(2, 1, 0)]["w_up"]  # taken, not read back
+    assert kept(0).w_down is assembled["w_down"]  # taken, not read back (w_up is fused: models.fusion)
+    assert kept(0).w_gate_up is not None
+    assert all(not n.startswith(rank_dir(2, 1) + "/layer-") for n in reslice.kept)  # released as taken
     for layer in range(ckpt.config.num_layers):
         a, b = stored_tensors(vars(kept(layer))), stored_tensors(vars(read(layer)))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
