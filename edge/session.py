@@ -4,6 +4,7 @@ id, or all of them on the attention nodes), the tokens fed so far, and the way i
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,13 +52,14 @@ class ClusterSession:
         """What the workers need to hold this request's KV (sent again after a rebuild)."""
         return OpenRequest(self.rid, self.capacity, self.offload)
 
-    async def step(self, tokens: list[int]) -> torch.Tensor:
-        """New tokens -> next-token logits [V], batched with other requests' decode steps."""
-        return torch.from_numpy(await self._submit(tokens, False))  # [V]
+    def step(self, tokens: list[int]) -> Awaitable[torch.Tensor]:
+        """New tokens -> next-token logits [V], batched with other requests' decode steps. Queued with
+        the step runner at the call, not when awaited (models.decoding.PlainStep relies on it)."""
+        return _as_tensor(self._submit(tokens, False))  # [V]
 
-    async def verify(self, tokens: list[int]) -> torch.Tensor:
+    def verify(self, tokens: list[int]) -> Awaitable[torch.Tensor]:
         """New tokens (the last chosen one and drafts after it) -> the logits after each [S, V]."""
-        return torch.from_numpy(await self._submit(tokens, True))  # [S, V]
+        return _as_tensor(self._submit(tokens, True))  # [S, V]
 
     def rewind(self, length: int) -> None:
         """Keep the first `length` positions; every rank forgets the rest at the next step."""
@@ -65,11 +67,13 @@ class ClusterSession:
             raise ValueError(f"cannot rewind a request of {len(self.history)} positions to {length}")
         del self.history[length:]
 
-    async def _submit(self, tokens: list[int], every: bool):
-        if self.failed:
-            raise EngineUnavailable("this request lost a worker earlier")
+    def _submit(self, tokens: list[int], every: bool) -> asyncio.Future:
+        if self.failed:  # raised where the step is awaited, as every other step failure
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(EngineUnavailable("this request lost a worker earlier"))
+            return failed
         room = self.context - len(self.history) - len(tokens)
-        return await self._batcher.submit(self, tokens, every=every, room=room)
+        return self._batcher.submit(self, tokens, every=every, room=room)
 
     async def close(self) -> None:
         self.closed = True
@@ -104,3 +108,7 @@ class OffloadedEngine:
 
     async def run_local(self, fn):
         return await self.engine.run_local(fn)
+
+
+async def _as_tensor(result: asyncio.Future) -> torch.Tensor:
+    return torch.from_numpy(await result)

@@ -7,7 +7,7 @@ by both sides, so they live below both: the front end imports this module, never
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -81,8 +81,9 @@ class ClusterCounters:
 class Session(Protocol):
     """Per-request state on the engine (its KV caches); released with `close`."""
 
-    async def step(self, tokens: list[int]) -> torch.Tensor:
-        """Feed new tokens, get the next-token logits [V] (float32)."""
+    def step(self, tokens: list[int]) -> Awaitable[torch.Tensor]:
+        """Feed new tokens, get the next-token logits [V] (float32). An engine may start the step at
+        the call (models.decoding.PlainStep calls it before it awaits it)."""
         ...
 
     async def verify(self, tokens: list[int]) -> torch.Tensor:

@@ -8,16 +8,15 @@ speculative decoding when asked (models.decoding, models.speculative).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import TypeVar
 
 import psutil
 import torch
 
 from models.config import LlamaConfig
-from models.decoding import Output, SpeculativeStep, TokenEvent, plain_step
+from models.decoding import Output, PlainStep, SpeculativeStep, TokenEvent
 from models.drafting import Speculation
 from models.engine import ClusterCounters, Engine, EngineStatus, PromptScores
 from models.errors import GenerationError
@@ -37,8 +36,11 @@ class LocalSession:
         self._engine = engine
         self._kv = engine.model.new_cache(capacity)
 
-    async def step(self, tokens: list[int]) -> torch.Tensor:
-        return await self._engine.run_local(lambda: self._engine.model.forward(tokens, self._kv))  # [V]
+    def step(self, tokens: list[int]) -> Awaitable[torch.Tensor]:
+        """Started on the compute thread at the call, not when awaited (models.decoding.PlainStep)."""
+        model, kv = self._engine.model, self._kv
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._engine.compute, lambda: model.forward(tokens, kv))  # [V]
 
     async def verify(self, tokens: list[int]) -> torch.Tensor:
         return await self._engine.run_local(lambda: self._engine.model.forward(tokens, self._kv, True))  # [S, V]
@@ -123,6 +125,7 @@ async def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams
     session = await engine.open_session(len(prompt_ids) + budget + room)
     drafter = speculation.drafter(engine.run_local) if speculating else None
     ahead: asyncio.Future[list[TokenEvent]] | None = None
+    step: PlainStep | SpeculativeStep | None = None
     try:
         logits = await session.step(prompt_ids)  # [V]
         events = [out.emit(logits, choose_token(out.penalized(logits), params, gen))]
@@ -130,7 +133,7 @@ async def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams
             step = SpeculativeStep(session, out, drafter, speculation.policy(), speculation.stats, gen,
                                    len(prompt_ids))
         else:
-            step = partial(plain_step, session, out, gen=gen)
+            step = PlainStep(session, out, gen)
         while True:
             # The next step computes while the consumer takes these events: the consumer's work (the
             # HTTP write) overlaps the step instead of adding to every token's time.
@@ -144,6 +147,8 @@ async def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams
         if ahead is not None:  # the consumer left mid-stream: the step in flight is not wanted
             ahead.cancel()
             await asyncio.gather(ahead, return_exceptions=True)
+        if isinstance(step, PlainStep):  # a step queued for a token that ended the request
+            await step.close()
         if drafter is not None:
             drafter.close()
         await session.close()

@@ -60,7 +60,7 @@ def test_the_fused_gemv_is_each_parts_gemv_bit_for_bit(kind, sizes):
 def test_biases_fuse_with_their_weights_and_the_fused_rows_add_them():
     parts = part_weights("int4", [64, 32, 32], seed=3)
     biases = [torch.randn(w.shape[0]) for w in parts]
-    whole, views, bias = fuse(parts, biases)
+    whole, _, bias = fuse(parts, biases)
     assert torch.equal(bias, torch.cat(biases))
     x = np.random.default_rng(0).standard_normal((2, K)).astype(np.float32)
     separate = np.concatenate([gemv_rows(x, p, b) for p, b in zip(parts, biases, strict=True)], axis=1)

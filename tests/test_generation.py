@@ -63,7 +63,8 @@ async def test_the_next_step_runs_while_the_consumer_holds_an_event():
         await asyncio.sleep(0)
     session = engine.sessions[0]
     assert first.token_id == 1
-    assert session.fed == [[0], [1]]  # the step after the first token already ran
+    # The step after the first token ran, and the step of the token it chose started (PlainStep).
+    assert session.fed == [[0], [1], [2]]
     rest = [e.token_id async for e in stream]
     assert rest == [2, 3, 0]
     assert session.fed == [[0], [1], [2], [3]]  # none after the last event: 4 tokens, 4 steps
@@ -96,3 +97,57 @@ async def test_a_step_that_fails_ahead_raises_at_its_events():
     with pytest.raises(RuntimeError, match="a worker died"):
         await anext(stream)
     assert session.closed
+
+
+class StartingSession(GatedSession):
+    """Starts a step at the call (as the cluster's and one device's sessions do): `started` records
+    the call, the step itself runs when awaited; a step feeding a token in `held` waits for the gate."""
+
+    def __init__(self, held: set[int] = frozenset()):
+        super().__init__(asyncio.Event())
+        self.started: list[list[int]] = []
+        self.held = held
+
+    def step(self, tokens: list[int]):
+        self.started.append(tokens)
+        return self._run(tokens)
+
+    async def _run(self, tokens: list[int]) -> torch.Tensor:
+        self.fed.append(tokens)
+        if tokens[-1] in self.held:
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        logits = torch.zeros(VOCAB)
+        logits[(tokens[-1] + 1) % VOCAB] = 5.0
+        return logits
+
+
+def starting_engine(session: StartingSession) -> GatedEngine:
+    engine = GatedEngine()
+    engine.tokenizer = SimpleNamespace(eos_ids=(), decode=lambda ids: "".join("abcd"[i] for i in ids))
+    engine.open_session = lambda capacity: asyncio.sleep(0, session)  # type: ignore[method-assign]
+    return engine
+
+
+async def test_the_step_of_a_chosen_token_starts_before_its_event_reaches_the_consumer():
+    """models.decoding.PlainStep: the event's work and the consumer's write overlap the next step."""
+    session = StartingSession()
+    tokens = []
+    async for event in generate(starting_engine(session), [0], greedy(5)):
+        tokens.append(event.token_id)
+        if len(tokens) > 1:  # the first token comes from the prefill, before any decode step
+            assert session.started[-1] == [event.token_id] or len(tokens) == 5  # the last starts none
+    assert tokens == [1, 2, 3, 0, 1]
+    assert session.started == [[0], [1], [2], [3], [0]]  # one step per token: none after the last
+    assert session.closed
+
+
+async def test_a_stop_string_cancels_the_step_started_for_its_token():
+    session = StartingSession(held={2})  # the step feeding token 2 ("c") would never end
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, stop=("c",))
+    events = [e async for e in generate(starting_engine(session), [0], params)]
+    assert [e.token_id for e in events] == [1, 2] and events[-1].finish_reason == "stop"
+    assert session.started[-1] == [2] and session.cancelled == 1 and session.closed
