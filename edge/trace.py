@@ -26,9 +26,9 @@ TRACE_ENV = "EDGE_LLM_STEP_TRACE"
 ALLREDUCE, FORWARD, MARK = 0, 1, 2  # record kinds; a MARK is (MARK, stage index, ns)
 # A step's moments outside the forward, in order: rank 0's compute thread handed the forward's
 # output back to the event loop; every rank's logits gathered; the next step begun (by the step
-# runner, after sampling, detokenizing and the request's generate loop); its rows embedded (the
-# command to the workers is framed and sent next); a worker received the command. Then each rank's
-# next FORWARD entry.
+# runner, once the token was chosen: models.decoding.PlainStep makes the token's event after);
+# its rows embedded (the command to the workers is framed and sent next); a worker received the
+# command. Then each rank's next FORWARD entry.
 STAGES = ("on_loop", "gathered", "step_begun", "rows_embedded", "step_received")
 
 

@@ -110,7 +110,7 @@ def write(results: dict, out: Path) -> None:
 
 
 BETWEEN = (("to_loop", "back on the event loop"), ("gather", "other ranks' logits gathered"),
-           ("next_step", "sampling, detokenizing, generate loop, step runner"),
+           ("next_step", "token chosen, step runner"),
            ("embed", "step rows embedded"), ("to_compute", "command framed and sent, to the compute thread"),
            ("worker_receive", "worker: command received"),
            ("worker_to_compute", "worker: to its compute thread"))
