@@ -28,9 +28,18 @@ class TableRows:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [B, S] int64 -> [B, S, D] in the table's dtype; IndexError outside 0..V-1."""
         ids = tokens.numpy()
-        if ids.size and not (0 <= ids.min() and ids.max() < len(self._rows)):
+        if not _in_range(ids, len(self._rows)):
             raise IndexError(f"token id outside the embedding table's {len(self._rows)} rows")
         return torch.from_numpy(np.ascontiguousarray(self._rows[ids])).view(self.table.dtype)
+
+
+def _in_range(ids: np.ndarray, n: int) -> bool:
+    """Every id in 0..n-1. A decode step's few ids are checked in Python (0.4 us here, against 1.8 for
+    numpy's min and max of a one-element array): this is on the path from a chosen token to the
+    next forward."""
+    if ids.size <= SMALL_STEP_TOKENS:
+        return all(0 <= i < n for i in ids.ravel().tolist())
+    return not ids.size or (0 <= ids.min() and ids.max() < n)
 
 
 class Rank0:

@@ -25,19 +25,22 @@ class TokenEvent:
     """One generated token, its natural-log probability, alternatives and the text it finalised."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None: not asked for (SamplingParams.keep_logprob)
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" on the last event
 
 
-def token_event(logits: torch.Tensor, token: int, n_top: int) -> TokenEvent:
-    """The event of `token` chosen from logits [V]: its logprob and the top n_top, from the raw logits.
+def token_event(logits: torch.Tensor, token: int, n_top: int, keep_logprob: bool = True) -> TokenEvent:
+    """The event of `token` chosen from logits [V]: its logprob and the top n_top, from the raw logits
+    (neither computed when neither is asked for: `keep_logprob` False and n_top 0).
 
     In numpy, on the caller's thread (the event loop): log_softmax as torch computes it, (x - max) -
     log(sum exp(x - max)) in float32, for the tokens asked for only. torch's ops there took 2-3x as
     long (SmolLM2's 49152 logits: 56 against 35 us with the vocabulary's exp) and may start an
     OpenMP team beside the compute thread's (models.threads)."""
+    if not keep_logprob and n_top <= 0:
+        return TokenEvent(token_id=token, logprob=None)
     x = logits.detach().float().numpy()  # [V]
     peak = x.max()
     log_total = np.log(np.exp(x - peak).sum(dtype=np.float32))  # natural log
@@ -75,7 +78,7 @@ class Output:
     def emit(self, logits: torch.Tensor, token: int) -> TokenEvent:
         """Record `token`, chosen from logits [V]; its event ends the request (`finish_reason`) at an
         end-of-sequence token, a stop string or the budget."""
-        event = token_event(logits, token, self.params.logprobs)
+        event = token_event(logits, token, self.params.logprobs, self.params.keep_logprob)
         self.counts[token] += 1
         self.produced += 1
         self.context.append(token)

@@ -19,7 +19,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    logprobs: int = 0  # how many alternatives per step (0-20); the chosen token's logprob is always kept
+    logprobs: int = 0  # how many alternatives per step (0-20)
+    # The chosen token's logprob. The API asks for it only when the request wants logprobs: it
+    # costs a log-softmax over the vocabulary on the event loop per token (SmolLM2: 49152 exps).
+    keep_logprob: bool = True
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     extra_stop_ids: tuple[int, ...] = field(default=())

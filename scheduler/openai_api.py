@@ -201,7 +201,8 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
     stream_options = _typed(body, "stream_options", dict, {})
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                             top_k=max(top_k, 0), seed=seed, stop=_stop(body),
-                            ignore_eos=_typed(body, "ignore_eos", bool, False), logprobs=top, **penalties)
+                            ignore_eos=_typed(body, "ignore_eos", bool, False), logprobs=top,
+                            keep_logprob=want_logprobs, **penalties)
     echo = not chat and _typed(body, "echo", bool, False)
     echo_text = (body["prompt"] if isinstance(body["prompt"], str) else tokenizer.decode(prompt_ids)) \
         if echo else ""

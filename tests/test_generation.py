@@ -151,3 +151,17 @@ async def test_a_stop_string_cancels_the_step_started_for_its_token():
     events = [e async for e in generate(starting_engine(session), [0], params)]
     assert [e.token_id for e in events] == [1, 2] and events[-1].finish_reason == "stop"
     assert session.started[-1] == [2] and session.cancelled == 1 and session.closed
+
+
+async def test_logprobs_are_computed_only_when_asked_for():
+    """SamplingParams.keep_logprob: the API leaves it off unless a request wants logprobs."""
+    asked = [e async for e in generate(GatedEngine(), [0], greedy(4))]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, keep_logprob=False)
+    skipped = [e async for e in generate(GatedEngine(), [0], params)]
+    assert [e.token_id for e in skipped] == [e.token_id for e in asked] == [1, 2, 3, 0]
+    want = torch.log_softmax(torch.tensor([0.0] * (VOCAB - 1) + [5.0]), 0)[-1].item()
+    assert all(e.logprob == pytest.approx(want, abs=1e-6) for e in asked)
+    assert all(e.logprob is None and not e.top_logprobs for e in skipped)
+    with_top = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, keep_logprob=False, logprobs=2)
+    tops = [len(e.top_logprobs) async for e in generate(GatedEngine(), [0], with_top)]
+    assert tops == [2, 2]

@@ -27,9 +27,10 @@ def test_table_rows_are_f_embedding(dtype, shape):
 
 
 @pytest.mark.parametrize("bad", [50, -1])
-def test_a_token_outside_the_table_is_an_index_error(bad):
+@pytest.mark.parametrize("before", [0, 1, SMALL_STEP_TOKENS + 3])  # a decode step's few ids; a prefill's
+def test_a_token_outside_the_table_is_an_index_error(bad, before):
     with pytest.raises(IndexError, match="50 rows"):
-        TableRows(torch.zeros(50, 4))(torch.tensor([[3, bad]]))
+        TableRows(torch.zeros(50, 4))(torch.tensor([[3] * before + [bad]]))
 
 
 class RecordingShard:
