@@ -96,16 +96,19 @@ class Edge:
         config = json.loads(Path(model, "config.json").read_text())
         embed = config["vocab_size"] * config["hidden_size"] * (2 if "bfloat16" in flags else 4)
         self.streamed = {r: b - (embed if r == "0" else 0) for r, b in self.weight_bytes.items()}
-        self.floor = ReadFloor([self.streamed[str(r)] for r in range(workers)])
+        self.floor_bytes = [self.streamed[str(r)] for r in range(workers)]
         self.floor_s: list[float] = []
 
     def round(self, n: int) -> float:
-        self.floor_s.append(self.floor.round(n))
+        floor = ReadFloor(self.floor_bytes)  # up for its round only: eight systems' buffers held at
+        try:  # once (8.5 GB beside the clusters and transformers) made a 24 GB host swap its pages
+            self.floor_s.append(floor.round(n))
+        finally:
+            floor.stop()
         times = self.cluster.request(n)
         return statistics.median(b - a for a, b in zip(times, times[1:]))
 
     def stop(self) -> None:
-        self.floor.stop()
         self.cluster.stop()
 
 
