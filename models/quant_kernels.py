@@ -160,8 +160,9 @@ STREAMS = 4  # tiles of a quantized weight read side by side (concurrent memory 
 # at a time; int8g 10.1-11.4 against 20.7-22.9), while per-channel int8 gained from four (two
 # threads: 46.5-47.4 against 34.7-37.1); on the Intel Xeon host four were the faster for int4 too
 # (8.7 -> 10.0). With codes four to a word (int4_tiles, int8g_tiles) one tile still beats four on
-# Zen 5 (int4, one thread: 41-43 against 16); the Intel host's four is not re-measured. A channel's
-# sum is the same sequence of operations either way.
+# Zen 5 (int4, one thread: 41-43 against 16); on the Intel host four stay (int4, two processes at
+# once: 16-18 Gparam/s each against 13-15 with one). A channel's sum is the same sequence of
+# operations either way.
 GROUPED_STREAMS = 1 if amd_cores() else STREAMS
 
 
