@@ -36,6 +36,7 @@ if numba is not None:
     from numba import njit, prange
 
     from models.f32_kernels import bits_as_float32, f32_channels, half_bits_as_float32
+    from models.prefetch import PREFETCH_ROWS, prefetch_ahead
 
     tile_jit = njit(fastmath=True, cache=True, nogil=True)
 
@@ -47,7 +48,7 @@ if numba is not None:
     # Two input features per pass halve the loads and stores of the accumulators (10-20% faster).
 
     @tile_jit
-    def int8_tiles(q, scale, x, out, c0, c1):  # q [C, K, T] int8, scale [N] f32, x [R, K] f32
+    def int8_tiles(q, scale, x, out, c0, c1, ahead):  # q [C, K, T] int8, scale [N] f32, x [R, K] f32
         k_in, tw = q.shape[1], q.shape[2]
         acc = np.empty((c1 - c0, tw), np.float32)
         for t in range(x.shape[0]):
@@ -55,6 +56,8 @@ if numba is not None:
             for k in range(0, k_in - 1, 2):
                 x0, x1 = x[t, k], x[t, k + 1]
                 for s in range(c1 - c0):
+                    if ahead:  # models.prefetch: the rows `ahead` input features on, asked for now
+                        prefetch_ahead(q, c0 + s, k + ahead, 2)
                     q0, q1, a = q[c0 + s, k], q[c0 + s, k + 1], acc[s]
                     for i in range(tw):
                         a[i] += np.float32(q0[i]) * x0 + np.float32(q1[i]) * x1
@@ -155,14 +158,10 @@ SPREAD_ONE_ROW = not amd_cores()  # one row of float32: four channel streams per
 
 STREAMS = 4  # tiles of a quantized weight read side by side (concurrent memory streams)
 # Grouped formats (int4, int8g) read a tile's scales (and mins) as streams of their own beside its
-# codes. On AMD Zen cores four tiles at a time (12 streams for int4) halved their speed from memory
-# (Zen 5, 12 matrices 5632 x 2048, one thread: int4 9.7-11.1 Gparam/s against 20.5-25.0 one tile
-# at a time; int8g 10.1-11.4 against 20.7-22.9), while per-channel int8 gained from four (two
-# threads: 46.5-47.4 against 34.7-37.1); on the Intel Xeon host four were the faster for int4 too
-# (8.7 -> 10.0). With codes four to a word (int4_tiles, int8g_tiles) one tile still beats four on
-# Zen 5 (int4, one thread: 41-43 against 16); on the Intel host four stay (int4, two processes at
-# once: 16-18 Gparam/s each against 13-15 with one). A channel's sum is the same sequence of
-# operations either way.
+# codes: on AMD Zen cores one tile at a time was the faster (Zen 5, one thread, int4 41-43 Gparam/s
+# against 16 with four), on the Intel Xeon host four (int4, two processes at once: 16-18 each
+# against 13-15 with one); per-channel int8 reads four everywhere (README, "Quantized weights").
+# A channel's sum is the same sequence of operations either way.
 GROUPED_STREAMS = 1 if amd_cores() else STREAMS
 
 
@@ -174,11 +173,11 @@ def _kernels(parallel: bool) -> dict:
     rng = prange if parallel else range
 
     @jit
-    def int8(q, scale, x, out, parts):  # q [C, K, T] -> out [R, N]
+    def int8(q, scale, x, out, parts, ahead):  # q [C, K, T] -> out [R, N]
         for p in rng(parts):
             lo, hi = p * q.shape[0] // parts, (p + 1) * q.shape[0] // parts
             for c in range(lo, hi, STREAMS):
-                int8_tiles(q, scale, x, out, c, min(hi, c + STREAMS))
+                int8_tiles(q, scale, x, out, c, min(hi, c + STREAMS), ahead)
 
     @jit
     def int8g(q, scale, x, out, parts):  # q [C, G, 8, T] uint32, scale [C, G, T]
@@ -259,7 +258,8 @@ def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor |
     n = w.shape[0]
     out = np.empty((x.shape[0], n), np.float32)
     if isinstance(w, QuantWeight):
-        _kernel(w.kind)(*w.arrays, x, out, kernel_threads())  # one run of tiles per thread
+        args = (*w.arrays, x, out, kernel_threads())  # one run of tiles per thread
+        _kernel(w.kind)(*args, PREFETCH_ROWS) if w.kind == "int8" else _kernel(w.kind)(*args)
     else:
         small = n * w.shape[1] < PARALLEL_MIN_PARAMS
         _kernel("f32", small)(kernel_array(w), x, out, SPREAD_ONE_ROW, w.dtype == torch.bfloat16)

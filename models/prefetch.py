@@ -1,0 +1,53 @@
+"""A software prefetch for the compiled GEMV kernels: `prefetch(row, offset)` asks the core to bring
+the cache line holding row[offset] into its caches now, without waiting for it (LLVM's
+llvm.prefetch: a read, kept in every cache level; PREFETCHT0 on x86, PRFM on ARM). It changes no
+value: what a kernel computes is the same with or without it.
+
+Why: the per-channel int8 kernel (models.quant_kernels.int8_tiles) does three vector instructions
+per 16 weights (a sign-extending load, a conversion, a multiply-add), too few loads in flight for
+the hardware prefetchers to keep up with memory on the Intel Xeon host: it read 10-12 Gparam/s
+from memory on one thread where a plain read streams 16-20 GB/s. Asking for the rows PREFETCH_ROWS
+ahead, alternating in one process with the kernel without it (12 matrices of 5632 x 2048, scratch):
+one process 12.4 -> 16.8 and 11.4 -> 15.4 Gparam/s, two processes at once 10.4-10.5 -> 12.4-12.7
+each (distance 32) and 10.0-10.9 -> 13.2-13.5 (48). The int4 kernel, bound by its arithmetic,
+gained nothing (14.9 -> 15.6, 17.3 -> 17.3, 20.7 -> 19.7 at 1, 2 and 4 groups ahead): not used there.
+Not measured on AMD cores, whose int8 kernel already read at 27-29 GB/s against 37-38 for a plain
+read: off there (PREFETCH_ROWS 0) until it is.
+"""
+
+from __future__ import annotations
+
+from models.numba_target import amd_cores, numba
+
+PREFETCH_ROWS = 0 if amd_cores() else 32  # input features ahead (rows of a [C, K, T] int8 tile)
+CACHE_LINE = 64  # bytes
+
+if numba is not None:
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def prefetch(typingctx, block, offset):  # pragma: no cover - compiled
+        """Prefetch the cache line of element `offset` of a C-contiguous array (in C order)."""
+        if not (isinstance(block, types.Array) and block.layout == "C" and isinstance(offset, types.Integer)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            array = context.make_array(signature.args[0])(context, builder, args[0])
+            address = builder.bitcast(builder.gep(array.data, [args[1]]), ir.IntType(8).as_pointer())
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
+            fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=fnty)
+            builder.call(fn, [address, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+            return context.get_dummy_value()
+        return types.void(block, offset), codegen
+
+    @njit(cache=True, nogil=True, inline="always")
+    def prefetch_ahead(q, c, k, count):  # pragma: no cover - compiled
+        """Prefetch q[c, k] .. q[c, k + count - 1], those inside q (q C-contiguous: int8 tiles
+        [C, K, T], their rows; grouped tiles [C, G, 8, T], their groups)."""
+        for j in range(k, min(k + count, q.shape[1])):
+            block = q[c, j]
+            for offset in range(0, block.size, max(1, CACHE_LINE // block.itemsize)):
+                prefetch(block, offset)
