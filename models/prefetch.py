@@ -9,7 +9,10 @@ the hardware prefetchers to keep up with memory on the Intel Xeon host: it read 
 from memory on one thread where a plain read streams 16-20 GB/s. Asking for the rows PREFETCH_ROWS
 ahead, alternating in one process with the kernel without it (12 matrices of 5632 x 2048, scratch):
 one process 12.4 -> 16.8 and 11.4 -> 15.4 Gparam/s, two processes at once 10.4-10.5 -> 12.4-12.7
-each (distance 32) and 10.0-10.9 -> 13.2-13.5 (48). The int4 kernel, bound by its arithmetic,
+each (distance 32) and 10.0-10.9 -> 13.2-13.5 (48). Distances side by side in one process (Gparam/s
+at 4, 8, 12, 16, 24, 32 rows): 16.7, 17.1, 17.3, 16.9, 16.3, 16.2; two processes at once
+14.4-15.3, 14.7-15.8, 14.5-15.9, 14.5-15.6, 13.9-14.7, 13.9-14.6: 16 it is
+(4 KB ahead in a tile of 256 channels). The int4 kernel, bound by its arithmetic,
 gained nothing (14.9 -> 15.6, 17.3 -> 17.3, 20.7 -> 19.7 at 1, 2 and 4 groups ahead): not used there.
 Not measured on AMD cores, whose int8 kernel already read at 27-29 GB/s against 37-38 for a plain
 read: off there (PREFETCH_ROWS 0) until it is.
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from models.numba_target import amd_cores, numba
 
-PREFETCH_ROWS = 0 if amd_cores() else 32  # input features ahead (rows of a [C, K, T] int8 tile)
+PREFETCH_ROWS = 0 if amd_cores() else 16  # input features ahead (rows of a [C, K, T] int8 tile)
 CACHE_LINE = 64  # bytes
 
 if numba is not None:
