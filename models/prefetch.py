@@ -1,7 +1,7 @@
-"""A software prefetch for the compiled GEMV kernels: `prefetch(row, offset)` asks the core to bring
-the cache line holding row[offset] into its caches now, without waiting for it (LLVM's
-llvm.prefetch: a read, kept in every cache level; PREFETCHT0 on x86, PRFM on ARM). It changes no
-value: what a kernel computes is the same with or without it.
+"""A software prefetch for the compiled GEMV kernels: `prefetch(block, offset)` asks the core to bring
+the cache line holding element `offset` of an array into its caches now, without waiting for it
+(LLVM's llvm.prefetch: a read, kept in every cache level; PREFETCHT0 on x86, PRFM on ARM). It
+changes no value: what a kernel computes is the same with or without it.
 
 Why: the per-channel int8 kernel (models.quant_kernels.int8_tiles) does three vector instructions
 per 16 weights (a sign-extending load, a conversion, a multiply-add), too few loads in flight for
@@ -13,7 +13,9 @@ each (distance 32) and 10.0-10.9 -> 13.2-13.5 (48). Distances side by side in on
 at 4, 8, 12, 16, 24, 32 rows): 16.7, 17.1, 17.3, 16.9, 16.3, 16.2; two processes at once
 14.4-15.3, 14.7-15.8, 14.5-15.9, 14.5-15.6, 13.9-14.7, 13.9-14.6: 16 it is
 (4 KB ahead in a tile of 256 channels). The int4 kernel, bound by its arithmetic,
-gained nothing (14.9 -> 15.6, 17.3 -> 17.3, 20.7 -> 19.7 at 1, 2 and 4 groups ahead): not used there.
+gained nothing (14.9 -> 15.6, 17.3 -> 17.3, 20.7 -> 19.7 at 1, 2 and 4 groups ahead), GGUF's Q8_0
+lost 3-11% (a group or two ahead) and float32, whose long rows the hardware prefetcher follows,
+lost 18-19% (a row ahead): not used there.
 Not measured on AMD cores, whose int8 kernel already read at 27-29 GB/s against 37-38 for a plain
 read: off there (PREFETCH_ROWS 0) until it is.
 """

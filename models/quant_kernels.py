@@ -259,7 +259,9 @@ def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor |
     out = np.empty((x.shape[0], n), np.float32)
     if isinstance(w, QuantWeight):
         args = (*w.arrays, x, out, kernel_threads())  # one run of tiles per thread
-        _kernel(w.kind)(*args, PREFETCH_ROWS) if w.kind == "int8" else _kernel(w.kind)(*args)
+        if w.kind == "int8":
+            args += (PREFETCH_ROWS,)  # rows ahead to prefetch (models.prefetch)
+        _kernel(w.kind)(*args)
     else:
         small = n * w.shape[1] < PARALLEL_MIN_PARAMS
         _kernel("f32", small)(kernel_array(w), x, out, SPREAD_ONE_ROW, w.dtype == torch.bfloat16)

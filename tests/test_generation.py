@@ -25,7 +25,11 @@ class GatedSession:
 
     async def step(self, tokens: list[int]) -> torch.Tensor:
         self.fed.append(tokens)
-        if self.gate is not None and len(self.fed) > 1:
+        return await self._answer(tokens, self.gate is not None and len(self.fed) > 1)
+
+    async def _answer(self, tokens: list[int], wait: bool) -> torch.Tensor:
+        """The greedy logits for `tokens`, after the gate opens when `wait` (a cancel is counted)."""
+        if wait:
             try:
                 await self.gate.wait()
             except asyncio.CancelledError:
@@ -114,15 +118,7 @@ class StartingSession(GatedSession):
 
     async def _run(self, tokens: list[int]) -> torch.Tensor:
         self.fed.append(tokens)
-        if tokens[-1] in self.held:
-            try:
-                await self.gate.wait()
-            except asyncio.CancelledError:
-                self.cancelled += 1
-                raise
-        logits = torch.zeros(VOCAB)
-        logits[(tokens[-1] + 1) % VOCAB] = 5.0
-        return logits
+        return await self._answer(tokens, tokens[-1] in self.held)
 
 
 def starting_engine(session: StartingSession) -> GatedEngine:
