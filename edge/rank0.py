@@ -39,7 +39,7 @@ def _in_range(ids: np.ndarray, n: int) -> bool:
     next forward."""
     if ids.size <= SMALL_STEP_TOKENS:
         return all(0 <= i < n for i in ids.ravel().tolist())
-    return not ids.size or (ids.min() >= 0 and ids.max() < n)
+    return bool(ids.min() >= 0 and ids.max() < n)  # an empty array took the branch above
 
 
 class Rank0:
