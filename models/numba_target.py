@@ -53,6 +53,23 @@ def host_cpu_name() -> str:
     return numba.config.CPU_NAME or llvm.get_host_cpu_name()
 
 
+def host_has(*features: str) -> bool:
+    """True when the kernels' target has every one of these LLVM features ('avx512vnni', ...): those
+    NUMBA_CPU_FEATURES names (the user's, or the host's as set above), else the host's own; False
+    for a target named by CPU only (NUMBA_CPU_NAME), whose features are not ours to guess."""
+    if numba is None:
+        return False
+    named = numba.config.CPU_FEATURES
+    if named is None:
+        if numba.config.CPU_NAME is not None or not numba.config.ENABLE_AVX:
+            return False
+        try:
+            named = llvm.get_host_cpu_features().flatten()
+        except RuntimeError:  # pragma: no cover - a host LLVM cannot describe
+            return False
+    return all(f"+{f}" in named.split(",") for f in features)
+
+
 def amd_cores() -> bool:
     """True on AMD Zen (and older AMD) cores: there one vectorized dot per output channel (one memory
     stream) was measured the faster float32 one-row GEMV (the EPYC host's cores read 31 GB/s each),

@@ -12,6 +12,11 @@ activations; they differ only in the order of float32 additions, per dot product
 gamma_K = K x 2^-24 relative to sum |w||x| (K <= 520 here: 3e-5), the same kind and size of
 difference as between transformers' own kernels and our float32 path. So the float32 bound of
 the project applies unchanged: logprobs within 1e-4 (the kernel test below checks gamma_K itself).
+On an AVX-512 VNNI host int4 takes the integer kernel (models.int4_vnni), which holds each group
+of 32 of x as integers times 2^-S: at most 2^-20 of the group's largest |x| off per element,
+2^-20 sum_g max_j|x_j| sum_j |w_j| per dot product, below the gamma_K term (2^-24 K sum |w||x|)
+unless a group's largest |x| is over K / 16 = 30 times its mean: the same 1e-4 holds, and the
+kernel test below checks that bound too.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from test_dtype import weight_bytes
 
 from models.config import load_config
 from models.errors import CheckpointError
+from models import int4_vnni
 from models.quant import GROUP, QuantWeight, deinterleaved, gather_quantized, quantize
 from models.quant_kernels import GEMV_ROWS, gemv_rows, linear
 from models.sharding import PlanError, local_dims
@@ -179,19 +185,50 @@ def on_threads(threads: int) -> Iterator[None]:
         set_threads(before)
 
 
-def summed_magnitudes(qw: QuantWeight, deq: torch.Tensor) -> torch.Tensor:
+def summed_magnitudes(qw: QuantWeight, deq: torch.Tensor, method: str) -> torch.Tensor:
     """Per weight [N, K], the magnitude the kernel's float32 sums carry for it: |w| (int8, int8g);
-    for int4 16 |scale| f + |min - 16 scale|, f = 1 + q / 16 (models.quant_kernels: it sums f x, not q x)."""
+    for int4 16 |scale| f + |min - 16 scale|, f = 1 + q / 16 (models.quant_kernels: it sums f x, not
+    q x); for the integer int4 kernel |scale| q + |min| (its float32 steps: scale times the group's
+    exact integer sum, min times the group's sum of x)."""
     if qw.kind != "int4":
         return deq.abs()
     q, scale, minimum = (t.double() for t in qw.plain())  # [G, 16, N], [G, N], [G, N]
-    f = 1 + torch.cat([q.remainder(16), q.div(16, rounding_mode="floor")], 1) / 16  # [G, 32, N]
-    s16 = 16 * scale[:, None, :]
-    c = s16.abs() * f + (minimum[:, None, :] - s16).abs()
+    codes = torch.cat([q.remainder(16), q.div(16, rounding_mode="floor")], 1)  # [G, 32, N]
+    if method == "int4v":
+        c = scale[:, None, :].abs() * codes + minimum[:, None, :].abs()
+    else:
+        s16 = 16 * scale[:, None, :]
+        c = s16.abs() * (1 + codes / 16) + (minimum[:, None, :] - s16).abs()
     return c.reshape(-1, c.shape[-1]).T  # [N, K]
 
 
-@pytest.mark.parametrize("method", ["int8", "int4", "int8g"])
+# int4 has two kernels: "int4" the float one (every host), "int4v" the integer one (VNNI hosts).
+METHODS = ["int8", "int4", "int8g"] + (["int4v"] if int4_vnni.HOST_HAS_VNNI else [])
+
+
+@contextmanager
+def kernel_for(method: str) -> Iterator[str]:
+    """The quantization of `method` ("int4v": int4), with the int4 kernel it names meanwhile."""
+    before = int4_vnni.ENABLED
+    try:
+        int4_vnni.ENABLED = method == "int4v"
+        yield "int4" if method == "int4v" else method
+    finally:
+        int4_vnni.ENABLED = before
+
+
+def representation_error(qw: QuantWeight, x: torch.Tensor) -> torch.Tensor:
+    """[R, N]: what holding x in integers can cost the int4 integer kernel, from its contract
+    (models.int4_vnni): per group g of a row of x, S = min(120, 20 - e) where the group's largest
+    |x| is below 2^e, and each x_j within 2^-(S+1); so sum_g |scale| sum_j q_j 2^-(S+1)."""
+    q, scale, _ = (t.double() for t in qw.plain())  # [G, 16, N], [G, N]
+    codes = torch.cat([q.remainder(16), q.div(16, rounding_mode="floor")], 1).sum(1)  # [G, N]
+    largest = x.double().reshape(x.shape[0], -1, GROUP).abs().amax(-1)  # [R, G]
+    shift = (20 - torch.frexp(largest).exponent).clamp(max=120)
+    return 2.0 ** -(shift.double() + 1) @ (scale.abs() * codes)
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(("rows", "threads"), [(1, 1), (1, 2), (3, 1), (3, 2), (GEMV_ROWS + 5, 2)])
 def test_kernel_error_within_float32_dot_product_bound(method, rows, threads):
     """|y - exact| <= K u sum (|w| + c)|x| with the exact product in float64 of the dequantized
@@ -200,39 +237,46 @@ def test_kernel_error_within_float32_dot_product_bound(method, rows, threads):
     (K u sum c|x|), and the reference's weights are scale x q + min rounded once (K u sum |w||x|
     covers it). For int8 and int8g c = |w|: the plain float32 dot-product bound. For int4 the kernel
     sums 16 scale (1 + q/16) x and (min - 16 scale) x, magnitudes ~17x |w| for Gaussian weights:
-    a looser worst case; measured, its error is 3-4x that of summing q x (576 x 576 weights).
-    72 channels are 9 tiles of 8: runs of tiles per thread that STREAMS does not divide."""
-    n, k = 72, 576
+    a looser worst case; measured, its error is 3-4x that of summing q x (576 x 576 weights). The
+    integer int4 kernel: c = |scale| q + |min|, plus `representation_error` (to test it, a group
+    whose largest |x| is ~1000x the others', and a group of zeros).
+    72 channels are 9 tiles of 8: runs of tiles per thread that STREAMS does not divide; 288 (int4v)
+    two tiles of 144, nine vectors of 16 each."""
+    n, k = (288, 576) if method == "int4v" else (72, 576)
     w = random_weight(n, k, seed=2)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(5))
+    x[0, 40] *= 1024.0
+    x[-1, 64:96] = 0.0
     if method == "int8g":
         q8 = quantize(w, "int8").plain()[0].T.reshape(n, k // GROUP, GROUP).permute(1, 2, 0)  # [G, 32, N]
         scale = (0.002 + 0.004 * torch.rand(k // GROUP, n, generator=torch.Generator().manual_seed(9)))
         qw = QuantWeight.from_plain("int8g", q8, scale.to(torch.float16))
     else:
-        qw = quantize(w, method)
-    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(5))
+        qw = quantize(w, "int4" if method == "int4v" else method)
     deq = qw.dequantize().double()
     exact = x.double() @ deq.T
-    bound = k * U * (x.double().abs() @ (deq.abs() + summed_magnitudes(qw, deq)).T)
-    with on_threads(threads):
+    bound = k * U * (x.double().abs() @ (deq.abs() + summed_magnitudes(qw, deq, method)).T)
+    if method == "int4v":
+        bound += representation_error(qw, x)
+    with on_threads(threads), kernel_for(method):
         y = linear(x, qw)
     assert y.dtype == torch.float32 and y.shape == (rows, n)
     assert ((y.double() - exact).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("method", ["int8", "int4", "int8g"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_is_deterministic(method, threads):
     """The same call gives the same bits every time (no reduction order left to thread scheduling),
     so ranks and runs stay reproducible. (The serial and the parallel build may contract to FMA
     differently; both hold the float32 bound above.)"""
     w = random_weight(300, 256, seed=4)
-    qw = quantize(w, "int8" if method == "int8g" else method)
+    qw = quantize(w, {"int8g": "int8", "int4v": "int4"}.get(method, method))
     if method == "int8g":
         qw = QuantWeight.from_plain("int8g", qw.plain()[0].T.reshape(300, 8, GROUP).permute(1, 2, 0),
                                     torch.full((8, 300), 0.003, dtype=torch.float16))
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(6))
-    with on_threads(threads):
+    with on_threads(threads), kernel_for(method):
         runs = [torch.from_numpy(gemv_rows(x.numpy(), qw)) for _ in range(5)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
