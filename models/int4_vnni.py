@@ -14,7 +14,7 @@ x in integers: each group of 32 of a row of x is held as X_j = round(x_j 2^S) wi
 where the group's largest |x_j| is below 2^e: |X_j| <= 2^20, split into three signed 7-bit digits
 X = 2^14 P0 + 2^7 P1 + P2 (P1, P2 in -64..63, |P0| <= 65), one vpdpbusd per digit. The integer sums
 are exact; (2^14 A0 + 2^7 A1 + A2) 2^-S is then sum_j q_j X_j 2^-S, rounded once to float32, times
-the scale, plus min x (the group's float32 sum of x, in index order). So the one difference from
+the scale, plus min x (the group's float32 sum of x, added as a tree). So the one difference from
 summing q x in float32 is the representation of x: |x_j - X_j 2^-S| <= 2^-(S+1) <= 2^-20 of the
 group's largest |x| (2^-121 absolute at least: S is capped at 120 so 2^-S stays a float32). That
 is of the order of float32's own rounding of the largest element (2^-24 of it), and tests derive
@@ -57,28 +57,48 @@ def kernels(parallel: bool) -> dict:
 if numba is not None:
     from numba import njit
 
+    from models.f32_kernels import bits_as_float32
+
+    @njit(cache=True, nogil=True, inline="always")
+    def fold(half, largest):
+        """half[0] after adding (largest=False: float32 sums) or taking the larger (True) of half[j] and
+        half[j + w] for w = 8, 4, 2, 1: a tree whose levels vectorize, the same order every call."""
+        width = 8
+        while width:
+            for j in range(width):
+                half[j] = max(half[j], half[j + width]) if largest else half[j] + half[j + width]
+            width //= 2
+        return half[0]
+
+    @njit(cache=True, nogil=True, inline="always")
+    def power_of_two(e):
+        """2^e as float32 for -126 < e < 128 (its bits built directly)."""
+        return bits_as_float32(np.uint32((127 + e) << 23))
+
     @njit(cache=True, nogil=True)
     def activation_digits(x):  # x [R, K] float32, K a multiple of 32
         """x as the kernel takes it: xw [R, G, DIGITS, 8] uint32 (int8 digits, element j of a group at
-        byte j of a digit's 32) and xf [R, G, 2] float32 (2^-S, the group's float32 sum of x)."""
+        byte j of a digit's 32) and xf [R, G, 2] float32: 2^-S and the group's float32 sum (`fold`:
+        element j + 16 added to j, then 8, 4, 2 and 1 apart)."""
         rows, groups = x.shape[0], x.shape[1] // 32
         digits = np.empty((rows, groups, DIGITS, 32), np.int8)
-        xf = np.empty((rows, groups, 2), np.float32)
+        xf, half = np.empty((rows, groups, 2), np.float32), np.empty(16, np.float32)
         for t in range(rows):
             for g in range(groups):
-                block = x[t, 32 * g:32 * g + 32]
-                largest, total = np.float32(0.0), np.float32(0.0)
-                for j in range(32):
-                    largest = max(largest, abs(block[j]))
-                    total += block[j]
-                shift = min(MAX_SHIFT, FRACTION_BITS - math.frexp(largest)[1])
-                xf[t, g, 0], xf[t, g, 1] = np.float32(2.0 ** -shift), total
-                if not math.isfinite(total):  # inf / nan in x (or a sum past float32): the row's output is nan
+                j0 = 32 * g
+                for j in range(16):
+                    half[j] = max(abs(x[t, j0 + j]), abs(x[t, j0 + j + 16]))
+                shift = min(MAX_SHIFT, FRACTION_BITS - math.frexp(fold(half, True))[1])
+                for j in range(16):
+                    half[j] = x[t, j0 + j] + x[t, j0 + j + 16]
+                xf[t, g, 0], xf[t, g, 1] = power_of_two(-shift), fold(half, False)
+                if not math.isfinite(xf[t, g, 1]):  # inf / nan in x (or a sum past float32): the row's output is nan
                     xf[t, g, 0] = np.float32(np.nan)
                     digits[t, g] = 0
                     continue
-                for j in range(32):
-                    whole = np.int64(np.rint(np.float64(block[j]) * 2.0**shift))
+                scale = power_of_two(shift)
+                for j in range(32):  # x 2^S is exact in float32 (a power of two; |.| <= 2^20), then
+                    whole = np.int32(np.rint(x[t, j0 + j] * scale))  # rounded to nearest, ties to even
                     low = ((whole + 64) & 127) - 64
                     whole = (whole - low) >> 7
                     middle = ((whole + 64) & 127) - 64

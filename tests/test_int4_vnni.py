@@ -32,7 +32,7 @@ def awkward_rows() -> np.ndarray:
 def test_activation_digits_hold_each_group_of_x_to_its_stated_precision():
     """Per group: 2^-S with S = min(120, 20 - e) where the largest |x| is below 2^e; digits
     P0 in -65..65 and P1, P2 in -64..63; x_j within 2^-(S+1) of (2^14 P0 + 2^7 P1 + P2) 2^-S;
-    the second number the group's float32 sum of x in index order."""
+    the second number the group's float32 sum of x, as a tree (16 apart, then 8, 4, 2, 1)."""
     x = awkward_rows()
     words, xf = int4_vnni.activation_digits(x)
     assert words.shape == (3, 8, int4_vnni.DIGITS, 8) and words.dtype == np.uint32
@@ -44,10 +44,11 @@ def test_activation_digits_hold_each_group_of_x_to_its_stated_precision():
     assert ((digits[:, :, 1:] >= -64) & (digits[:, :, 1:] <= 63)).all()
     held = (digits[:, :, 0] * 2**14 + digits[:, :, 1] * 2**7 + digits[:, :, 2]) * 2.0 ** -shift[..., None]
     assert (np.abs(groups - held) <= 2.0 ** -(shift[..., None] + 1)).all()
-    sums = np.zeros((3, 8), np.float32)
-    for j in range(32):
-        sums += x.reshape(3, 8, 32)[:, :, j]
-    assert (xf[..., 1] == sums).all()
+    sums = x.reshape(3, 8, 32)
+    while sums.shape[-1] > 1:  # j + 16 onto j, then 8, 4, 2, 1 apart, in float32
+        half = sums.shape[-1] // 2
+        sums = sums[..., :half] + sums[..., half:]
+    assert sums.dtype == np.float32 and (xf[..., 1] == sums[..., 0]).all()
 
 
 def test_a_group_of_x_with_nan_or_inf_makes_its_row_nan():

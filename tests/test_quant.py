@@ -36,9 +36,9 @@ from hf_reference import hf_greedy, make_hf_checkpoint
 from test_cluster import complete
 from test_dtype import weight_bytes
 
+from models import int4_vnni
 from models.config import load_config
 from models.errors import CheckpointError
-from models import int4_vnni
 from models.quant import GROUP, QuantWeight, deinterleaved, gather_quantized, quantize
 from models.quant_kernels import GEMV_ROWS, gemv_rows, linear
 from models.sharding import PlanError, local_dims
