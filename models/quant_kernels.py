@@ -8,7 +8,7 @@ from memory on the Zen 5 host (README, "Quantized weights"). Each task is one ti
 channels (models.quant), the channels the vectorized inner loop, x broadcast. They accumulate in
 float32: for the grouped formats a partial sum per group of 32, then scale (int4: and a min term
 times the group's sum of x) once per group; for per-channel int8 one sum over K, then the
-channel's scale. On a host with AVX-512 VNNI int4 takes models.int4_vnni's integer kernel instead.
+channel's scale. On a host with AVX-512 VNNI int4 and int8g take models.vnni_kernels' integer kernels instead.
 
 Rows of x beyond `GEMV_ROWS` (a prefill) dequantize W to float32 a block at a time and use torch's
 GEMM, whose speed the weight format does not limit (models.dequant_kernels). Without numba (a
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import int4_vnni
+from models import vnni_kernels
 from models.decode_kernels import warm_decode_kernels
 from models.dequant_kernels import prefill_linear
 from models.numba_target import amd_cores, numba
@@ -199,7 +199,7 @@ def _kernels(parallel: bool) -> dict:
         for b in rng((n + F32_BLOCK - 1) // F32_BLOCK):
             f32_channels(w, x, out, b * F32_BLOCK, min(n, (b + 1) * F32_BLOCK), spread, bf16)
 
-    return {"int8": int8, "int8g": int8g, "int4": int4, "f32": f32} | int4_vnni.kernels(parallel)
+    return {"int8": int8, "int8g": int8g, "int4": int4, "f32": f32} | vnni_kernels.kernels(parallel)
 
 
 _COMPILED: dict[bool, dict] = {}
@@ -261,8 +261,8 @@ def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor |
         kind, args = w.kind, (*w.arrays, x, out, kernel_threads())  # one run of tiles per thread
         if kind == "int8":
             args += (PREFETCH_ROWS,)  # rows ahead to prefetch (models.prefetch)
-        elif int4_vnni.serves(kind, w.tile):
-            kind, args = "int4v", args + (int4_vnni.GROUPS_AHEAD,)
+        elif vnni := vnni_kernels.kernel_for(kind, w.tile):
+            kind, args = vnni, args + (vnni_kernels.GROUPS_AHEAD,)
         _kernel(kind)(*args)
     else:
         small = n * w.shape[1] < PARALLEL_MIN_PARAMS

@@ -12,7 +12,7 @@ activations; they differ only in the order of float32 additions, per dot product
 gamma_K = K x 2^-24 relative to sum |w||x| (K <= 520 here: 3e-5), the same kind and size of
 difference as between transformers' own kernels and our float32 path. So the float32 bound of
 the project applies unchanged: logprobs within 1e-4 (the kernel test below checks gamma_K itself).
-On an AVX-512 VNNI host int4 takes the integer kernel (models.int4_vnni), which holds each group
+On an AVX-512 VNNI host int4 takes the integer kernel (models.vnni_kernels), which holds each group
 of 32 of x as integers times 2^-S: at most 2^-20 of the group's largest |x| off per element,
 2^-20 sum_g max_j|x_j| sum_j |w_j| per dot product, below the gamma_K term (2^-24 K sum |w||x|)
 unless a group's largest |x| is over K / 16 = 30 times its mean: the same 1e-4 holds, and the
@@ -36,7 +36,7 @@ from hf_reference import hf_greedy, make_hf_checkpoint
 from test_cluster import complete
 from test_dtype import weight_bytes
 
-from models import int4_vnni
+from models import vnni_kernels
 from models.config import load_config
 from models.errors import CheckpointError
 from models.quant import GROUP, QuantWeight, deinterleaved, gather_quantized, quantize
@@ -194,7 +194,7 @@ def summed_magnitudes(qw: QuantWeight, deq: torch.Tensor, method: str) -> torch.
         return deq.abs()
     q, scale, minimum = (t.double() for t in qw.plain())  # [G, 16, N], [G, N], [G, N]
     codes = torch.cat([q.remainder(16), q.div(16, rounding_mode="floor")], 1)  # [G, 32, N]
-    if method == "int4v":
+    if method == "int4v":  # the integer kernel
         c = scale[:, None, :].abs() * codes + minimum[:, None, :].abs()
     else:
         s16 = 16 * scale[:, None, :]
@@ -202,27 +202,43 @@ def summed_magnitudes(qw: QuantWeight, deq: torch.Tensor, method: str) -> torch.
     return c.reshape(-1, c.shape[-1]).T  # [N, K]
 
 
-# int4 has two kernels: "int4" the float one (every host), "int4v" the integer one (VNNI hosts).
-METHODS = ["int8", "int4", "int8g"] + (["int4v"] if int4_vnni.HOST_HAS_VNNI else [])
+# int4 and int8g have two kernels each: "int4", "int8g" the float ones (every host), "int4v",
+# "int8gv" the integer ones (models.vnni_kernels, AVX-512 VNNI hosts).
+METHODS = ["int8", "int4", "int8g"] + (["int4v", "int8gv"] if vnni_kernels.HOST_HAS_VNNI else [])
+
+
+def kind_of_method(method: str) -> str:
+    return method.removesuffix("v")
 
 
 @contextmanager
-def kernel_for(method: str) -> Iterator[str]:
-    """The quantization of `method` ("int4v": int4), with the int4 kernel it names meanwhile."""
-    before = int4_vnni.ENABLED
+def kernel_for(method: str) -> Iterator[None]:
+    """The kernels `method` names meanwhile (the integer ones for "int4v" / "int8gv", else none)."""
+    before = vnni_kernels.ENABLED
     try:
-        int4_vnni.ENABLED = method == "int4v"
-        yield "int4" if method == "int4v" else method
+        vnni_kernels.ENABLED = method.endswith("v")
+        yield
     finally:
-        int4_vnni.ENABLED = before
+        vnni_kernels.ENABLED = before
+
+
+def int8g_from(w: torch.Tensor, seed: int = 9) -> QuantWeight:
+    """w's int8 codes as Q8_0 blocks with scales of their own per group."""
+    n, k = w.shape
+    q8 = quantize(w, "int8").plain()[0].T.reshape(n, k // GROUP, GROUP).permute(1, 2, 0)  # [G, 32, N]
+    scale = 0.002 + 0.004 * torch.rand(k // GROUP, n, generator=torch.Generator().manual_seed(seed))
+    return QuantWeight.from_plain("int8g", q8, scale.to(torch.float16))
 
 
 def representation_error(qw: QuantWeight, x: torch.Tensor) -> torch.Tensor:
-    """[R, N]: what holding x in integers can cost the int4 integer kernel, from its contract
-    (models.int4_vnni): per group g of a row of x, S = min(120, 20 - e) where the group's largest
-    |x| is below 2^e, and each x_j within 2^-(S+1); so sum_g |scale| sum_j q_j 2^-(S+1)."""
-    q, scale, _ = (t.double() for t in qw.plain())  # [G, 16, N], [G, N]
-    codes = torch.cat([q.remainder(16), q.div(16, rounding_mode="floor")], 1).sum(1)  # [G, N]
+    """[R, N]: what holding x in integers can cost an integer kernel, from its contract
+    (models.vnni_kernels): per group g of a row of x, S = min(120, 20 - e) where the group's largest
+    |x| is below 2^e, and each x_j within 2^-(S+1); so sum_g |scale| sum_j |code_j| 2^-(S+1)."""
+    q, scale = (t.double() for t in qw.plain()[:2])  # [G, 16 | 32, N], [G, N]
+    if qw.kind == "int4":
+        codes = torch.cat([q.remainder(16), q.div(16, rounding_mode="floor")], 1).sum(1)  # [G, N]
+    else:
+        codes = q.abs().sum(1)
     largest = x.double().reshape(x.shape[0], -1, GROUP).abs().amax(-1)  # [R, G]
     shift = (20 - torch.frexp(largest).exponent).clamp(max=120)
     return 2.0 ** -(shift.double() + 1) @ (scale.abs() * codes)
@@ -238,25 +254,21 @@ def test_kernel_error_within_float32_dot_product_bound(method, rows, threads):
     covers it). For int8 and int8g c = |w|: the plain float32 dot-product bound. For int4 the kernel
     sums 16 scale (1 + q/16) x and (min - 16 scale) x, magnitudes ~17x |w| for Gaussian weights:
     a looser worst case; measured, its error is 3-4x that of summing q x (576 x 576 weights). The
-    integer int4 kernel: c = |scale| q + |min|, plus `representation_error` (to test it, a group
-    whose largest |x| is ~1000x the others', and a group of zeros).
-    72 channels are 9 tiles of 8: runs of tiles per thread that STREAMS does not divide; 288 (int4v)
-    two tiles of 144, nine vectors of 16 each."""
-    n, k = (288, 576) if method == "int4v" else (72, 576)
+    integer kernels: c = |scale| q + |min| (int4), |w| (int8g), plus `representation_error` (to
+    test it, a group whose largest |x| is ~1000x the others', and a group of zeros).
+    72 channels are 9 tiles of 8: runs of tiles per thread that STREAMS does not divide; 288 (the
+    integer kernels, which take tiles of whole 16-lane vectors) two tiles of 144."""
+    n, k = (288, 576) if method.endswith("v") else (72, 576)
     w = random_weight(n, k, seed=2)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(5))
     x[0, 40] *= 1024.0
     x[-1, 64:96] = 0.0
-    if method == "int8g":
-        q8 = quantize(w, "int8").plain()[0].T.reshape(n, k // GROUP, GROUP).permute(1, 2, 0)  # [G, 32, N]
-        scale = (0.002 + 0.004 * torch.rand(k // GROUP, n, generator=torch.Generator().manual_seed(9)))
-        qw = QuantWeight.from_plain("int8g", q8, scale.to(torch.float16))
-    else:
-        qw = quantize(w, "int4" if method == "int4v" else method)
+    kind = kind_of_method(method)
+    qw = int8g_from(w) if kind == "int8g" else quantize(w, kind)
     deq = qw.dequantize().double()
     exact = x.double() @ deq.T
     bound = k * U * (x.double().abs() @ (deq.abs() + summed_magnitudes(qw, deq, method)).T)
-    if method == "int4v":
+    if method.endswith("v"):
         bound += representation_error(qw, x)
     with on_threads(threads), kernel_for(method):
         y = linear(x, qw)
@@ -270,11 +282,10 @@ def test_kernel_is_deterministic(method, threads):
     """The same call gives the same bits every time (no reduction order left to thread scheduling),
     so ranks and runs stay reproducible. (The serial and the parallel build may contract to FMA
     differently; both hold the float32 bound above.)"""
-    w = random_weight(300, 256, seed=4)
-    qw = quantize(w, {"int8g": "int8", "int4v": "int4"}.get(method, method))
-    if method == "int8g":
-        qw = QuantWeight.from_plain("int8g", qw.plain()[0].T.reshape(300, 8, GROUP).permute(1, 2, 0),
-                                    torch.full((8, 300), 0.003, dtype=torch.float16))
+    n = 320 if method.endswith("v") else 300  # the integer kernels: two tiles of 160
+    w = random_weight(n, 256, seed=4)
+    kind = kind_of_method(method)
+    qw = int8g_from(w) if kind == "int8g" else quantize(w, kind)
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(6))
     with on_threads(threads), kernel_for(method):
         runs = [torch.from_numpy(gemv_rows(x.numpy(), qw)) for _ in range(5)]
