@@ -101,12 +101,11 @@ if numba is not None:
                 for j in range(16):
                     half[j] = x[t, j0 + j] + x[t, j0 + j + 16]
                 xf[t, g, 0], xf[t, g, 1] = power_of_two(-shift), fold(half, False)
-                xf[t, g, 2:] = 0.0
                 if not math.isfinite(xf[t, g, 1]):  # inf / nan in x (or a sum past float32): the row's output is nan
-                    xf[t, g, 0] = np.float32(np.nan)
+                    xf[t, g, 0], xf[t, g, 2:] = np.float32(np.nan), 0.0
                     digits[t, g] = 0
                     continue
-                scale = power_of_two(shift)
+                scale, tops, middles, lows = power_of_two(shift), 0, 0, 0
                 for j in range(32):  # x 2^S is exact in float32 (a power of two; |.| <= 2^20), then
                     whole = np.int32(np.rint(x[t, j0 + j] * scale))  # rounded to nearest, ties to even
                     low = ((whole + 64) & 127) - 64
@@ -114,9 +113,8 @@ if numba is not None:
                     middle = ((whole + 64) & 127) - 64
                     top = (whole - middle) >> 7
                     digits[t, g, 0, j], digits[t, g, 1, j], digits[t, g, 2, j] = top, middle, low
-                    xf[t, g, 2] += top
-                    xf[t, g, 3] += middle
-                    xf[t, g, 4] += low
+                    tops, middles, lows = tops + top, middles + middle, lows + low
+                xf[t, g, 2], xf[t, g, 3], xf[t, g, 4] = tops, middles, lows
         return digits.view(np.uint32), xf
 
 
