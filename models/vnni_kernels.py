@@ -147,7 +147,8 @@ if HOST_HAS_VNNI:
         as unsigned bytes (int4: 0..15; int8g: code + 128, the sign bit flipped)."""
         fnty = ir.FunctionType(V16I, [V16I, V16I, V16I])
         dot = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", fnty=fnty)
-        low, flip = ir.Constant(V16I, [0x0F0F0F0F] * LANES), ir.Constant(V16I, [-0x7F7F7F80] * LANES)
+        low = ir.Constant(V16I, [0x0F0F0F0F] * LANES)
+        flip = ir.Constant(V16I, [0x80808080 - (1 << 32)] * LANES)  # each byte's sign bit (as an int32)
         words, parts = (4, 2) if kind == "int4" else (8, 1)
         sums = [[ir.Constant(V16I, [0] * LANES)] * DIGITS for _ in range(parts)]  # int4: low, high nibbles
         for r in range(words):  # word r: bytes 4r..4r+3 of the group (int4: elements 4r + b and 4r + b + 16)
@@ -158,7 +159,7 @@ if HOST_HAS_VNNI:
             if kind == "int4":
                 codes = (builder.and_(word, low), builder.and_(builder.lshr(word, ir.Constant(V16I, [4] * LANES)), low))
             else:
-                codes = (builder.xor(word, flip),)  # 0x80808080
+                codes = (builder.xor(word, flip),)
             for h, unsigned in enumerate(codes):
                 for d in range(DIGITS):
                     x4 = builder.load(builder.gep(xw.data, [builder.add(xbase, I64(8 * d + 4 * h + r))]))

@@ -12,11 +12,11 @@ activations; they differ only in the order of float32 additions, per dot product
 gamma_K = K x 2^-24 relative to sum |w||x| (K <= 520 here: 3e-5), the same kind and size of
 difference as between transformers' own kernels and our float32 path. So the float32 bound of
 the project applies unchanged: logprobs within 1e-4 (the kernel test below checks gamma_K itself).
-On an AVX-512 VNNI host int4 takes the integer kernel (models.vnni_kernels), which holds each group
-of 32 of x as integers times 2^-S: at most 2^-20 of the group's largest |x| off per element,
-2^-20 sum_g max_j|x_j| sum_j |w_j| per dot product, below the gamma_K term (2^-24 K sum |w||x|)
-unless a group's largest |x| is over K / 16 = 30 times its mean: the same 1e-4 holds, and the
-kernel test below checks that bound too.
+On an AVX-512 VNNI host int4 and Q8_0 take the integer kernels (models.vnni_kernels), which
+hold each group of 32 of x as integers times 2^-S: at most 2^-20 of the group's largest |x| off
+per element, 2^-20 sum_g max_j|x_j| sum_j |w_j| per dot product, below the gamma_K term
+(2^-24 K sum |w||x|) unless a group's largest |x| is over K / 16 = 30 times its mean: the same
+1e-4 holds, and the kernel test below checks that bound too.
 """
 
 from __future__ import annotations
