@@ -32,6 +32,16 @@ if numba is not None:
     from numba import njit, types
     from numba.extending import intrinsic
 
+    def emit_prefetch(builder, data, offset) -> None:
+        """LLVM IR asking for the cache line of element `offset` (an i64 value) from pointer `data`
+        on: a read, kept in every cache level. For kernels that write their own IR too
+        (models.vnni_kernels)."""
+        address = builder.bitcast(builder.gep(data, [offset]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=fnty)
+        builder.call(fn, [address, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+
     @intrinsic
     def prefetch(typingctx, block, offset):  # pragma: no cover - compiled
         """Prefetch the cache line of element `offset` of a C-contiguous array (in C order)."""
@@ -40,11 +50,7 @@ if numba is not None:
 
         def codegen(context, builder, signature, args):
             array = context.make_array(signature.args[0])(context, builder, args[0])
-            address = builder.bitcast(builder.gep(array.data, [args[1]]), ir.IntType(8).as_pointer())
-            i32 = ir.IntType(32)
-            fnty = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
-            fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=fnty)
-            builder.call(fn, [address, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+            emit_prefetch(builder, array.data, args[1])
             return context.get_dummy_value()
         return types.void(block, offset), codegen
 

@@ -123,6 +123,8 @@ if HOST_HAS_VNNI:
     from numba import prange, types
     from numba.extending import intrinsic
 
+    from models.prefetch import emit_prefetch
+
     I32, I64 = ir.IntType(32), ir.IntType(64)
     V16I, V16F = ir.VectorType(I32, LANES), ir.VectorType(ir.FloatType(), LANES)
     V16H, V16S = ir.VectorType(ir.HalfType(), LANES), ir.VectorType(ir.IntType(16), LANES)
@@ -136,12 +138,6 @@ if HOST_HAS_VNNI:
         """Pointer to LANES elements of a C-contiguous array from flat element `index` on."""
         return builder.bitcast(builder.gep(array.data, [index]), vtype.as_pointer())
 
-    def _prefetch(builder, array, index):
-        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), I32, I32, I32])
-        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=fnty)
-        address = builder.bitcast(builder.gep(array.data, [index]), ir.IntType(8).as_pointer())
-        builder.call(fn, [address, I32(0), I32(3), I32(1)])  # read, keep in all levels, data
-
     def _digit_sums(builder, q, xw, base, width, xbase, ahead, kind):
         """[DIGITS] int32 vectors over a group of 16 channels: sum_j u_j P_j per digit, u the codes
         as unsigned bytes (int4: 0..15; int8g: code + 128, the sign bit flipped)."""
@@ -154,7 +150,7 @@ if HOST_HAS_VNNI:
         for r in range(words):  # word r: bytes 4r..4r+3 of the group (int4: elements 4r + b and 4r + b + 16)
             row = builder.add(base, builder.mul(I64(r), width))
             with builder.if_then(builder.icmp_signed(">", ahead, I64(0))):
-                _prefetch(builder, q, builder.add(row, ahead))
+                emit_prefetch(builder, q.data, builder.add(row, ahead))
             word = builder.load(_vector(builder, q, row, V16I), align=4)
             if kind == "int4":
                 codes = (builder.and_(word, low), builder.and_(builder.lshr(word, ir.Constant(V16I, [4] * LANES)), low))
