@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_quant import int8g_weight
 
 from models import quant_kernels as qk
 from models import vnni_kernels
-from models.quant import GROUP, QuantWeight, quantize
+from models.quant import QuantWeight, quantize
 
 vnni_host = pytest.mark.skipif(not vnni_kernels.HOST_HAS_VNNI, reason="the host has no AVX-512 VNNI")
 
@@ -63,11 +64,9 @@ def test_a_group_of_x_with_nan_or_inf_makes_its_row_nan():
 
 def quantized(kind: str, n: int, k: int, seed: int) -> QuantWeight:
     """A random [n, k] weight in int4, or in int8g with signed codes over the whole -127..127."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "int4":
-        return quantize(torch.randn(n, k, generator=g), "int4")
-    codes = torch.randint(-127, 128, (k // GROUP, GROUP, n), generator=g, dtype=torch.int8)  # [G, 32, N]
-    return QuantWeight.from_plain("int8g", codes, (torch.rand(k // GROUP, n, generator=g) * 0.01).half())
+    if kind == "int8g":
+        return int8g_weight(n, k, seed)
+    return quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)), "int4")
 
 
 @vnni_host
