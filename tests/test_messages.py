@@ -11,6 +11,7 @@ from edge.messages import (
     CloseRequest,
     Join,
     LinkAttention,
+    LinkRing,
     OpenRequest,
     Plan,
     Ready,
@@ -65,6 +66,9 @@ async def test_a_plan_or_its_refusal():
     (Plan, {"t": "plan", "world_size": 2, "weights": [1, "x"]}, "weights"),
     (Step, {"t": "ctl", "op": "step", "rids": ["a"], "step": 1, "h": [1]}, "h=[1]"),
     (AttentionLinked, {"t": "attn.ok", "epoch": 1, "error": 5}, "error=5"),
+    (Step, {"t": "ctl", "op": "step", "rids": ["a"], "step": 1, "h": {}, "starts": [0, "1"]}, "starts"),
+    (Step, {"t": "ctl", "op": "step", "rids": ["a", 2], "step": 1, "h": {}}, "rids"),
+    (LinkRing, {"t": "ctl", "op": "ring", "epoch": 1, "algorithm": "ring", "addrs": {"1": "x"}}, "addrs"),
 ])
 async def test_malformed_messages_are_frame_errors_that_name_the_field(kind, raw, problem):
     master, worker = memory_pair()
