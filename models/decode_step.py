@@ -9,7 +9,7 @@ SmolLM2-135M int4 19 -> 13.4. The README's Benchmarks section has the cluster nu
 
 Bit for bit the same as decoder_layer: the GEMVs (models.quant_kernels.gemv_rows), RMSNorm, RoPE
 and attention kernels (models.decode_kernels) see the same arrays; biases and residuals are the
-same float32 adds; SiLU and the gate x up product are torch's own ops on views of the arrays. So
+same float32 adds; SiLU(gate) x up is decoder_layer's kernel too (models.decode_kernels). So
 everything decoder_layer promises (tokens and logprobs against transformers, ranks identical)
 holds unchanged, and the tests check equality, not closeness.
 
@@ -28,11 +28,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.attention import Attend, BatchAttend, CacheAttention
 from models.config import LlamaConfig
-from models.decode_kernels import MAX_POSITIONS, njit, rms_norm_array, rope_array
+from models.decode_kernels import MAX_POSITIONS, njit, rms_norm_array, rope_array, silu_mul_array
 from models.quant_kernels import GEMV_ROWS, gemv_rows, kernel_serves, linear
 from models.sharding import LocalDims
 
@@ -96,10 +95,8 @@ class _Step:
             gate, up = _columns(_linear(x, w.w_gate_up, w.b_gate_up), [w.w_gate.shape[0]])
         else:
             gate, up = _linear(x, w.w_gate, w.b_gate), _linear(x, w.w_up, w.b_up)
-        act = torch.from_numpy(gate)
-        F.silu(act, inplace=True)
-        act.mul_(torch.from_numpy(up))  # decoder_layer's silu(gate) * up
-        return h + self._sum(_linear(gate, w.w_down, w.b_down))
+        act = silu_mul_array(gate, up)  # decoder_layer's silu(gate) * up, in gate's place
+        return h + self._sum(_linear(act, w.w_down, w.b_down))
 
     def _attention(self, x: np.ndarray, w: LayerWeights, layer: int) -> np.ndarray:
         """x [B x S, D] (normed) -> the partial output projection [B x S, D] over this rank's heads;

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from models.attention import Attend, BatchAttend, KVStore
 from models.checkpoint import Checkpoint, layer_prefix
 from models.config import LlamaConfig
-from models.decode_kernels import rms_norm_rows, rope_heads, small_float32
+from models.decode_kernels import rms_norm_rows, rope_heads, silu_mul_rows, small_float32
 from models.decode_step import decode_layers, no_reduce, serves
 from models.quant import QuantWeight
 from models.quant_kernels import linear
@@ -136,7 +136,9 @@ def attention(x: torch.Tensor, w: LayerWeights, dims: LocalDims, attend: Attend,
 
 def mlp(x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
     """SwiGLU over this rank's columns: x: [B, S, D] -> partial [B, S, D]."""
-    return linear(F.silu(linear(x, w.w_gate, w.b_gate)) * linear(x, w.w_up, w.b_up), w.w_down, w.b_down)
+    gate, up = linear(x, w.w_gate, w.b_gate), linear(x, w.w_up, w.b_up)
+    act = silu_mul_rows(gate, up) if small_float32(gate) else F.silu(gate) * up  # a decode step: one call
+    return linear(act, w.w_down, w.b_down)
 
 
 def decoder_layer(h: torch.Tensor, w: LayerWeights, config: LlamaConfig, dims: LocalDims,

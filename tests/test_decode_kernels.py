@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import decode_kernels
 from models.attention import KVCache, attention_mask, grouped_attention
@@ -20,6 +21,7 @@ from models.decode_kernels import (
     kernel_applies,
     rms_norm_rows,
     rope_heads,
+    silu_mul_rows,
     small_float32,
     warm_decode_kernels,
 )
@@ -82,6 +84,37 @@ def test_rms_norm_kernel_matches_the_transformers_formula(shape):
     want = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
     assert small_float32(x)
     torch.testing.assert_close(rms_norm_rows(x, weight, 1e-5), want, atol=1e-6, rtol=1e-5)
+
+
+# SiLU(g) x u rounds five times: the C library's expf (under 1 ulp: 2^-23 relative), 1 + e, the
+# division and the product (half an ulp, 2^-24, each); carried through 1 + e and the quotient the
+# exp's error stays 2^-23 at most, so the result is within 2^-23 + 3 x 2^-24 = 2.5 x 2^-23 of the
+# exact value for the float32 inputs (where exp(-g) does not overflow: g > -88).
+SILU_BOUND = 2.5 * 2.0**-23
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 768), (2, 3, 2816), (1, MAX_POSITIONS, 64)])
+def test_silu_mul_kernel_is_within_its_rounding_of_the_exact_value(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    gate = (torch.randn(shape, generator=g) * 20).clamp(-85, 85)
+    up = torch.randn(shape, generator=g)
+    gate[..., :4] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])  # signed zeros and tiny values
+    g64, u64 = gate.double(), up.double()
+    exact = g64 / (1 + torch.exp(-g64)) * u64
+    assert small_float32(gate)
+    before = gate.clone()
+    got = silu_mul_rows(gate, up)
+    assert got.dtype == torch.float32 and got.shape == shape
+    assert ((got.double() - exact).abs() <= SILU_BOUND * exact.abs()).all()
+    assert torch.equal(gate, before)  # a new tensor: the caller's gate is left as it was
+    # and within that rounding of torch's own (its exp is vectorized, ours the C library's)
+    torch.testing.assert_close(got, F.silu(gate) * up, atol=0, rtol=2 * SILU_BOUND)
+
+
+def test_silu_mul_kernel_takes_torchs_values_at_the_edges():
+    gate = torch.tensor([[0.0, -0.0, 89.0, -89.0, -100.0, 1e30, -1e30, float("inf"), float("-inf"), float("nan")]])
+    up = torch.full_like(gate, 3.0)
+    torch.testing.assert_close(silu_mul_rows(gate, up), F.silu(gate) * up, atol=0, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("rows,seqlen,per_row_tables", [(1, 1, False), (1, 4, False), (3, 2, True)])
