@@ -7,17 +7,15 @@ microseconds of arithmetic spread over many torch ops, each paying its own dispa
 Attention of one query per head over the cache is ten small torch ops per layer (the cache writes,
 two matmuls, the scale, the softmax, the reshapes): 49 us per layer for SmolLM2-135M on one
 thread, about 1.5 ms per token over 30 layers, where the arithmetic takes a few microseconds. The
-kernel does the same math in one call (17 us with the call's own cost): for each query head h
-(KV head kv_map[h]) and new position p, softmax over the visible keys t (t <= p, and t > p - window
-for a sliding layer) of q.k_t / sqrt(head_dim), then the weighted sum of v_t. Sums run in float32
-in key order (torch's GEMM sums in another order: the two agree to rounding).
+kernel (models.attention_kernels) does the same math in one call (17 us with the call's own cost).
 
 RMSNorm (5 torch ops, 15 us) and RoPE of q and k (3 ops and a view each, 13 us) are one call of
 3-4 us. SiLU(gate) x up is 3 us a layer for SmolLM2-135M's 768 columns of a rank in two (torch's
 silu and mul there: 8 us), 13 us for the `large` preset's 2816 (torch: 37): measured inside a
-rank's decode step, where the weights just streamed have pushed the ops' own state out of cache. Prefills (more than `MAX_POSITIONS` new positions a row) and other dtypes keep the torch
-path (models.attention.grouped_attention, models.llama.rms_norm, models.rope.apply_rope_tables),
-whose multi-threaded ops they need and which the kernels must agree with to rounding.
+rank's decode step, where the weights just streamed have pushed the ops' own state out of cache.
+Prefills (more than `MAX_POSITIONS` new positions a row) and other dtypes keep the torch path
+(models.attention.grouped_attention, models.llama.rms_norm, models.rope.apply_rope_tables), whose
+multi-threaded ops they need and which the kernels must agree with to rounding.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from models import attention_kernels
 from models.numba_target import numba
 
 MAX_POSITIONS = 8  # new positions a row up to which the kernels run (a decode step, a verification)
@@ -35,44 +34,6 @@ njit = numba.njit if numba is not None else None
 
 
 if njit is not None:
-    @njit(fastmath=True, cache=True, nogil=True)
-    def _attend(q, k, v, keys, values, kv_map, start, window, out):  # pragma: no cover - compiled
-        """q [H, S, hd], k, v [KV, S, hd] (RoPE applied) at positions start..start+S-1; keys/values
-        [KV, cap, hd] holding 0..start-1 (k, v are written after them); kv_map [H] int64; window
-        (0: none) -> out [H, S, hd]."""
-        n_heads, seqlen, head_dim = q.shape
-        keys[:, start:start + seqlen] = k
-        values[:, start:start + seqlen] = v
-        scale = np.float32(1.0 / math.sqrt(head_dim))
-        scores = np.empty(start + seqlen, np.float32)
-        acc = np.empty(head_dim, np.float32)
-        for h in range(n_heads):
-            kh, vh = keys[kv_map[h]], values[kv_map[h]]
-            for s in range(seqlen):
-                pos = start + s
-                first = max(0, pos - window + 1) if window > 0 else 0
-                qs = q[h, s]
-                best = np.float32(-np.inf)
-                for t in range(first, pos + 1):
-                    kt = kh[t]
-                    dot = np.float32(0.0)
-                    for d in range(head_dim):
-                        dot += qs[d] * kt[d]
-                    dot *= scale
-                    scores[t] = dot
-                    best = max(best, dot)
-                total = np.float32(0.0)
-                for t in range(first, pos + 1):
-                    e = np.float32(math.exp(scores[t] - best))
-                    scores[t] = e
-                    total += e
-                acc[:] = 0.0
-                for t in range(first, pos + 1):
-                    p, vt = scores[t] / total, vh[t]
-                    for d in range(head_dim):
-                        acc[d] += p * vt[d]
-                out[h, s] = acc
-
     @njit(fastmath=True, cache=True, nogil=True)
     def _rms_norm(x, weight, eps, out):  # pragma: no cover - compiled
         """x [R, D] -> out [R, D] = weight * x / sqrt(mean(x^2) + eps), summed in float32."""
@@ -174,8 +135,9 @@ def warm_decode_kernels() -> None:
     rms_norm_rows(x[0, 0], torch.ones(2), 1e-5)
     silu_mul_rows(x[0, 0], x[0, 0])
     q = x.transpose(1, 2)  # [1, H, S, hd]
-    cache = torch.zeros(1, 1, 1, 2)  # [1, KV, capacity, hd]
-    attend_cached(q, q[:, :1], q[:, :1], cache, cache.clone(), np.zeros(2, np.int64), 0, None)
+    for start in (0, attention_kernels.CHUNK):  # one chunk, and the chunked kernel for long contexts
+        cache = torch.zeros(1, 1, start + 1, 2)  # [1, KV, capacity, hd]
+        attend_cached(q, q[:, :1], q[:, :1], cache, cache.clone(), np.zeros(2, np.int64), start, None)
 
 
 def kernel_applies(q: torch.Tensor, cache_dtype: torch.dtype) -> bool:
@@ -198,7 +160,5 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch
 def attend_arrays(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray,
                   kv_map: np.ndarray, start: int, window: int | None) -> np.ndarray:
     """`attend_cached` on float32 C-contiguous arrays: q [H, S, hd], k, v [KV, S, hd]; keys, values
-    [KV, capacity, hd] -> [H, S, hd]."""
-    out = np.empty(q.shape, np.float32)
-    _attend(q, k, v, keys, values, kv_map, start, window or 0, out)
-    return out
+    [KV, capacity, hd] -> [H, S, hd] (models.attention_kernels)."""
+    return attention_kernels.attend_arrays(q, k, v, keys, values, kv_map, start, window)

@@ -20,6 +20,8 @@ A user's own NUMBA_CPU_NAME / NUMBA_CPU_FEATURES / NUMBA_ENABLE_AVX=0 is left as
 
 from __future__ import annotations
 
+import threading
+
 try:
     import numba
     from llvmlite import binding as llvm
@@ -78,3 +80,14 @@ def amd_cores() -> bool:
 
 
 _prefer_wide_vectors()
+
+
+_threads_set = threading.local()  # the count this OS thread last gave numba (asking numba costs 2 us)
+
+
+def use_threads(threads: int) -> None:
+    """Let the next parallel kernel called from this thread run on `threads` threads (numba's count is
+    per OS thread; capped at numba's pool)."""
+    if getattr(_threads_set, "count", None) != threads:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        _threads_set.count = threads

@@ -17,7 +17,6 @@ platform with no wheel) every call takes torch's GEMM: always correct, only slow
 from __future__ import annotations
 
 import sys
-import threading
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from models import vnni_kernels
 from models.decode_kernels import warm_decode_kernels
 from models.dequant_kernels import prefill_linear
-from models.numba_target import amd_cores, numba
+from models.numba_target import amd_cores, numba, use_threads
 from models.quant import GROUP, QuantWeight, kernel_array
 from models.threads import in_passing_thread, kernel_threads
 
@@ -203,7 +202,6 @@ def _kernels(parallel: bool) -> dict:
 
 
 _COMPILED: dict[bool, dict] = {}
-_numba_threads = threading.local()  # the count this thread last gave numba (asking numba costs 2 us)
 
 
 def _kernel(kind: str, small: bool = False):
@@ -213,9 +211,8 @@ def _kernel(kind: str, small: bool = False):
     parallel = threads > 1 and not small
     if parallel not in _COMPILED:
         _COMPILED[parallel] = _kernels(parallel)
-    if parallel and getattr(_numba_threads, "count", None) != threads:  # numba's count is per OS thread
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        _numba_threads.count = threads
+    if parallel:
+        use_threads(threads)
     return _COMPILED[parallel][kind]
 
 

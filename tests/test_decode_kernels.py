@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import decode_kernels
+from models import attention_kernels, decode_kernels
 from models.attention import KVCache, attention_mask, grouped_attention
+from models.attention_kernels import CHUNK
 from models.decode_kernels import (
     MAX_POSITIONS,
     attend_cached,
@@ -40,7 +41,12 @@ def random_step(n_heads: int, n_kv: int, start: int, seqlen: int, seed: int):
 
 
 STEPS = [(0, 1, None), (37, 1, None), (37, 1, 8), (5, 1, 8), (20, 4, None), (20, 4, 3),
-         (0, MAX_POSITIONS, None)]  # (positions before the step, new positions, sliding window)
+         (0, MAX_POSITIONS, None),  # (positions before the step, new positions, sliding window)
+         # longer than a chunk (models.attention_kernels): partial softmaxes combined, where a chunk
+         # is the last position alone, where new positions straddle a chunk's end, where a window
+         # crosses one, and where a window leaves whole chunks out
+         (CHUNK, 1, None), (2 * CHUNK + 37, 1, None), (3 * CHUNK - 2, 4, None),
+         (2 * CHUNK + 10, 1, 100), (CHUNK - 3, MAX_POSITIONS, CHUNK), (3 * CHUNK, 1, 8)]
 
 
 @pytest.mark.parametrize("start,seqlen,window", STEPS)
@@ -136,15 +142,20 @@ def test_one_compiled_signature_serves_every_step_shape():
     start-up (warm_decode_kernels) serves verification steps and batches too: no request waits
     for the compiler."""
     warm_decode_kernels()
-    compiled = {k: len(k.signatures) for k in (decode_kernels._attend, decode_kernels._rope,
-                                                decode_kernels._rms_norm)}
+    kernels = (attention_kernels._whole, attention_kernels._chunked(), decode_kernels._rope,
+               decode_kernels._rms_norm, decode_kernels._silu_mul)
+    compiled = {k: len(k.signatures) for k in kernels}
     x = torch.randn(2, 3, 6, HEAD_DIM)  # [B, S, H, hd]: two rows of a 3-position verification
     tables = rope_tables(torch.ones(2, 1, 3, HEAD_DIM), torch.zeros(2, 1, 3, HEAD_DIM), torch.float32)
     q = rope_heads(x, *tables).transpose(1, 2)  # [B, H, S, hd], not contiguous
     k = v = x[:, :, :3].transpose(1, 2)
     cache = KVCache(1, 3, HEAD_DIM, capacity=3)
     attend_cached(q[1:], k[1:], v[1:], *cache.reserve(0, 3), np.array([0, 0, 1, 1, 2, 2]), 0, None)
+    long = KVCache(1, 3, HEAD_DIM, capacity=CHUNK + 3)
+    long.advance(CHUNK)  # a context of more than one chunk
+    attend_cached(q[1:], k[1:], v[1:], *long.reserve(0, 3), np.array([0, 0, 1, 1, 2, 2]), CHUNK, 4)
     rms_norm_rows(x[:, :, 0], torch.ones(HEAD_DIM), 1e-5)
+    silu_mul_rows(x[:, :, 0], x[:, :, 1])  # strided views of one tensor
     assert {k: len(k.signatures) for k in compiled} == compiled
 
 
@@ -181,6 +192,21 @@ def test_small_steps_run_torch_on_one_thread_and_the_kernels_on_all(two_threads,
 def test_half_precision_steps_keep_torchs_threads_for_its_gemvs(two_threads):
     assert observed_in_steps(1, torch.bfloat16) == (2, 2, 2)
     assert observed_in_steps(1, torch.float16) == (2, 2, 2)
+
+
+def test_long_context_attention_has_the_same_bits_on_any_thread_count(two_threads):
+    """Its chunks, spread over the threads, are fixed by position: two threads sum as one does."""
+    start, seqlen, n_heads, n_kv = 3 * CHUNK + 5, 2, 6, 3
+    q, past_k, past_v, k, v = random_step(n_heads, n_kv, start, seqlen, seed=7)
+    heads = np.array([h // 2 for h in range(n_heads)])
+    outs = []
+    for threads in (2, 1):
+        set_threads(threads)
+        cache = KVCache(1, n_kv, HEAD_DIM, capacity=start + seqlen)
+        cache.append(0, past_k, past_v)
+        cache.advance(start)
+        outs.append(attend_cached(q, k, v, *cache.reserve(0, seqlen), heads, start, None))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_a_step_that_raises_still_restores_the_threads(two_threads):
