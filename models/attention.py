@@ -9,6 +9,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.config import LlamaConfig
 from models.decode_kernels import attend_arrays, attend_cached, kernel_applies
@@ -93,24 +94,29 @@ def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_map: tuple[int, ...] | None,
                       mask: torch.Tensor | None) -> torch.Tensor:
-    """q: [B, H, S, hd], k, v: [B, KV, T, hd] -> [B, H, S, hd].
+    """q: [B, H, S, hd], k, v: [B, KV, T, hd] -> [B, H, S, hd]; `mask` additive [S, T] (attention_mask).
 
-    Query heads of one KV head are folded into the sequence axis so K and V are never copied;
-    `kv_map` (KV index of each query head) gathers KV heads for a rank holding part of a group.
+    torch's scaled_dot_product_attention, as transformers' default ("sdpa") attention computes it:
+    on CPU a fused kernel that never holds the [S, T] scores of every head. The eager form it
+    replaced (two batched matmuls, the mask added, a float32 softmax) took 1.3 s of a 2.5 s prefill
+    of 1000 tokens of SmolLM2-135M on 2 threads, against transformers' 1.0 s for the whole prefill.
+    Query heads of one KV head share it (GQA) without copying K and V where torch supports that
+    (2.5 and later); `kv_map` (KV index of each query head) gathers KV heads for a rank holding
+    part of a group.
     """
-    bsz, n_heads, seqlen, head_dim = q.shape
+    n_heads = q.shape[1]
     if kv_map is not None:
         index = torch.tensor(kv_map)
         k, v = k.index_select(1, index), v.index_select(1, index)
-    n_kv = k.shape[1]
-    group = n_heads // n_kv
-    q = q.reshape(bsz, n_kv, group * seqlen, head_dim)  # [B, KV, G*S, hd]
-    scores = torch.matmul(q, k.transpose(2, 3)) * head_dim**-0.5  # [B, KV, G*S, T]
-    if mask is not None:
-        scores = scores + mask.repeat(group, 1)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v)  # [B, KV, G*S, hd]
-    return out.reshape(bsz, n_heads, seqlen, head_dim)
+    group = n_heads // k.shape[1]
+    if group > 1 and not _SDPA_GQA:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    extra = {"enable_gqa": True} if group > 1 and _SDPA_GQA else {}
+    attn_mask = mask.to(q.dtype) if mask is not None else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **extra)
+
+
+_SDPA_GQA = torch.__version__ >= "2.5"  # scaled_dot_product_attention(enable_gqa=...)
 
 
 def gather_map(dims: LocalDims) -> tuple[int, ...] | None:

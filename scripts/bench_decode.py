@@ -3,11 +3,13 @@ for `edge-llm cluster` with N = 1..4 workers next to transformers' own generate(
 checkpoint and the same cores. Writes bench/decode.json and bench/decode.md.
 
     .venv/bin/python scripts/bench_decode.py [--model DIR | --preset large] [--workers 1,2,3,4]
+                                             [--prompt-tokens N]
 
 Next to each cluster size: the memory-streaming floor (scripts/stream_floor.py: N one-thread
 processes streaming their rank's weight bytes through F.linear concurrently), one floor round
 before each cluster round so both see the same state of the machine, and the cluster's time per
-token over it (its overhead).
+token over it (its overhead). `--prompt-tokens` measures decode after a long prompt (a chat's
+history): each token then reads the whole KV cache too, which the weights-only floor leaves out.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from stream_floor import Floor, stored_format  # noqa: E402
 
-PROMPT = list(range(1, 17))
+PROMPT = list(range(1, 17))  # the prompt's token ids (`--prompt-tokens` makes it longer)
+
+
+def set_prompt_tokens(n: int, vocab_size: int) -> None:
+    """A prompt of n token ids, 1.. cycling below the vocabulary's size."""
+    PROMPT[:] = [1 + i % (vocab_size - 1) for i in range(n)]
 HF_SCRIPT = r"""
 import json, sys, time, torch, transformers
 torch.set_num_threads(int(sys.argv[2]))
@@ -189,9 +196,11 @@ def main() -> None:
     parser = model_parser(__doc__, "1,2,3,4")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=33)
+    parser.add_argument("--prompt-tokens", type=int, default=len(PROMPT))
     args = parser.parse_args()
     model = benchmark_model(args)
     config = json.loads(Path(model, "config.json").read_text())
+    set_prompt_tokens(args.prompt_tokens, config["vocab_size"])
     cores = os.cpu_count() or 1
     results = {"model": model, "model_bytes": sum(p.stat().st_size for p in Path(model).glob("*.safetensors")),
                "new_tokens": args.new_tokens, "cores": cores, "edge": {}, "formula": {}}
