@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import attention_kernels, decode_kernels
+from models import attention, attention_kernels, decode_kernels
 from models.attention import KVCache, attention_mask, grouped_attention
 from models.attention_kernels import CHUNK
 from models.decode_kernels import (
@@ -70,6 +70,23 @@ def test_kernel_attends_as_the_torch_path(start, seqlen, window, kv_map):
     # the new keys and values are in the cache, after the old ones
     end = start + seqlen
     assert torch.equal(keys[:, :, :end], all_k) and torch.equal(values[:, :, :end], all_v)
+
+
+@pytest.mark.parametrize("gqa", [True, False], ids=["torch-gqa", "kv-copied"])
+@pytest.mark.parametrize("kv_map", [None, (0, 0, 1, 1, 1, 2)], ids=["whole-groups", "gathered"])
+def test_prefill_attention_is_softmax_of_scaled_scores_with_the_mask(monkeypatch, gqa, kv_map):
+    """grouped_attention (torch's fused kernel) against the formula in float64; without torch's GQA
+    (before 2.5) the KV heads are copied per query head and the result is the same."""
+    monkeypatch.setattr(attention, "_SDPA_GQA", gqa)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 5, HEAD_DIM, generator=g)  # 5 queries at positions 4..8 over 9 keys, a window of 3
+    k, v = (torch.randn(1, 3, 9, HEAD_DIM, generator=g) for _ in range(2))
+    mask = attention_mask(torch.arange(4, 9), 9, 3)
+    got = grouped_attention(q, k, v, kv_map, mask)
+    index = torch.tensor(kv_map or [h // 2 for h in range(6)])
+    kk, vv = k.double().index_select(1, index), v.double().index_select(1, index)
+    scores = q.double() @ kk.transpose(2, 3) / HEAD_DIM**0.5 + mask.double()
+    torch.testing.assert_close(got.double(), torch.softmax(scores, -1) @ vv, atol=1e-6, rtol=1e-5)
 
 
 def test_the_kernel_serves_only_small_float32_rows():
