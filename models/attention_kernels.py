@@ -14,7 +14,7 @@ The math, for query head h (KV head kv_map[h]) and new position p, over the visi
 and t > p - window on a sliding layer), each chunk c of positions [c CHUNK, (c + 1) CHUNK):
 scores q.k_t / sqrt(hd) summed in float32; the chunk's peak m_c, its sum l_c of exp(score - m_c)
 and its sum a_c of exp(score - m_c) v_t; then with M the largest m_c, out = sum_c exp(m_c - M) a_c
-/ sum_c exp(m_c - M) l_c, the chunks in order (one chunk: a / l). Softmax then weighted sum, as
+/ sum_c exp(m_c - M) l_c, the chunks in order. Softmax then weighted sum, as
 models.attention.grouped_attention computes it, to float32 rounding: its GEMMs sum in other
 orders. The chunks are fixed by position, not by thread, so every thread count gives the same bits.
 """

@@ -35,6 +35,8 @@ PROMPT = list(range(1, 17))  # the prompt's token ids (`--prompt-tokens` makes i
 def set_prompt_tokens(n: int, vocab_size: int) -> None:
     """A prompt of n token ids, 1.. cycling below the vocabulary's size."""
     PROMPT[:] = [1 + i % (vocab_size - 1) for i in range(n)]
+
+
 HF_SCRIPT = r"""
 import json, sys, time, torch, transformers
 torch.set_num_threads(int(sys.argv[2]))
