@@ -11,8 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.attention_kernels import attend_arrays
 from models.config import LlamaConfig
-from models.decode_kernels import attend_arrays, attend_cached, kernel_applies
+from models.decode_kernels import attend_cached, kernel_applies
 from models.sharding import LocalDims
 
 

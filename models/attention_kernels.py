@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from models.numba_target import numba, use_threads
+from models.numba_target import compiled_for, numba
 from models.threads import kernel_threads
 
 CHUNK = 256  # positions per work item: a context up to this is one item per KV head
@@ -188,10 +188,4 @@ def attend_arrays(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray,
 
 def _chunked():
     """The chunked call on the process's kernel threads (models.threads)."""
-    threads = kernel_threads()
-    parallel = threads > 1
-    if parallel not in _COMPILED:
-        _COMPILED[parallel] = _compiled(parallel)
-    if parallel:
-        use_threads(threads)
-    return _COMPILED[parallel]
+    return compiled_for(kernel_threads(), _COMPILED, _compiled)

@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from models import attention_kernels
+from models.attention_kernels import CHUNK, attend_arrays
 from models.numba_target import numba
 
 MAX_POSITIONS = 8  # new positions a row up to which the kernels run (a decode step, a verification)
@@ -135,7 +135,7 @@ def warm_decode_kernels() -> None:
     rms_norm_rows(x[0, 0], torch.ones(2), 1e-5)
     silu_mul_rows(x[0, 0], x[0, 0])
     q = x.transpose(1, 2)  # [1, H, S, hd]
-    for start in (0, attention_kernels.CHUNK):  # one chunk, and the chunked kernel for long contexts
+    for start in (0, CHUNK):  # one chunk, and the chunked kernel for long contexts
         cache = torch.zeros(1, 1, start + 1, 2)  # [1, KV, capacity, hd]
         attend_cached(q, q[:, :1], q[:, :1], cache, cache.clone(), np.zeros(2, np.int64), start, None)
 
@@ -156,9 +156,3 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch
     out = attend_arrays(*arrays, keys[0].numpy(), values[0].numpy(), kv_map, start, window)
     return torch.from_numpy(out)[None]
 
-
-def attend_arrays(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray,
-                  kv_map: np.ndarray, start: int, window: int | None) -> np.ndarray:
-    """`attend_cached` on float32 C-contiguous arrays: q [H, S, hd], k, v [KV, S, hd]; keys, values
-    [KV, capacity, hd] -> [H, S, hd] (models.attention_kernels)."""
-    return attention_kernels.attend_arrays(q, k, v, keys, values, kv_map, start, window)

@@ -85,9 +85,15 @@ _prefer_wide_vectors()
 _threads_set = threading.local()  # the count this OS thread last gave numba (asking numba costs 2 us)
 
 
-def use_threads(threads: int) -> None:
-    """Let the next parallel kernel called from this thread run on `threads` threads (numba's count is
-    per OS thread; capped at numba's pool)."""
-    if getattr(_threads_set, "count", None) != threads:
+def compiled_for(threads: int, variants: dict, compile_variant, parallel: bool = True):
+    """A kernel module's variant for a call on `threads` threads: its `prange` one (compiled on first
+    use into `variants`, keyed by parallel or not) when `parallel` and threads > 1, with numba's count
+    for this OS thread set to `threads` (numba's count is per OS thread; capped at numba's pool),
+    else its serial one."""
+    parallel = parallel and threads > 1
+    if parallel not in variants:
+        variants[parallel] = compile_variant(parallel)
+    if parallel and getattr(_threads_set, "count", None) != threads:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         _threads_set.count = threads
+    return variants[parallel]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from models import vnni_kernels
 from models.decode_kernels import warm_decode_kernels
 from models.dequant_kernels import prefill_linear
-from models.numba_target import amd_cores, numba, use_threads
+from models.numba_target import amd_cores, compiled_for, numba
 from models.quant import GROUP, QuantWeight, kernel_array
 from models.threads import in_passing_thread, kernel_threads
 
@@ -207,13 +207,7 @@ _COMPILED: dict[bool, dict] = {}
 def _kernel(kind: str, small: bool = False):
     """The kernel for `kind` at the process's thread count (models.threads; serial for one thread,
     or for a `small` matrix, whose microseconds of work waking the thread pool would double)."""
-    threads = kernel_threads()
-    parallel = threads > 1 and not small
-    if parallel not in _COMPILED:
-        _COMPILED[parallel] = _kernels(parallel)
-    if parallel:
-        use_threads(threads)
-    return _COMPILED[parallel][kind]
+    return compiled_for(kernel_threads(), _COMPILED, _kernels, parallel=not small)[kind]
 
 
 def warm_kernels() -> None:
