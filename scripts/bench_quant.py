@@ -14,6 +14,12 @@ streams per token (resident bytes from the cluster's /metrics, less rank 0's emb
 which a token reads one row) with one streaming pass (torch.sum over a buffer of that size),
 concurrently, once per token: the time per token if decode did nothing but read every weight byte
 once. GB/s = those streamed bytes of all ranks / time per token.
+
+Kernel floor: the same N processes streaming their rank's weights through the decode's own GEMV
+kernels instead (scripts/stream_floor.py: random weights of the rank's shapes, in the format served,
+nothing but the GEMVs). Kernel floor / floor is what the kernel reaches of the memory's speed; time
+per token / kernel floor is what the rest of the decode (attention, norms, all-reduces, sampling,
+the hops between threads and processes) adds.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import HF_SCRIPT, PROMPT, Cluster  # noqa: E402
+from stream_floor import Floor  # noqa: E402
 
 READ_SCRIPT = r"""
 import json, statistics, sys, time, torch
@@ -98,6 +105,10 @@ class Edge:
         self.streamed = {r: b - (embed if r == "0" else 0) for r, b in self.weight_bytes.items()}
         self.floor_bytes = [self.streamed[str(r)] for r in range(workers)]
         self.floor_s: list[float] = []
+        self.kernel_floor_s: list[float] = []
+        self.model, self.workers = model, workers
+        self.dtype = flags[flags.index("--dtype") + 1] if "--dtype" in flags else "auto"
+        self.quantize = flags[flags.index("--quantize") + 1] if "--quantize" in flags else None
 
     def round(self, n: int) -> float:
         floor = ReadFloor(self.floor_bytes)  # up for its round only: eight systems' buffers held at
@@ -105,8 +116,13 @@ class Edge:
             self.floor_s.append(floor.round(n))
         finally:
             floor.stop()
+        kernels = Floor(self.model, self.workers, self.dtype, n, self.quantize)  # likewise up for its round only
+        try:
+            self.kernel_floor_s.append(kernels.round())
+        finally:
+            kernels.close()
         times = self.cluster.request(n)
-        return statistics.median(b - a for a, b in zip(times, times[1:]))
+        return statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
 
     def stop(self) -> None:
         self.cluster.stop()
@@ -151,6 +167,7 @@ def measure(systems: dict, rounds: int, n: int) -> dict:
         results[name] = {"tpot_ms": 1000 * tpot, "weight_bytes": system.weight_bytes, "gb_s": total / tpot / 1e9}
         if isinstance(system, Edge):
             results[name]["floor_ms"] = 1000 * statistics.median(system.floor_s)
+            results[name]["kernel_floor_ms"] = 1000 * statistics.median(system.kernel_floor_s)
     return results
 
 
@@ -162,12 +179,17 @@ def write(results: dict, out: Path) -> None:
              f"new tokens, {results['cores']} cores ({results['cpu']}), median of {results['rounds']} alternating "
              "rounds. Floor: the weight bytes each rank streams per token (resident, less rank 0's embedding "
              "table) read once by one streaming pass (one process and thread per rank, concurrently), measured "
-             "before each round of the same system. GB/s: those bytes / time per token.", "",
+             "before each round of the same system. GB/s: those bytes / time per token. Kernel floor: those "
+             "processes streaming the rank's weights through the decode's own GEMV kernels instead, nothing else "
+             "(kernel floor / floor: the kernel; time / kernel floor: the rest of the decode).", "",
              "| system | time per output token ms | vs transformers float32 | resident weight MB per rank | "
-             "weights GB/s | floor ms | vs floor |", "|---|---|---|---|---|---|---|"]
+             "weights GB/s | floor ms | vs floor | kernel floor ms | kernel floor / floor | vs kernel floor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["systems"].items():
         per_rank = ", ".join(f"r{k}: {v / 1e6:.0f}" for k, v in sorted(r["weight_bytes"].items()))
-        floor = f"{r['floor_ms']:.1f} | {r['tpot_ms'] / r['floor_ms']:.2f}" if "floor_ms" in r else "- | -"
+        floor = (f"{r['floor_ms']:.1f} | {r['tpot_ms'] / r['floor_ms']:.2f} | {r['kernel_floor_ms']:.1f} | "
+                 f"{r['kernel_floor_ms'] / r['floor_ms']:.2f} | {r['tpot_ms'] / r['kernel_floor_ms']:.2f}"
+                 if "floor_ms" in r else "- | - | - | - | -")
         lines.append(f"| {name} | {r['tpot_ms']:.1f} | {r['tpot_ms'] / base:.2f} | {per_rank} | {r['gb_s']:.1f} | "
                      f"{floor} |")
     if "peak" in results:
