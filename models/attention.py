@@ -32,6 +32,7 @@ class KVCache:
         self.dtype = dtype
         self._k = [torch.empty(self._shape, dtype=dtype) for _ in range(num_layers)]
         self._v = [torch.empty(self._shape, dtype=dtype) for _ in range(num_layers)]
+        self._arrays: list[tuple[np.ndarray, np.ndarray] | None] = [None] * num_layers  # see `arrays`
 
     def nbytes(self) -> int:
         """Reserved bytes (capacity); pages of unfilled positions are only virtual memory."""
@@ -58,6 +59,17 @@ class KVCache:
             self._grow(layer, self.length + seqlen)
         return self._k[layer], self._v[layer]
 
+    def arrays(self, layer: int, seqlen: int) -> tuple[np.ndarray, np.ndarray]:
+        """`reserve` as numpy views, [KV, capacity, hd] each (float32 caches), made once per buffer.
+        Why: a decode step asks for them in every layer, right after a weight GEMV has streamed
+        megabytes through the caches, and torch's .numpy() then cost tens of microseconds a call
+        (with the norms' views, models.llama.LayerWeights.norm_arrays: SmolLM2's rank of 2 went
+        from 5.15 to 4.47 ms per token, in-process A/B on one thread)."""
+        self.reserve(layer, seqlen)
+        if self._arrays[layer] is None:
+            self._arrays[layer] = (self._k[layer][0].numpy(), self._v[layer][0].numpy())
+        return self._arrays[layer]
+
     def _grow(self, layer: int, needed: int) -> None:
         capacity = max(needed, 2 * self._k[layer].shape[2])
         for store in (self._k, self._v):
@@ -65,6 +77,7 @@ class KVCache:
             new = torch.empty((*old.shape[:2], capacity, old.shape[3]), dtype=old.dtype)
             new[:, :, : self.length] = old[:, :, : self.length]
             store[layer] = new
+        self._arrays[layer] = None
 
     def advance(self, seqlen: int) -> None:
         """Called once per forward, after every layer appended `seqlen` positions."""
@@ -166,9 +179,9 @@ class CacheAttention:
     def attend_arrays(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """The kernel path of a call on arrays (models.decode_step): q [H, S, hd], k, v [KV, S, hd],
         float32 and C-contiguous, RoPE applied -> [H, S, hd]; k and v are written into the cache."""
-        keys, values = self.kv.reserve(layer, q.shape[1])
-        return attend_arrays(q, k, v, keys[0].numpy(), values[0].numpy(), self._heads(q.shape[0], k.shape[0]),
-                             self.kv.length, self.config.sliding_window(layer))
+        keys, values = self.kv.arrays(layer, q.shape[1])
+        return attend_arrays(q, k, v, keys, values, self._heads(q.shape[0], k.shape[0]), self.kv.length,
+                             self.config.sliding_window(layer))
 
 
 class BatchAttend:

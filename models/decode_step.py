@@ -88,9 +88,10 @@ class _Step:
         self.sum_arrays = getattr(reduce, "arrays", None)  # a reduce that takes arrays (edge.rank_reduce)
 
     def layer(self, h: np.ndarray, w: LayerWeights, layer: int) -> np.ndarray:
-        x = rms_norm_array(h, w.attn_norm.numpy(), self.eps)
+        attn_norm, mlp_norm = w.norm_arrays
+        x = rms_norm_array(h, attn_norm, self.eps)
         h = h + self._sum(self._attention(x, w, layer))
-        x = rms_norm_array(h, w.mlp_norm.numpy(), self.eps)
+        x = rms_norm_array(h, mlp_norm, self.eps)
         if w.w_gate_up is not None:  # one GEMV for both (models.fusion)
             gate, up = _columns(_linear(x, w.w_gate_up, w.b_gate_up), [w.w_gate.shape[0]])
         else:

@@ -7,8 +7,10 @@ Nothing here knows about ranks: a rank calls the same functions with its slice o
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -56,7 +58,15 @@ class LayerWeights:
 
     def nbytes(self) -> int:
         """Bytes held (a fused weight's parts are views of it: counted once, as the parts)."""
-        return sum(t.nbytes for f, t in vars(self).items() if t is not None and f not in FUSED_FIELDS)
+        held = (getattr(self, f.name) for f in fields(self) if f.name not in FUSED_FIELDS)
+        return sum(t.nbytes for t in held if t is not None)
+
+    @cached_property
+    def norm_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """attn_norm and mlp_norm as numpy views, made once per layer object for the decode step's
+        array path (models.decode_step): torch's .numpy() right after a GEMV's weight stream cost tens
+        of microseconds a call (see models.attention.KVCache.arrays)."""
+        return self.attn_norm.numpy(), self.mlp_norm.numpy()
 
 
 FUSED_FIELDS = ("wqkv", "bqkv", "w_gate_up", "b_gate_up")

@@ -235,3 +235,29 @@ def test_a_batched_decode_step_takes_the_array_path(folders, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(llama, "decoder_layer", lambda *a, **k: pytest.fail("the torch path ran"))
     assert torch.equal(step(), expected)
+
+
+def test_the_cached_kv_views_follow_the_cache_when_it_grows():
+    """KVCache.arrays hands out numpy views made once per buffer: writes through them land in the
+    cache, and a cache that grew hands out views of its new buffers, holding what was written."""
+    kv = KVCache(num_layers=2, n_kv_heads=2, head_dim=4, capacity=2)
+    keys, values = kv.arrays(1, 2)  # [KV, 2, hd]
+    keys[:, :2], values[:, :2] = 1.5, -2.5
+    kv.advance(2)
+    assert torch.equal(kv.reserve(1, 0)[0][0, :, :2], torch.full((2, 2, 4), 1.5))
+    grown_keys, grown_values = kv.arrays(1, 1)  # past the capacity: the buffers double
+    assert grown_keys.shape == (2, 4, 4) and grown_keys is not keys
+    assert (grown_keys[:, :2] == 1.5).all() and (grown_values[:, :2] == -2.5).all()
+    grown_keys[:, 2] = 7.0
+    assert torch.equal(kv.reserve(1, 1)[0][0, :, 2], torch.full((2, 4), 7.0))
+    assert kv.arrays(0, 0)[0].shape == (2, 2, 4)  # the other layer's buffers did not grow
+
+
+def test_a_layers_norm_views_are_not_counted_as_weights(folders):
+    """LayerWeights.norm_arrays (cached on the layer) shares the norms' memory and leaves nbytes,
+    the resident-bytes count of /metrics and the memory budget, as it was."""
+    layer = shard(folders["llama"], "int4", 2, 1)[2][0]
+    before = layer.nbytes()
+    attn_norm, mlp_norm = layer.norm_arrays
+    assert np.shares_memory(attn_norm, layer.attn_norm.numpy()) and np.shares_memory(mlp_norm, layer.mlp_norm.numpy())
+    assert layer.norm_arrays[0] is attn_norm and layer.nbytes() == before
