@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from models.attention_kernels import attend_arrays
 from models.config import LlamaConfig
-from models.decode_kernels import attend_cached, kernel_applies
+from models.decode_kernels import kernel_applies
 from models.sharding import LocalDims
 
 
@@ -170,9 +170,8 @@ class CacheAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if kernel_applies(q, self.kv.dtype):  # a decode step: one compiled call instead of ten torch ops
-            keys, values = self.kv.reserve(layer, q.shape[2])
-            return attend_cached(q, k, v, keys, values, self._heads(q.shape[1], k.shape[1]), self.kv.length,
-                                 self.config.sliding_window(layer))
+            arrays = (np.ascontiguousarray(t[0].numpy()) for t in (q, k, v))  # [H | KV, S, hd]: copies only for S > 1
+            return torch.from_numpy(self.attend_arrays(layer, *arrays))[None]
         keys, values = self.kv.append(layer, k, v)  # [B, KV, T, hd]
         return grouped_attention(q, keys, values, self.kv_map, self._mask(layer))
 
