@@ -15,6 +15,7 @@ from models.attention_kernels import attend_arrays
 from models.config import LlamaConfig
 from models.decode_kernels import kernel_applies
 from models.sharding import LocalDims
+from models.step_attention import rope_attend_rows
 
 
 class KVCache:
@@ -181,6 +182,18 @@ class CacheAttention:
         keys, values = self.kv.arrays(layer, q.shape[1])
         return attend_arrays(q, k, v, keys, values, self._heads(q.shape[0], k.shape[0]), self.kv.length,
                              self.config.sliding_window(layer))
+
+
+    def attend_rows(self, layer: int, y: np.ndarray, kv_width: int, cos: np.ndarray, signed_sin: np.ndarray,
+                    out: np.ndarray) -> None:
+        """The decode step's call (models.decode_step), from the fused projections: y [S, (H + 2 KV) hd]
+        (q, k, v before RoPE), cos, signed_sin [S, hd] -> out [S, H x hd]; the rotated k and v go
+        into the cache. float32, C-contiguous (models.step_attention.rope_attend_rows)."""
+        keys, values = self.kv.arrays(layer, y.shape[0])
+        head_dim = keys.shape[2]
+        heads = self._heads((y.shape[1] - 2 * kv_width) // head_dim, kv_width // head_dim)
+        rope_attend_rows(y, kv_width, cos, signed_sin, keys, values, heads, self.kv.length,
+                         self.config.sliding_window(layer), out)
 
 
 class BatchAttend:

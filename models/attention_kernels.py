@@ -36,13 +36,11 @@ njit = numba.njit if numba is not None else None
 
 if njit is not None:
     @njit(fastmath=True, cache=True, nogil=True)
-    def _whole(q, k, v, keys, values, kv_map, start, window, out):  # pragma: no cover - compiled
-        """A context of one chunk, in one pass per query head: q [H, S, hd], k, v [KV, S, hd] (RoPE
-        applied) at positions start..start+S-1; keys/values [KV, cap, hd] holding 0..start-1 (k, v
-        are written after them); kv_map [H] int64; window (0: none) -> out [H, S, hd]."""
+    def _whole(q, keys, values, kv_map, start, window, out):  # pragma: no cover - compiled
+        """A context of one chunk, in one pass per query head: q [H, S, hd] (RoPE applied) at
+        positions start..start+S-1; keys/values [KV, cap, hd] holding 0..start+S-1 (the new
+        positions' already written); kv_map [H] int64; window (0: none) -> out [H, S, hd]."""
         n_heads, seqlen, head_dim = q.shape
-        keys[:, start:start + seqlen] = k
-        values[:, start:start + seqlen] = v
         scale = np.float32(1.0 / math.sqrt(head_dim))
         scores = np.empty(start + seqlen, np.float32)
         acc = np.empty(head_dim, np.float32)
@@ -180,10 +178,18 @@ def attend_arrays(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray,
     keys, values [KV, capacity, hd] holding 0..start-1; kv_map [H] int64 -> [H, S, hd], with k
     and v written into the cache first."""
     if start + q.shape[1] <= CHUNK:  # one chunk: no partial sums to combine, nothing to spread
-        out = np.empty(q.shape, np.float32)
-        _whole(q, k, v, keys, values, kv_map, start, window or 0, out)
-        return out
+        keys[:, start:start + q.shape[1]] = k
+        values[:, start:start + q.shape[1]] = v
+        return attend_written(q, keys, values, kv_map, start, window, np.empty(q.shape, np.float32))
     return _chunked()(q, k, v, keys, values, *groups_of(kv_map, keys.shape[0]), start, window or 0)
+
+
+def attend_written(q: np.ndarray, keys: np.ndarray, values: np.ndarray, kv_map: np.ndarray, start: int,
+                   window: int | None, out: np.ndarray) -> np.ndarray:
+    """`attend_arrays` within one chunk of context with the new positions' keys and values already in
+    the cache (models.step_attention writes them as it rotates them) -> out [H, S, hd], C-contiguous."""
+    _whole(q, keys, values, kv_map, start, window or 0, out)
+    return out
 
 
 def _chunked():

@@ -55,22 +55,27 @@ if njit is not None:
                 g = gate[r, c]
                 gate[r, c] = (g / (np.float32(1.0) + np.float32(math.exp(-g)))) * up[r, c]
 
-    @njit(fastmath=True, cache=True, nogil=True)
+    @njit(cache=True, nogil=True)
     def _rope(x, cos, signed_sin, out):  # pragma: no cover - compiled
         """x [B, S, H, hd]; cos, signed_sin [1 | B, S, hd] -> out [B, S, H, hd]:
         x * cos + roll(x, hd / 2) * signed_sin (rotate_half, as models.rope.apply_rope_tables)."""
-        rows, seqlen, n_heads, head_dim = x.shape
-        half = head_dim // 2
+        rows, seqlen, n_heads = x.shape[:3]
         for b in range(rows):
             tb = b if cos.shape[0] > 1 else 0
             for s in range(seqlen):
-                c, sn = cos[tb, s], signed_sin[tb, s]
                 for h in range(n_heads):
-                    xh, oh = x[b, s, h], out[b, s, h]
-                    for i in range(half):
-                        oh[i] = xh[i] * c[i] + xh[i + half] * sn[i]
-                    for i in range(half, head_dim):
-                        oh[i] = xh[i] * c[i] + xh[i - half] * sn[i]
+                    rope_head(x[b, s, h], cos[tb, s], signed_sin[tb, s], out[b, s, h])
+
+    @njit(cache=True, nogil=True)
+    def rope_head(x, c, sn, out):  # pragma: no cover - compiled
+        """One head at one position: x, c, sn [hd] -> out [hd]. No fast-math: each product rounded,
+        then the sum, with no fused multiply-add, so every caller (models.step_attention too) gets
+        the same bits wherever the compiler inlines it; elementwise, it vectorizes all the same."""
+        half = x.shape[0] // 2
+        for i in range(half):
+            out[i] = x[i] * c[i] + x[i + half] * sn[i]
+        for i in range(half, x.shape[0]):
+            out[i] = x[i] * c[i] + x[i - half] * sn[i]
 
 
 def small_float32(x: torch.Tensor) -> bool:
@@ -86,9 +91,9 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return torch.from_numpy(rms_norm_array(rows, weight.numpy(), eps)).view(x.shape)
 
 
-def rms_norm_array(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x [R, D] float32, C-contiguous; weight [D] float32 -> [R, D]."""
-    out = np.empty_like(x)
+def rms_norm_array(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    """x [R, D] float32, C-contiguous; weight [D] float32 -> [R, D] (into `out`, C-contiguous, when given)."""
+    out = np.empty_like(x) if out is None else out
     _rms_norm(x, weight, np.float32(eps), out)
     return out
 

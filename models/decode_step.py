@@ -7,11 +7,16 @@ from arrays under 1 us. Measured on one process, 2 threads, median ms per token
 (/tmp scratch, AMD EPYC host on a slow day): the `small` preset 2.2 -> 1.4, SmolLM2-135M 44 -> 38,
 SmolLM2-135M int4 19 -> 13.4. The README's Benchmarks section has the cluster numbers.
 
-Bit for bit the same as decoder_layer: the GEMVs (models.quant_kernels.gemv_rows), RMSNorm, RoPE
-and attention kernels (models.decode_kernels) see the same arrays; biases and residuals are the
-same float32 adds; SiLU(gate) x up is decoder_layer's kernel too (models.decode_kernels). So
-everything decoder_layer promises (tokens and logprobs against transformers, ranks identical)
-holds unchanged, and the tests check equality, not closeness.
+Bit for bit the same as decoder_layer: the GEMVs (models.quant_kernels.gemv_rows), RMSNorm,
+attention and SiLU(gate) x up kernels (models.decode_kernels, models.attention_kernels) are the
+same compiled functions on the same values; RoPE and the cache write run in one call per request
+(models.step_attention) on the same elementwise helper; biases and residuals are the same float32
+adds. So everything decoder_layer promises (tokens and logprobs against transformers, ranks
+identical) holds unchanged, and the tests check equality, not closeness.
+
+Between GEMVs a step reuses its buffers (each GEMV's output, the normed stream, the heads' output)
+and adds each summed partial into the residual stream in place: after a GEMV has streamed a
+layer's weights, a new array costs tens of microseconds (models.step_attention says why).
 
 Serves a step of B requests of S new positions each with B x S <= ROWS (a decode step, a batch
 of them, a verification of drafted tokens: where decoder_layer's kernels serve every op) in
@@ -22,7 +27,6 @@ through models.quant_kernels.linear, as in decoder_layer.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -31,7 +35,7 @@ import torch
 
 from models.attention import Attend, BatchAttend, CacheAttention
 from models.config import LlamaConfig
-from models.decode_kernels import MAX_POSITIONS, njit, rms_norm_array, rope_array, silu_mul_array
+from models.decode_kernels import MAX_POSITIONS, njit, rms_norm_array, silu_mul_array
 from models.quant_kernels import GEMV_ROWS, gemv_rows, kernel_serves, linear
 from models.sharding import LocalDims
 
@@ -70,56 +74,71 @@ def decode_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], config
     or [B, 1, S, hd]: each row at its own positions)."""
     batch, seqlen, width = h.shape
     cos, signed_sin = (np.ascontiguousarray(t.numpy().reshape(-1, seqlen, dims.head_dim)) for t in cos_sin)
-    x = np.ascontiguousarray(h.numpy().reshape(batch * seqlen, width))  # [B x S, D]
+    x = np.array(h.numpy().reshape(batch * seqlen, width))  # [B x S, D]: the residual stream, ours to write
     step = _Step(config, dims, row_attends(attend, batch), (batch, seqlen), cos, signed_sin, reduce)
     for layer in range(config.num_layers):
-        x = step.layer(x, layers(layer), layer)
+        step.layer(x, layers(layer), layer)
     return torch.from_numpy(x).view(batch, seqlen, width)
 
 
 class _Step:
-    """One decode step's constants; `layer` applies one layer to the residual stream [B x S, D]."""
+    """One decode step's constants and buffers; `layer` applies one layer to the residual stream
+    [B x S, D] in place. A buffer is made at its first use and serves every layer."""
 
     def __init__(self, config: LlamaConfig, dims: LocalDims, attends: list[CacheAttention], shape: tuple[int, int],
                  cos: np.ndarray, signed_sin: np.ndarray, reduce: Reduce):
-        self.eps, self.head_dim, self.attends, self.reduce = config.rms_norm_eps, dims.head_dim, attends, reduce
+        self.eps, self.attends, self.reduce = config.rms_norm_eps, attends, reduce
         self.shape, self.cos, self.signed_sin = shape, cos, signed_sin
         self.alone = reduce is no_reduce  # one device: the partials are whole, no tensor round trip
         self.sum_arrays = getattr(reduce, "arrays", None)  # a reduce that takes arrays (edge.rank_reduce)
+        self._buffers: dict[str, np.ndarray] = {}
 
-    def layer(self, h: np.ndarray, w: LayerWeights, layer: int) -> np.ndarray:
+    def layer(self, h: np.ndarray, w: LayerWeights, layer: int) -> None:
         attn_norm, mlp_norm = w.norm_arrays
-        x = rms_norm_array(h, attn_norm, self.eps)
-        h = h + self._sum(self._attention(x, w, layer))
-        x = rms_norm_array(h, mlp_norm, self.eps)
-        if w.w_gate_up is not None:  # one GEMV for both (models.fusion)
-            gate, up = _columns(_linear(x, w.w_gate_up, w.b_gate_up), [w.w_gate.shape[0]])
-        else:
-            gate, up = _linear(x, w.w_gate, w.b_gate), _linear(x, w.w_up, w.b_up)
-        act = silu_mul_array(gate, up)  # decoder_layer's silu(gate) * up, in gate's place
-        return h + self._sum(_linear(act, w.w_down, w.b_down))
+        x = rms_norm_array(h, attn_norm, self.eps, self._buffer("normed", h.shape[1]))
+        h += self._sum(self._attention(x, w, layer))
+        x = rms_norm_array(h, mlp_norm, self.eps, x)
+        h += self._sum(self._linear(self._activation(x, w), w.w_down, w.b_down, "down"))
 
     def _attention(self, x: np.ndarray, w: LayerWeights, layer: int) -> np.ndarray:
         """x [B x S, D] (normed) -> the partial output projection [B x S, D] over this rank's heads;
         row b attends over its own cache."""
-        (batch, seqlen), hd = self.shape, self.head_dim
+        seqlen = self.shape[1]
         if w.wqkv is not None:  # one GEMV for the three (models.fusion)
-            q, k, v = _columns(_linear(x, w.wqkv, w.bqkv), [w.wq.shape[0], w.wk.shape[0]])
+            y = self._linear(x, w.wqkv, w.bqkv, "qkv")
         else:
-            q, k, v = (_linear(x, wt, b) for wt, b in ((w.wq, w.bq), (w.wk, w.bk), (w.wv, w.bv)))
-        q = self._rope(q.reshape(batch, seqlen, -1, hd))  # [B, S, H, hd]
-        k = self._rope(k.reshape(batch, seqlen, -1, hd))  # [B, S, KV, hd]
-        v = v.reshape(batch, seqlen, -1, hd)
-        outs = []
-        for b, attend in enumerate(self.attends):
-            heads = [np.ascontiguousarray(t[b].transpose(1, 0, 2)) for t in (q, k, v)]  # [H | KV, S, hd]
-            outs.append(attend.attend_arrays(layer, *heads))  # [H, S, hd]
-        out = outs[0][None] if batch == 1 else np.stack(outs)  # [B, H, S, hd]
-        out = out.transpose(0, 2, 1, 3).reshape(batch * seqlen, -1)  # [B x S, H x hd]
-        return _linear(np.ascontiguousarray(out), w.wo, w.bo)
+            y = np.concatenate([self._linear(x, wt, b, name) for wt, b, name in
+                                ((w.wq, w.bq, "q"), (w.wk, w.bk, "k"), (w.wv, w.bv, "v"))], axis=1)
+        out = self._buffer("heads", w.wq.shape[0])  # [B x S, H x hd]
+        for b, attend in enumerate(self.attends):  # y [B x S, (H + 2 KV) hd]: row b's S positions
+            rows, tables = slice(b * seqlen, (b + 1) * seqlen), b if self.cos.shape[0] > 1 else 0
+            attend.attend_rows(layer, y[rows], w.wk.shape[0], self.cos[tables], self.signed_sin[tables], out[rows])
+        return self._linear(out, w.wo, w.bo, "wo")
 
-    def _rope(self, x: np.ndarray) -> np.ndarray:
-        return rope_array(x, self.cos, self.signed_sin)
+    def _activation(self, x: np.ndarray, w: LayerWeights) -> np.ndarray:
+        """x [B x S, D] (normed) -> silu(gate) * up [B x S, I] over this rank's columns."""
+        if w.w_gate_up is not None:  # one GEMV for both (models.fusion)
+            y = self._linear(x, w.w_gate_up, w.b_gate_up, "gate_up")
+            gate, up = y[:, :w.w_gate.shape[0]], y[:, w.w_gate.shape[0]:]  # [R, I] each: contiguous for R = 1
+            if y.shape[0] > 1:
+                gate, up = np.ascontiguousarray(gate), np.ascontiguousarray(up)  # as the kernel takes them
+        else:
+            gate, up = self._linear(x, w.w_gate, w.b_gate, "gate"), self._linear(x, w.w_up, w.b_up, "up")
+        return silu_mul_array(gate, up)  # decoder_layer's silu(gate) * up, in gate's place
+
+    def _linear(self, x: np.ndarray, w: Weight, bias: torch.Tensor | None, name: str) -> np.ndarray:
+        """x [R, D] float32 C-contiguous -> [R, N]: the kernel decoder_layer's `linear` picks for it,
+        into the step's buffer `name` (torch's linear, for a weight no kernel serves, into its own)."""
+        if kernel_serves(w):
+            return gemv_rows(x, w, bias, self._buffer(name, w.shape[0]))
+        return linear(torch.from_numpy(x), w, bias).numpy()
+
+    def _buffer(self, name: str, width: int) -> np.ndarray:
+        """The step's [B x S, width] float32 buffer `name`, made at its first use."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[1] != width:
+            buffer = self._buffers[name] = np.empty((self.shape[0] * self.shape[1], width), np.float32)
+        return buffer
 
     def _sum(self, partial: np.ndarray) -> np.ndarray:
         """This rank's partial [B x S, D] -> the sum over ranks (the layer's `reduce`, on [B, S, D])."""
@@ -129,18 +148,3 @@ class _Step:
             return self.sum_arrays(partial)
         summed = self.reduce(torch.from_numpy(partial).view(*self.shape, -1))
         return summed.numpy().reshape(partial.shape)
-
-
-def _linear(x: np.ndarray, w: Weight, bias: torch.Tensor | None) -> np.ndarray:
-    """x [R, D] float32 C-contiguous, R <= ROWS -> [R, N]: the kernel decoder_layer's
-    `linear` picks for it."""
-    if kernel_serves(w):
-        return gemv_rows(x, w, bias)
-    return linear(torch.from_numpy(x), w, bias).numpy()
-
-
-def _columns(y: np.ndarray, widths: list[int]) -> list[np.ndarray]:
-    """y [R, N] -> its column blocks of `widths` (and the rest), each C-contiguous (a copy only for
-    R > 1: one row's blocks are contiguous already), as the kernels take them."""
-    bounds = [0, *itertools.accumulate(widths), y.shape[1]]
-    return [np.ascontiguousarray(y[:, a:b]) for a, b in itertools.pairwise(bounds)]

@@ -27,6 +27,7 @@ from models.decode_kernels import warm_decode_kernels
 from models.dequant_kernels import prefill_linear
 from models.numba_target import amd_cores, compiled_for, numba
 from models.quant import GROUP, QuantWeight, kernel_array
+from models.step_attention import warm_step_attention
 from models.threads import in_passing_thread, kernel_threads
 
 GEMV_ROWS = 8  # rows of x up to which the GEMV kernel beats dequantize + GEMM
@@ -225,6 +226,7 @@ def _warm() -> None:
         for small in (True, False):
             _kernel("f32", small)(w, x, out, SPREAD_ONE_ROW, False)
     warm_decode_kernels()
+    warm_step_attention()
 
 
 FLOAT_WEIGHTS = (torch.float32, torch.bfloat16, torch.float16)
@@ -241,13 +243,14 @@ def kernel_serves(w: torch.Tensor | QuantWeight) -> bool:
     return w.dtype in FLOAT_WEIGHTS and w.is_contiguous() and not w.requires_grad
 
 
-def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> np.ndarray:
+def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None,
+              out: np.ndarray | None = None) -> np.ndarray:
     """x [R, K] float32, C-contiguous, 1 <= R <= GEMV_ROWS; w with `kernel_serves(w)` -> [R, N] float32
-    (+ bias), W streamed once by its format's kernel (bf16 / fp16 widened exactly as it is read).
-    Arrays in, arrays out: a decode step's layer (models.decode_step) calls this without a torch op
-    around it."""
-    n = w.shape[0]
-    out = np.empty((x.shape[0], n), np.float32)
+    (+ bias), W streamed once by its format's kernel (bf16 / fp16 widened exactly as it is read),
+    into `out` ([R, N] float32, C-contiguous) when given. Arrays in, arrays out: a decode step's
+    layer (models.decode_step) calls this without a torch op around it, into buffers it reuses."""
+    if out is None:
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)
     if isinstance(w, QuantWeight):
         kind, args = w.kind, (*w.arrays, x, out, kernel_threads())  # one run of tiles per thread
         if kind == "int8":
@@ -256,7 +259,7 @@ def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor |
             kind, args = vnni, args + (vnni_kernels.GROUPS_AHEAD,)
         _kernel(kind)(*args)
     else:
-        small = n * w.shape[1] < PARALLEL_MIN_PARAMS
+        small = w.shape[0] * w.shape[1] < PARALLEL_MIN_PARAMS
         _kernel("f32", small)(kernel_array(w), x, out, SPREAD_ONE_ROW, w.dtype == torch.bfloat16)
     if bias is not None:
         out += bias.float().numpy()

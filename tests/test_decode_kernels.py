@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import attention, attention_kernels, decode_kernels
+from models import attention, attention_kernels, decode_kernels, step_attention
 from models.attention import KVCache, attention_mask, grouped_attention
 from models.attention_kernels import CHUNK
 from models.decode_kernels import (
@@ -27,6 +27,7 @@ from models.decode_kernels import (
     warm_decode_kernels,
 )
 from models.rope import apply_rope_tables, rope_tables
+from models.step_attention import warm_step_attention
 from models.threads import kernel_threads, set_threads, step_threads
 
 HEAD_DIM = 16
@@ -173,6 +174,21 @@ def test_one_compiled_signature_serves_every_step_shape():
     attend_cached(q[1:], k[1:], v[1:], *long.reserve(0, 3), np.array([0, 0, 1, 1, 2, 2]), CHUNK, 4)
     rms_norm_rows(x[:, :, 0], torch.ones(HEAD_DIM), 1e-5)
     silu_mul_rows(x[:, :, 0], x[:, :, 1])  # strided views of one tensor
+    assert {k: len(k.signatures) for k in compiled} == compiled
+
+
+def test_the_step_attention_is_compiled_at_start_up_for_every_step_shape():
+    """models.step_attention takes a request's rows of a batch's projections and its own tables: the
+    signature warmed at start-up serves a 3-position row of a batch, as the decode step calls it."""
+    warm_step_attention()
+    kernels = (step_attention._rope_rows, attention_kernels._whole)
+    compiled = {k: len(k.signatures) for k in kernels}
+    y = torch.randn(6, 10 * HEAD_DIM).numpy()  # [B x S, (H + 2 KV) hd]: 2 rows of 3 positions, H 6, KV 2
+    cos, sin = (torch.randn(2, 3, HEAD_DIM).numpy() for _ in range(2))  # [B, S, hd]
+    cache = KVCache(1, 2, HEAD_DIM, capacity=8)
+    out = np.empty((6, 6 * HEAD_DIM), np.float32)
+    step_attention.rope_attend_rows(y[3:], 2 * HEAD_DIM, cos[1], sin[1], *cache.arrays(0, 3),
+                                    np.array([0, 0, 0, 1, 1, 1]), 0, 2, out[3:])
     assert {k: len(k.signatures) for k in compiled} == compiled
 
 

@@ -13,6 +13,7 @@ import torch
 
 import models.llama as llama
 from models.attention import BatchAttend, KVCache
+from models.attention_kernels import CHUNK
 from models.checkpoint import Checkpoint
 from models.decode_kernels import MAX_POSITIONS
 from models.decode_step import ROWS, decode_layers, serves
@@ -59,11 +60,12 @@ def counting_reduce(calls: list):
     return reduce
 
 
-def both_paths(config, dims, layers, seqlen: int, seed: int, batch: int = 1, array_layers=None):
-    """The same step of `batch` rows (row b with PAST + 3b positions cached) through decoder_layer and
+def both_paths(config, dims, layers, seqlen: int, seed: int, batch: int = 1, array_layers=None, past: int = PAST):
+    """The same step of `batch` rows (row b with past + 3b positions cached) through decoder_layer and
     decode_layers (on `array_layers` if given) -> (h, caches, reduce calls) per path."""
     h = torch.randn(batch, seqlen, config.hidden_size, generator=torch.Generator().manual_seed(seed))
-    rotary, pasts = RotaryTable(config), [PAST + 3 * b for b in range(batch)]
+    given = h.clone()
+    rotary, pasts = RotaryTable(config), [past + 3 * b for b in range(batch)]
     tables = [rotary.cos_sin(torch.arange(p, p + seqlen)) for p in pasts]  # as forward_batch: per row
     cos_sin = rope_tables(*(torch.stack([t[i] for t in tables])[:, None] for i in range(2)), torch.float32)
     results = []
@@ -80,6 +82,7 @@ def both_paths(config, dims, layers, seqlen: int, seed: int, batch: int = 1, arr
                 for i, w in enumerate(layers):
                     out = decoder_layer(out, w, config, dims, attend, i, cos_sin, reduce)
         results.append((out, kvs, calls))
+    assert torch.equal(h, given)  # the array step writes its own copy of the residual stream
     return results
 
 
@@ -129,6 +132,18 @@ def test_a_batch_on_fused_projections_is_the_torch_batch(folders, batch, seqlen)
 def test_a_batch_of_requests_each_at_its_own_position_is_the_torch_batch(folders, kind, quant, batch, seqlen):
     config, dims, layers = shard(folders[kind], quant, 2, 1)
     assert_same(both_paths(config, dims, layers, seqlen, seed=batch, batch=batch), config, seqlen, batch)
+
+
+@pytest.mark.parametrize("batch,seqlen", [(1, 3), (2, 1)])
+@pytest.mark.parametrize("kind,quant", [("llama", "int4"), ("mistral", "none")])
+def test_past_one_chunk_of_context_the_step_is_still_the_torch_step(folders, kind, quant, batch, seqlen):
+    """Past one chunk of context (models.attention_kernels.CHUNK) a row's attention takes the chunked
+    kernel instead of the fused call (models.step_attention): three positions from the chunk's last on;
+    in a batch of one position each, row 0 stays within the chunk and row 1 is past it."""
+    config, dims, layers = shard(folders[kind], quant, 2, 1)
+    fused = [fuse_layer(w) for w in layers]
+    results = both_paths(config, dims, layers, seqlen, seed=batch, batch=batch, array_layers=fused, past=CHUNK - 1)
+    assert_same(results, config, seqlen, batch)
 
 
 def test_a_weight_no_kernel_serves_takes_the_torch_linear(folders):

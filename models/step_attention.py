@@ -1,0 +1,82 @@
+"""A decode step's attention straight from its fused q/k/v projection: RoPE of q and k, the cache
+write and the head-major q in one compiled call per request, then the attention kernel.
+
+Why: right after a GEMV has streamed a layer's weights through the caches, every call of the small
+work after it starts cold (its code, numba's dispatch, numpy's allocator): a trivial kernel call
+cost 25-33 us there against under 2 us warm, np.empty ~30 us (scratch timing, 2-core Xeon). Between
+the q/k/v GEMV and the output projection the separate kernels made 9 calls and as many arrays: the
+q/k/v column split, RoPE of q and of k, the heads moved before positions, attention with its cache
+write, the output's reshape. Here they are 2 calls into buffers (models.decode_step keeps them).
+
+The same bits as models.llama.decoder_layer's kernels, by construction, not by luck of the
+compiler: RoPE is the one helper both paths compile in (decode_kernels.rope_head, elementwise and
+without fast-math, so inlining cannot change a bit) and the attention is the very same compiled
+function (attention_kernels.attend_written), whose fast-math sums would follow the compiler's
+choices for a new caller. Past one chunk of context a request takes the separate kernels as before.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.attention_kernels import CHUNK, attend_arrays, attend_written
+from models.decode_kernels import njit, rope_array, rope_head
+
+if njit is not None:
+    @njit(cache=True, nogil=True)
+    def _rope_rows(y, kv_width, cos, signed_sin, keys, values, start, q):  # pragma: no cover - compiled
+        """y [S, (H + 2 KV) hd] (one request's q, k, v before RoPE); cos, signed_sin [S, hd] ->
+        q [H, S, hd] rotated; k rotated and v into keys/values [KV, cap, hd] at start..start+S-1."""
+        seqlen, head_dim = y.shape[0], cos.shape[1]
+        q_width = y.shape[1] - 2 * kv_width
+        for s in range(seqlen):
+            c, sn = cos[s], signed_sin[s]
+            for h in range(q_width // head_dim):
+                rope_head(y[s, h * head_dim:(h + 1) * head_dim], c, sn, q[h, s])
+            for g in range(kv_width // head_dim):
+                at = q_width + g * head_dim
+                rope_head(y[s, at:at + head_dim], c, sn, keys[g, start + s])
+                values[g, start + s] = y[s, at + kv_width:at + kv_width + head_dim]
+
+
+def rope_attend_rows(y: np.ndarray, kv_width: int, cos: np.ndarray, signed_sin: np.ndarray, keys: np.ndarray,
+                     values: np.ndarray, kv_map: np.ndarray, start: int, window: int | None, out: np.ndarray) -> None:
+    """One request's decode attention from its fused projections: y [S, (H + 2 KV) hd] float32,
+    C-contiguous (q, k, v before RoPE) at positions start..start+S-1; cos, signed_sin [S, hd];
+    keys/values [KV, capacity, hd] holding 0..start-1; kv_map [H] int64 -> out [S, H x hd]
+    (C-contiguous), the rotated k and v written into the cache."""
+    seqlen, head_dim = y.shape[0], cos.shape[1]
+    n_heads = (y.shape[1] - 2 * kv_width) // head_dim
+    if start + seqlen > CHUNK:
+        out[:] = _attend_long(y, kv_width, cos, signed_sin, keys, values, kv_map, start, window)
+        return
+    q = np.empty((n_heads, seqlen, head_dim), np.float32)
+    _rope_rows(y, kv_width, cos, signed_sin, keys, values, start, q)
+    if seqlen == 1:  # out [1, H x hd] is [H, 1, hd] already
+        attend_written(q, keys, values, kv_map, start, window, out.reshape(n_heads, 1, head_dim))
+    else:
+        heads = attend_written(q, keys, values, kv_map, start, window, np.empty_like(q))  # [H, S, hd]
+        out[:] = heads.transpose(1, 0, 2).reshape(seqlen, -1)
+
+
+def _attend_long(y: np.ndarray, kv_width: int, cos: np.ndarray, signed_sin: np.ndarray, keys: np.ndarray,
+                 values: np.ndarray, kv_map: np.ndarray, start: int, window: int | None) -> np.ndarray:
+    """Past one chunk: the separate kernels, the chunks on the process's threads -> [S, H x hd]."""
+    seqlen, head_dim = y.shape[0], cos.shape[1]
+    q_width = y.shape[1] - 2 * kv_width
+    q, k, v = (y[:, a:b].reshape(1, seqlen, -1, head_dim)  # [1, S, H | KV, hd]
+               for a, b in ((0, q_width), (q_width, q_width + kv_width), (q_width + kv_width, y.shape[1])))
+    q, k = (rope_array(np.ascontiguousarray(t), cos[None], signed_sin[None]) for t in (q, k))
+    heads = [np.ascontiguousarray(t[0].transpose(1, 0, 2)) for t in (q, k, v)]  # [H | KV, S, hd]
+    return attend_arrays(*heads, keys, values, kv_map, start, window).transpose(1, 0, 2).reshape(seqlen, -1)
+
+
+def warm_step_attention() -> None:
+    """Compile (or load from numba's cache) `_rope_rows` for the signature a step calls it with
+    (contiguous float32 arrays), so no request waits for a compiler."""
+    if njit is None:
+        return
+    y, tables = np.ones((1, 6), np.float32), np.ones((1, 2), np.float32)  # [S, (H + 2 KV) hd], hd = 2
+    cache = np.zeros((1, 1, 2), np.float32)  # [KV, capacity, hd]
+    rope_attend_rows(y, 2, tables, tables, cache, cache.copy(), np.zeros(1, np.int64), 0, None,
+                     np.empty((1, 2), np.float32))
