@@ -115,7 +115,7 @@ class QuantWeight:
             return untiled(self.q), self.scale, None
         return untiled(deinterleaved(self.q)), untiled(self.scale), None if self.min is None else untiled(self.min)
 
-    @property
+    @cached_property
     def tile(self) -> int:
         """Output channels per tile."""
         return self.q.shape[-1] if self.kind == "int8" else self.q.shape[3]
