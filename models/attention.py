@@ -177,12 +177,11 @@ class CacheAttention:
         return grouped_attention(q, keys, values, self.kv_map, self._mask(layer))
 
     def attend_arrays(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """The kernel path of a call on arrays (models.decode_step): q [H, S, hd], k, v [KV, S, hd],
+        """The kernel path of a call (`__call__`) on its arrays: q [H, S, hd], k, v [KV, S, hd],
         float32 and C-contiguous, RoPE applied -> [H, S, hd]; k and v are written into the cache."""
         keys, values = self.kv.arrays(layer, q.shape[1])
         return attend_arrays(q, k, v, keys, values, self._heads(q.shape[0], k.shape[0]), self.kv.length,
                              self.config.sliding_window(layer))
-
 
     def attend_rows(self, layer: int, y: np.ndarray, kv_width: int, cos: np.ndarray, signed_sin: np.ndarray,
                     out: np.ndarray) -> None:
