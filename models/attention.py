@@ -11,9 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.attention_kernels import attend_arrays
 from models.config import LlamaConfig
-from models.decode_kernels import kernel_applies
+from models.decode_kernels import attend_cached, kernel_applies
 from models.sharding import LocalDims
 from models.step_attention import rope_attend_rows
 
@@ -171,17 +170,11 @@ class CacheAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if kernel_applies(q, self.kv.dtype):  # a decode step: one compiled call instead of ten torch ops
-            arrays = (np.ascontiguousarray(t[0].numpy()) for t in (q, k, v))  # [H | KV, S, hd]: copies only for S > 1
-            return torch.from_numpy(self.attend_arrays(layer, *arrays))[None]
+            keys, values = self.kv.arrays(layer, q.shape[2])
+            return attend_cached(q, k, v, keys, values, self._heads(q.shape[1], k.shape[1]), self.kv.length,
+                                 self.config.sliding_window(layer))
         keys, values = self.kv.append(layer, k, v)  # [B, KV, T, hd]
         return grouped_attention(q, keys, values, self.kv_map, self._mask(layer))
-
-    def attend_arrays(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """The kernel path of a call (`__call__`) on its arrays: q [H, S, hd], k, v [KV, S, hd],
-        float32 and C-contiguous, RoPE applied -> [H, S, hd]; k and v are written into the cache."""
-        keys, values = self.kv.arrays(layer, q.shape[1])
-        return attend_arrays(q, k, v, keys, values, self._heads(q.shape[0], k.shape[0]), self.kv.length,
-                             self.config.sliding_window(layer))
 
     def attend_rows(self, layer: int, y: np.ndarray, kv_width: int, cos: np.ndarray, signed_sin: np.ndarray,
                     out: np.ndarray) -> None:

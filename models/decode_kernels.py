@@ -141,8 +141,8 @@ def warm_decode_kernels() -> None:
     silu_mul_rows(x[0, 0], x[0, 0])
     q = x.transpose(1, 2)  # [1, H, S, hd]
     for start in (0, CHUNK):  # one chunk, and the chunked kernel for long contexts
-        cache = torch.zeros(1, 1, start + 1, 2)  # [1, KV, capacity, hd]
-        attend_cached(q, q[:, :1], q[:, :1], cache, cache.clone(), np.zeros(2, np.int64), start, None)
+        cache = np.zeros((1, start + 1, 2), np.float32)  # [KV, capacity, hd]
+        attend_cached(q, q[:, :1], q[:, :1], cache, cache.copy(), np.zeros(2, np.int64), start, None)
 
 
 def kernel_applies(q: torch.Tensor, cache_dtype: torch.dtype) -> bool:
@@ -151,13 +151,13 @@ def kernel_applies(q: torch.Tensor, cache_dtype: torch.dtype) -> bool:
             and q.dtype == cache_dtype == torch.float32)
 
 
-def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
-                  values: torch.Tensor, kv_map: np.ndarray, start: int, window: int | None) -> torch.Tensor:
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: np.ndarray,
+                  values: np.ndarray, kv_map: np.ndarray, start: int, window: int | None) -> torch.Tensor:
     """q: [1, H, S, hd], k, v: [1, KV, S, hd] at positions start..start+S-1; keys, values: the cache
-    buffers [1, KV, capacity >= start + S, hd] holding positions 0..start-1 -> [1, H, S, hd], with
-    k and v written into the cache: causal (and sliding-window) attention, as
-    models.attention.grouped_attention computes it."""
+    buffers' numpy views [KV, capacity >= start + S, hd] (models.attention.KVCache.arrays) holding
+    positions 0..start-1 -> [1, H, S, hd], with k and v written into the cache: causal (and
+    sliding-window) attention, as models.attention.grouped_attention computes it."""
     arrays = [np.ascontiguousarray(t[0].numpy()) for t in (q, k, v)]  # copies only for S > 1
-    out = attend_arrays(*arrays, keys[0].numpy(), values[0].numpy(), kv_map, start, window)
+    out = attend_arrays(*arrays, keys, values, kv_map, start, window)
     return torch.from_numpy(out)[None]
 

@@ -75,7 +75,7 @@ def decode_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], config
     batch, seqlen, width = h.shape
     cos, signed_sin = (np.ascontiguousarray(t.numpy().reshape(-1, seqlen, dims.head_dim)) for t in cos_sin)
     x = np.array(h.numpy().reshape(batch * seqlen, width))  # [B x S, D]: the residual stream, ours to write
-    step = _Step(config, dims, row_attends(attend, batch), (batch, seqlen), cos, signed_sin, reduce)
+    step = _Step(config, row_attends(attend, batch), (batch, seqlen), cos, signed_sin, reduce)
     for layer in range(config.num_layers):
         step.layer(x, layers(layer), layer)
     return torch.from_numpy(x).view(batch, seqlen, width)
@@ -85,7 +85,7 @@ class _Step:
     """One decode step's constants and buffers; `layer` applies one layer to the residual stream
     [B x S, D] in place. A buffer is made at its first use and serves every layer."""
 
-    def __init__(self, config: LlamaConfig, dims: LocalDims, attends: list[CacheAttention], shape: tuple[int, int],
+    def __init__(self, config: LlamaConfig, attends: list[CacheAttention], shape: tuple[int, int],
                  cos: np.ndarray, signed_sin: np.ndarray, reduce: Reduce):
         self.eps, self.attends, self.reduce = config.rms_norm_eps, attends, reduce
         self.shape, self.cos, self.signed_sin = shape, cos, signed_sin

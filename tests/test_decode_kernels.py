@@ -61,7 +61,7 @@ def test_kernel_attends_as_the_torch_path(start, seqlen, window, kv_map):
     keys, values = cache.reserve(0, seqlen)
     heads = np.array(kv_map or [h // 2 for h in range(n_heads)])
     assert kernel_applies(q, cache.dtype)
-    got = attend_cached(q, k, v, keys, values, heads, start, window)
+    got = attend_cached(q, k, v, *cache.arrays(0, seqlen), heads, start, window)
 
     all_k, all_v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
     mask = attention_mask(torch.arange(start, start + seqlen), start + seqlen, window)
@@ -168,10 +168,10 @@ def test_one_compiled_signature_serves_every_step_shape():
     q = rope_heads(x, *tables).transpose(1, 2)  # [B, H, S, hd], not contiguous
     k = v = x[:, :, :3].transpose(1, 2)
     cache = KVCache(1, 3, HEAD_DIM, capacity=3)
-    attend_cached(q[1:], k[1:], v[1:], *cache.reserve(0, 3), np.array([0, 0, 1, 1, 2, 2]), 0, None)
+    attend_cached(q[1:], k[1:], v[1:], *cache.arrays(0, 3), np.array([0, 0, 1, 1, 2, 2]), 0, None)
     long = KVCache(1, 3, HEAD_DIM, capacity=CHUNK + 3)
     long.advance(CHUNK)  # a context of more than one chunk
-    attend_cached(q[1:], k[1:], v[1:], *long.reserve(0, 3), np.array([0, 0, 1, 1, 2, 2]), CHUNK, 4)
+    attend_cached(q[1:], k[1:], v[1:], *long.arrays(0, 3), np.array([0, 0, 1, 1, 2, 2]), CHUNK, 4)
     rms_norm_rows(x[:, :, 0], torch.ones(HEAD_DIM), 1e-5)
     silu_mul_rows(x[:, :, 0], x[:, :, 1])  # strided views of one tensor
     assert {k: len(k.signatures) for k in compiled} == compiled
@@ -238,7 +238,7 @@ def test_long_context_attention_has_the_same_bits_on_any_thread_count(two_thread
         cache = KVCache(1, n_kv, HEAD_DIM, capacity=start + seqlen)
         cache.append(0, past_k, past_v)
         cache.advance(start)
-        outs.append(attend_cached(q, k, v, *cache.reserve(0, seqlen), heads, start, None))
+        outs.append(attend_cached(q, k, v, *cache.arrays(0, seqlen), heads, start, None))
     assert torch.equal(outs[0], outs[1])
 
 
