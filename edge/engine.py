@@ -124,8 +124,7 @@ class ShardModel:
 
     async def forward(self, h: torch.Tensor, kvs: list[KVStore], star: StarAllReduce | StepCollective,
                       timeout: float, score: tuple[torch.Tensor, int] | None = None,
-                      fast: FastStar | None = None, every: bool = False,
-                      announce: Callable[[], None] | None = None) -> np.ndarray | None:
+                      fast: FastStar | None = None, every: bool = False) -> np.ndarray | None:
         """h: [B, S, D], one row per request -> next-token logits [B, V] at rank 0 (None elsewhere), or
         with `every` the logits after each of the S positions [B, S, V]; raises collective and
         attention-node errors.
@@ -133,59 +132,49 @@ class ShardModel:
         With `score` (targets [S-1], k; B == 1): each rank's slice scores of positions 0..S-2
         (models.scoring) instead, gathered side by side at rank 0: [S-1, N x (3 + 2k)]. With `fast`
         the all-reduces and the gather run on the compute thread over the data plane (every rank
-        must agree), and `announce` (rank 0: the step's command to the workers) runs there first.
+        must agree).
         """
         loop = asyncio.get_running_loop()
+
         # One device has nothing to sum: no hop to the event loop and back.
         reduce = (no_reduce if self.dims.world_size == 1 else
                   RankReduce(star, fast, loop, timeout, self.timing, self.trace))
+
+        def run() -> np.ndarray:
+            began, entered = time.perf_counter(), self.trace.now() if self.trace else 0
+            try:
+                return forward()
+            finally:
+                self.timing["forward_s"] += time.perf_counter() - began
+                self.timing["forwards"] += 1
+                if self.trace:
+                    self.trace.add(FORWARD, entered, self.trace.now())
+                    self.trace.flush()
+
+        def forward() -> np.ndarray:
+            with torch.inference_mode():
+                if len(kvs) == 1:
+                    out = forward_layers(h, self.layers, self.config, self.dims, kvs[0], self.rotary, reduce)
+                else:
+                    attend = batch_attend_for(kvs, self.config, self.dims, h.shape[1])
+                    out = forward_batch(h, self.layers, self.config, self.dims, kvs, self.rotary, reduce, attend)
+                if score is not None:  # every position of the prompt but the last predicts the next token
+                    full = logits(out[:, :-1], self.output, self.config.rms_norm_eps)[0]  # [S-1, V_local]
+                    return slice_scores(full, score[0], self.dims.vocab_start, score[1]).numpy()
+                if every:  # verifying drafted tokens: the prediction after each of them
+                    return logits(out, self.output, self.config.rms_norm_eps).numpy()  # [B, S, V_local]
+                return logits(out[:, -1:], self.output, self.config.rms_norm_eps)[:, -1].numpy()
+
         if fast is not None:  # the gather too, on the compute thread over the data plane
-            full, metas = await self.run(lambda: self.forward_here(h, kvs, reduce, score, fast, every, announce))
+            full, metas = await self.run(lambda: self._gathered(run(), fast))
             self.mark("on_loop")
             star.peer_meta.update(metas)
             return full
-        local = await self.run(lambda: self._timed(h, kvs, reduce, score, every))  # this rank's vocabulary slice
+        local = await self.run(run)  # [B, V_local] or [B, S, V_local]: this rank's vocabulary slice
         self.mark("on_loop")
         full = await star.gather(local, self._meta())
         self.mark("gathered")
         return full
-
-    def forward_here(self, h: torch.Tensor, kvs: list[KVStore], reduce, score: tuple | None, fast: FastStar,
-                     every: bool = False, announce: Callable[[], None] | None = None,
-                     ) -> tuple[np.ndarray | None, dict[int, dict]]:
-        """`forward` over the data plane on the calling thread, which must be this rank's compute thread
-        (a worker runs the steps it reads from its data link here): every rank's logits at rank 0 and
-        the workers' counters by rank (None and {} elsewhere)."""
-        if announce is not None:
-            announce()
-        return self._gathered(self._timed(h, kvs, reduce, score, every), fast)
-
-    def _timed(self, h: torch.Tensor, kvs: list[KVStore], reduce, score: tuple | None, every: bool) -> np.ndarray:
-        """This rank's slice of the logits (or scores), on the compute thread, timed and traced."""
-        began, entered = time.perf_counter(), self.trace.now() if self.trace else 0
-        try:
-            return self._local(h, kvs, reduce, score, every)
-        finally:
-            self.timing["forward_s"] += time.perf_counter() - began
-            self.timing["forwards"] += 1
-            if self.trace:
-                self.trace.add(FORWARD, entered, self.trace.now())
-                self.trace.flush()
-
-    def _local(self, h: torch.Tensor, kvs: list[KVStore], reduce, score: tuple | None, every: bool) -> np.ndarray:
-        """[B, V_local] (with `every` [B, S, V_local]; with `score` this slice's scores)."""
-        with torch.inference_mode():
-            if len(kvs) == 1:
-                out = forward_layers(h, self.layers, self.config, self.dims, kvs[0], self.rotary, reduce)
-            else:
-                attend = batch_attend_for(kvs, self.config, self.dims, h.shape[1])
-                out = forward_batch(h, self.layers, self.config, self.dims, kvs, self.rotary, reduce, attend)
-            if score is not None:  # every position of the prompt but the last predicts the next token
-                full = logits(out[:, :-1], self.output, self.config.rms_norm_eps)[0]  # [S-1, V_local]
-                return slice_scores(full, score[0], self.dims.vocab_start, score[1]).numpy()
-            if every:  # verifying drafted tokens: the prediction after each of them
-                return logits(out, self.output, self.config.rms_norm_eps).numpy()  # [B, S, V_local]
-            return logits(out[:, -1:], self.output, self.config.rms_norm_eps)[:, -1].numpy()
 
     def _gathered(self, local: np.ndarray, fast: FastStar) -> tuple[np.ndarray | None, dict[int, dict]]:
         """On the compute thread: every rank's slice side by side at rank 0 (FastStar.gather)."""

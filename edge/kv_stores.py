@@ -56,18 +56,6 @@ class KVStores:
             stores.append(kv)
         return stores
 
-    def held(self, rids: list[str]) -> list[KVCache | RemoteKV | None]:
-        """The stores `rids` have now (None: none), for `drop` after a step fails."""
-        return [self.stores.get(rid) for rid in rids]
-
-    async def drop(self, rids: list[str], held: list[KVCache | RemoteKV | None]) -> None:
-        """Close the stores a failed step began with (`held`), each only while its request still has
-        it: a re-open handled while the step ran on the compute thread (the master's rebuild of that
-        request) keeps the store it made."""
-        for rid, store in zip(rids, held, strict=True):
-            if self.stores.get(rid) is store:
-                await self.close(rid)
-
     async def close(self, *rids: str) -> None:
         for rid in rids:
             self.unlinked.discard(rid)

@@ -258,7 +258,8 @@ class ClusterEngine:
                        every: list[bool] | None = None) -> list[np.ndarray]:
         """One cluster-wide forward (the caller holds the lock), rows as `step_rows` makes them -> per
         session its logits [V] (with `every`: [S, V]) or a scoring pass's stats. Aborts on failure."""
-        if missing := self.missing_ranks():
+        missing = self.missing_ranks()
+        if missing:
             raise EngineUnavailable(f"worker rank(s) {missing} disconnected during the request")
         self.shard.mark("step_begun")
         rows, starts, wanted, wide = step_rows(sessions, tokens, every)
@@ -268,17 +269,16 @@ class ClusterEngine:
             session.kv.rewind(start)
         h = await self.rank0.embedded(ids)  # [B, S, D]
         self.shard.mark("rows_embedded")
-        targets = rows[0][1:] if score_k is not None else None  # scoring: one session, its prompt's tokens
-        score = (torch.tensor(targets, dtype=torch.long), score_k) if targets is not None else None
-        msg = Step([s.rid for s in sessions], step, pack_tensor(h), fast, score_k, targets, starts, wide)
-        if not fast:
-            await self.command(msg)
+        score = None
+        if score_k is not None:  # one session, no replay: its tokens are the prompt to score
+            score = (torch.tensor(rows[0][1:], dtype=torch.long), score_k)
+        await self.command(Step([s.rid for s in sessions], step, pack_tensor(h), fast,
+                                score_k, rows[0][1:] if score else None, starts, wide))
         collective = self.relinker.collective
         collective.begin(step)
         try:
-            announce = self.roster.step_announcer(msg, self.planner.devices) if fast else None  # on the data links
-            full = await self.shard.forward(h, [s.kv for s in sessions], collective, self.settings.step_timeout,
-                                            score, self.fast if fast else None, wide, announce)
+            full = await self.shard.forward(h, [s.kv for s in sessions], collective,
+                                            self.settings.step_timeout, score, self.fast if fast else None, wide)
         except STEP_ERRORS:
             await collective.abort(f"step {step} failed")
             if fast:  # workers waiting for a sum wait on their data links

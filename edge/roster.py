@@ -16,28 +16,16 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from edge.messages import (
-    HEARTBEAT_TIMEOUT,
-    Heartbeat,
-    Join,
-    Message,
-    Ready,
-    Refused,
-    Step,
-    receive,
-    send,
-)
+from edge.messages import HEARTBEAT_TIMEOUT, Heartbeat, Join, Message, Ready, Refused, receive, send
 from edge.planner import Planner
 from models.engine import EngineUnavailable
-from transport.codec import encode
 from transport.errors import FrameError, TransportError
-from transport.fastpath import STEP, DataLink, DataServer
+from transport.fastpath import DataLink, DataServer
 from transport.link import LinkSpec
 from transport.tcp import ChannelServer, TcpChannel
 
 log = logging.getLogger("edge_llm.master")
 JOIN_TIMEOUT, READY_TIMEOUT = 10.0, 600.0  # the second covers loading (or fetching) a slice
-SOON_BYTES = 64 << 10  # a step command up to this size goes out from the event loop (a decode step's)
 
 
 @dataclass
@@ -148,23 +136,6 @@ class Roster:
             except TransportError as e:
                 if not ignore_errors:
                     raise EngineUnavailable(f"worker rank {rank} is unavailable: {e}") from e
-
-    def step_announcer(self, msg: Step, devices: list[int]) -> Callable[[], None]:
-        """Send a step's command to every worker of `devices` on its data link (edge.worker_steps), each
-        frame numbered with the commands sent on that worker's control channel before it. A small one
-        goes out now, from the event loop, if the socket takes it at once; the callable returned, run
-        on rank 0's compute thread as its forward begins, sends the rest. Both raise ChannelClosed."""
-        body = encode(msg.wire())
-        links = [(self.data_links[d], self.channels[d].sent_by_tag.get(msg.TAG, 0)) for d in devices if d != 0]
-        sent_now = [len(body) <= SOON_BYTES and link.send_soon(STEP, count, body) for link, count in links]
-
-        def announce() -> None:
-            for (link, count), done in zip(links, sent_now, strict=True):
-                if done:
-                    link.flush()  # what the socket did not take at once, if anything
-                else:
-                    link.send(STEP, count, body)
-        return announce
 
     async def admit(self, ch: TcpChannel) -> None:
         """A device's control channel, for as long as it stays: join, plan, ready, heartbeats."""

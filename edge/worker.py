@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
+import torch
 
 from edge.engine import ShardModel
 from edge.kv_stores import KVStores
@@ -43,12 +44,13 @@ from edge.messages import (
     receive_plan,
     send,
 )
+from edge.offload import AttentionNodeFailed
 from edge.profile import measure_device
 from edge.rejoin import MASTER_GONE_S, stay_joined
 from edge.ring import PeerLinks
 from edge.slices import PlanRefused, SliceLoader, SliceSettings
 from edge.split import SplitError
-from edge.worker_steps import CommandCount, WorkerSteps
+from edge.tensors import unpack_tensor
 from models.checkpoint import Checkpoint
 from models.errors import CheckpointError
 from models.files import checkpoint_fingerprint
@@ -56,8 +58,8 @@ from models.quant_kernels import warm_kernels
 from models.sharding import PlanError
 from models.threads import to_passing_thread
 from transport.collectives import StarAllReduce, StepCollective
-from transport.errors import ChannelClosed, FrameError, TransportError
-from transport.fastpath import DataLink, FastStar, open_data_link
+from transport.errors import ChannelClosed, FailureCause, FrameError, PeerFailed, TransportError
+from transport.fastpath import ERROR, DataLink, FastStar, open_data_link
 from transport.link import LinkSpec
 from transport.tcp import TcpChannel, connect
 
@@ -104,8 +106,6 @@ class Worker:
         self.fast: FastStar | None = None
         self.master: TcpChannel | None = None  # the control channel of the current join
         self.collective: StepCollective | None = None  # what this rank's steps all-reduce with
-        self.commands = CommandCount()  # the control channel's commands handled (steps on the data link wait)
-        self.steps = WorkerSteps(self)  # runs the steps, from the control channel or the data link
 
     async def _join(self) -> TcpChannel:
         s = self.settings
@@ -176,26 +176,19 @@ class Worker:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _serve_commands(self, ch: TcpChannel) -> None:
-        """Run the master's commands in order, each by its handler, until the channel closes; steps
-        on the data link meanwhile run on the compute thread (edge.worker_steps)."""
-        self.master, self.commands = ch, CommandCount()
+        """Run the master's commands in order, each by its handler, until the channel closes."""
+        self.master = ch
         self._connect_collectives()
         handlers: dict[type[Message], Callable[..., Awaitable[None]]] = {
-            OpenRequest: self._open, CloseRequest: self._close, Step: self.steps.from_channel,
+            OpenRequest: self._open, CloseRequest: self._close, Step: self._step,
             LinkRing: self._link_ring, LinkAttention: self._link_attention, Replan: self._replan}
-        self.steps.start_data_steps()
-        try:
-            while True:
-                try:
-                    msg = await receive_command(ch, IDLE_TIMEOUT)
-                except FrameError as e:  # one bad command is skipped; the channel stays in step
-                    log.error("rank %d: %s", self.settings.rank, e)
-                    self.commands.handled_one(None)
-                    continue
-                await handlers[type(msg)](msg)
-                self.commands.handled_one(msg)
-        finally:
-            await self.steps.pause_data_steps()
+        while True:
+            try:
+                msg = await receive_command(ch, IDLE_TIMEOUT)
+            except FrameError as e:  # one bad command is skipped; the channel stays in step
+                log.error("rank %d: %s", self.settings.rank, e)
+                continue
+            await handlers[type(msg)](msg)
 
     def _connect_collectives(self) -> None:
         """All-reduces with the master as this device's position in the plan it serves."""
@@ -207,13 +200,6 @@ class Worker:
     async def _replan(self, msg: Replan) -> None:
         """Load this device's slice of the new plan (while heartbeats go on), drop every request's KV
         (the master replays them), answer Replanned with the resident bytes or the reason it failed."""
-        await self.steps.pause_data_steps()
-        try:
-            await self._load_plan(msg)
-        finally:
-            self.steps.start_data_steps()
-
-    async def _load_plan(self, msg: Replan) -> None:
         key = (msg.world_size, tuple(float(w) for w in msg.weights), *self.slice.key[2:5], msg.position)
         unchanged = key == self.slice.key  # it holds this slice already: nothing to load or fetch
         try:
@@ -252,6 +238,51 @@ class Worker:
     async def _link_attention(self, msg: LinkAttention) -> None:
         error = await self.kv.link_attention(self.shard, msg.nodes, msg.node_addrs(), msg.epoch)
         await send(self.master, AttentionLinked(msg.epoch, error))
+
+    async def _step(self, msg: Step) -> None:
+        """One step for a batch of requests (rows of h). A row whose request this rank no longer
+        holds (closed meanwhile) runs on a scratch cache, so every rank stays in step."""
+        self.shard.mark("step_received")
+        rids, rank, collective = msg.rids, self.settings.rank, self.collective
+        h = unpack_tensor(msg.h)  # [B, S, D]
+        collective.begin(msg.step)
+        fast = self.fast if msg.fast else None
+        if self.kv.unlinked.intersection(rids):
+            await self._fail(rids, f"rank {rank} is not linked to the attention nodes", FailureCause.ATTENTION, fast)
+            return
+        if msg.fast and fast is None:
+            await self._fail(rids, f"rank {rank}: no data link to the master", FailureCause.PEER, fast)
+            return
+        try:
+            score = (torch.tensor(msg.targets or [], dtype=torch.long), msg.score) if msg.score is not None else None
+            kvs = self.kv.for_step(self.shard, rids, h.shape[1], msg.starts)
+            await self.shard.forward(h, kvs, collective, self.settings.step_timeout, score, fast, msg.every)
+        except AttentionNodeFailed as e:  # tell the hub at once: it rebuilds the KV elsewhere
+            log.warning("step %s of %s lost its attention node: %s", msg.step, rids, e)
+            await self._fail(rids, f"rank {rank}: {e}", FailureCause.ATTENTION, fast)
+        except PeerFailed as e:  # a ring predecessor could not finish: pass it on around the ring
+            log.warning("step %s of %s failed: %s", msg.step, rids, e)
+            await self._fail(rids, str(e), e.cause, fast)
+        except (TransportError, TimeoutError) as e:  # a peer or ring neighbour is gone
+            log.warning("step %s of %s failed: %s", msg.step, rids, e)
+            await self.kv.close(*rids)
+        except SplitError as e:  # our own weights failed: tell the hub, which fails the request
+            log.error("rank %d: %s", rank, e)
+            await self._fail(rids, f"rank {rank}: {e}", FailureCause.WEIGHTS, fast)
+        except Exception as e:  # a bug must fail the step, not take the device down
+            log.exception("rank %d: step %s failed unexpectedly", rank, msg.step)
+            await self._fail(rids, f"rank {rank}: internal error {e!r}", FailureCause.INTERNAL, fast)
+
+    async def _fail(self, rids: list[str], reason: str, cause: FailureCause, fast: FastStar | None = None) -> None:
+        """Drop the step's requests and report why (to the hub, on the data plane when the step used
+        it, and to the ring successor) so the cluster fails the step at once, not at its timeout."""
+        await self.kv.close(*rids)
+        if fast is not None:  # the hub's compute thread waits on the data link, not on the channel
+            fast.report(ERROR, self.collective.star.seq + 1, reason, cause)
+        try:
+            await self.collective.fail(reason, cause)
+        except TransportError as e:  # the peers are gone too: the master sees that by itself
+            log.info("could not report the failure: %s", e)
 
     async def run(self) -> None:
         """Join, serve, and rejoin after the master disappears; PlanRefused ends it."""

@@ -100,32 +100,3 @@ async def test_scoring_over_the_split_vocabulary(llama):
         scores = await engine.score(PROMPT, 2)
     assert len(scores) == len(PROMPT) - 1
     assert all(len(top) == 2 and top[0][1] >= top[1][1] for _, top in scores)
-
-
-async def test_steps_go_on_the_data_links_and_the_control_channel_carries_only_commands(llama):
-    """Every step's command goes to the workers on their data links (read by their compute threads,
-    edge.worker_steps): the control channels carry a request's open and close, not its steps."""
-    folder, (ref_tokens, _) = llama
-    async with cluster(folder, 3) as (engine, workers, _):
-        assert (await greedy(engine))[0] == ref_tokens
-        async with asyncio.timeout(5):  # the close goes out as the request ends
-            while any(w.commands.handled < 2 for w in workers):
-                await asyncio.sleep(0.01)
-        for w in workers:
-            assert engine.roster.channels[w.settings.rank].sent_by_tag["ctl"] == 2  # OpenRequest, CloseRequest
-            assert w.commands.handled == 2
-            assert w.shard.timing["forwards"] == NEW_TOKENS  # the prefill and every decode step
-
-
-async def test_without_a_data_link_the_steps_go_on_the_control_channel(llama):
-    """A worker whose data link is gone: every step goes on the control channels, the workers' compute
-    threads leave their data links for it, and the tokens are the same."""
-    folder, (ref_tokens, ref_logprobs) = llama
-    async with cluster(folder, 3) as (engine, workers, _):
-        engine.roster.data_links[2].close()
-        async with asyncio.timeout(30):  # a worker whose step loop kept its compute thread would hang here
-            tokens, logprobs = await greedy(engine)
-        assert tokens == ref_tokens
-        assert logprobs == pytest.approx(ref_logprobs, abs=1e-4)
-        assert engine.roster.channels[1].sent_by_tag["ctl"] >= NEW_TOKENS  # the steps with their commands
-        assert not workers[0].data.closed  # rank 1 kept its link: its step loop stepped aside each time

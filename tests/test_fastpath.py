@@ -1,7 +1,6 @@
 """The all-reduce data plane (transport.fastpath): sums, stale frames, failures and the handshake."""
 
 import asyncio
-import os
 import socket
 import threading
 import time
@@ -27,7 +26,6 @@ from transport.fastpath import (
     FRAME,
     GATHER,
     META_LENGTH,
-    STEP,
     DataLink,
     DataServer,
     FastStar,
@@ -251,92 +249,3 @@ def test_a_peer_gone_while_polling_closes_the_link(polling):
     with pytest.raises(ChannelClosed):
         hub[1].recv_into(1, np.empty(4, np.float32))
     assert hub[1].closed
-
-
-# --- step commands on the data link (edge.worker_steps reads them on the worker's compute thread) ---
-
-
-def wake_pipe() -> tuple[int, int]:
-    r, w = os.pipe()
-    WAKES.extend((r, w))
-    return r, w
-
-
-WAKES: list[int] = []
-
-
-@pytest.fixture(autouse=True)
-def close_wakes():
-    yield
-    while WAKES:
-        os.close(WAKES.pop())
-
-
-def test_next_step_skips_a_failed_steps_frames_and_returns_the_step():
-    hub, worker = star_links(2)
-    hub[1].send(DATA, seq(7, 3), np.ones(4, np.float32).data)  # the sum of a step the worker left
-    hub[1].send(ABORT, seq(7, 3), b"step 7 failed")
-    hub[1].send(STEP, 5, b"command of step 8")
-    assert worker[0].next_step(wake_pipe()[0]) == (5, bytearray(b"command of step 8"))
-
-
-def test_next_step_returns_none_once_woken_and_leaves_the_next_step_for_later():
-    hub, worker = star_links(2)
-    wake_read, wake_write = wake_pipe()
-    woken = threading.Timer(0.05, os.write, (wake_write, b"x"))
-    woken.start()
-    began = time.perf_counter()
-    assert worker[0].next_step(wake_read) is None
-    assert time.perf_counter() - began < 1.0
-    hub[1].send(STEP, 2, b"later")
-    assert worker[0].next_step(wake_pipe()[0]) == (2, bytearray(b"later"))
-
-
-def test_a_step_that_comes_while_the_last_waits_for_a_sum_aborts_it_and_runs_next():
-    """The hub gave up on step 8 and its abort never came (dropped on a busy link): the worker,
-    waiting for step 8's sum, meets step 9's command. Step 8 ends; step 9 is the next step read."""
-    hub, worker = star_links(2)
-    hub[1].send(STEP, 3, b"step 9")
-    with pytest.raises(CollectiveAborted, match="another step"):
-        worker[0].recv_into(seq(8, 2), np.empty(4, np.float32))
-    assert not worker[0].closed
-    assert worker[0].next_step(wake_pipe()[0]) == (3, bytearray(b"step 9"))
-
-
-def test_next_step_on_a_closed_link_raises():
-    hub, worker = star_links(2)
-    hub[1].close()
-    with pytest.raises(ChannelClosed):
-        worker[0].next_step(wake_pipe()[0])
-
-
-def test_send_soon_sends_a_whole_frame_and_steps_aside_for_a_busy_link():
-    hub, worker = star_links(2)
-    assert hub[1].send_soon(STEP, 4, b"decode step")
-    assert worker[0].next_step(wake_pipe()[0]) == (4, bytearray(b"decode step"))
-    with hub[1]._lock:  # the compute thread is sending: nothing from the event loop
-        assert not hub[1].send_soon(STEP, 5, b"next")
-    hub[1].close()
-    assert not hub[1].send_soon(STEP, 6, b"closed")
-
-
-def test_a_frame_send_soon_could_not_finish_goes_out_whole_before_the_next():
-    a, b = socket.socketpair()
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    hub, worker = DataLink(a, "rank 1", 2.0), DataLink(b, "rank 0", 2.0)
-    OPEN.extend((hub, worker))
-    big = bytes(range(256)) * 4096  # 1 MB: more than the socket takes at once
-    assert hub.send_soon(STEP, 7, big)
-    assert hub._unsent  # the socket took part of it
-    hub.send_nowait(ABORT, 1, "would cut the step's frame")  # dropped: the frame is half sent
-    got: list = []
-    reader = threading.Thread(target=lambda: got.append(worker.next_step(wake_pipe()[0])))
-    reader.start()
-    hub.send(DATA, seq(9, 1), np.full(4, 3, np.float32).data)  # sends the rest of the step first
-    reader.join(5)
-    assert got == [(7, bytearray(big))]
-    out = np.empty(4, np.float32)
-    worker.recv_into(seq(9, 1), out)
-    assert out.tolist() == [3, 3, 3, 3]
-    assert hub.bytes_sent == worker.bytes_received

@@ -18,7 +18,7 @@ from transport.errors import AuthError
 
 SECRET_ENV = "EDGE_LLM_SECRET"
 NONCE_BYTES = 16
-PROTOCOL_VERSION = 2  # 2: the master sends its steps on the data link (transport.fastpath STEP frames)
+PROTOCOL_VERSION = 1
 
 Send = Callable[[Message], None]
 Receive = Callable[[], Awaitable[Message]]

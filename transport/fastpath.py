@@ -6,19 +6,15 @@ on a 2-core device costs far more than the loopback round trip itself (bench/pro
 compute thread writes its partial and reads the sum itself. The step's closing gather of every
 rank's logits slice goes the same way: a worker's compute thread sends its slice as its forward
 ends, rank 0's reads them after its own, and no worker's event loop, no msgpack and no per-frame
-HMAC stand between the last layer and rank 0's sampling (`FastStar.gather`). The master's step
-commands travel here too (STEP: the msgpack command, its header's number the count of
-control-channel commands sent before it, so the worker runs it after those), read by the worker's
-compute thread between steps (`next_step`). The control plane (requests opened and closed,
-re-plans, heartbeats) stays on the event loop; the sums are bit-identical to StarAllReduce's (rank
+HMAC stand between the last layer and rank 0's sampling (`FastStar.gather`). The control plane
+(steps, heartbeats) stays on the event loop; the sums are bit-identical to StarAllReduce's (rank
 order, float32), the gathered logits are the same bytes.
 
 Frame: a 16-byte header (kind, payload bytes, collective sequence number) and the payload: the
 array's bytes for DATA; for GATHER a worker's float32 slice, its counters (msgpack) and their
-length (uint32); for STEP the command (msgpack); for ERROR (a rank cannot finish the step) its
-FailureCause, a newline and a UTF-8 reason; for ABORT (the hub gave up on the step) the reason.
-Frames of an abandoned step (lower sequence numbers) are skipped; a failure report ends its whole
-step (transport.collectives.stale).
+length (uint32); for ERROR (a rank cannot finish the step) its FailureCause, a newline and a UTF-8
+reason; for ABORT (the hub gave up on the step) the reason. Frames of an abandoned step (lower
+sequence numbers) are skipped; a failure report ends its whole step (transport.collectives.stale).
 Peers authenticate with the cluster's HMAC handshake before the first frame.
 """
 
@@ -28,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import select
 import socket
 import struct
 import threading
@@ -54,7 +49,7 @@ from transport.frames import HANDSHAKE_MAX_FRAME, HEADER
 
 log = logging.getLogger("edge_llm.transport")
 FRAME = struct.Struct("<BxxxIQ")  # kind, payload bytes, sequence number
-DATA, ERROR, ABORT, GATHER, STEP = 1, 2, 3, 4, 5
+DATA, ERROR, ABORT, GATHER = 1, 2, 3, 4
 MAX_PAYLOAD = 256 << 20
 META_LENGTH = struct.Struct("<I")  # the last bytes of a GATHER frame: how long its counters are
 MAX_META = 64 << 10
@@ -88,8 +83,6 @@ class DataLink:
         self.bytes_sent = self.bytes_received = 0  # headers included, as the control channel counts them
         self._lock = threading.Lock()
         self._header = bytearray(FRAME.size)
-        self._stashed: tuple[int, bytearray] | None = None  # a STEP frame read inside the step before it
-        self._unsent: list[memoryview] = []  # the end of a frame `send_soon` began: goes before any other
 
     def send(self, kind: int, seq: int, *payload: bytes | memoryview) -> None:
         """One frame whose payload is the parts of `payload` back to back; raises ChannelClosed when
@@ -97,39 +90,8 @@ class DataLink:
         parts = [memoryview(p).cast("B") for p in payload]  # bytes, whatever the array's shape and dtype
         size = sum(len(p) for p in parts)
         with self._lock:
-            self._sendall([*self._unsent, FRAME.pack(kind, size, seq), *parts])
-            self._unsent = []
+            self._sendall([FRAME.pack(kind, size, seq), *parts])
             self.bytes_sent += FRAME.size + size
-
-    def send_soon(self, kind: int, seq: int, payload: bytes) -> bool:
-        """From the event loop, never waiting: one frame, as much of it as the socket takes now, the
-        rest sent by the next `send` (or `flush`) before anything else. False: nothing was sent (the
-        link is busy on another thread, or closed), so the caller sends it with `send`."""
-        if self.closed or not self._lock.acquire(blocking=False):
-            return False
-        try:
-            if self._unsent:
-                return False
-            frame = FRAME.pack(kind, len(payload), seq) + payload
-            try:
-                sent = os.write(self.sock.fileno(), frame)  # the socket is non-blocking under its timeout
-            except BlockingIOError:
-                return False
-            except OSError as e:
-                self.closed = True
-                raise ChannelClosed(f"data link to {self.peer} failed ({e})") from e
-            self._unsent = [memoryview(frame)[sent:]] if sent < len(frame) else []
-            self.bytes_sent += len(frame)
-            return True
-        finally:
-            self._lock.release()
-
-    def flush(self) -> None:
-        """Send what `send_soon` left (on a thread that may wait); raises ChannelClosed."""
-        with self._lock:
-            if self._unsent:
-                self._sendall(self._unsent)
-                self._unsent = []
 
     def send_nowait(self, kind: int, seq: int, reason: str, cause: FailureCause = FailureCause.PEER) -> None:
         """A failure report from the event loop: never blocks it; dropped if the link is busy or full.
@@ -137,8 +99,6 @@ class DataLink:
         if self.closed or not self._lock.acquire(timeout=0.5):
             return
         try:
-            if self._unsent:  # a frame is half sent: this one would cut it
-                return
             data = (cause.value + "\n" + reason).encode()[:4096]
             self.sock.send(FRAME.pack(kind, len(data), seq) + data, socket.MSG_DONTWAIT)
         except OSError:
@@ -228,37 +188,6 @@ class DataLink:
             raise FrameError(f"{self.peer}: gather #{seq}: {e}") from e
         return np.frombuffer(body, np.float32, count=rows * width).reshape(rows, width), meta
 
-    def next_step(self, wake: int) -> tuple[int, bytearray] | None:
-        """On a worker's compute thread between steps: the next STEP frame as (the control commands
-        sent before it, its msgpack body); None as soon as the file descriptor `wake` is readable.
-        Frames left by an abandoned step (its data, the hub's abort) are skipped. Raises
-        ChannelClosed, CollectiveTimeout (a frame cut short) or FrameError."""
-        if self._stashed is not None:
-            step, self._stashed = self._stashed, None
-            return step
-        while True:
-            try:
-                readable = select.select([self.sock, wake], [], [])[0]
-            except (OSError, ValueError) as e:  # closed meanwhile (fileno -1)
-                self.closed = True
-                raise ChannelClosed(f"data link to {self.peer} closed ({e})") from e
-            if wake in readable:
-                return None
-            kind, number, body = self._frame()
-            if kind == STEP:
-                return number, body
-
-    def _frame(self) -> tuple[int, int, bytearray]:
-        """The next whole frame: its kind, number and payload."""
-        self._read_exact(memoryview(self._header))
-        kind, size, number = FRAME.unpack(self._header)
-        if size > MAX_PAYLOAD:
-            self.closed = True
-            raise FrameError(f"{self.peer} announced a {size}-byte frame")
-        body = bytearray(size)
-        self._read_exact(memoryview(body))
-        return kind, number, body
-
     def _current(self, seq: int, wanted: int) -> int:
         """Reads frames up to the header of collective #seq's frame, which must be of kind `wanted`;
         returns its payload's size. Skips frames left by an earlier step; raises PeerFailed or
@@ -269,11 +198,6 @@ class DataLink:
             if size > MAX_PAYLOAD:
                 self.closed = True
                 raise FrameError(f"{self.peer} announced a {size}-byte frame")
-            if kind == STEP:  # the hub gave up on this step and began the next: that one runs next
-                body = bytearray(size)
-                self._read_exact(memoryview(body))
-                self._stashed = (got, body)
-                raise CollectiveAborted(f"the hub began another step while #{seq} was awaited")
             if kind in (ERROR, ABORT) or got < seq:
                 body = bytearray(size)
                 self._read_exact(memoryview(body))

@@ -101,7 +101,6 @@ class TcpChannel:
         active = link is not None and link.active
         self._delayed = DelayedWriter(self._write, link, uplink=uplink) if active else None
         self.bytes_sent = 0
-        self.sent_by_tag: dict[str, int] = {}  # messages sent per tag `t`: where a peer is in our stream
 
     def _write(self, data: bytes) -> None:
         transport = self._proto.transport
@@ -114,8 +113,6 @@ class TcpChannel:
             raise ChannelClosed(f"link to {self.peer} closed: {self._proto.inbox.closed_reason}")
         body = encode(msg)
         self.bytes_sent += len(body) + 4
-        tag = msg.get("t")
-        self.sent_by_tag[tag] = self.sent_by_tag.get(tag, 0) + 1
         if self._delayed is not None:
             self._delayed.submit(frame(body))
             return
