@@ -53,6 +53,16 @@ def cards(driver: webdriver.Chrome) -> dict[str, dict]:
             for rank, state, health, terms, values in driver.execute_script(CARDS_JS)}
 
 
+def api_answer(url: str, prompt: str) -> dict:
+    """The API's own greedy answer to `prompt` as the page asks it (64 tokens at most), not streamed."""
+    model = json.loads(urllib.request.urlopen(url + "/v1/models", timeout=30).read())["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 64, "temperature": 0}
+    request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    return reply["choices"][0] | {"tokens": reply["usage"]["completion_tokens"]}
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return make_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "llama", seed=13)
@@ -74,10 +84,17 @@ def test_the_page_shows_the_cluster_chats_and_follows_a_lost_worker(model, tmp_p
             assert card["budget"] == "none (resident)" and card["host"]
 
         driver.find_element(By.ID, "prompt").send_keys("Hello there")
+        temperature = driver.find_element(By.ID, "temperature")
+        temperature.clear()
+        temperature.send_keys("0")  # greedy, so the page's answer can be checked against the API's
         driver.find_element(By.CSS_SELECTOR, "#send button").click()
         answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant[data-done='true']"))
-        assert answer.find_element(By.CLASS_NAME, "text").text.strip()
-        assert "route: edge" in driver.find_element(By.CLASS_NAME, "route").text
+        expected = api_answer(cluster.url, "Hello there")
+        shown_text = driver.execute_script("return arguments[0].querySelector('.text').textContent", answer)
+        assert expected["message"]["content"] and shown_text == expected["message"]["content"]
+        assert answer.get_attribute("data-finish") == expected["finish_reason"]
+        route = driver.find_element(By.CLASS_NAME, "route").text
+        assert "route: edge" in route and f"{expected['tokens']} tokens" in route
 
         cluster.kill_worker(2)
         began = time.monotonic()
