@@ -5,114 +5,21 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
-from typing import Any
 
 from aiohttp import web
 from aiohttp.client_exceptions import ClientConnectionResetError
 
-from models.engine import Engine, EngineUnavailable
-from models.generation import TokenEvent, generate
+from models.engine import EngineUnavailable
+from models.generation import TokenEvent
+from scheduler import logprobs
 from scheduler import openai_api as api
+from scheduler.choices import Indexed, choice, echoed_logprobs, merged
 from scheduler.cloud import CloudUnavailable
 from scheduler.errors import ApiError, as_api_error, error_body
 from scheduler.router import Decision
 from scheduler.routing import choose_route, req_forced, route_headers, set_route
-from scheduler.state import (
-    ADMISSION,
-    CLOUD,
-    ENGINE,
-    MEASURED,
-    METRICS,
-    ROUTE_KEY,
-    SETTINGS,
-    SPECULATION,
-)
-
-Indexed = tuple[int, TokenEvent]
-
-
-async def _observed(request: web.Request, stream: AsyncIterator[TokenEvent],
-                    prompt_len: int) -> AsyncIterator[TokenEvent]:
-    """Pass events through while recording time to first token and time per output token
-    (in /metrics, and in the route's moving averages the router reads)."""
-    metrics = request.app[METRICS]
-    decision = request.get(ROUTE_KEY)
-    latency = request.app[MEASURED].tier(decision.route if decision is not None else "edge")
-    last, first = time.perf_counter(), True
-    metrics.running.inc()
-    try:
-        async for event in stream:
-            now = time.perf_counter()
-            if first:
-                metrics.ttft.observe(now - last)
-                latency.ttft.add(now - last)
-                metrics.prompt_tokens.inc(prompt_len)
-            else:
-                metrics.tpot.observe(now - last)
-                latency.tpot.add(now - last)
-            first, last = False, now
-            metrics.tokens.inc()
-            yield event
-    finally:
-        metrics.running.dec()
-        await stream.aclose()
-
-
-def _engine_for(request: web.Request) -> Engine:
-    """The engine of the route taken: the cluster, or the cluster with its KV on the attention nodes."""
-    engine, decision = request.app[ENGINE], request.get(ROUTE_KEY)
-    if decision is None or decision.route != "offload":
-        return engine
-    offloaded = engine.offloaded()
-    if offloaded is None:
-        raise EngineUnavailable("this engine has no attention nodes")
-    return offloaded
-
-
-async def _merged(request: web.Request, req: api.ParsedRequest) -> AsyncIterator[Indexed]:
-    """The events of all `n` choices as (index, event), interleaved as they are produced."""
-    streams = []
-    engine = _engine_for(request)
-    for i in range(req.n):
-        params = req.params if req.params.seed is None else replace(req.params, seed=req.params.seed + i)
-        stream = generate(engine, req.prompt_ids, params, request.app[SPECULATION])
-        streams.append(_observed(request, stream, len(req.prompt_ids)))
-    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for fut in sorted(done, key=pending.__getitem__):
-                i = pending.pop(fut)
-                event = fut.result()  # a failed choice fails the request
-                yield i, event
-                if event.finish_reason is None:
-                    pending[asyncio.ensure_future(anext(streams[i]))] = i
-    finally:
-        for fut in pending:
-            fut.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for s in streams:
-            await s.aclose()
-
-
-def _choice(request: web.Request, req: api.ParsedRequest, index: int, events: list[TokenEvent],
-            text: str, finish: str | None, offset: int = 0) -> dict[str, Any]:
-    tokenizer = request.app[ENGINE].tokenizer
-    choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
-    if req.chat:
-        choice["message"] = {"role": "assistant", "content": text}
-        if req.want_logprobs:
-            choice["logprobs"] = api.chat_logprobs(events, tokenizer)
-    else:
-        choice["text"] = text
-        if req.want_logprobs:
-            choice["logprobs"] = api.completion_logprobs(events, tokenizer, offset)
-    if req.return_token_ids:
-        choice["token_ids"] = [e.token_id for e in events]
-    return choice
+from scheduler.state import ADMISSION, CLOUD, ENGINE, METRICS, SETTINGS
 
 
 async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -174,28 +81,20 @@ async def _via_cloud(request: web.Request, path: str, body: dict, req: api.Parse
         return await _on_edge(request, req)
 
 
-async def _echoed_logprobs(request: web.Request, req: api.ParsedRequest) -> dict | None:
-    """With `echo` and `logprobs` on /v1/completions: the prompt's own logprobs (one extra prefill)."""
-    if not (req.echo_text and req.want_logprobs):
-        return None
-    scores = await _engine_for(request).score(req.prompt_ids, req.params.logprobs)
-    return api.prompt_logprobs(req.prompt_ids, scores, request.app[ENGINE].tokenizer, req.echo_text)
-
-
 async def _whole(request: web.Request, req: api.ParsedRequest, head: dict) -> web.Response:
-    echoed = await _echoed_logprobs(request, req)
-    events: list[list[TokenEvent]] = [[] for _ in range(req.n)]
-    async for i, event in _merged(request, req):
+    echoed = await echoed_logprobs(request, req)
+    events: list[list[TokenEvent]] = [[] for _ in req.choice_prompts]
+    async for i, event in merged(request, req):
         events[i].append(event)
-    prefix = req.echo_text
-    choices = [_choice(request, req, i, evs, prefix + "".join(e.text for e in evs), evs[-1].finish_reason,
-                       len(prefix)) for i, evs in enumerate(events)]
-    for choice in choices:
-        if echoed is not None:
-            choice["logprobs"] = api.joined_logprobs(echoed, choice["logprobs"])
+    choices = []
+    for i, evs in enumerate(events):
+        prefix = req.echo_text(i)
+        answer = choice(request, req, i, evs, prefix + "".join(e.text for e in evs), evs[-1].finish_reason,
+                        len(prefix))
+        answer["logprobs"] = logprobs.joined_logprobs(echoed[i // req.n], answer["logprobs"])
+        choices.append(answer)
     completion_tokens = sum(len(evs) for evs in events)
-    return web.json_response(head | {"choices": choices,
-                                     "usage": api.usage(len(req.prompt_ids), completion_tokens)})
+    return web.json_response(head | {"choices": choices, "usage": api.usage(req.prompt_tokens, completion_tokens)})
 
 
 async def _stream(request: web.Request, req: api.ParsedRequest, head: dict, deadline: float) -> web.StreamResponse:
@@ -203,12 +102,12 @@ async def _stream(request: web.Request, req: api.ParsedRequest, head: dict, dead
 
     A client that disconnects stops the generation: the streams close, which frees the KV caches.
     """
-    echoed = await _echoed_logprobs(request, req)
-    merged = _merged(request, req)
+    echoed = await echoed_logprobs(request, req)
+    events = merged(request, req)
     try:
-        first = await anext(merged)  # errors before any output still get a proper HTTP status
+        first = await anext(events)  # errors before any output still get a proper HTTP status
     except BaseException:
-        await merged.aclose()
+        await events.aclose()
         raise
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -222,16 +121,16 @@ async def _stream(request: web.Request, req: api.ParsedRequest, head: dict, dead
     progress = {"text": "", "tokens": 0}
     try:
         async with asyncio.timeout_at(deadline):
-            await _send_events(request, req, chunk_head, first, merged, send, progress, echoed)
+            await _send_events(request, req, chunk_head, first, events, send, progress, echoed)
     except (ClientConnectionResetError, ConnectionResetError):
         request.app[METRICS].cancelled.inc()
         return response
     except Exception as e:
-        await merged.aclose()
+        await events.aclose()
         if not (isinstance(e, EngineUnavailable) and await _migrate(request, req, chunk_head, progress, send)):
             await send(error_body(as_api_error(e)))
     finally:
-        await merged.aclose()
+        await events.aclose()
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
@@ -241,10 +140,10 @@ async def _migrate(request: web.Request, req: api.ParsedRequest, chunk_head: dic
                    send) -> bool:
     """The edge failed mid-stream: continue on the cloud from the prompt plus the text so far.
 
-    The client sees one continuous stream. Only for n == 1; False when the cloud cannot take it.
+    The client sees one continuous stream. Only for one choice; False when the cloud cannot take it.
     """
     cloud = request.app.get(CLOUD)
-    if cloud is None or not cloud.up or req.n != 1:
+    if cloud is None or not cloud.up or len(req.choice_prompts) != 1:
         return False
     tokenizer = request.app[ENGINE].tokenizer
     params = req.params
@@ -264,27 +163,28 @@ async def _migrate(request: web.Request, req: api.ParsedRequest, chunk_head: dic
 
 
 async def _send_events(request: web.Request, req: api.ParsedRequest, chunk_head: dict, first: Indexed,
-                       merged: AsyncIterator[Indexed], send, progress: dict, echoed: dict | None) -> None:
-    offsets, count = [len(req.echo_text)] * req.n, 0
-    for i in range(req.n):
+                       events: AsyncIterator[Indexed], send, progress: dict, echoed: list[dict | None]) -> None:
+    offsets = [len(req.echo_text(i)) for i in range(len(req.choice_prompts))]
+    for i in range(len(offsets)):
         opening = {"role": "assistant", "content": ""} if req.chat else None
-        if opening or req.echo_text:
-            delta = {"delta": opening} if req.chat else {"text": req.echo_text, "logprobs": echoed}
+        if opening or req.echo_text(i):
+            delta = {"delta": opening} if req.chat else {"text": req.echo_text(i), "logprobs": echoed[i // req.n]}
             await send(chunk_head | {"choices": [{"index": i, "finish_reason": None} | delta]})
     item: Indexed | None = first
+    count = 0
     while item is not None:
         i, event = item
         count += 1
-        choice = _choice(request, req, i, [event], event.text, event.finish_reason, offsets[i])
+        answer = choice(request, req, i, [event], event.text, event.finish_reason, offsets[i])
         offsets[i] += len(event.text)
         progress["text"] += event.text
         progress["tokens"] += 1
         if req.chat:
-            choice["delta"] = {"content": choice.pop("message")["content"]}
-        await send(chunk_head | {"choices": [choice]})
-        item = await anext(merged, None)
+            answer["delta"] = {"content": answer.pop("message")["content"]}
+        await send(chunk_head | {"choices": [answer]})
+        item = await anext(events, None)
     if req.include_usage:
-        await send(chunk_head | {"choices": [], "usage": api.usage(len(req.prompt_ids), count)})
+        await send(chunk_head | {"choices": [], "usage": api.usage(req.prompt_tokens, count)})
 
 
 def ensure_api_key(request: web.Request, api_key: str | None) -> None:

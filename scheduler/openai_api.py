@@ -1,4 +1,4 @@
-"""OpenAI request parsing and validation, and the response shapes (as vLLM and llama.cpp serve them)."""
+"""OpenAI request parsing and validation, and the answers' ids and usage (the logprobs shapes: scheduler.logprobs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from models.generation import TokenEvent
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
 from scheduler.errors import ApiError
@@ -18,12 +17,13 @@ MAX_STOP = 4
 
 
 MAX_N = 8
+MAX_CHOICES = 32  # prompts x n in one request: each choice is a sequence with a KV cache of its own
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    prompt_ids: list[int]
+    prompts: list[list[int]]  # one; several for a completions batch (`prompt` a list of prompts)
     params: SamplingParams
     stream: bool
     return_token_ids: bool
@@ -31,7 +31,27 @@ class ParsedRequest:
     chat: bool
     n: int = 1
     want_logprobs: bool = False
-    echo_text: str = ""
+    echo_texts: tuple[str, ...] = ()  # with `echo`: each prompt's text, put before its choices' text
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The longest prompt: what a route is sized by (every choice holds its own context)."""
+        return max(self.prompts, key=len)
+
+    @property
+    def choice_prompts(self) -> list[tuple[list[int], int]]:
+        """Each choice's prompt and its sample number j < n, in choice order: prompt p's j-th choice
+        has index p x n + j, as OpenAI and vLLM number a batch's choices."""
+        return [(ids, j) for ids in self.prompts for j in range(self.n)]
+
+    def echo_text(self, choice: int) -> str:
+        """What choice `choice`'s text starts with: its prompt's text with `echo`, else nothing."""
+        return self.echo_texts[choice // self.n] if self.echo_texts else ""
+
+    @property
+    def prompt_tokens(self) -> int:
+        """`usage.prompt_tokens`: each prompt counted once, however many choices it has."""
+        return sum(len(ids) for ids in self.prompts)
 
 
 async def read_json(request: Any, timeout: float) -> Any:
@@ -103,15 +123,25 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(_text(s, "stop") for s in stops)
 
 
-def _prompt_ids(body: dict, tokenizer: Tokenizer) -> list[int]:
+def _prompts(body: dict, tokenizer: Tokenizer) -> list[tuple[list[int], str | None]]:
+    """`prompt` as OpenAI takes it: a string, token ids, or a batch (a list) of either -> each
+    prompt's ids and, when given as text, that text."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
+    batch = isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt)
+    prompts = prompt if batch else [prompt]
+    if len(prompts) > MAX_CHOICES:
+        raise ApiError(400, f"'prompt' holds {len(prompts)} prompts; at most {MAX_CHOICES} in one request",
+                       param="prompt")
+    return [(_one_prompt(p, tokenizer), p if isinstance(p, str) else None) for p in prompts]
+
+
+def _one_prompt(prompt: Any, tokenizer: Tokenizer) -> list[int]:
     if isinstance(prompt, str):
         return tokenizer.encode(_text(prompt, "prompt"))
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return list(prompt)
-    raise ApiError(400, "'prompt' must be a string or a non-empty list of token ids", param="prompt")
+    raise ApiError(400, "'prompt' must be a string or a non-empty list of token ids, or a list of those (a batch)",
+                   param="prompt")
 
 
 def _messages(body: dict) -> list[dict[str, Any]]:
@@ -162,25 +192,17 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     _refuse_unsupported(body)
-    prompt_ids = tokenizer.encode_chat(_messages(body)) if chat else _prompt_ids(body, tokenizer)
-    if len(prompt_ids) >= context:
-        raise ApiError(413, f"the prompt has {len(prompt_ids)} tokens; the context window is {context}",
-                       param="messages" if chat else "prompt", code="context_length_exceeded")
-    max_tokens = _typed(body, "max_completion_tokens", int, None) if chat else None
-    if max_tokens is None:
-        max_tokens = _typed(body, "max_tokens", int, 16 if not chat else context - len(prompt_ids))
-    _in_range("max_tokens", max_tokens, 1, context)
-    if len(prompt_ids) + max_tokens > context:  # as vLLM: say so rather than stop short silently
-        raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}: "
-                            f"{len(prompt_ids) + max_tokens} in all, more than the context window of {context}; "
-                            f"ask for at most {context - len(prompt_ids)} tokens", param="max_tokens",
-                       code="context_length_exceeded")
+    given = [(tokenizer.encode_chat(_messages(body)), None)] if chat else _prompts(body, tokenizer)
+    max_tokens = _max_tokens(body, max(len(ids) for ids, _ in given), context, chat, len(given) > 1)
     temperature = float(_typed(body, "temperature", (int, float), 1.0))
     _in_range("temperature", temperature, 0.0, 2.0)
     top_p = float(_typed(body, "top_p", (int, float), 1.0))
     _in_range("top_p", top_p, 1e-9, 1.0)
     n = _typed(body, "n", int, 1)
     _in_range("n", n, 1, MAX_N)
+    if n * len(given) > MAX_CHOICES:
+        raise ApiError(400, f"{len(given)} prompts x n = {n} is {n * len(given)} choices; at most {MAX_CHOICES} "
+                            "in one request", param="n")
     if chat:
         want_logprobs = _typed(body, "logprobs", bool, False)
         top = _typed(body, "top_logprobs", int, 0)
@@ -196,7 +218,7 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
     for key, value in penalties.items():
         _in_range(key, value, -2.0, 2.0)
     seed = _typed(body, "seed", int, None)
-    if seed is not None:  # choice i samples with seed + i: every one must fit a 64-bit generator seed
+    if seed is not None:  # a prompt's choice j samples with seed + j: every one must fit a 64-bit seed
         _in_range("seed", seed, -(1 << 63), (1 << 63) - n)
     stream_options = _typed(body, "stream_options", dict, {})
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -204,11 +226,29 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
                             ignore_eos=_typed(body, "ignore_eos", bool, False), logprobs=top,
                             keep_logprob=want_logprobs, **penalties)
     echo = not chat and _typed(body, "echo", bool, False)
-    echo_text = (body["prompt"] if isinstance(body["prompt"], str) else tokenizer.decode(prompt_ids)) \
-        if echo else ""
-    return ParsedRequest(prompt_ids, params, _typed(body, "stream", bool, False),
+    echo_texts = tuple(tokenizer.decode(ids) if text is None else text for ids, text in given) if echo else ()
+    return ParsedRequest([ids for ids, _ in given], params, _typed(body, "stream", bool, False),
                          _typed(body, "return_token_ids", bool, False),
-                         bool(stream_options.get("include_usage", False)), chat, n, want_logprobs, echo_text)
+                         bool(stream_options.get("include_usage", False)), chat, n, want_logprobs, echo_texts)
+
+
+def _max_tokens(body: dict, longest: int, context: int, chat: bool, batch: bool) -> int:
+    """`max_tokens` (chat: `max_completion_tokens` first), checked so that the longest prompt and its
+    output fit the context window; raises ApiError(413/400) that says what to ask for."""
+    what, prompt = "messages" if chat else "prompt", "the longest prompt" if batch else "the prompt"
+    if longest >= context:
+        raise ApiError(413, f"{prompt} has {longest} tokens; the context window is {context}",
+                       param=what, code="context_length_exceeded")
+    max_tokens = _typed(body, "max_completion_tokens", int, None) if chat else None
+    if max_tokens is None:
+        max_tokens = _typed(body, "max_tokens", int, 16 if not chat else context - longest)
+    _in_range("max_tokens", max_tokens, 1, context)
+    if longest + max_tokens > context:  # as vLLM: say so rather than stop short silently
+        raise ApiError(400, f"{prompt} has {longest} tokens and max_tokens is {max_tokens}: "
+                            f"{longest + max_tokens} in all, more than the context window of {context}; "
+                            f"ask for at most {context - longest} tokens", param="max_tokens",
+                       code="context_length_exceeded")
+    return max_tokens
 
 
 def new_id(chat: bool) -> str:
@@ -217,59 +257,6 @@ def new_id(chat: bool) -> str:
 
 def now() -> int:
     return int(time.time())
-
-
-def _top_dict(top: list[tuple[int, float]], tokenizer: Tokenizer) -> dict[str, float]:
-    """Completions' top_logprobs map, best first; tokens whose texts coincide keep the best value."""
-    out: dict[str, float] = {}
-    for token_id, logprob in top:
-        out.setdefault(tokenizer.token_text(token_id), logprob)
-    return out
-
-
-def completion_logprobs(events: list[TokenEvent], tokenizer: Tokenizer, offset: int = 0) -> dict:
-    """OpenAI completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
-    tokens = [tokenizer.token_text(e.token_id) for e in events]
-    offsets, pos = [], offset
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in events],
-            "top_logprobs": [_top_dict(e.top_logprobs, tokenizer) for e in events],
-            "text_offset": offsets}
-
-
-def prompt_logprobs(prompt_ids: list[int], scores: list[tuple[float, list[tuple[int, float]]]],
-                    tokenizer: Tokenizer, echo_text: str) -> dict:
-    """The echoed prompt's part of completions `logprobs`: its first token has no logprob (None),
-    every later one the model's log-probability given those before it, and the top alternatives.
-    Offsets point into the echoed text; a token it does not show (a BOS) takes no width."""
-    tokens = [tokenizer.token_text(t) for t in prompt_ids]
-    offsets, pos = [], 0
-    for t in tokens:
-        offsets.append(pos)
-        if echo_text.startswith(t, pos):
-            pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [None] + [lp for lp, _ in scores],
-            "top_logprobs": [None] + [_top_dict(top, tokenizer) for _, top in scores],
-            "text_offset": offsets}
-
-
-def joined_logprobs(first: dict | None, second: dict | None) -> dict | None:
-    """Two completions `logprobs` blocks one after the other (the echoed prompt, then the output)."""
-    if first is None or second is None:
-        return first or second
-    return {key: first[key] + second[key] for key in first}
-
-
-def chat_logprobs(events: list[TokenEvent], tokenizer: Tokenizer) -> dict:
-    """OpenAI chat `logprobs.content` entries."""
-    def entry(token_id: int, logprob: float) -> dict:
-        return {"token": tokenizer.token_text(token_id), "logprob": logprob,
-                "bytes": list(tokenizer.token_bytes(token_id))}
-
-    return {"content": [entry(e.token_id, e.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in e.top_logprobs]}
-                        for e in events]}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

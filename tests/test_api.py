@@ -136,6 +136,32 @@ async def test_completion_logprobs_echo_stop_and_n(cluster, oai):
     assert len({tuple(ch.model_extra["token_ids"]) for ch in many.choices}) > 1  # seeds differ per choice
 
 
+async def test_a_batch_of_prompts_answers_as_each_prompt_alone(cluster, oai):
+    """`prompt` as a list of prompts (lm-eval-harness and vLLM clients batch so): prompt p's j-th
+    choice is choice p x n + j and is what that prompt alone answers, seed, echo and logprobs
+    included, whole and streamed; usage counts each prompt once."""
+    prompts, n = ["abc", [1, 17, 250, 33], "hello there"], 2
+    args = dict(model=cluster.model.name, max_tokens=6, temperature=0.9, seed=11, n=n, logprobs=2, echo=True,
+                extra_body={"return_token_ids": True})
+    alone = [await oai.completions.create(prompt=p, **args) for p in prompts]
+    batch = await oai.completions.create(prompt=prompts, **args)
+    assert [ch.index for ch in batch.choices] == list(range(len(prompts) * n))
+    for p, single in enumerate(alone):
+        for j, expected in enumerate(single.choices):
+            got = batch.choices[p * n + j]
+            assert got.text == expected.text and got.model_extra["token_ids"] == expected.model_extra["token_ids"]
+            assert got.logprobs.token_logprobs == expected.logprobs.token_logprobs
+            assert got.logprobs.text_offset == expected.logprobs.text_offset
+    assert batch.choices[0].text.startswith("abc") and len({ch.text for ch in batch.choices}) > len(prompts)
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    streamed: dict[int, str] = {}
+    async for chunk in await oai.completions.create(prompt=prompts, stream=True, **args):
+        for ch in chunk.choices:
+            streamed[ch.index] = streamed.get(ch.index, "") + ch.text
+    assert streamed == {ch.index: ch.text for ch in batch.choices}
+
+
 async def _stream_text(c, prompt: str) -> str:
     stream = await c.completions.create(prompt=prompt, model=None, max_tokens=24, temperature=0, stream=True)
     return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
@@ -243,7 +269,13 @@ BAD = [
     ("/v1/completions", {"prompt": "\ud800"}, 400, "not valid Unicode"),
     ("/v1/completions", {"prompt": "ok", "stop": ["\udfff"]}, 400, "not valid Unicode"),
     ("/v1/completions", {"prompt": []}, 400, "non-empty list of token ids"),
-    ("/v1/completions", {"prompt": [[1, 2], [3]]}, 400, "'prompt' must be"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, 400, "'prompt' must be"),
+    ("/v1/completions", {"prompt": ["x", [1.5]]}, 400, "'prompt' must be"),
+    ("/v1/completions", {"prompt": ["x"] * 33}, 400, "at most 32 in one request"),
+    ("/v1/completions", {"prompt": ["x"] * 5, "n": 7}, 400, "35 choices; at most 32"),
+    ("/v1/completions", {"prompt": [[1, 2], [99999]]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": [[1, 2], [99999]], "stream": True}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": [[5] * 200, [1]]}, 413, "the longest prompt has 200 tokens"),
     ("/v1/completions", {"prompt": [1.5]}, 400, "'prompt' must be"),
     ("/v1/completions", {"prompt": [True, 2]}, 400, "'prompt' must be"),
     ("/v1/completions", {"prompt": [-1]}, 400, "outside the vocabulary"),
