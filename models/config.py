@@ -9,11 +9,13 @@ from typing import Any
 
 from models.errors import CheckpointError
 
-# Architectures whose math is the Llama decoder (RMSNorm, RoPE, GQA, SwiGLU).
+# Architectures whose math is the Llama decoder (RMSNorm, RoPE, GQA, SwiGLU); Qwen3 adds an RMSNorm
+# of each head's q and k (over head_dim, before RoPE).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 ROPE_TYPES = {"default", "linear", "dynamic", "llama3", "yarn"}
 
@@ -55,6 +57,7 @@ class LlamaConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm of every head's q and k before RoPE (Qwen3: q_norm, k_norm [hd])
     # One entry per layer: None for full attention, else the window in tokens.
     sliding_windows: tuple[int | None, ...] = field(default=())
     bos_token_id: int | None = None
@@ -106,7 +109,7 @@ def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
 def _sliding_windows(raw: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, ...]:
     """Per-layer attention window, following each architecture's own convention."""
     window = raw.get("sliding_window")
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3"):
         if not raw.get("use_sliding_window", False):
             window = None
         layer_types = raw.get("layer_types")
@@ -161,6 +164,7 @@ def config_from_hf(raw: dict[str, Any]) -> LlamaConfig:
         qkv_bias=arch == "qwen2" or attention_bias,
         o_bias=arch != "qwen2" and attention_bias,
         mlp_bias=bool(raw.get("mlp_bias", False)),
+        qk_norm=arch == "qwen3",
         sliding_windows=_sliding_windows(raw, arch, layers),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_as_int_list(raw.get("eos_token_id")),

@@ -109,11 +109,23 @@ class _Step:
         else:
             y = np.concatenate([self._linear(x, wt, b, name) for wt, b, name in
                                 ((w.wq, w.bq, "q"), (w.wk, w.bk, "k"), (w.wv, w.bv, "v"))], axis=1)
+        if (head_norms := w.head_norm_arrays) is not None:  # Qwen3: each head's q and k RMS-normed first
+            self._norm_heads(y, 0, w.wq.shape[0], head_norms[0])
+            self._norm_heads(y, w.wq.shape[0], w.wk.shape[0], head_norms[1])
         out = self._buffer("heads", w.wq.shape[0])  # [B x S, H x hd]
         for b, attend in enumerate(self.attends):  # y [B x S, (H + 2 KV) hd]: row b's S positions
             rows, tables = slice(b * seqlen, (b + 1) * seqlen), b if self.cos.shape[0] > 1 else 0
             attend.attend_rows(layer, y[rows], w.wk.shape[0], self.cos[tables], self.signed_sin[tables], out[rows])
         return self._linear(out, w.wo, w.bo, "wo")
+
+    def _norm_heads(self, y: np.ndarray, start: int, width: int, weight: np.ndarray) -> None:
+        """y[:, start:start + width] ([B x S, heads x hd]) RMS-normed head by head with weight [hd], in
+        place: the compiled RMSNorm decoder_layer's head_norm calls, on the same values."""
+        part = y[:, start:start + width]  # a contiguous view for one row
+        rows = np.ascontiguousarray(part).reshape(-1, weight.shape[0])  # [B x S x heads, hd]
+        rms_norm_array(rows, weight, self.eps, rows)
+        if not np.shares_memory(rows, y):
+            part[:] = rows.reshape(part.shape)
 
     def _activation(self, x: np.ndarray, w: LayerWeights) -> np.ndarray:
         """x [B x S, D] (normed) -> silu(gate) * up [B x S, I] over this rank's columns."""

@@ -28,14 +28,14 @@ from models.gguf_rope import rope_from_freqs
 from models.gguf_tokenizer import build_tokenizer
 from models.quant import GROUP
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
 _PER_LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
               "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"}
+              "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 SHARD_BYTES = 2 << 30  # safetensors shards of at most this size, so an import never holds the whole model
 
 
@@ -104,7 +104,7 @@ def _config(meta: dict[str, Any], arch: str, names: set[str], rope_freqs: np.nda
         "tie_word_embeddings": "output.weight" not in names, "torch_dtype": dtype_name(dtype),
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": _eos_ids(meta),
     }
-    if arch == "llama":
+    if arch in ("llama", "qwen3"):
         raw |= {"attention_bias": "blk.0.attn_q.bias" in names, "mlp_bias": False}
     raw["rope_scaling"] = _rope_scaling(meta, arch, rope_freqs, raw, source)
     return raw
@@ -138,7 +138,7 @@ def _check_tensors(reader, source: str) -> None:
     """Every tensor known, of a supported type, and wholly inside the file (not truncated)."""
     for t in reader.tensors:
         if t.name != "rope_freqs.weight" and hf_tensor_name(t.name) is None:
-            raise CheckpointError(f"{source}: tensor {t.name!r} is not part of a llama/qwen2 decoder "
+            raise CheckpointError(f"{source}: tensor {t.name!r} is not part of a llama/qwen2/qwen3 decoder "
                                   "this import knows (mixture-of-experts and other layouts are not supported)")
         if t.tensor_type.name not in SUPPORTED_TYPES:
             raise CheckpointError(f"{source}: tensor {t.name!r} has type {t.tensor_type.name}, which is not "

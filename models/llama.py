@@ -1,4 +1,4 @@
-"""The Llama-family decoder as functions over weights (Llama 2/3, Mistral, Qwen2).
+"""The Llama-family decoder as functions over weights (Llama 2/3, Mistral, Qwen2, Qwen3).
 
 Nothing here knows about ranks: a rank calls the same functions with its slice of the weights
 (`LocalDims`) and passes a `reduce` that all-reduces the two partial sums of each layer.
@@ -19,6 +19,7 @@ from models.checkpoint import Checkpoint, layer_prefix
 from models.config import LlamaConfig
 from models.decode_kernels import rms_norm_rows, rope_heads, silu_mul_rows, small_float32
 from models.decode_step import decode_layers, no_reduce, serves
+from models.errors import CheckpointError
 from models.quant import QuantWeight
 from models.quant_kernels import linear
 from models.rope import apply_rope_tables, rope_tables
@@ -49,6 +50,8 @@ class LayerWeights:
     b_gate: torch.Tensor | None = None
     b_up: torch.Tensor | None = None
     b_down: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # [hd]: Qwen3's RMSNorm of each head's q before RoPE, every rank whole
+    k_norm: torch.Tensor | None = None  # [hd]: the same for k
     # Where the parts fuse (models.fusion.fuse_layer): wq, wk, wv back to back ([(H + 2 KV) hd, D],
     # the three are views of it), w_gate and w_up likewise; None otherwise. Never stored or counted.
     wqkv: Weight | None = None
@@ -68,6 +71,11 @@ class LayerWeights:
         of microseconds a call (see models.attention.KVCache.arrays)."""
         return self.attn_norm.numpy(), self.mlp_norm.numpy()
 
+    @cached_property
+    def head_norm_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """q_norm and k_norm as numpy views (made once, as `norm_arrays`); None for a model without."""
+        return None if self.q_norm is None else (self.q_norm.numpy(), self.k_norm.numpy())
+
 
 FUSED_FIELDS = ("wqkv", "bqkv", "w_gate_up", "b_gate_up")
 
@@ -80,8 +88,9 @@ _LAYER_FIELDS = {
     "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
     "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
     "bo": "self_attn.o_proj.bias", "b_gate": "mlp.gate_proj.bias", "b_up": "mlp.up_proj.bias",
-    "b_down": "mlp.down_proj.bias",
+    "b_down": "mlp.down_proj.bias", "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
 }
+_QK_NORMS = ("q_norm", "k_norm")
 
 
 def layer_tensor_names(layer: int) -> dict[str, str]:
@@ -106,6 +115,8 @@ def load_layer(ckpt: Checkpoint, layer: int, dims: LocalDims) -> LayerWeights:
     for field, name in layer_tensor_names(layer).items():
         read = ckpt.read_weight if field in LINEAR_FIELDS else ckpt.read
         tensors[field] = read(name, dims) if ckpt.has(name) else None
+        if field in _QK_NORMS and ckpt.config.qk_norm and tensors[field] is None:
+            raise CheckpointError(f"{name} is missing: a {ckpt.config.architecture} checkpoint has q and k norms")
     return LayerWeights(**tensors)
 
 
@@ -119,26 +130,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(variance + eps)).to(dtype)
 
 
-def qkv(x: torch.Tensor, w: LayerWeights, dims: LocalDims,
-        cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: [B, S, D] (normed) -> q [B, H, S, hd], k, v [B, KV, S, hd] for this rank's heads, RoPE applied."""
+def head_norm(t: torch.Tensor, weight: torch.Tensor | None, eps: float, step: bool) -> torch.Tensor:
+    """t: [B, S, heads, hd] -> each head's vector RMS-normed with `weight` [hd] (Qwen3's q_norm and
+    k_norm); t itself when the model has none. In a decode step (`step`: the layer's x is
+    `small_float32`) the compiled RMSNorm, which models.decode_step calls on the same values."""
+    if weight is None:
+        return t
+    if step and weight.dtype == torch.float32:
+        return rms_norm_rows(t, weight, eps)
+    return rms_norm(t, weight, eps)
+
+
+def qkv(x: torch.Tensor, w: LayerWeights, dims: LocalDims, cos_sin: tuple[torch.Tensor, torch.Tensor],
+        eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [B, S, D] (normed) -> q [B, H, S, hd], k, v [B, KV, S, hd] for this rank's heads, RoPE applied
+    (after the heads' q and k norms, with `eps`, where the model has them)."""
     bsz, seqlen, _ = x.shape
-    head_dim = dims.head_dim
-    q = linear(x, w.wq, w.bq).view(bsz, seqlen, dims.n_local_heads, head_dim)
-    k = linear(x, w.wk, w.bk).view(bsz, seqlen, dims.n_local_kv_heads, head_dim)
+    head_dim, step = dims.head_dim, small_float32(x)
+    q = head_norm(linear(x, w.wq, w.bq).view(bsz, seqlen, dims.n_local_heads, head_dim), w.q_norm, eps, step)
+    k = head_norm(linear(x, w.wk, w.bk).view(bsz, seqlen, dims.n_local_kv_heads, head_dim), w.k_norm, eps, step)
     v = linear(x, w.wv, w.bv).view(bsz, seqlen, dims.n_local_kv_heads, head_dim).transpose(1, 2)
     cos, signed_sin = cos_sin  # from rope_tables, in the activation dtype
-    if small_float32(x):  # a decode step: one compiled call per tensor
+    if step:  # a decode step: one compiled call per tensor
         return rope_heads(q, cos, signed_sin).transpose(1, 2), rope_heads(k, cos, signed_sin).transpose(1, 2), v
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     return apply_rope_tables(q, cos, signed_sin), apply_rope_tables(k, cos, signed_sin), v
 
 
 def attention(x: torch.Tensor, w: LayerWeights, dims: LocalDims, attend: Attend, layer: int,
-              cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+              cos_sin: tuple[torch.Tensor, torch.Tensor], eps: float = 0.0) -> torch.Tensor:
     """x: [B, S, D] (normed) -> partial output projection [B, S, D] over this rank's heads."""
     bsz, seqlen, _ = x.shape
-    q, k, v = qkv(x, w, dims, cos_sin)
+    q, k, v = qkv(x, w, dims, cos_sin, eps)
     out = attend(layer, q, k, v)  # [B, H, S, hd]
     out = out.transpose(1, 2).reshape(bsz, seqlen, dims.n_local_heads * dims.head_dim)
     return linear(out, w.wo, w.bo)
@@ -156,7 +179,7 @@ def decoder_layer(h: torch.Tensor, w: LayerWeights, config: LlamaConfig, dims: L
                   reduce: Reduce = no_reduce) -> torch.Tensor:
     """h: [B, S, D] -> [B, S, D]; `reduce` sums the partial outputs across ranks (twice per layer)."""
     x = rms_norm(h, w.attn_norm, config.rms_norm_eps)
-    h = h + reduce(attention(x, w, dims, attend, layer, cos_sin))
+    h = h + reduce(attention(x, w, dims, attend, layer, cos_sin, config.rms_norm_eps))
     x = rms_norm(h, w.mlp_norm, config.rms_norm_eps)
     return h + reduce(mlp(x, w))
 

@@ -27,6 +27,8 @@ TENSOR_SPLITS: dict[str, tuple[SplitKind, Unit]] = {
     "self_attn.k_proj.bias": ("out", "kv"),
     "self_attn.v_proj.weight": ("out", "kv"),
     "self_attn.v_proj.bias": ("out", "kv"),
+    "self_attn.q_norm.weight": ("replicated", "none"),  # [hd], the same for every head (Qwen3)
+    "self_attn.k_norm.weight": ("replicated", "none"),
     "self_attn.o_proj.weight": ("in", "q"),
     "self_attn.o_proj.bias": ("rank0", "none"),
     "post_attention_layernorm.weight": ("replicated", "none"),

@@ -18,7 +18,7 @@ Q = gguf.GGMLQuantizationType
 HF_TO_GGUF = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
               "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down"}
+              "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
 def _gguf_name(name: str) -> str:
@@ -116,7 +116,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, pre: str) -> None:
 
 def write_gguf(folder: Path, out: Path, quant: Q = Q.Q8_0, arch: str | None = None,
                embed: Q | None = None) -> Path:
-    """`folder` (a transformers llama or qwen2 checkpoint) as a GGUF: matrices in `quant` where
+    """`folder` (a transformers llama, qwen2 or qwen3 checkpoint) as a GGUF: matrices in `quant` where
     their rows allow, else F16 (the embedding in `embed` if given); norms F32; llama's Q/K rows
     permuted; Llama 3 rope as rope_freqs. K-quant matrices get random valid blocks instead."""
     rng = np.random.default_rng(0)
@@ -133,7 +133,11 @@ def write_gguf(folder: Path, out: Path, quant: Q = Q.Q8_0, arch: str | None = No
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     writer.add_rope_freq_base(scaling.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    writer.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != cfg["hidden_size"] // heads:  # as llama.cpp's converter (Qwen3: 128 per head)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     _add_tokenizer(writer, folder, "default")
     if scaling.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(cfg))

@@ -29,6 +29,10 @@ KINDS = {
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
               dict(hidden_size=64, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True, rope="default")),
+    # Qwen3: q and k RMS-normed per head before RoPE, head_dim apart from hidden / heads, tied embeddings.
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=24, tie_word_embeddings=True, rope="default")),
     # Mistral with a sliding window shorter than the generated sequence.
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
                 dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8,

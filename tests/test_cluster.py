@@ -32,10 +32,16 @@ def qwen2(tmp_path_factory):
     return folder, hf_greedy(folder, PROMPT, NEW_TOKENS)
 
 
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    folder = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen3", "qwen3", seed=7)
+    return folder, hf_greedy(folder, PROMPT, NEW_TOKENS)
+
+
 CASES = [("llama", 1, None, "star"), ("llama", 2, None, "star"), ("llama", 3, None, "star"),
          ("llama", 4, None, "star"), ("llama", 3, "2,1,1", "star"), ("llama", 3, "auto", "star"),
          ("llama", 3, None, "ring"), ("llama", 4, "1,2,1,1", "auto"), ("qwen2", 2, None, "star"),
-         ("qwen2", 3, "1,2,1", "ring")]
+         ("qwen2", 3, "1,2,1", "ring"), ("qwen3", 3, None, "star"), ("qwen3", 4, None, "auto")]
 
 
 @pytest.mark.parametrize(("kind", "workers", "weights", "allreduce"), CASES)

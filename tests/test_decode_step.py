@@ -25,8 +25,8 @@ from models.sharding import local_dims
 from tests.hf_reference import make_hf_checkpoint
 
 PAST = 11  # positions in the cache before the step (more than the mistral window of 12 after it)
-FORMATS = {"llama": ["none", "int8", "int4"], "qwen2": ["none", "int4"], "mistral": ["none"]}
-SIZES = {"llama": {"intermediate_size": 320}, "qwen2": {"intermediate_size": 192}, "mistral": {}}
+FORMATS = {"llama": ["none", "int8", "int4"], "qwen2": ["none", "int4"], "qwen3": ["none", "int8"], "mistral": ["none"]}
+SIZES = {"llama": {"intermediate_size": 320}, "qwen2": {"intermediate_size": 192}, "qwen3": {}, "mistral": {}}
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_a_batch_on_fused_projections_is_the_torch_batch(folders, batch, seqlen)
 
 
 @pytest.mark.parametrize("batch,seqlen", [(2, 1), (ROWS, 1), (2, 4)])
-@pytest.mark.parametrize("kind,quant", [("llama", "int4"), ("qwen2", "none"), ("mistral", "none")])
+@pytest.mark.parametrize("kind,quant", [("llama", "int4"), ("qwen2", "none"), ("qwen3", "int8"), ("mistral", "none")])
 def test_a_batch_of_requests_each_at_its_own_position_is_the_torch_batch(folders, kind, quant, batch, seqlen):
     config, dims, layers = shard(folders[kind], quant, 2, 1)
     assert_same(both_paths(config, dims, layers, seqlen, seed=batch, batch=batch), config, seqlen, batch)

@@ -11,7 +11,7 @@ from edge_llm.cli import main
 
 PROMPT = [0, 17, 250, 33, 99, 5, 120]
 NEW_TOKENS = 24
-CASES = [(kind, seed, legacy) for kind in ("llama", "qwen2", "mistral")
+CASES = [(kind, seed, legacy) for kind in ("llama", "qwen2", "qwen3", "mistral")
          for seed in (0, 1) for legacy in (False, True)]
 
 
@@ -31,6 +31,17 @@ def test_greedy_tokens_and_logprobs_match_transformers(tmp_path, capsys, kind, s
     assert ours["token_ids"] == ref_tokens
     assert ours["logprobs"] == pytest.approx(ref_logprobs, abs=1e-4)
     assert len(ours["token_ids"]) >= 20 or ref_tokens[-1] in (1, 3)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+def test_a_long_prompt_prefills_like_transformers(tmp_path, capsys, kind):
+    """A prompt of more positions than a decode step's kernels take runs the op-by-op prefill."""
+    model = make_hf_checkpoint(tmp_path / kind, kind, seed=9)
+    prompt = [(7 * i + 3) % 384 for i in range(40)]
+    ref_tokens, ref_logprobs = hf_greedy(model, prompt, 8)
+    ours = run_generate_json(capsys, model, prompt, n=8)
+    assert ours["token_ids"] == ref_tokens
+    assert ours["logprobs"] == pytest.approx(ref_logprobs, abs=1e-4)
 
 
 @pytest.mark.parametrize("rope", ["default", "linear", "dynamic", "yarn", "llama3"])

@@ -151,11 +151,11 @@ def test_smollm2_float_kernels_match_transformers_to_float32_rounding(smollm2, s
 
 
 # (kind, matrix type, embedding type, device counts): Llama 3 rope through rope_freqs and llama.cpp's
-# Q/K permutation, Qwen2's biases and tied embeddings; every tensor type the import supports appears
+# Q/K permutation, Qwen2's biases and tied embeddings, Qwen3's q and k norms; every tensor type the import supports appears
 # in one of them, and each device count on both architectures.
 FILES = [("llama", Q.Q8_0, None, (1, 2, 3)), ("qwen2", Q.Q8_0, Q.BF16, (1, 2, 3)),
          ("llama", Q.Q4_0, Q.Q4_1, (2,)), ("llama", Q.Q6_K, None, (1,)), ("llama", Q.Q4_K, Q.F16, (3,)),
-         ("qwen2", Q.Q5_K, None, (2,))]
+         ("qwen2", Q.Q5_K, None, (2,)), ("qwen3", Q.Q8_0, None, (1, 2))]
 K_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -166,6 +166,8 @@ def written_gguf(request, tmp_path_factory):
     kind, quant, embed, workers = request.param
     tmp = tmp_path_factory.mktemp(f"{kind}-{quant.name}")
     sizes = K_SIZES if quant in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else {}
+    if kind == "qwen3":  # transformers' GGUF loader takes Qwen3's default head_dim, not the file's key_length
+        sizes = {"head_dim": 128}
     source = make_hf_checkpoint(tmp / "source", kind, seed=1, **sizes)
     path = write_gguf(source, tmp / f"{kind}.gguf", quant, embed=embed)
     config = {"config": transformers.AutoConfig.from_pretrained(source)} if kind == "llama" else {}

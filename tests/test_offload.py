@@ -40,8 +40,9 @@ def reference(tmp_path_factory):
 
 
 # (kind, compute workers, attention nodes): Llama GQA 6/2 with 1 and 2 nodes, a rank whose KV
-# heads span both nodes (3 workers), Qwen2 biases, and Mistral's sliding window on the nodes.
-CASES = [("llama", 2, 1), ("llama", 2, 2), ("llama", 3, 2), ("qwen2", 2, 2), ("mistral", 1, 2)]
+# heads span both nodes (3 workers), Qwen2 biases, Qwen3's q and k norms, and Mistral's sliding window
+# on the nodes.
+CASES = [("llama", 2, 1), ("llama", 2, 2), ("llama", 3, 2), ("qwen2", 2, 2), ("qwen3", 2, 1), ("mistral", 1, 2)]
 
 
 @pytest.mark.parametrize(("kind", "workers", "nodes"), CASES)
