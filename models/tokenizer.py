@@ -54,6 +54,9 @@ def _uses_byte_level(tokenizer: HFTokenizer) -> bool:
     return any(step.get("type") == "ByteLevel" for step in steps)
 
 
+TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "bos_token", "eos_token")  # set by render_chat
+
+
 def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
@@ -115,17 +118,21 @@ class Tokenizer:
         """The text of one token as OpenAI `logprobs.tokens` shows it (special tokens included)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render messages with the chat template; raises GenerationError (a 400) on template errors."""
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    template_kwargs: dict[str, Any] | None = None) -> str:
+        """Render messages with the chat template, `template_kwargs` as further template variables
+        (e.g. Qwen3's enable_thinking; none may be one of those set here); raises GenerationError
+        (a 400) on template errors."""
+        own = {"messages": messages, "add_generation_prompt": add_generation_prompt,
+               "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            return self._template.render(**(template_kwargs or {}), **own)
         except TemplateError as e:
             raise GenerationError(f"chat template failed: {e}") from e
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """Template output already holds its special tokens, so none are added (as transformers does)."""
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, template_kwargs=template_kwargs), add_special_tokens=False)
 
 
 def load_tokenizer(folder: Path, config: LlamaConfig) -> Tokenizer:

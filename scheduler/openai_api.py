@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.sampling import SamplingParams
-from models.tokenizer import Tokenizer
+from models.tokenizer import TEMPLATE_VARIABLES, Tokenizer
 from scheduler.errors import ApiError
 
 MAX_STOP = 4
@@ -162,6 +162,16 @@ def _messages(body: dict) -> list[dict[str, Any]]:
     return messages
 
 
+def _template_kwargs(body: dict) -> dict[str, Any]:
+    """vLLM's `chat_template_kwargs`: more variables for the chat template (Qwen3's enable_thinking)."""
+    kwargs = _typed(body, "chat_template_kwargs", dict, {})
+    taken = sorted(k for k in kwargs if k in TEMPLATE_VARIABLES or not isinstance(k, str) or not k.isidentifier())
+    if taken:
+        raise ApiError(400, f"'chat_template_kwargs' may not set {taken}: the server sets {list(TEMPLATE_VARIABLES)} "
+                            "and names must be identifiers", param="chat_template_kwargs")
+    return kwargs
+
+
 def _text_part(part: Any) -> str:
     """One content part of a chat message; only {"type": "text", "text": str} is served here."""
     if not isinstance(part, dict) or part.get("type", "text") != "text":
@@ -192,7 +202,8 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     _refuse_unsupported(body)
-    given = [(tokenizer.encode_chat(_messages(body)), None)] if chat else _prompts(body, tokenizer)
+    given = [(tokenizer.encode_chat(_messages(body), _template_kwargs(body)), None)] if chat \
+        else _prompts(body, tokenizer)
     max_tokens = _max_tokens(body, max(len(ids) for ids, _ in given), context, chat, len(given) > 1)
     temperature = float(_typed(body, "temperature", (int, float), 1.0))
     _in_range("temperature", temperature, 0.0, 2.0)

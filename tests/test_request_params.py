@@ -6,6 +6,7 @@ import pytest
 
 from models.config import load_config
 from models.tokenizer import load_tokenizer
+from scheduler.errors import ApiError
 from scheduler.openai_api import parse_request
 
 
@@ -28,3 +29,21 @@ def test_the_chosen_tokens_logprob_is_kept_only_when_the_request_wants_logprobs(
     req = parse_request(body | extra, tokenizer, 64, chat)
     assert req.want_logprobs is keep
     assert req.params.keep_logprob is keep and req.params.logprobs == top
+
+
+def test_chat_template_kwargs_reach_the_template_and_cannot_replace_its_own_variables(tokenizer, qwen3_style_model):
+    """vLLM's `chat_template_kwargs` (how clients turn Qwen3's thinking off) become template variables."""
+    messages = [{"role": "user", "content": "hi"}]
+    plain = parse_request({"messages": messages}, tokenizer, 64, True)
+    same = parse_request({"messages": messages, "chat_template_kwargs": {"enable_thinking": False}}, tokenizer, 64, True)
+    assert same.prompts == plain.prompts  # a template that does not read it renders the same
+    thinking = load_tokenizer(qwen3_style_model, load_config(qwen3_style_model))
+    off = parse_request({"messages": messages, "chat_template_kwargs": {"enable_thinking": False}}, thinking, 64, True)
+    on = parse_request({"messages": messages}, thinking, 64, True)
+    assert thinking.decode_with_special(off.prompts[0]) == thinking.decode_with_special(on.prompts[0]) + \
+        "<think>\n\n</think>\n\n"
+    for bad in ({"messages": []}, {"add_generation_prompt": False}, {"bos_token": "x"}, {"not a name": 1}):
+        with pytest.raises(ApiError, match="may not set"):
+            parse_request({"messages": messages, "chat_template_kwargs": bad}, tokenizer, 64, True)
+    with pytest.raises(ApiError, match="wrong type"):
+        parse_request({"messages": messages, "chat_template_kwargs": ["enable_thinking"]}, tokenizer, 64, True)

@@ -23,6 +23,21 @@ def test_chat_template_renders_like_transformers(tiny_model):
     assert ours.encode_chat(MESSAGES) == list(ref_ids)
 
 
+TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}, {"role": "user", "content": "3+3?"}]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}, {"enable_thinking": True}])
+def test_a_qwen3_style_template_renders_like_transformers(qwen3_style_model, kwargs):
+    """Namespaces, reversed loops, string methods, and template arguments (`chat_template_kwargs`)."""
+    ours = load_tokenizer(qwen3_style_model, load_config(qwen3_style_model))
+    ref = transformers.AutoTokenizer.from_pretrained(qwen3_style_model)
+    expected = ref.apply_chat_template(TURNS, tokenize=False, add_generation_prompt=True, **kwargs)
+    assert ours.render_chat(TURNS, template_kwargs=kwargs) == expected
+    assert ("<think>\n\n</think>" in expected) is (kwargs.get("enable_thinking") is False)
+    assert "add them" not in expected  # an earlier turn's reasoning is dropped by the template
+
+
 def test_encode_decode_like_transformers(tiny_model):
     ours = load_tokenizer(tiny_model, load_config(tiny_model))
     ref = transformers.AutoTokenizer.from_pretrained(tiny_model)
