@@ -142,7 +142,7 @@ def head_norm(t: torch.Tensor, weight: torch.Tensor | None, eps: float, step: bo
 
 
 def qkv(x: torch.Tensor, w: LayerWeights, dims: LocalDims, cos_sin: tuple[torch.Tensor, torch.Tensor],
-        eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: [B, S, D] (normed) -> q [B, H, S, hd], k, v [B, KV, S, hd] for this rank's heads, RoPE applied
     (after the heads' q and k norms, with `eps`, where the model has them)."""
     bsz, seqlen, _ = x.shape
@@ -158,7 +158,7 @@ def qkv(x: torch.Tensor, w: LayerWeights, dims: LocalDims, cos_sin: tuple[torch.
 
 
 def attention(x: torch.Tensor, w: LayerWeights, dims: LocalDims, attend: Attend, layer: int,
-              cos_sin: tuple[torch.Tensor, torch.Tensor], eps: float = 0.0) -> torch.Tensor:
+              cos_sin: tuple[torch.Tensor, torch.Tensor], eps: float) -> torch.Tensor:
     """x: [B, S, D] (normed) -> partial output projection [B, S, D] over this rank's heads."""
     bsz, seqlen, _ = x.shape
     q, k, v = qkv(x, w, dims, cos_sin, eps)
