@@ -66,6 +66,7 @@ class Output:
         self.text = IncrementalText(tokenizer, prompt_ids, params.stop)
         self.counts = Counter[int]()
         self.context = list(prompt_ids)  # prompt + tokens emitted (what drafters read)
+        self.seen = set(prompt_ids) if params.repetition_penalty != 1.0 else None  # what it penalizes
         self.produced = 0
 
     @property
@@ -73,13 +74,15 @@ class Output:
         return self.budget - self.produced
 
     def penalized(self, logits: torch.Tensor) -> torch.Tensor:
-        return apply_penalties(logits, self.counts, self.params)
+        return apply_penalties(logits, self.counts, self.params, self.seen)
 
     def emit(self, logits: torch.Tensor, token: int) -> TokenEvent:
         """Record `token`, chosen from logits [V]; its event ends the request (`finish_reason`) at an
         end-of-sequence token, a stop string or the budget."""
         event = token_event(logits, token, self.params.logprobs, self.params.keep_logprob)
         self.counts[token] += 1
+        if self.seen is not None:
+            self.seen.add(token)
         self.produced += 1
         self.context.append(token)
         event.text = self.text.add(token)

@@ -25,28 +25,43 @@ class SamplingParams:
     keep_logprob: bool = True
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's and transformers': over the prompt and the output
+    min_p: float = 0.0  # vLLM's and llama.cpp's: drop tokens below min_p x the likeliest one's probability
     extra_stop_ids: tuple[int, ...] = field(default=())
 
 
-def apply_penalties(logits: torch.Tensor, counts: dict[int, int], params: SamplingParams) -> torch.Tensor:
-    """OpenAI presence/frequency penalties over the tokens generated so far."""
-    if not counts or (params.presence_penalty == 0 and params.frequency_penalty == 0):
+def apply_penalties(logits: torch.Tensor, counts: dict[int, int], params: SamplingParams,
+                    seen: set[int] | None = None) -> torch.Tensor:
+    """OpenAI presence/frequency penalties over the tokens generated so far (`counts`), then the
+    repetition penalty over every token `seen` (prompt and output): a positive logit divided by it,
+    a negative one multiplied, as transformers' RepetitionPenaltyLogitsProcessor and vLLM do."""
+    openai = counts and (params.presence_penalty != 0 or params.frequency_penalty != 0)
+    repetition = seen and params.repetition_penalty != 1.0
+    if not (openai or repetition):
         return logits
-    ids = torch.tensor(list(counts.keys()))
-    freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
     logits = logits.clone()
-    logits[ids] -= params.frequency_penalty * freq + params.presence_penalty
+    if openai:
+        ids = torch.tensor(list(counts.keys()))
+        freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
+        logits[ids] -= params.frequency_penalty * freq + params.presence_penalty
+    if repetition:
+        ids = torch.tensor(sorted(seen))
+        picked = logits[ids]
+        logits[ids] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
     return logits
 
 
 def token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits: [V] float32 (penalties applied) -> the distribution sampling draws from at temperature > 0:
-    temperature, then top-k, then top-p (nucleus) truncation."""
+    temperature, then top-k, then min-p, then top-p (nucleus) truncation."""
     scaled = logits / params.temperature
     if params.top_k > 0:
         kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         outside = torch.cumsum(sorted_probs, 0) - sorted_probs > params.top_p  # keep the first over p

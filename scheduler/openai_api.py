@@ -228,6 +228,9 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
                  for key in ("presence_penalty", "frequency_penalty")}
     for key, value in penalties.items():
         _in_range(key, value, -2.0, 2.0)
+    for key, low, high, default in (("repetition_penalty", 0.01, 10.0, 1.0), ("min_p", 0.0, 1.0, 0.0)):
+        penalties[key] = float(_typed(body, key, (int, float), default))  # vLLM's extensions
+        _in_range(key, penalties[key], low, high)
     seed = _typed(body, "seed", int, None)
     if seed is not None:  # a prompt's choice j samples with seed + j: every one must fit a 64-bit seed
         _in_range("seed", seed, -(1 << 63), (1 << 63) - n)

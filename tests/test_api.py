@@ -9,6 +9,8 @@ import aiohttp
 import openai
 import psutil
 import pytest
+import torch
+import transformers
 from cluster_proc import ClusterProcess
 from hf_reference import hf_greedy, make_hf_checkpoint
 
@@ -97,6 +99,26 @@ async def test_chat_greedy_equals_transformers(oai, model):
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == choice.message.content
     assert chunks[-1].usage.completion_tokens == len(ref_tokens)
+
+
+async def test_repetition_penalty_and_min_p_reach_the_sampler(oai, model):
+    """vLLM's sampling extensions `repetition_penalty` (over the prompt and the output) and `min_p`,
+    end to end."""
+    prompt = [1, 17, 250, 33, 99, 5, 120, 5, 5]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                          repetition_penalty=1.8, pad_token_id=None)[0, len(prompt):].tolist()
+    args = dict(model=model.name, prompt=prompt, max_tokens=16, temperature=0)
+    got = await oai.completions.create(**args, extra_body={"repetition_penalty": 1.8, "return_token_ids": True})
+    plain = await oai.completions.create(**args, extra_body={"return_token_ids": True})
+    assert got.choices[0].model_extra["token_ids"] == ref
+    assert plain.choices[0].model_extra["token_ids"] != ref  # the penalty changed the answer
+    # min_p = 1 keeps only the likeliest token: sampling at temperature 1 must then be greedy
+    only_best = await oai.completions.create(**(args | {"temperature": 1.0}),
+                                             extra_body={"min_p": 1.0, "return_token_ids": True})
+    assert only_best.choices[0].model_extra["token_ids"] == plain.choices[0].model_extra["token_ids"]
 
 
 async def test_completion_logprobs_echo_stop_and_n(cluster, oai):
@@ -259,6 +281,10 @@ BAD = [
     ("/v1/completions", {"prompt": [1, 2, 99999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": [5] * 200}, 413, "context window"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 5}, 400, "'presence_penalty' must be between"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "'repetition_penalty' must be between"),
+    ("/v1/completions", {"prompt": "x", "min_p": 1.5}, 400, "'min_p' must be between"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "min_p": "a"}, 400,
+     "'min_p' has the wrong type"),
     ("/v1/chat/completions", {"messages": []}, 400, "'messages' must be"),
     ("/v1/chat/completions", {"messages": [{"content": "x"}]}, 400, "'role'"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "'content'"),
