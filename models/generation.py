@@ -95,13 +95,17 @@ class LocalEngine:
         self.compute.shutdown(wait=True)
 
 
-def check_prompt(prompt_ids: list[int], config: LlamaConfig, vocab_limit: int) -> None:
-    """Raise GenerationError (a client error) for an empty, out-of-vocabulary or too long prompt."""
+def check_prompt(prompt_ids: list[int], config: LlamaConfig, vocab_limit: int,
+                 params: SamplingParams = SamplingParams()) -> None:
+    """Raise GenerationError (a client error) for an empty, out-of-vocabulary or too long prompt, or
+    a logit_bias on a token outside the vocabulary."""
     if not prompt_ids:
         raise GenerationError("the prompt is empty")
     bad = [t for t in prompt_ids if not 0 <= t < vocab_limit]
     if bad:
         raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab_limit - 1})")
+    if bad := [t for t, _ in params.logit_bias if not 0 <= t < vocab_limit]:
+        raise GenerationError(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab_limit - 1})")
     if len(prompt_ids) >= config.max_position_embeddings:
         raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
                               f"{config.max_position_embeddings} tokens, so at most "
@@ -117,7 +121,7 @@ async def generate(engine: Engine, prompt_ids: list[int], params: SamplingParams
     request, the next step starts before its events are yielded; a consumer that leaves cancels it.
     """
     config = engine.config
-    check_prompt(prompt_ids, config, config.vocab_size)
+    check_prompt(prompt_ids, config, config.vocab_size, params)
     budget = min(params.max_tokens, config.max_position_embeddings - len(prompt_ids))
     out, gen = Output(engine.tokenizer, prompt_ids, params, budget), make_generator(params.seed)
     speculating = speculation is not None and speculation.enabled

@@ -27,17 +27,19 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's and transformers': over the prompt and the output
     min_p: float = 0.0  # vLLM's and llama.cpp's: drop tokens below min_p x the likeliest one's probability
-    extra_stop_ids: tuple[int, ...] = field(default=())
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, added to its logit)
+    extra_stop_ids: tuple[int, ...] = field(default=())  # vLLM's stop_token_ids: end after any of them
 
 
 def apply_penalties(logits: torch.Tensor, counts: dict[int, int], params: SamplingParams,
                     seen: set[int] | None = None) -> torch.Tensor:
     """OpenAI presence/frequency penalties over the tokens generated so far (`counts`), then the
     repetition penalty over every token `seen` (prompt and output): a positive logit divided by it,
-    a negative one multiplied, as transformers' RepetitionPenaltyLogitsProcessor and vLLM do."""
+    a negative one multiplied, as transformers' RepetitionPenaltyLogitsProcessor and vLLM do; then
+    OpenAI's logit_bias, added."""
     openai = counts and (params.presence_penalty != 0 or params.frequency_penalty != 0)
     repetition = seen and params.repetition_penalty != 1.0
-    if not (openai or repetition):
+    if not (openai or repetition or params.logit_bias):
         return logits
     logits = logits.clone()
     if openai:
@@ -48,6 +50,8 @@ def apply_penalties(logits: torch.Tensor, counts: dict[int, int], params: Sampli
         ids = torch.tensor(sorted(seen))
         picked = logits[ids]
         logits[ids] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    for token, bias in params.logit_bias:
+        logits[token] += bias
     return logits
 
 

@@ -12,9 +12,8 @@ from typing import Any
 from models.sampling import SamplingParams
 from models.tokenizer import TEMPLATE_VARIABLES, Tokenizer
 from scheduler.errors import ApiError
-
-MAX_STOP = 4
-
+from scheduler.fields import in_range, typed, valid_text
+from scheduler.sampling_fields import sampling_params
 
 MAX_N = 8
 MAX_CHOICES = 32  # prompts x n in one request: each choice is a sequence with a KV cache of its own
@@ -85,44 +84,6 @@ def check_model(body: Any, served_name: str) -> None:
                        "not_found_error", param="model", code="model_not_found")
 
 
-def _typed(body: dict, key: str, types: type | tuple, default: Any) -> Any:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise ApiError(400, f"'{key}' must be {getattr(types, '__name__', types)}, got a boolean", param=key)
-    if not isinstance(value, types):
-        raise ApiError(400, f"'{key}' has the wrong type ({type(value).__name__})", param=key)
-    return value
-
-
-def _in_range(key: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise ApiError(400, f"'{key}' must be between {low} and {high}, got {value}", param=key)
-
-
-def _text(value: str, key: str) -> str:
-    """A string the tokenizer can take: valid Unicode (no lone surrogates such as "\\ud800")."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ApiError(400, f"'{key}' is not valid Unicode text ({e.reason} at position {e.start})",
-                       param=key) from e
-    return value
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-    if len(stops) > MAX_STOP:
-        raise ApiError(400, f"'stop' takes at most {MAX_STOP} strings", param="stop")
-    return tuple(_text(s, "stop") for s in stops)
-
-
 def _prompts(body: dict, tokenizer: Tokenizer) -> list[tuple[list[int], str | None]]:
     """`prompt` as OpenAI takes it: a string, token ids, or a batch (a list) of either -> each
     prompt's ids and, when given as text, that text."""
@@ -137,7 +98,7 @@ def _prompts(body: dict, tokenizer: Tokenizer) -> list[tuple[list[int], str | No
 
 def _one_prompt(prompt: Any, tokenizer: Tokenizer) -> list[int]:
     if isinstance(prompt, str):
-        return tokenizer.encode(_text(prompt, "prompt"))
+        return tokenizer.encode(valid_text(prompt, "prompt"))
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return list(prompt)
     raise ApiError(400, "'prompt' must be a string or a non-empty list of token ids, or a list of those (a batch)",
@@ -158,13 +119,13 @@ def _messages(body: dict) -> list[dict[str, Any]]:
             m["content"] = "".join(_text_part(p) for p in content)
         elif not isinstance(content, str):
             raise ApiError(400, "each message needs string 'content'", param="messages")
-        _text(m["content"], "messages")
+        valid_text(m["content"], "messages")
     return messages
 
 
 def _template_kwargs(body: dict) -> dict[str, Any]:
     """vLLM's `chat_template_kwargs`: more variables for the chat template (Qwen3's enable_thinking)."""
-    kwargs = _typed(body, "chat_template_kwargs", dict, {})
+    kwargs = typed(body, "chat_template_kwargs", dict, {})
     taken = sorted(k for k in kwargs if k in TEMPLATE_VARIABLES or not isinstance(k, str) or not k.isidentifier())
     if taken:
         raise ApiError(400, f"'chat_template_kwargs' may not set {taken}: the server sets {list(TEMPLATE_VARIABLES)} "
@@ -186,7 +147,7 @@ def _text_part(part: Any) -> str:
 # OpenAI fields this server does not implement, with the values that ask for nothing (accepted).
 UNSUPPORTED = {"tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
                "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-               "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, "")}
+               "best_of": (None, 1), "suffix": (None, "")}
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -205,44 +166,17 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
     given = [(tokenizer.encode_chat(_messages(body), _template_kwargs(body)), None)] if chat \
         else _prompts(body, tokenizer)
     max_tokens = _max_tokens(body, max(len(ids) for ids, _ in given), context, chat, len(given) > 1)
-    temperature = float(_typed(body, "temperature", (int, float), 1.0))
-    _in_range("temperature", temperature, 0.0, 2.0)
-    top_p = float(_typed(body, "top_p", (int, float), 1.0))
-    _in_range("top_p", top_p, 1e-9, 1.0)
-    n = _typed(body, "n", int, 1)
-    _in_range("n", n, 1, MAX_N)
+    n = typed(body, "n", int, 1)
+    in_range("n", n, 1, MAX_N)
     if n * len(given) > MAX_CHOICES:
         raise ApiError(400, f"{len(given)} prompts x n = {n} is {n * len(given)} choices; at most {MAX_CHOICES} "
                             "in one request", param="n")
-    if chat:
-        want_logprobs = _typed(body, "logprobs", bool, False)
-        top = _typed(body, "top_logprobs", int, 0)
-        _in_range("top_logprobs", top, 0, 20)
-    else:
-        want_logprobs = body.get("logprobs") is not None
-        top = _typed(body, "logprobs", int, 0)
-        _in_range("logprobs", top, 0, 5)
-    top_k = _typed(body, "top_k", int, 0)
-    _in_range("top_k", top_k, -1, 1 << 20)
-    penalties = {key: float(_typed(body, key, (int, float), 0.0))
-                 for key in ("presence_penalty", "frequency_penalty")}
-    for key, value in penalties.items():
-        _in_range(key, value, -2.0, 2.0)
-    for key, low, high, default in (("repetition_penalty", 0.01, 10.0, 1.0), ("min_p", 0.0, 1.0, 0.0)):
-        penalties[key] = float(_typed(body, key, (int, float), default))  # vLLM's extensions
-        _in_range(key, penalties[key], low, high)
-    seed = _typed(body, "seed", int, None)
-    if seed is not None:  # a prompt's choice j samples with seed + j: every one must fit a 64-bit seed
-        _in_range("seed", seed, -(1 << 63), (1 << 63) - n)
-    stream_options = _typed(body, "stream_options", dict, {})
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                            top_k=max(top_k, 0), seed=seed, stop=_stop(body),
-                            ignore_eos=_typed(body, "ignore_eos", bool, False), logprobs=top,
-                            keep_logprob=want_logprobs, **penalties)
-    echo = not chat and _typed(body, "echo", bool, False)
+    params, want_logprobs = sampling_params(body, chat, max_tokens, n)
+    stream_options = typed(body, "stream_options", dict, {})
+    echo = not chat and typed(body, "echo", bool, False)
     echo_texts = tuple(tokenizer.decode(ids) if text is None else text for ids, text in given) if echo else ()
-    return ParsedRequest([ids for ids, _ in given], params, _typed(body, "stream", bool, False),
-                         _typed(body, "return_token_ids", bool, False),
+    return ParsedRequest([ids for ids, _ in given], params, typed(body, "stream", bool, False),
+                         typed(body, "return_token_ids", bool, False),
                          bool(stream_options.get("include_usage", False)), chat, n, want_logprobs, echo_texts)
 
 
@@ -253,10 +187,10 @@ def _max_tokens(body: dict, longest: int, context: int, chat: bool, batch: bool)
     if longest >= context:
         raise ApiError(413, f"{prompt} has {longest} tokens; the context window is {context}",
                        param=what, code="context_length_exceeded")
-    max_tokens = _typed(body, "max_completion_tokens", int, None) if chat else None
+    max_tokens = typed(body, "max_completion_tokens", int, None) if chat else None
     if max_tokens is None:
-        max_tokens = _typed(body, "max_tokens", int, 16 if not chat else context - longest)
-    _in_range("max_tokens", max_tokens, 1, context)
+        max_tokens = typed(body, "max_tokens", int, 16 if not chat else context - longest)
+    in_range("max_tokens", max_tokens, 1, context)
     if longest + max_tokens > context:  # as vLLM: say so rather than stop short silently
         raise ApiError(400, f"{prompt} has {longest} tokens and max_tokens is {max_tokens}: "
                             f"{longest + max_tokens} in all, more than the context window of {context}; "

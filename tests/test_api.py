@@ -101,20 +101,31 @@ async def test_chat_greedy_equals_transformers(oai, model):
     assert chunks[-1].usage.completion_tokens == len(ref_tokens)
 
 
-async def test_repetition_penalty_and_min_p_reach_the_sampler(oai, model):
-    """vLLM's sampling extensions `repetition_penalty` (over the prompt and the output) and `min_p`,
-    end to end."""
+async def test_repetition_penalty_logit_bias_stop_token_ids_and_min_p_reach_the_sampler(oai, model):
+    """OpenAI's logit_bias and vLLM's sampling extensions (`repetition_penalty` over the prompt and
+    the output, `stop_token_ids`, `min_p`), end to end."""
     prompt = [1, 17, 250, 33, 99, 5, 120, 5, 5]
     hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     ids = torch.tensor([prompt])
     with torch.no_grad():
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                           repetition_penalty=1.8, pad_token_id=None)[0, len(prompt):].tolist()
+        first_two = torch.topk(hf(ids).logits[0, -1], 2).indices.tolist()  # greedy's first choice, then its second
     args = dict(model=model.name, prompt=prompt, max_tokens=16, temperature=0)
     got = await oai.completions.create(**args, extra_body={"repetition_penalty": 1.8, "return_token_ids": True})
     plain = await oai.completions.create(**args, extra_body={"return_token_ids": True})
     assert got.choices[0].model_extra["token_ids"] == ref
     assert plain.choices[0].model_extra["token_ids"] != ref  # the penalty changed the answer
+    # logit_bias (OpenAI's): -100 on greedy's first token makes transformers' second choice the first;
+    # stop_token_ids (vLLM's): the answer ends with the first of them it produces
+    plain_ids = plain.choices[0].model_extra["token_ids"]
+    assert plain_ids[0] == first_two[0]
+    banned = await oai.completions.create(**args, logit_bias={str(first_two[0]): -100},
+                                          extra_body={"return_token_ids": True})
+    assert banned.choices[0].model_extra["token_ids"][0] == first_two[1]
+    cut = await oai.completions.create(**args, extra_body={"stop_token_ids": [plain_ids[5]], "return_token_ids": True})
+    end = plain_ids.index(plain_ids[5]) + 1
+    assert cut.choices[0].model_extra["token_ids"] == plain_ids[:end] and cut.choices[0].finish_reason == "stop"
     # min_p = 1 keeps only the likeliest token: sampling at temperature 1 must then be greedy
     only_best = await oai.completions.create(**(args | {"temperature": 1.0}),
                                              extra_body={"min_p": 1.0, "return_token_ids": True})
@@ -359,7 +370,13 @@ BAD = [
                               "response_format": {"type": "json_object"}}, 400, "'response_format' is not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
      "'tool_choice' is not supported"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 100}}, 400, "'logit_bias' is not supported"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "'logit_bias' must be between"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "maps token ids (as strings) to numbers"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": True}}, 400, "maps token ids (as strings) to numbers"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "at most 300 tokens"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias token id 99999 is outside"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [1, "2"]}, 400, "'stop_token_ids' must be a list"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": 5}, 400, "'stop_token_ids' has the wrong type"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "'best_of' is not supported"),
     ("/v1/completions", {"prompt": "x", "suffix": "end"}, 400, "'suffix' is not supported"),
 ]
