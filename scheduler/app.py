@@ -28,6 +28,7 @@ from scheduler.state import (
     SPECULATION,
     ServerSettings,
 )
+from scheduler.tokenizing import detokenize, tokenize
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -134,6 +135,8 @@ def create_app(engine: Engine, settings: ServerSettings, speculation: Speculatio
         web.post("/v1/chat/completions", chat_completions),
         web.get("/v1/models", models),
         web.get("/v1/models/{model_id:.+}", model),
+        web.post("/tokenize", tokenize),
+        web.post("/detokenize", detokenize),
         web.get("/health", health),
         web.get("/", dashboard.page),
         web.get("/v1/events", dashboard.events),

@@ -188,8 +188,8 @@ async def _send_events(request: web.Request, req: api.ParsedRequest, chunk_head:
 
 
 def ensure_api_key(request: web.Request, api_key: str | None) -> None:
-    """Bearer-token check on /v1 routes; raises ApiError(401)."""
-    if api_key is None or not request.path.startswith("/v1/"):
+    """Bearer-token check on /v1 routes and /tokenize, /detokenize; raises ApiError(401)."""
+    if api_key is None or not (request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize")):
         return
     given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
     if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):  # constant time: no timing oracle

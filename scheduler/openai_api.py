@@ -105,7 +105,7 @@ def _one_prompt(prompt: Any, tokenizer: Tokenizer) -> list[int]:
                    param="prompt")
 
 
-def _messages(body: dict) -> list[dict[str, Any]]:
+def parse_messages(body: dict) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
@@ -123,7 +123,7 @@ def _messages(body: dict) -> list[dict[str, Any]]:
     return messages
 
 
-def _template_kwargs(body: dict) -> dict[str, Any]:
+def template_kwargs(body: dict) -> dict[str, Any]:
     """vLLM's `chat_template_kwargs`: more variables for the chat template (Qwen3's enable_thinking)."""
     kwargs = typed(body, "chat_template_kwargs", dict, {})
     taken = sorted(k for k in kwargs if k in TEMPLATE_VARIABLES or not isinstance(k, str) or not k.isidentifier())
@@ -163,7 +163,7 @@ def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> 
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     _refuse_unsupported(body)
-    given = [(tokenizer.encode_chat(_messages(body), _template_kwargs(body)), None)] if chat \
+    given = [(tokenizer.encode_chat(parse_messages(body), template_kwargs(body)), None)] if chat \
         else _prompts(body, tokenizer)
     max_tokens = _max_tokens(body, max(len(ids) for ids, _ in given), context, chat, len(given) > 1)
     n = typed(body, "n", int, 1)

@@ -195,6 +195,46 @@ async def test_a_batch_of_prompts_answers_as_each_prompt_alone(cluster, oai):
     assert streamed == {ch.index: ch.text for ch in batch.choices}
 
 
+async def _post(url: str, body, headers: dict | None = None) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s, s.post(url, json=body, headers=headers or {}) as r:
+        return r.status, await r.json()
+
+
+async def test_tokenize_counts_what_a_request_is_charged_and_detokenize_reverses_it(cluster, oai, model):
+    """vLLM's /tokenize and /detokenize (llama.cpp's field names too): the count of a prompt and of a
+    conversation is the usage.prompt_tokens a request with them reports."""
+    text, messages = "The quick brown fox", [{"role": "user", "content": "Hello there"}]
+    whole = await oai.completions.create(model=model.name, prompt=text, max_tokens=1, temperature=0)
+    chat = await oai.chat.completions.create(model=model.name, messages=messages, max_tokens=1, temperature=0)
+    status, plain = await _post(f"{cluster.url}/tokenize", {"model": model.name, "prompt": text})
+    assert status == 200 and plain["count"] == len(plain["tokens"]) == whole.usage.prompt_tokens
+    assert plain["max_model_len"] == 128
+    status, conversation = await _post(f"{cluster.url}/tokenize", {"messages": messages, "return_token_strs": True})
+    assert conversation["count"] == chat.usage.prompt_tokens
+    assert "".join(conversation["token_strs"]).endswith("Hello there<|im_end|>\n<|im_start|>assistant\n")
+    status, back = await _post(f"{cluster.url}/detokenize", {"tokens": conversation["tokens"]})
+    assert status == 200 and back["prompt"] == back["content"] == "".join(conversation["token_strs"])
+    _, accents = await _post(f"{cluster.url}/tokenize", {"prompt": "naïve café", "add_special_tokens": False})
+    _, back = await _post(f"{cluster.url}/detokenize", {"tokens": accents["tokens"]})
+    assert back["prompt"] == "naïve café"
+    status, llama_cpp = await _post(f"{cluster.url}/tokenize", {"content": text})  # no BOS unless add_special
+    assert llama_cpp["tokens"] == load_tokenizer(model, load_config(model)).encode(text, add_special_tokens=False)
+    for path, body, message in [("/tokenize", {"prompt": 5}, "has the wrong type"),
+                                ("/tokenize", {}, "give 'prompt'"),
+                                ("/tokenize", {"prompt": "x", "model": "other"}, "does not exist"),
+                                ("/detokenize", {"tokens": [1, 999]}, "token ids in 0..383"),
+                                ("/detokenize", {"tokens": "1 2"}, "has the wrong type")]:
+        status, error = await _post(f"{cluster.url}{path}", body)
+        assert status in (400, 404) and message in error["error"]["message"], (path, body, error)
+
+
+async def test_tokenize_needs_the_api_key_as_v1_does(busy_cluster):
+    status, error = await _post(f"{busy_cluster.url}/tokenize", {"prompt": "x"})
+    assert status == 401 and "API key" in error["error"]["message"]
+    status, ok = await _post(f"{busy_cluster.url}/detokenize", {"tokens": [5]}, {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 200 and isinstance(ok["prompt"], str)
+
+
 async def _stream_text(c, prompt: str) -> str:
     stream = await c.completions.create(prompt=prompt, model=None, max_tokens=24, temperature=0, stream=True)
     return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
