@@ -1,6 +1,6 @@
 """The web page in a real headless Chromium (Debian's, driven by Selenium) against a real cluster:
-it loads without console errors, shows every device with its numbers, streams a chat answer, and
-shows a killed worker red and, once it is back, green."""
+it loads without console errors, shows every device with its numbers, streams a chat answer, stops
+one on request, and shows a killed worker red and, once it is back, green."""
 
 from __future__ import annotations
 
@@ -108,6 +108,41 @@ def test_the_page_shows_the_cluster_chats_and_follows_a_lost_worker(model, tmp_p
         if restarted is not None:
             restarted.terminate()
             restarted.wait(timeout=20)
+        cluster.stop()
+
+
+def counters(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line and not line.startswith("#") and "{" not in line}
+
+
+def test_stop_ends_the_answer_and_the_generation_behind_it(model, tmp_path):
+    """Send turns into Stop while an answer streams; Stop closes the stream, the page says so, and the
+    server stops generating (a cancelled request, fewer tokens than asked for)."""
+    cluster = ClusterProcess(model, 2, tmp_path, "--link-latency-ms", "40")  # a token takes ~0.5 s
+    driver = browser()
+    try:
+        driver.get(cluster.url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: len(cards(d)) == 2)
+        driver.find_element(By.ID, "prompt").send_keys("Tell me a long story")
+        temperature = driver.find_element(By.ID, "temperature")
+        temperature.clear()
+        temperature.send_keys("0")  # greedy: this model's answer runs all 64 tokens, so only Stop ends it early
+        driver.find_element(By.ID, "send-button").click()
+        wait.until(lambda d: d.find_element(By.ID, "send-button").text == "Stop"
+                   and d.find_element(By.CSS_SELECTOR, ".route").text.startswith("route: edge"))
+        driver.find_element(By.ID, "send-button").click()
+        answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant[data-done='true']"))
+        assert answer.get_attribute("data-finish") == "aborted"
+        assert "stopped by you" in driver.find_element(By.CLASS_NAME, "route").text
+        assert driver.find_element(By.ID, "send-button").text == "Send"
+        wait.until(lambda d: counters(cluster.url)["edge_requests_cancelled_total"] == 1)
+        assert counters(cluster.url)["edge_generated_tokens_total"] < 64
+        assert console_errors(driver) == []
+    finally:
+        driver.quit()
         cluster.stop()
 
 
