@@ -27,7 +27,7 @@ class Policy:
 class RouteInputs:
     """One request and the state of the tiers at the moment it arrives (measured, not configured)."""
 
-    prompt_tokens: int
+    prompt_tokens: int  # the request's longest prompt
     max_tokens: int
     kv_bytes_per_token: int  # the whole model's KV per token (2 x layers x kv_heads x head_dim x 4)
     edge_free_kv_bytes: int  # free memory of the compute devices, as KV of one request could use it
@@ -44,14 +44,17 @@ class RouteInputs:
     latency_target_s: float | None = None  # the request's x-edge-latency-target-ms
     forced: Route | None = None
     policy: Policy = field(default_factory=Policy)
+    sequences: int = 1  # its choices (prompts x n): each holds a KV cache of its own
 
     @property
     def context_tokens(self) -> int:
+        """One sequence's context: what the token thresholds compare."""
         return self.prompt_tokens + self.max_tokens
 
     @property
     def kv_needed(self) -> int:
-        return self.context_tokens * self.kv_bytes_per_token
+        """The KV cache of all the request's sequences (each as long as the longest may get)."""
+        return self.context_tokens * self.kv_bytes_per_token * self.sequences
 
     @property
     def cloud(self) -> bool:
@@ -82,7 +85,8 @@ def _estimate(ttft: float | None, tpot: float | None, tokens: int) -> float | No
 
 def _too_long(inputs: RouteInputs) -> Decision | None:
     """Offload or cloud for a context the compute devices should not hold; None when it fits."""
-    p, mb = inputs.policy, inputs.kv_needed >> 20
+    p, mb = inputs.policy, inputs.kv_needed / (1 << 20)
+    seqs = f" ({inputs.sequences} sequences)" if inputs.sequences > 1 else ""
     if p.cloud_above_tokens is not None and inputs.context_tokens > p.cloud_above_tokens and inputs.cloud:
         return Decision("cloud", f"context of {inputs.context_tokens} tokens is above cloud_above_tokens "
                                  f"({p.cloud_above_tokens})")
@@ -90,7 +94,7 @@ def _too_long(inputs: RouteInputs) -> Decision | None:
     over_tokens = p.offload_above_tokens is not None and inputs.context_tokens > p.offload_above_tokens
     if not (over_memory or over_tokens):
         return None
-    why = (f"KV cache of {mb} MB exceeds {p.edge_kv_fraction:.0%} of the compute devices' free memory"
+    why = (f"KV cache of {mb:.1f} MB{seqs} exceeds {p.edge_kv_fraction:.0%} of the compute devices' free memory"
            if over_memory else f"context of {inputs.context_tokens} tokens is above offload_above_tokens "
                                f"({p.offload_above_tokens})")
     if inputs.offload_fits:

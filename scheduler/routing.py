@@ -69,7 +69,7 @@ def _route_inputs(request: web.Request, req: api.ParsedRequest, forced: str | No
         edge_ttft_s=measured.ttft("edge"), edge_tpot_s=measured.tpot("edge"),
         cloud_ttft_s=measured.ttft("cloud"), cloud_tpot_s=measured.tpot("cloud"),
         latency_target_s=_latency_target(request), forced=forced,  # type: ignore[arg-type]
-        policy=request.app[SETTINGS].policy)
+        policy=request.app[SETTINGS].policy, sequences=len(req.choice_prompts))
 
 
 def set_route(request: web.Request, decision: Decision) -> None:

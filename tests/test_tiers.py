@@ -42,6 +42,9 @@ SLOW_EDGE = {"edge_ttft_s": 0.5, "edge_tpot_s": 0.1, "latency_target_s": 2.0}  #
     ({"forced": "edge"}, "edge", "forced"),
     ({"forced": "offload", "offload_nodes": 1}, "offload", "forced"),
     ({"cloud_configured": False, "edge_queue_full": True}, "edge", "room"),
+    # 4 choices of 120 tokens need 480 KiB of KV: more than half of 800 KB, though one fits
+    ({"edge_free_kv_bytes": 800_000, "sequences": 4}, "cloud", "KV cache of 0.5 MB (4 sequences) exceeds 50%"),
+    ({"edge_free_kv_bytes": 800_000}, "edge", "room"),
 ])
 def test_policy_table(changes, route, reason):
     decision = decide(RouteInputs(**(BASE | changes)))
