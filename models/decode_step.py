@@ -121,10 +121,10 @@ class _Step:
     def _norm_heads(self, y: np.ndarray, start: int, width: int, weight: np.ndarray) -> None:
         """y[:, start:start + width] ([B x S, heads x hd]) RMS-normed head by head with weight [hd], in
         place: the compiled RMSNorm decoder_layer's head_norm calls, on the same values."""
-        part = y[:, start:start + width]  # a contiguous view for one row
+        part = y[:, start:start + width]  # contiguous for one row: normed where it lies
         rows = np.ascontiguousarray(part).reshape(-1, weight.shape[0])  # [B x S x heads, hd]
         rms_norm_array(rows, weight, self.eps, rows)
-        if not np.shares_memory(rows, y):
+        if not part.flags.c_contiguous:  # rows was a copy: put it back
             part[:] = rows.reshape(part.shape)
 
     def _activation(self, x: np.ndarray, w: LayerWeights) -> np.ndarray:
