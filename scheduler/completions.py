@@ -25,7 +25,7 @@ from scheduler.state import ADMISSION, CLOUD, ENGINE, METRICS, SETTINGS
 async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
     """Parse, route, admit, generate; the error middleware maps whatever is raised to a status."""
     engine, settings = request.app[ENGINE], request.app[SETTINGS]
-    body = await api.read_json(request, settings.body_timeout)
+    body = await api.read_json_object(request, settings.body_timeout)
     api.check_model(body, settings.served_name)
     req = api.parse_request(body, engine.tokenizer, engine.config.max_position_embeddings, chat)
     decision = choose_route(request, req)

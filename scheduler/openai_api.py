@@ -53,10 +53,11 @@ class ParsedRequest:
         return sum(len(ids) for ids in self.prompts)
 
 
-async def read_json(request: Any, timeout: float) -> Any:
-    """The request body as UTF-8 JSON; raises ApiError(400) that quotes the parser, also for another
-    declared charset, nesting too deep or numbers too long to parse (never a 500), and ApiError(408)
-    for a body that has not arrived within `timeout` seconds (a client that stalls holds nothing)."""
+async def read_json_object(request: Any, timeout: float) -> dict:
+    """The request body as a UTF-8 JSON object; raises ApiError(400) for another JSON value, and one
+    that quotes the parser for a body that does not parse, also for another declared charset, nesting
+    too deep or numbers too long to parse (never a 500), and ApiError(408) for a body that has not
+    arrived within `timeout` seconds (a client that stalls holds nothing)."""
     charset = (request.charset or "utf-8").lower()
     if charset not in ("utf-8", "utf8"):
         raise ApiError(400, f"charset {request.charset!r} is not supported; send the JSON body as UTF-8")
@@ -66,13 +67,16 @@ async def read_json(request: Any, timeout: float) -> Any:
     except TimeoutError as e:
         raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from e
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from e
     except RecursionError as e:
         raise ApiError(400, "request body is not valid JSON: nested too deeply") from e
     except ValueError as e:  # e.g. an integer of more digits than Python converts
         raise ApiError(400, f"request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
 
 
 def check_model(body: Any, served_name: str) -> None:
@@ -158,10 +162,9 @@ def _refuse_unsupported(body: dict) -> None:
                            param=key, code="unsupported_parameter")
 
 
-def parse_request(body: Any, tokenizer: Tokenizer, context: int, chat: bool) -> ParsedRequest:
-    """Validate a completions or chat body; raises ApiError(400/413) that says what to change."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+def parse_request(body: dict, tokenizer: Tokenizer, context: int, chat: bool) -> ParsedRequest:
+    """Validate a completions or chat body (a JSON object, `read_json_object`); raises ApiError(400/413)
+    that says what to change."""
     _refuse_unsupported(body)
     given = [(tokenizer.encode_chat(parse_messages(body), template_kwargs(body)), None)] if chat \
         else _prompts(body, tokenizer)

@@ -17,9 +17,7 @@ MAX_DETOKENIZE = 1 << 20  # token ids in one /detokenize body
 
 async def _body(request: web.Request) -> dict:
     settings = request.app[SETTINGS]
-    body = await api.read_json(request, settings.body_timeout)
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+    body = await api.read_json_object(request, settings.body_timeout)
     api.check_model(body, settings.served_name)
     return body
 
