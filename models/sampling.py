@@ -47,7 +47,7 @@ def apply_penalties(logits: torch.Tensor, counts: dict[int, int], params: Sampli
         freq = torch.tensor(list(counts.values()), dtype=logits.dtype)
         logits[ids] -= params.frequency_penalty * freq + params.presence_penalty
     if repetition:
-        ids = torch.tensor(sorted(seen))
+        ids = torch.tensor(list(seen))  # a set: no repeats, and the order does not matter
         picked = logits[ids]
         logits[ids] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
     for token, bias in params.logit_bias:
