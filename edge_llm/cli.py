@@ -129,7 +129,7 @@ def _cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=port, default=8000, help="HTTP port (0 picks a free one)")
     p.add_argument("--served-name", help="the model name the API answers to (default: the folder's name)")
     p.add_argument("--secret-file", help="cluster secret (default: a fresh random one)")
-    p.add_argument("--max-running", type=positive_int, default=16, help="requests generating at once")
+    p.add_argument("--max-running", type=positive_int, default=16, help="sequences generating at once (a request counts one per choice it generates)")
     p.add_argument("--max-queue", type=non_negative_int, default=64, help="requests waiting; beyond it 429")
     p.add_argument("--request-timeout", type=positive_float, default=600.0, help="seconds per request")
     p.add_argument("--drain-timeout", type=non_negative_float, default=10.0,

@@ -57,7 +57,7 @@ async def _on_edge(request: web.Request, req: api.ParsedRequest) -> web.StreamRe
         head["system_fingerprint"] = settings.system_fingerprint
     deadline = asyncio.get_running_loop().time() + settings.request_timeout  # time queued counts too
     try:
-        async with request.app[ADMISSION].slot(deadline):
+        async with request.app[ADMISSION].slot(deadline, req.sequences):
             if req.stream:
                 return await _stream(request, req, head, deadline)
             async with asyncio.timeout_at(deadline):

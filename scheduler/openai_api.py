@@ -38,6 +38,11 @@ class ParsedRequest:
         return max(self.prompts, key=len)
 
     @property
+    def sequences(self) -> int:
+        """Sequences generated: every choice of every prompt."""
+        return len(self.prompts) * self.n
+
+    @property
     def choice_prompts(self) -> list[tuple[list[int], int]]:
         """Each choice's prompt and its sample number j < n, in choice order: prompt p's j-th choice
         has index p x n + j, as OpenAI and vLLM number a batch's choices."""

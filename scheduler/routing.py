@@ -61,7 +61,7 @@ def _route_inputs(request: web.Request, req: api.ParsedRequest, forced: str | No
         prompt_tokens=len(req.prompt_ids), max_tokens=req.params.max_tokens,
         kv_bytes_per_token=kv_bytes_per_token(config, full_dims(config)),
         edge_free_kv_bytes=status.free_kv_bytes,
-        edge_queue_full=admission.running >= admission.max_running and admission.waiting >= admission.max_queue,
+        edge_queue_full=admission.queue_full(req.sequences),
         edge_up=status.up,
         cloud_configured=cloud is not None, cloud_up=cloud is not None and cloud.up,
         offload_nodes=offload.nodes if offload else 0,
@@ -69,7 +69,7 @@ def _route_inputs(request: web.Request, req: api.ParsedRequest, forced: str | No
         edge_ttft_s=measured.ttft("edge"), edge_tpot_s=measured.tpot("edge"),
         cloud_ttft_s=measured.ttft("cloud"), cloud_tpot_s=measured.tpot("cloud"),
         latency_target_s=_latency_target(request), forced=forced,  # type: ignore[arg-type]
-        policy=request.app[SETTINGS].policy, sequences=len(req.choice_prompts))
+        policy=request.app[SETTINGS].policy, sequences=req.sequences)
 
 
 def set_route(request: web.Request, decision: Decision) -> None:

@@ -87,4 +87,4 @@ def test_every_command_says_its_purpose_and_every_flag_its_meaning_and_default(c
     text = " ".join(capsys.readouterr().out.split())
     assert "emulate an N-device cluster" in text
     assert "N devices: rank 0 + N-1 worker processes (default: 2)" in text
-    assert "requests generating at once (default: 16)" in text
+    assert "sequences generating at once (a request counts one per choice it generates) (default: 16)" in text
