@@ -131,15 +131,14 @@ if njit is not None:
                 out[h, s] /= mass
 
     def _compiled(parallel: bool):
-        """The whole call, its (KV head, chunk) items serial or with `prange` over them (the items are
-        plain calls: numba vectorizes loops worse inside a parfor)."""
+        """The whole call over a cache that holds the new positions, its (KV head, chunk) items serial
+        or with `prange` over them (the items are plain calls: numba vectorizes loops worse inside a
+        parfor)."""
         rng = numba.prange if parallel else range
 
         @njit(parallel=parallel, cache=True, nogil=True)
-        def attend(q, k, v, keys, values, groups, sizes, start, window):  # pragma: no cover - compiled
+        def attend(q, keys, values, groups, sizes, start, window, out):  # pragma: no cover - compiled
             n_heads, seqlen, head_dim = q.shape
-            keys[:, start:start + seqlen] = k
-            values[:, start:start + seqlen] = v
             chunks = (start + seqlen + CHUNK - 1) // CHUNK
             peak = np.empty((n_heads, seqlen, chunks), np.float32)
             total = np.empty((n_heads, seqlen, chunks), np.float32)
@@ -147,9 +146,7 @@ if njit is not None:
             for item in rng(groups.shape[0] * chunks):
                 g, c = item // chunks, item % chunks
                 _chunk(q, keys, values, groups[g, :sizes[g]], g, c, start, window, peak, total, acc)
-            out = np.empty((n_heads, seqlen, head_dim), np.float32)
             _combine(peak, total, acc, out)
-            return out
 
         return attend
 
@@ -177,18 +174,20 @@ def attend_arrays(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray,
     """q [H, S, hd], k, v [KV, S, hd] float32, C-contiguous (RoPE applied) at positions start..;
     keys, values [KV, capacity, hd] holding 0..start-1; kv_map [H] int64 -> [H, S, hd], with k
     and v written into the cache first."""
-    if start + q.shape[1] <= CHUNK:  # one chunk: no partial sums to combine, nothing to spread
-        keys[:, start:start + q.shape[1]] = k
-        values[:, start:start + q.shape[1]] = v
-        return attend_written(q, keys, values, kv_map, start, window, np.empty(q.shape, np.float32))
-    return _chunked()(q, k, v, keys, values, *groups_of(kv_map, keys.shape[0]), start, window or 0)
+    keys[:, start:start + q.shape[1]] = k
+    values[:, start:start + q.shape[1]] = v
+    return attend_written(q, keys, values, kv_map, start, window, np.empty(q.shape, np.float32))
 
 
 def attend_written(q: np.ndarray, keys: np.ndarray, values: np.ndarray, kv_map: np.ndarray, start: int,
                    window: int | None, out: np.ndarray) -> np.ndarray:
-    """`attend_arrays` within one chunk of context with the new positions' keys and values already in
-    the cache (models.step_attention writes them as it rotates them) -> out [H, S, hd], C-contiguous."""
-    _whole(q, keys, values, kv_map, start, window or 0, out)
+    """`attend_arrays` with the new positions' keys and values already in the cache (models.step_attention
+    writes them as it rotates them) -> out [H, S, hd], C-contiguous. A context of one chunk in one
+    pass (no partial sums to combine, nothing to spread), a longer one in chunks."""
+    if start + q.shape[1] <= CHUNK:
+        _whole(q, keys, values, kv_map, start, window or 0, out)
+    else:
+        _chunked()(q, keys, values, *groups_of(kv_map, keys.shape[0]), start, window or 0, out)
     return out
 
 

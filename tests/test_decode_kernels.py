@@ -180,15 +180,20 @@ def test_one_compiled_signature_serves_every_step_shape():
 def test_the_step_attention_is_compiled_at_start_up_for_every_step_shape():
     """models.step_attention takes a request's rows of a batch's projections and its own tables: the
     signature warmed at start-up serves a 3-position row of a batch, as the decode step calls it."""
+    warm_decode_kernels()
     warm_step_attention()
-    kernels = (step_attention._rope_rows, attention_kernels._whole)
+    kernels = (step_attention._rope_rows, attention_kernels._whole, attention_kernels._chunked())
     compiled = {k: len(k.signatures) for k in kernels}
     y = torch.randn(6, 10 * HEAD_DIM).numpy()  # [B x S, (H + 2 KV) hd]: 2 rows of 3 positions, H 6, KV 2
     cos, sin = (torch.randn(2, 3, HEAD_DIM).numpy() for _ in range(2))  # [B, S, hd]
-    cache = KVCache(1, 2, HEAD_DIM, capacity=8)
     out = np.empty((6, 6 * HEAD_DIM), np.float32)
-    step_attention.rope_attend_rows(y[3:], 2 * HEAD_DIM, cos[1], sin[1], *cache.arrays(0, 3),
-                                    np.array([0, 0, 0, 1, 1, 1]), 0, 2, out[3:])
+    for past in (0, CHUNK):  # a context of one chunk, and of more (the chunked kernel)
+        cache = KVCache(1, 2, HEAD_DIM, capacity=past + 8)
+        cache.advance(past)
+        step_attention.rope_attend_rows(y[3:], 2 * HEAD_DIM, cos[1], sin[1], *cache.arrays(0, 3),
+                                        np.array([0, 0, 0, 1, 1, 1]), past, 2, out[3:])
+        step_attention.rope_attend_rows(y[:1], 2 * HEAD_DIM, cos[0, :1], sin[0, :1], *cache.arrays(0, 1),
+                                        np.array([0, 0, 0, 1, 1, 1]), past, None, out[:1])  # a decode step's row
     assert {k: len(k.signatures) for k in compiled} == compiled
 
 
