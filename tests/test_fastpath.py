@@ -169,6 +169,30 @@ def test_silence_times_out_and_a_gone_peer_is_closed():
         hub[1].recv_into(1, np.empty(4, np.float32))
 
 
+def test_frames_that_arrive_together_are_each_read_whole_and_in_order():
+    """One read may take several frames (the receive side is buffered): each call gets its own."""
+    hub, worker = star_links(2)
+    parts = [np.arange(n, dtype=np.float32) * (i + 1) for i, n in enumerate((4, 8, 4, 20_000))]
+    for i, part in enumerate(parts, start=1):
+        worker[0].send(DATA, i, part.data)
+    for i, part in enumerate(parts, start=1):
+        out = np.empty_like(part)
+        hub[1].recv_into(i, out)
+        assert out.tobytes() == part.tobytes()
+    assert hub[1].bytes_received == worker[0].bytes_sent == sum(FRAME.size + p.nbytes for p in parts)
+
+
+def test_a_frame_cut_short_times_out_and_closes_the_link_but_silence_does_not():
+    hub, worker = star_links(2, timeout=0.2)
+    with pytest.raises(CollectiveTimeout):
+        hub[1].recv_into(1, np.empty(4, np.float32))
+    assert not hub[1].closed  # nothing of the frame came: the stream is still in step
+    worker[0].sock.sendall(FRAME.pack(DATA, 16, 1) + bytes(8))  # half the payload, then silence
+    with pytest.raises(CollectiveTimeout):
+        hub[1].recv_into(1, np.empty(4, np.float32))
+    assert hub[1].closed
+
+
 def test_a_frame_of_the_wrong_size_is_refused():
     hub, worker = star_links(2)
     worker[0].send(DATA, 1, np.ones(3, np.float32).data)
