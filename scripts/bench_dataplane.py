@@ -1,7 +1,7 @@
 """The decode's all-reduce data plane (transport.fastpath.FastStar) on N real processes over loopback
-TCP, beside its floor in the same run: the same bytes (a 16-byte header and the float32 payload per
+TCP, beside bare sockets in the same run: the same bytes (a 16-byte header and the float32 payload per
 frame, the star's pattern of writes and reads) moved by bare os.write / recv_into calls with no
-framing, checks or summing. Phases alternate (ours, floor, ours, ...) and each row reports the
+framing, checks or summing. Phases alternate (ours, bare, ours, ...) and each row reports the
 median over rounds of rank 0's wall time per all-reduce. Writes bench/dataplane.json and .md.
 
     python scripts/bench_dataplane.py [--workers 2 3 4] [--elements 576 2048] [--poll-us 0 300]
@@ -9,7 +9,7 @@ median over rounds of rank 0's wall time per all-reduce. Writes bench/dataplane.
 
 --poll-us is transport.fastpath.set_poll_us (0: reads sleep in recv at once; >0: non-blocking tries
 first, as `edge-llm cluster` sets when its devices do not outnumber the cores, and so here: polling rows
-are run only for rank counts up to the cores); the floor's reads spin the same way (pure spinning
+are run only for rank counts up to the cores); the bare reads spin the same way (pure spinning
 when polling, a plain blocking recv otherwise).
 """
 
@@ -54,7 +54,7 @@ def _read_exact(sock: socket.socket, view: memoryview, spin: bool) -> None:
 
 
 def _raw_round(rank: int, socks: dict[int, socket.socket], frame: bytes, iters: int, spin: bool) -> None:
-    """The floor: the star's frames as bare writes and reads (2 ranks: a direct exchange)."""
+    """Bare sockets: the star's frames as bare writes and reads (2 ranks: a direct exchange)."""
     buf = memoryview(bytearray(len(frame)))
     for _ in range(iters):
         if rank != 0 or len(socks) == 1:
@@ -80,9 +80,9 @@ def _rank(rank: int, world: int, socks: dict[int, socket.socket], elements: int,
     raw = {r: socket.socket(fileno=os.dup(s.fileno())) for r, s in socks.items()}  # blocking or spinning reads
     for s in raw.values():
         s.setblocking(not poll_us)
-    times: dict[str, list[float]] = {"ours": [], "floor": []}
+    times: dict[str, list[float]] = {"ours": [], "bare": []}
     for _ in range(rounds):
-        for name in ("ours", "floor"):
+        for name in ("ours", "bare"):
             barrier.wait()
             began = time.perf_counter()
             if name == "ours":
@@ -112,19 +112,19 @@ def run(workers: int, elements: int, poll_us: int, iters: int, rounds: int) -> d
             if p.is_alive():
                 p.kill()
     return {"workers": workers, "elements": elements, "poll_us": poll_us, "iterations": iters, "rounds": rounds,
-            "ours_us": round(got["ours"], 1), "floor_us": round(got["floor"], 1),
-            "ratio": round(got["ours"] / got["floor"], 2)}
+            "ours_us": round(got["ours"], 1), "bare_us": round(got["bare"], 1),
+            "ratio": round(got["ours"] / got["bare"], 2)}
 
 
 def write_results(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataplane.json").write_text(json.dumps(rows, indent=2))
     lines = ["Rank 0's wall time per all-reduce, back to back (us; median of the rounds' means). 'data plane' "
-             "is FastStar over DataLinks (what a decode step's layers use); 'floor' moves the same bytes "
+             "is FastStar over DataLinks (what a decode step's layers use); 'bare sockets' moves the same bytes "
              "in the same pattern with bare writes and reads, in the same run. Host: "
              f"{os.cpu_count()} cores.", "",
-             "| ranks | elements | poll us | data plane us | floor us | ratio |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['workers']} | {r['elements']} | {r['poll_us']} | {r['ours_us']} | {r['floor_us']} | {r['ratio']} |"
+             "| ranks | elements | poll us | data plane us | bare sockets us | ratio |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['workers']} | {r['elements']} | {r['poll_us']} | {r['ours_us']} | {r['bare_us']} | {r['ratio']} |"
               for r in rows]
     (out / "dataplane.md").write_text("\n".join(lines) + "\n")
 
