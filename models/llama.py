@@ -22,7 +22,7 @@ from models.decode_step import decode_layers, no_reduce, serves
 from models.errors import CheckpointError
 from models.quant import QuantWeight
 from models.quant_kernels import linear
-from models.rope import apply_rope_tables, rope_tables
+from models.rope import apply_rope_tables
 from models.sharding import LocalDims, PlanError, SplitKind, Unit, split_for
 from models.threads import step_threads
 
@@ -224,7 +224,7 @@ def forward_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], confi
     `layers(i)` yields layer i's weights, so a caller may stream them from disk (weight window).
     """
     seqlen = h.shape[1]
-    cos_sin = rope_tables(*rotary.cos_sin(torch.arange(kv.length, kv.length + seqlen)), h.dtype)
+    cos_sin = rotary.tables(kv.length, seqlen, h.dtype)  # [S, hd] each
     attend = kv.attend_for(config, dims, seqlen)
     with step_threads(seqlen, h.dtype):
         h = run_layers(h, layers, config, dims, attend, cos_sin, reduce)
@@ -260,9 +260,8 @@ def forward_batch(h: torch.Tensor, layers: Callable[[int], LayerWeights], config
     if h.shape[0] != len(kvs):
         raise ValueError(f"a batch has one KV store per row, got {list(h.shape)} for {len(kvs)} stores")
     # per row: its own positions (dynamic rope sees its own length)
-    rows = [rotary.cos_sin(torch.arange(kv.length, kv.length + seqlen)) for kv in kvs]  # [S, hd] each
-    cos_sin = rope_tables(torch.stack([c for c, _ in rows])[:, None], torch.stack([s for _, s in rows])[:, None],
-                          h.dtype)  # [B, 1, S, hd]
+    rows = [rotary.tables(kv.length, seqlen, h.dtype) for kv in kvs]  # [S, hd] each
+    cos_sin = (torch.stack([c for c, _ in rows])[:, None], torch.stack([s for _, s in rows])[:, None])  # [B, 1, S, hd]
     attend = attend or batch_attend([kv.attend_for(config, dims, seqlen) for kv in kvs])
     with step_threads(h.shape[0] * seqlen, h.dtype):
         h = run_layers(h, layers, config, dims, attend, cos_sin, reduce)

@@ -6,7 +6,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from models.config import config_from_hf
-from models.rope import RotaryTable, apply_rope, inv_freq_for
+from models.rope import RotaryTable, apply_rope, inv_freq_for, rope_tables
 
 ROPES = [
     {"rope_type": "default", "rope_theta": 10000.0},
@@ -54,3 +54,29 @@ def test_rotation_matches_transformers_apply_rotary_pos_emb():
     cos, sin = RotaryTable(ours).cos_sin(positions)
     torch.testing.assert_close(apply_rope(q, cos, sin), q_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(apply_rope(k, cos, sin), k_ref, rtol=1e-5, atol=1e-6)
+
+
+def _config_with_head_dim(rope: dict, head_dim: int):
+    hf = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2,
+                                  intermediate_size=64, num_hidden_layers=1, vocab_size=32,
+                                  max_position_embeddings=4096, rope_parameters=dict(rope))
+    return config_from_hf(hf.to_dict() | {"architectures": ["LlamaForCausalLM"]})
+
+
+@pytest.mark.parametrize("rope", ROPES, ids=lambda r: r["rope_type"])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_tables_are_the_bits_built_for_those_positions_alone(rope, head_dim, dtype):
+    """The tables a step gets (cached in blocks for static frequencies) are exactly what building
+    them for the step's own positions gives: a decode step's one position, a prefill's range, one
+    across a block boundary, and positions asked again after others."""
+    table = RotaryTable(_config_with_head_dim(rope, head_dim))
+    block = RotaryTable.BLOCK
+    for start, count in [(0, 1), (5, 1), (0, 37), (block - 3, 7), (block, 1), (3 * block - 1, 2 * block + 5),
+                         (5, 1), (block - 1, 1), (2 * block + 17, 1)]:
+        positions = torch.arange(start, start + count)
+        want = rope_tables(*table.cos_sin(positions), dtype)
+        got = table.tables(start, count, dtype)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == (count, head_dim) and g.dtype == dtype
+            assert torch.equal(g, w), (start, count)
