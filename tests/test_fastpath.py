@@ -160,6 +160,15 @@ def test_reports_fail_the_waiting_rank(kind, error):
         worker[0].recv_into(3, np.empty(4, np.float32))
 
 
+def test_a_report_to_a_peer_already_gone_is_dropped_quietly():
+    """The event loop reports failures with send_nowait; a peer that is gone must not raise there."""
+    links = star_links(3)
+    links[1][0].close()
+    FastStar(0, 3, links[0], lambda: 3).report(ABORT, 3, "step 0 failed")
+    with pytest.raises(CollectiveAborted, match="step 0 failed"):  # the live worker still hears it
+        links[2][0].recv_into(3, np.empty(4, np.float32))
+
+
 def test_silence_times_out_and_a_gone_peer_is_closed():
     hub, worker = star_links(2, timeout=0.2)
     with pytest.raises(CollectiveTimeout):

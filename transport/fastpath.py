@@ -105,7 +105,7 @@ class DataLink:
             data = (cause.value + "\n" + reason).encode()[:4096]
             self.sock.send(FRAME.pack(kind, len(data), seq) + data, socket.MSG_DONTWAIT)
         except OSError:
-            self.closed = self.closed or cut
+            pass
         finally:
             self._lock.release()
 

@@ -4,9 +4,9 @@ Why: an all-reduce frame is a 16-byte header and a few kilobytes of floats, sent
 reading the header and then the payload cost two recv calls, and CPython's socket with a timeout
 polls before each of them: four system calls for a frame that one read takes whole (with the
 Python that parsed each header, a 2-rank all-reduce of 576 floats took 2.3-2.9x the same bytes on
-bare sockets when polling, 1.5x when not: scripts/bench_dataplane.py). Here bytes go through a buffer: a read
-asks for everything the kernel holds, up to the buffer's size, and later reads of the same frame
-(and of the next, when it came along) are copies. Payloads of the buffer's size or more are read
+bare sockets when polling, 1.5x when not: scripts/bench_dataplane.py). Here bytes go through a
+buffer: a read asks for everything the kernel holds, up to the buffer's size, and later reads of
+the same frame (and of the next, when it came along) are copies. Payloads of the buffer's size or more are read
 straight into their destination. Every read first tries the non-blocking descriptor (the socket has
 a timeout, so it is non-blocking underneath) and sleeps in the socket's own timed recv only when
 nothing is there.
@@ -32,10 +32,6 @@ class Inbox:
         self._buf = bytearray(size)
         self._view = memoryview(self._buf)
         self._start = self._end = 0  # buffered bytes not yet handed out: _buf[_start:_end]
-
-    @property
-    def buffered(self) -> int:
-        return self._end - self._start
 
     def take(self, view: memoryview) -> int:
         """Copies what the buffer holds, up to len(view), into view; returns how much."""
