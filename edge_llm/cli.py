@@ -38,6 +38,9 @@ def _poll_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll-us", type=non_negative_int, default=0,
                    help="microseconds an all-reduce polls for its peers' data before it sleeps (faster "
                         "on a device whose cores are its own; 0: never)")
+    p.add_argument("--poll-yield", action="store_true",
+                   help="while polling, give the core to other runnable processes between tries (for "
+                        "devices that share cores)")
 
 
 def _speculate_flags(p: argparse.ArgumentParser) -> None:

@@ -59,16 +59,21 @@ def threads_per_process(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
 
-def poll_us_per_process(settings: MasterSettings) -> int:
-    """Emulated devices poll their data links (transport.fastpath.set_poll_us) only when each process
-    has a core of its own: polling where processes share cores takes the core a peer computes on."""
-    return 300 if settings.world_size + settings.attention_nodes <= (os.cpu_count() or 1) else 0
+def poll_per_process(settings: MasterSettings) -> tuple[int, bool]:
+    """How emulated devices poll their data links (transport.fastpath.set_poll_us): 300 us when each
+    process has a core of its own; where processes share cores polling would take the core a peer
+    computes on, so there they poll 1000 us giving the core away between tries (yield)."""
+    if settings.world_size + settings.attention_nodes <= (os.cpu_count() or 1):
+        return 300, False
+    return 1000, True
 
 
 def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "edge_llm", "worker", "--model", settings.model, "--rank", str(rank),
            "--master", f"127.0.0.1:{master_port}", "--threads", str(threads),
-           "--step-timeout", str(settings.step_timeout), "--poll-us", str(poll_us_per_process(settings))]
+           "--step-timeout", str(settings.step_timeout), "--poll-us", str(poll_per_process(settings)[0])]
+    if poll_per_process(settings)[1]:
+        cmd += ["--poll-yield"]
     if settings.memory_budget_mb is not None:
         cmd += ["--memory-budget-mb", str(settings.memory_budget_mb)]
     if settings.split_dir is not None:
@@ -200,7 +205,7 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
     threads = threads_per_process(settings.world_size) if spawn_workers else torch.get_num_threads()
     set_threads(threads)
     if spawn_workers:  # `serve` and `worker` poll as their --poll-us says
-        set_poll_us(poll_us_per_process(settings))
+        set_poll_us(*poll_per_process(settings))
     engine = ClusterEngine(settings)
     try:
         port = await engine.start()

@@ -246,7 +246,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from transport.fastpath import set_poll_us
 
-    set_poll_us(args.poll_us)
+    set_poll_us(args.poll_us, args.poll_yield)
     cfg = _cluster_config(args.config)
     cfg = replace(cfg, model=_model_folder(cfg.model), dtype=args.dtype or cfg.dtype,
                   quantize=args.quantize or cfg.quantize)
@@ -287,7 +287,7 @@ def worker(args: argparse.Namespace) -> None:
                               memory_budget_mb=args.memory_budget_mb, split_dir=args.split_dir,
                               keep_page_cache=args.keep_page_cache, dtype=args.dtype, quantize=args.quantize,
                               master_timeout=args.master_timeout)
-    set_poll_us(args.poll_us)
+    set_poll_us(args.poll_us, args.poll_yield)
     try:
         run_loop(run_worker(settings, args.threads or __import__("torch").get_num_threads()))
     except (CheckpointError, PlanError, PlanRefused, StopJoining) as e:

@@ -1,6 +1,7 @@
 """The all-reduce data plane (transport.fastpath): sums, stale frames, failures and the handshake."""
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -247,15 +248,19 @@ class CountingSocket:
         return getattr(self.sock, name)
 
 
-@pytest.fixture
-def polling():
-    set_poll_us(50_000)
-    yield
+@pytest.fixture(params=[False, True], ids=["spinning", "yielding"])
+def polling(request, monkeypatch):
+    """Reads poll 50 ms, spinning or giving the core away between tries; -> the yields counted."""
+    yields = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(1))
+    set_poll_us(50_000, yield_cpu=request.param)
+    yield request.param, yields
     set_poll_us(0)
 
 
 @pytest.mark.parametrize(("pause", "polled"), [(0.0, True), (0.15, False)])
 def test_polling_reads_a_frame_that_comes_within_it_without_sleeping_in_recv(polling, pause, polled):
+    yield_cpu, yields = polling
     hub, worker = star_links(2)
     counting = hub[1].sock = CountingSocket(hub[1].sock)
     payload = np.arange(4096, dtype=np.float32)
@@ -273,6 +278,8 @@ def test_polling_reads_a_frame_that_comes_within_it_without_sleeping_in_recv(pol
     feeder.join()
     assert out.tobytes() == payload.tobytes() and hub[1].bytes_received == len(raw)
     assert (counting.blocking_reads == 0) == polled  # past the poll: the thread sleeps in recv
+    if not polled:  # the whole poll passed with nothing to read: yielding, it gave the core away
+        assert bool(yields) == yield_cpu
 
 
 def test_a_peer_gone_while_polling_closes_the_link(polling):

@@ -57,19 +57,26 @@ MAX_PAYLOAD = 256 << 20
 META_LENGTH = struct.Struct("<I")  # the last bytes of a GATHER frame: how long its counters are
 MAX_META = 64 << 10
 HANDSHAKE_TIMEOUT = 5.0
-_POLL = {"seconds": 0.0}  # process-wide, as the thread count is (set_poll_us)
+_POLL = {"seconds": 0.0, "yield": False}  # process-wide, as the thread count is (set_poll_us)
 
 
-def set_poll_us(microseconds: int) -> None:
+def set_poll_us(microseconds: int, yield_cpu: bool = False) -> None:
     """How long a data-link read polls (non-blocking tries) before it sleeps in recv; 0: never.
 
     Why: waking a thread that sleeps in recv took tens of microseconds per all-reduce on these
     hosts (the 'exchange' of scripts/profile_decode.py: 2 devices of the `small` preset, 0.71-0.89
     ms per token of it without polling, 0.39-0.46 with 300 us). Polling burns its core meanwhile,
     so it pays only when the process has a core to itself: 3 emulated devices on 2 cores decoded
-    2x slower with it. `edge-llm cluster` turns it on when its devices do not outnumber the cores.
+    2x slower with it. With `yield_cpu` the reader gives its core to any other runnable process
+    between tries (sched_yield), for processes that share cores: the rank it waits for runs, and
+    its data is read without the wake-up a sleeping reader pays (SmolLM2 on emulated devices
+    sharing 2 cores, clusters alternating requests, median ms per token: 3 devices 26.8 -> 24.8
+    and 36.7 -> 28.8, 4 devices 33.7 -> 29.0 and 28.5 -> 25.7 with 1000 us; the `large` preset on
+    3, 108.8 -> 108.6). `edge-llm cluster` polls when its devices do not outnumber the cores, and
+    polls yielding when they do.
     """
     _POLL["seconds"] = microseconds / 1e6
+    _POLL["yield"] = yield_cpu and hasattr(os, "sched_yield")
 
 
 class DataLink:
@@ -142,7 +149,7 @@ class DataLink:
         got = 0
         try:
             while got < len(view):
-                n = self._inbox.read(self.sock, view[got:], _POLL["seconds"])
+                n = self._inbox.read(self.sock, view[got:], _POLL["seconds"], _POLL["yield"])
                 if n == 0:
                     self.closed = True
                     raise ChannelClosed(f"data link to {self.peer} closed by the peer")
@@ -165,7 +172,8 @@ class DataLink:
         CollectiveAborted, CollectiveTimeout, ChannelClosed or FrameError."""
         view = memoryview(out).cast("B")
         try:  # the frame expected, whole in one read: no header parsing in Python
-            if self._inbox.take_frame(self.sock, FRAME.pack(DATA, len(view), seq), view, _POLL["seconds"]):
+            if self._inbox.take_frame(self.sock, FRAME.pack(DATA, len(view), seq), view, _POLL["seconds"],
+                                      _POLL["yield"]):
                 self.bytes_received += FRAME.size + len(view)
                 return
         except (TimeoutError, OSError) as e:

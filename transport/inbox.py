@@ -41,12 +41,13 @@ class Inbox:
             self._start += n
         return n
 
-    def take_frame(self, sock: socket.socket, header: bytes, view: memoryview, poll_seconds: float) -> bool:
+    def take_frame(self, sock: socket.socket, header: bytes, view: memoryview, poll_seconds: float,
+                   yield_cpu: bool = False) -> bool:
         """If the stream's next bytes are `header` and then len(view) more: those copied into view,
         all of them consumed, True. Reads once if nothing is buffered; False consumes nothing (the
         caller parses the frame the long way: another kind, a stale one, or not all here yet)."""
         if self._start == self._end:
-            got = _read_some(sock, self._view, poll_seconds)
+            got = _read_some(sock, self._view, poll_seconds, yield_cpu)
             self._start, self._end = 0, got
         begin, end = self._start + len(header), self._start + len(header) + len(view)
         if end > self._end or self._view[self._start:begin] != header:
@@ -55,21 +56,22 @@ class Inbox:
         self._start = end
         return True
 
-    def read(self, sock: socket.socket, view: memoryview, poll_seconds: float) -> int:
+    def read(self, sock: socket.socket, view: memoryview, poll_seconds: float, yield_cpu: bool = False) -> int:
         """At least one byte into `view` (buffered ones first); 0 at end of stream."""
         n = self.take(view)
         if n:
             return n
         if len(view) >= len(self._buf):
-            return _read_some(sock, view, poll_seconds)
-        got = _read_some(sock, self._view, poll_seconds)
+            return _read_some(sock, view, poll_seconds, yield_cpu)
+        got = _read_some(sock, self._view, poll_seconds, yield_cpu)
         self._start, self._end = 0, got
         return self.take(view)
 
 
-def _read_some(sock: socket.socket, target: memoryview, poll_seconds: float) -> int:
+def _read_some(sock: socket.socket, target: memoryview, poll_seconds: float, yield_cpu: bool) -> int:
     """Bytes read into target: non-blocking tries for up to `poll_seconds` (one try when 0), then
-    the socket's timed recv. Polling burns the core meanwhile; see fastpath.set_poll_us."""
+    the socket's timed recv. Polling burns the core meanwhile, unless `yield_cpu` gives it to any
+    other runnable process between tries (see fastpath.set_poll_us)."""
     fd, deadline = sock.fileno(), 0.0
     while True:
         try:
@@ -79,3 +81,5 @@ def _read_some(sock: socket.socket, target: memoryview, poll_seconds: float) -> 
             deadline = deadline or now + poll_seconds
             if now >= deadline:
                 return sock.recv_into(target)
+            if yield_cpu:
+                os.sched_yield()
