@@ -69,10 +69,11 @@ def poll_per_process(settings: MasterSettings) -> tuple[int, bool]:
 
 
 def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads: int) -> subprocess.Popen:
+    poll_us, poll_yield = poll_per_process(settings)
     cmd = [sys.executable, "-m", "edge_llm", "worker", "--model", settings.model, "--rank", str(rank),
            "--master", f"127.0.0.1:{master_port}", "--threads", str(threads),
-           "--step-timeout", str(settings.step_timeout), "--poll-us", str(poll_per_process(settings)[0])]
-    if poll_per_process(settings)[1]:
+           "--step-timeout", str(settings.step_timeout), "--poll-us", str(poll_us)]
+    if poll_yield:
         cmd += ["--poll-yield"]
     if settings.memory_budget_mb is not None:
         cmd += ["--memory-budget-mb", str(settings.memory_budget_mb)]
