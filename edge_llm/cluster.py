@@ -205,7 +205,7 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
     are stopped on exit. Raises PlanError / CheckpointError before any process starts."""
     threads = threads_per_process(settings.world_size) if spawn_workers else torch.get_num_threads()
     set_threads(threads)
-    if spawn_workers:  # `serve` and `worker` poll as their --poll-us says
+    if spawn_workers:  # `serve` and `worker` poll as their --poll-us and --poll-yield say
         set_poll_us(*poll_per_process(settings))
     engine = ClusterEngine(settings)
     try:

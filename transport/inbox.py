@@ -6,10 +6,10 @@ polls before each of them: four system calls for a frame that one read takes who
 Python that parsed each header, a 2-rank all-reduce of 576 floats took 2.3-2.9x the same bytes on
 bare sockets when polling, 1.5x when not: scripts/bench_dataplane.py). Here bytes go through a
 buffer: a read asks for everything the kernel holds, up to the buffer's size, and later reads of
-the same frame (and of the next, when it came along) are copies. Payloads of the buffer's size or more are read
-straight into their destination. Every read first tries the non-blocking descriptor (the socket has
-a timeout, so it is non-blocking underneath) and sleeps in the socket's own timed recv only when
-nothing is there.
+the same frame (and of the next, when it came along) are copies. Payloads of the buffer's size or
+more are read straight into their destination. Every read first tries the non-blocking descriptor
+(the socket has a timeout, so it is non-blocking underneath) and sleeps in the socket's own timed
+recv only when nothing is there.
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ class Inbox:
         all of them consumed, True. Reads once if nothing is buffered; False consumes nothing (the
         caller parses the frame the long way: another kind, a stale one, or not all here yet)."""
         if self._start == self._end:
-            got = _read_some(sock, self._view, poll_seconds, yield_cpu)
-            self._start, self._end = 0, got
+            self._fill(sock, poll_seconds, yield_cpu)
         begin, end = self._start + len(header), self._start + len(header) + len(view)
         if end > self._end or self._view[self._start:begin] != header:
             return False
@@ -63,9 +62,12 @@ class Inbox:
             return n
         if len(view) >= len(self._buf):
             return _read_some(sock, view, poll_seconds, yield_cpu)
-        got = _read_some(sock, self._view, poll_seconds, yield_cpu)
-        self._start, self._end = 0, got
+        self._fill(sock, poll_seconds, yield_cpu)
         return self.take(view)
+
+    def _fill(self, sock: socket.socket, poll_seconds: float, yield_cpu: bool) -> None:
+        """The buffer, empty, refilled by one read (nothing at end of stream)."""
+        self._start, self._end = 0, _read_some(sock, self._view, poll_seconds, yield_cpu)
 
 
 def _read_some(sock: socket.socket, target: memoryview, poll_seconds: float, yield_cpu: bool) -> int:
