@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
 import logging
 import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from aiohttp import web
 from edge.attention import AttentionNode, AttentionNodeSettings
 from edge.master import ClusterEngine, MasterSettings
 from edge.worker import Worker, WorkerSettings
+from edge_llm.spawn import Device, DeviceForks, Launch, start_process
 from models.drafting import SpeculationSettings
 from models.dtypes import dtype_name
 from models.threads import set_threads
@@ -34,7 +33,6 @@ from transport.fastpath import set_poll_us
 from transport.link import LinkSpec
 
 log = logging.getLogger("edge_llm.cluster")
-PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclass(frozen=True)
@@ -68,46 +66,39 @@ def poll_per_process(settings: MasterSettings) -> tuple[int, bool]:
     return 1000, True
 
 
-def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads: int) -> subprocess.Popen:
+def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads: int, launch: Launch):
     poll_us, poll_yield = poll_per_process(settings)
-    cmd = [sys.executable, "-m", "edge_llm", "worker", "--model", settings.model, "--rank", str(rank),
-           "--master", f"127.0.0.1:{master_port}", "--threads", str(threads),
-           "--step-timeout", str(settings.step_timeout), "--poll-us", str(poll_us)]
+    argv = ["worker", "--model", settings.model, "--rank", str(rank),
+            "--master", f"127.0.0.1:{master_port}", "--threads", str(threads),
+            "--step-timeout", str(settings.step_timeout), "--poll-us", str(poll_us)]
     if poll_yield:
-        cmd += ["--poll-yield"]
+        argv += ["--poll-yield"]
     if settings.memory_budget_mb is not None:
-        cmd += ["--memory-budget-mb", str(settings.memory_budget_mb)]
+        argv += ["--memory-budget-mb", str(settings.memory_budget_mb)]
     if settings.split_dir is not None:
-        cmd += ["--split-dir", settings.split_dir]
+        argv += ["--split-dir", settings.split_dir]
     if settings.keep_page_cache:
-        cmd += ["--keep-page-cache"]
-    if settings.link is not None and settings.link.active:
-        cmd += ["--link-latency-ms", str(settings.link.latency_ms),
-                "--link-bandwidth-mbps", str(settings.link.bandwidth_mbps)]
-    # A fixed mmap threshold lets glibc hand freed layer buffers back to the OS at once, so a
-    # windowed worker's RSS follows its window instead of its high-water mark.
-    env = os.environ | {SECRET_ENV: settings.secret.decode(), "MALLOC_MMAP_THRESHOLD_": "1048576"}
-    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        argv += ["--keep-page-cache"]
+    return launch(argv + _link_args(settings), _device_env(settings))
 
 
-def _die_with_parent() -> None:
-    """In a spawned device, before it runs: SIGTERM when the cluster process dies, even by SIGKILL,
-    so no device outlives its cluster (Linux; elsewhere the master-timeout ends it)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+def _spawn_attention_node(node: int, master_port: int, settings: MasterSettings, threads: int, launch: Launch):
+    argv = ["worker", "--role", "attention", "--node", str(node),
+            "--master", f"127.0.0.1:{master_port}", "--threads", str(threads)]
+    return launch(argv + _link_args(settings), _device_env(settings))
 
 
-def _spawn_attention_node(node: int, master_port: int, settings: MasterSettings, threads: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "edge_llm", "worker", "--role", "attention", "--node", str(node),
-           "--master", f"127.0.0.1:{master_port}", "--threads", str(threads)]
-    if settings.link is not None and settings.link.active:
-        cmd += ["--link-latency-ms", str(settings.link.latency_ms),
-                "--link-bandwidth-mbps", str(settings.link.bandwidth_mbps)]
-    env = os.environ | {SECRET_ENV: settings.secret.decode(), "MALLOC_MMAP_THRESHOLD_": "1048576"}
-    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+def _link_args(settings: MasterSettings) -> list[str]:
+    if settings.link is None or not settings.link.active:
+        return []
+    return ["--link-latency-ms", str(settings.link.latency_ms), "--link-bandwidth-mbps", str(settings.link.bandwidth_mbps)]
+
+
+def _device_env(settings: MasterSettings) -> dict[str, str]:
+    """A spawned device's environment beyond the master's: the secret, and a fixed mmap threshold,
+    which lets glibc hand freed layer buffers back to the OS at once, so a windowed worker's RSS
+    follows its window instead of its high-water mark."""
+    return {SECRET_ENV: settings.secret.decode(), "MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 def _http_listener(http: HttpSettings) -> socket.socket:
@@ -169,12 +160,19 @@ async def _drain(runner: web.AppRunner, timeout: float) -> None:
         await asyncio.gather(again, return_exceptions=True)
 
 
-async def _until_signalled() -> None:
+def _stop_on_signal() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets from now on: the handlers are in place when this returns,
+    so a signal that comes right after a process says it is up (a test's, a supervisor's) stops it
+    cleanly instead of killing it by the default action."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def _until_signalled() -> None:
+    await _stop_on_signal().wait()
 
 
 class StartupError(RuntimeError):
@@ -182,7 +180,7 @@ class StartupError(RuntimeError):
 
 
 async def _wait_ready(engine: ClusterEngine, timeout: float, with_nodes: bool,
-                      spawned: list[tuple[str, subprocess.Popen]]) -> None:
+                      spawned: list[tuple[str, Device]]) -> None:
     """engine.wait_ready, but fail at once when a spawned worker or node exits first (a checkpoint it
     cannot read, a plan it refuses), instead of waiting out the timeout for a process that is gone."""
     ready = asyncio.ensure_future(engine.wait_ready(timeout, with_attention_nodes=with_nodes))
@@ -200,9 +198,11 @@ async def _wait_ready(engine: ClusterEngine, timeout: float, with_nodes: bool,
 
 @asynccontextmanager
 async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_timeout: float,
-                          announce: bool = True, secret_file: str | None = None) -> AsyncIterator[ClusterEngine]:
-    """The master engine with every worker joined; with `spawn_workers`, ranks 1..N-1 run here and
-    are stopped on exit. Raises PlanError / CheckpointError before any process starts."""
+                          announce: bool = True, secret_file: str | None = None,
+                          forks: DeviceForks | None = None) -> AsyncIterator[ClusterEngine]:
+    """The master engine with every worker joined; with `spawn_workers`, ranks 1..N-1 (and the
+    attention nodes) run here, in processes `forks` forked early while it has them, and are stopped on
+    exit. Raises PlanError / CheckpointError before any device runs."""
     threads = threads_per_process(settings.world_size) if spawn_workers else torch.get_num_threads()
     set_threads(threads)
     if spawn_workers:  # `serve` and `worker` poll as their --poll-us and --poll-yield say
@@ -214,9 +214,10 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
         await engine.aclose()
         raise StartupError(f"cannot listen for workers on {settings.host}:{settings.port}: {e.strerror or e}; "
                            "choose another worker port") from e
-    children = [_spawn_worker(r, port, settings, threads) for r in range(1, settings.world_size)] \
+    launch = forks.launch if forks is not None else start_process
+    children = [_spawn_worker(r, port, settings, threads, launch) for r in range(1, settings.world_size)] \
         if spawn_workers else []
-    nodes = [_spawn_attention_node(k, port, settings, 1) for k in range(settings.attention_nodes)] \
+    nodes = [_spawn_attention_node(k, port, settings, 1, launch) for k in range(settings.attention_nodes)] \
         if spawn_workers else []
     spawned = [(f"worker rank {rank}", child) for rank, child in enumerate(children, start=1)] + \
         [(f"attention node {node}", child) for node, child in enumerate(nodes)]
@@ -245,7 +246,7 @@ async def running_cluster(settings: MasterSettings, spawn_workers: bool, ready_t
                 child.kill()
 
 
-async def _reap(spawned: list[tuple[str, subprocess.Popen]], hint: str) -> None:
+async def _reap(spawned: list[tuple[str, Device]], hint: str) -> None:
     """Collect a spawned device that exits (no zombie) and say so once, with how to restart it."""
     reported: set[int] = set()
     while True:
@@ -266,15 +267,16 @@ def _restart_hint(settings: MasterSettings, port: int, secret_file: str | None) 
 
 
 async def run_master(settings: MasterSettings, http: HttpSettings, spawn_workers: bool,
-                     secret_file: str | None = None) -> None:
+                     secret_file: str | None = None, forks: DeviceForks | None = None) -> None:
     """Serve until SIGINT/SIGTERM; with `spawn_workers`, start and stop ranks 1..N-1 locally."""
     listener = _http_listener(http)
     try:
         async with running_cluster(settings, spawn_workers, http.ready_timeout,
-                                   secret_file=secret_file) as engine:
+                                   secret_file=secret_file, forks=forks) as engine:
+            stop = _stop_on_signal()  # before the serving line (_stop_on_signal)
             runner = await _serve_http(engine, http, listener)
             try:
-                await _until_signalled()
+                await stop.wait()
                 await _drain(runner, http.drain_timeout)
             finally:
                 await runner.cleanup()
@@ -285,7 +287,7 @@ async def run_master(settings: MasterSettings, http: HttpSettings, spawn_workers
 async def _until_done_or_signalled(main: Coroutine[None, None, None]) -> None:
     """Run a device's main loop until it ends (its error propagates to the CLI) or a signal stops it."""
     task = asyncio.create_task(main)
-    stopper = asyncio.create_task(_until_signalled())
+    stopper = asyncio.create_task(_stop_on_signal().wait())
     try:
         done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:

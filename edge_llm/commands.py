@@ -102,7 +102,7 @@ async def _run_generation(engine, prompt_ids: list[int], params: SamplingParams,
     print(json.dumps(result) if as_json else "")
 
 
-async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams, speculation) -> None:
+async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams, speculation, forks) -> None:
     """`generate --workers N`: an emulated N-device cluster for one prompt, then stopped."""
     from edge.master import MasterSettings
     from edge_llm.cluster import running_cluster
@@ -110,11 +110,26 @@ async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams,
 
     settings = MasterSettings(model=args.model, world_size=args.workers, secret=new_secret(), dtype=args.dtype,
                               quantize=args.quantize)
-    async with running_cluster(settings, spawn_workers=True, ready_timeout=300, announce=False) as engine:
+    async with running_cluster(settings, spawn_workers=True, ready_timeout=300, announce=False,
+                               forks=forks) as engine:
         await _run_generation(engine, _prompt_ids(args, engine.tokenizer), params, args.json, speculation)
 
 
 def generate(args: argparse.Namespace) -> None:
+    from edge_llm.spawn import DeviceForks
+
+    _import_devices()
+    with DeviceForks(max(0, args.workers - 1)) as forks:  # before anything computes (edge_llm.spawn)
+        _generate(args, forks)
+
+
+def _import_devices() -> None:
+    """Everything a device process runs, imported before DeviceForks forks them."""
+    import edge_llm.cluster  # noqa: F401 - the master, worker and attention node, and torch under them
+    import models.generation  # noqa: F401
+
+
+def _generate(args: argparse.Namespace, forks) -> None:
     from edge_llm.cluster import StartupError
     from models.engine import EngineUnavailable
     from models.generation import LocalEngine
@@ -129,7 +144,7 @@ def generate(args: argparse.Namespace) -> None:
     speculation = speculation_settings(args)  # refused before anything loads
     try:
         if args.workers > 1:
-            run_loop(_generate_on_cluster(args, params, speculation))
+            run_loop(_generate_on_cluster(args, params, speculation, forks))
             return
         engine = LocalEngine(LocalModel(args.model, args.dtype, args.quantize))
         try:
@@ -172,13 +187,13 @@ def _secret(path: str | None, required: bool = False) -> bytes:
         raise UserError(str(e)) from e
 
 
-def _run_master(settings, http, spawn: bool, secret_file: str | None = None) -> None:
+def _run_master(settings, http, spawn: bool, secret_file: str | None = None, forks=None) -> None:
     from edge_llm.cluster import StartupError, run_master
     from transport.loop import run_loop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        run_loop(run_master(settings, http, spawn_workers=spawn, secret_file=secret_file))
+        run_loop(run_master(settings, http, spawn_workers=spawn, secret_file=secret_file, forks=forks))
     except (CheckpointError, PlanError, StartupError) as e:
         raise UserError(str(e)) from e
     except TimeoutError as e:
@@ -186,6 +201,14 @@ def _run_master(settings, http, spawn: bool, secret_file: str | None = None) -> 
 
 
 def cluster(args: argparse.Namespace) -> None:
+    from edge_llm.spawn import DeviceForks
+
+    _import_devices()
+    with DeviceForks(max(0, args.workers - 1) + max(0, args.attention_nodes)) as forks:  # edge_llm.spawn
+        _cluster(args, forks)
+
+
+def _cluster(args: argparse.Namespace, forks) -> None:
     from edge.master import MasterSettings
     from edge_llm.cluster import HttpSettings, link_from_args
 
@@ -214,7 +237,8 @@ def cluster(args: argparse.Namespace) -> None:
                         body_timeout=args.body_timeout, drain_timeout=args.drain_timeout,
                         api_key=args.api_key or os.environ.get("EDGE_LLM_API_KEY"), cloud=cloud, policy=policy,
                         speculation=speculation_settings(args))
-    _run_master(settings, http, spawn=True, secret_file=args.secret_file or _private_secret_file(settings.secret))
+    _run_master(settings, http, spawn=True, secret_file=args.secret_file or _private_secret_file(settings.secret),
+                forks=forks)
 
 
 def _private_secret_file(secret: bytes) -> str:
