@@ -66,7 +66,7 @@ def poll_per_process(settings: MasterSettings) -> tuple[int, bool]:
     return 1000, True
 
 
-def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads: int, launch: Launch):
+def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads: int, launch: Launch) -> Device:
     poll_us, poll_yield = poll_per_process(settings)
     argv = ["worker", "--model", settings.model, "--rank", str(rank),
             "--master", f"127.0.0.1:{master_port}", "--threads", str(threads),
@@ -82,7 +82,8 @@ def _spawn_worker(rank: int, master_port: int, settings: MasterSettings, threads
     return launch(argv + _link_args(settings), _device_env(settings))
 
 
-def _spawn_attention_node(node: int, master_port: int, settings: MasterSettings, threads: int, launch: Launch):
+def _spawn_attention_node(node: int, master_port: int, settings: MasterSettings, threads: int,
+                          launch: Launch) -> Device:
     argv = ["worker", "--role", "attention", "--node", str(node),
             "--master", f"127.0.0.1:{master_port}", "--threads", str(threads)]
     return launch(argv + _link_args(settings), _device_env(settings))

@@ -43,8 +43,8 @@ def test_the_cluster_forks_its_devices_each_in_a_session_of_its_own(tiny_model, 
         assert len(devices) == 3
         for name, pid in devices:
             process = psutil.Process(pid)
-            assert process.ppid() == cluster.proc.pid  # forked: the cluster's child, which the reaper waits for
-            assert process.name() == f"edge-llm {name}"
+            assert process.ppid() == cluster.proc.pid  # the cluster's own child, which its reaper waits for
+            assert process.name() == f"edge-llm {name}"  # forked: a new interpreter would be 'python'
             assert os.getsid(pid) == pid != os.getsid(cluster.proc.pid)  # Ctrl-C at a terminal reaches the cluster only
     finally:
         cluster.stop()
