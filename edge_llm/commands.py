@@ -304,6 +304,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.role == "attention":
         _attention_node(args, host, int(port), secret_file)
         return
+    if model is not None:  # a folder that is no checkpoint: said now, not after the master is reached
+        _check_checkpoint(model)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{args.rank or '?'} %(levelname)s %(message)s")
     settings = WorkerSettings(model=model, rank=args.rank, master_host=host, master_port=int(port),
                               secret=_secret(secret_file, required=True), step_timeout=args.step_timeout,
@@ -315,6 +317,15 @@ def worker(args: argparse.Namespace) -> None:
     try:
         run_loop(run_worker(settings, args.threads or __import__("torch").get_num_threads()))
     except (CheckpointError, PlanError, PlanRefused, StopJoining) as e:
+        raise UserError(str(e)) from e
+
+
+def _check_checkpoint(folder: str) -> None:
+    from models.config import load_config
+
+    try:
+        load_config(Path(folder))
+    except CheckpointError as e:
         raise UserError(str(e)) from e
 
 

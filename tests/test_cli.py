@@ -33,6 +33,8 @@ REFUSED = [
     (["worker", "--master", "host:abc", "--rank", "1"], "is not HOST:PORT"),
     (["worker", "--master", "host:70000", "--rank", "1"], "is not HOST:PORT"),
     (["worker", "--master", ":29500", "--rank", "1"], "is not HOST:PORT"),
+    # said at once, not after the master is reached (an unreachable one is retried for good)
+    (["worker", "--master", "127.0.0.1:1", "--rank", "1", "--model", "no-such-model"], "config.json is missing"),
 ]
 
 
