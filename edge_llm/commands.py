@@ -116,17 +116,18 @@ async def _generate_on_cluster(args: argparse.Namespace, params: SamplingParams,
 
 
 def generate(args: argparse.Namespace) -> None:
-    from edge_llm.spawn import DeviceForks
-
-    _import_devices()
-    with DeviceForks(max(0, args.workers - 1)) as forks:  # before anything computes (edge_llm.spawn)
+    with _forked_devices(args.workers - 1) as forks:
         _generate(args, forks)
 
 
-def _import_devices() -> None:
-    """Everything a device process runs, imported before DeviceForks forks them."""
+def _forked_devices(count: int):
+    """edge_llm.spawn.DeviceForks of `count` devices (none for 0 or less), forked once everything a
+    device process runs is imported and before anything computes."""
     import edge_llm.cluster  # noqa: F401 - the master, worker and attention node, and torch under them
     import models.generation  # noqa: F401
+    from edge_llm.spawn import DeviceForks
+
+    return DeviceForks(max(0, count))
 
 
 def _generate(args: argparse.Namespace, forks) -> None:
@@ -201,10 +202,7 @@ def _run_master(settings, http, spawn: bool, secret_file: str | None = None, for
 
 
 def cluster(args: argparse.Namespace) -> None:
-    from edge_llm.spawn import DeviceForks
-
-    _import_devices()
-    with DeviceForks(max(0, args.workers - 1) + max(0, args.attention_nodes)) as forks:  # edge_llm.spawn
+    with _forked_devices(max(0, args.workers - 1) + max(0, args.attention_nodes)) as forks:
         _cluster(args, forks)
 
 

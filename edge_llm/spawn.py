@@ -35,11 +35,16 @@ M_MMAP_THRESHOLD = -3  # mallopt(3)
 _order_pipes: set[int] = set()  # write ends of the pipes of children still waiting: no child keeps another's
 
 
+def _libc(function: str, *args: object) -> None:
+    """A best-effort call into the C library (prctl, mallopt): nothing where it has no such function."""
+    with contextlib.suppress(OSError, AttributeError):
+        getattr(ctypes.CDLL(None, use_errno=True), function)(*args)
+
+
 def die_with_parent() -> None:
     """In a device process, before it runs: SIGTERM when the cluster process dies, even by SIGKILL,
     so no device outlives its cluster (Linux; elsewhere the master-timeout ends it)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _libc("prctl", PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def start_process(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -145,10 +150,8 @@ def _run_cli(argv: list[str], env: dict[str, str]) -> int:  # pragma: no cover -
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.update(env)
     if threshold := env.get("MALLOC_MMAP_THRESHOLD_"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, int(threshold))
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(PR_SET_NAME, _process_name(argv).encode())
+        _libc("mallopt", M_MMAP_THRESHOLD, int(threshold))
+    _libc("prctl", PR_SET_NAME, _process_name(argv).encode())
     for handler in list(logging.root.handlers):  # the command configures its own
         logging.root.removeHandler(handler)
     sys.argv = ["edge-llm", *argv]

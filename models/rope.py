@@ -116,12 +116,9 @@ class RotaryTable:
         if self._static is None:
             return rope_tables(*self.cos_sin(torch.arange(start, start + count)), dtype)
         first, last = start // self.BLOCK, (start + count - 1) // self.BLOCK
-        offset = start - first * self.BLOCK
-        if first == last:
-            cos, sin = self._block(first, dtype)
-            return cos[offset:offset + count], sin[offset:offset + count]
         parts = [self._block(b, dtype) for b in range(first, last + 1)]
-        cos, sin = (torch.cat([p[i] for p in parts]) for i in (0, 1))
+        cos, sin = parts[0] if len(parts) == 1 else (torch.cat([p[i] for p in parts]) for i in (0, 1))
+        offset = start - first * self.BLOCK
         return cos[offset:offset + count], sin[offset:offset + count]
 
     def _block(self, index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
