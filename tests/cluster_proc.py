@@ -92,22 +92,26 @@ class ClusterProcess:
         os.kill(self.node_pids[node], signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._reader.join(timeout=5)
-        self.proc.stdout.close()
-        for pid in [*self.worker_pids.values(), *self.node_pids.values()]:  # none may outlive the cluster
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
-            raise AssertionError(f"worker pid {pid} survived the cluster's shutdown")
-        self.log.close()
+        """SIGTERM (SIGKILL to its group after 20 s); AssertionError if a device outlived it. The log
+        is closed either way, so a failing check is not followed by a ResourceWarning."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+            self._reader.join(timeout=5)
+            self.proc.stdout.close()
+            for pid in [*self.worker_pids.values(), *self.node_pids.values()]:  # none may outlive the cluster
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    continue
+                raise AssertionError(f"worker pid {pid} survived the cluster's shutdown")
+        finally:
+            self.log.close()
 
 
 async def wait_health(url: str, status: int, tries: int = 600) -> None:
