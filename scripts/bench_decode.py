@@ -5,11 +5,12 @@ checkpoint and the same cores. Writes bench/decode.json and bench/decode.md.
     .venv/bin/python scripts/bench_decode.py [--model DIR | --preset large] [--workers 1,2,3,4]
                                              [--prompt-tokens N]
 
-Next to each cluster size: the memory-streaming floor (scripts/stream_floor.py: N one-thread
-processes streaming their rank's weight bytes through F.linear concurrently), one floor round
-before each cluster round so both see the same state of the machine, and the cluster's time per
-token over it (its overhead). `--prompt-tokens` measures decode after a long prompt (a chat's
-history): each token then reads the whole KV cache too, which the weights-only floor leaves out.
+Next to each cluster size: the memory-streaming floor (scripts/stream_floor.py: N processes on
+the threads the cluster gives each device, streaming their rank's weight bytes through the decode's
+GEMV kernels concurrently), one floor round before each cluster round so both see the same state
+of the machine, and the cluster's time per token over it (its overhead). `--prompt-tokens`
+measures decode after a long prompt (a chat's history): each token then reads the whole KV cache
+too, which the weights-only floor leaves out.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The memory-streaming floor of a decode step: N processes, one thread each, each streaming its
+"""The memory-streaming floor of a decode step: N processes, each on the threads `edge-llm cluster`
+gives one of N emulated devices (edge_llm.cluster.threads_per_process: the cores shared out, at
+least one: two devices on two cores one thread each, one device both), each streaming its
 own rank's weight bytes through models.quant_kernels.linear (the kernel the decode uses: numba's
 float32 GEMV, or F.linear for bf16/fp16, or with --quantize the int8/int4 kernels, the LM head at
 int8 under int4 as served) concurrently, once per token; q, k, v and gate, up fused into one
@@ -19,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edge_llm.cluster import threads_per_process
 from models.checkpoint import Checkpoint
 
 WORKER = r"""
@@ -30,10 +33,11 @@ from models.fusion import fuse
 from models.quant import quantize
 from models.quant_kernels import linear, warm_kernels
 from models.sharding import local_dims
-torch.set_num_threads(1)
+from models.threads import step_threads
+torch.set_num_threads(int(sys.argv[2]))  # the threads a cluster gives each of its devices
 warm_kernels()
-folder, world, rank, dtype_name, tokens = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
-method = sys.argv[7] if len(sys.argv) > 7 else None
+folder, world, rank, dtype_name, tokens = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], int(sys.argv[7])
+method = sys.argv[8] if len(sys.argv) > 8 else None
 cfg = load_config(__import__("pathlib").Path(folder))
 dtype = resolve_dtype(dtype_name, cfg.torch_dtype)
 d = local_dims(cfg, world)[rank]
@@ -52,9 +56,10 @@ if method:
     x = {k: v.float() for k, v in x.items()}
 nbytes = sum(w.nbytes for ws in layers for w in ws) + head.nbytes
 def token():
-    for ws in layers:
-        for w in ws:
-            linear(x[w.shape[1]], w)
+    with step_threads(1, x[D].dtype):  # as a decode step runs its layers (torch's own ops on one thread)
+        for ws in layers:
+            for w in ws:
+                linear(x[w.shape[1]], w)
     linear(x[D], head)
 token()
 print("ready", flush=True)
@@ -85,7 +90,8 @@ class Floor:
     def __init__(self, model: str, world: int, dtype: str = "auto", tokens: int = 20, quantize: str | None = None):
         root = str(Path(__file__).resolve().parent.parent)
         self.tokens = tokens
-        self.procs = [subprocess.Popen([sys.executable, "-c", WORKER, root, model, str(world), str(r), dtype,
+        threads = str(threads_per_process(world))  # as the cluster's devices: the same kernels, threads
+        self.procs = [subprocess.Popen([sys.executable, "-c", WORKER, root, threads, model, str(world), str(r), dtype,
                                         str(tokens), *([quantize] if quantize else [])],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                       for r in range(world)]
