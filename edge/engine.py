@@ -29,6 +29,7 @@ from models.config import LlamaConfig
 from models.dtypes import dtype_name
 from models.files import checkpoint_fingerprint
 from models.fusion import fuse_layer
+from models.kernel_warmup import held_weights, warm_formats
 from models.llama import (
     HeadWeights,
     LayerWeights,
@@ -86,6 +87,7 @@ class ShardModel:
         layers = [fuse_layer(load_layer(ckpt, i, dims)) for i in range(ckpt.config.num_layers)]
         output = load_output_head(ckpt, dims)
         nbytes = sum(w.nbytes() for w in layers) + output.lm_head.nbytes + output.norm.nbytes
+        warm_formats(held_weights(layers, output))  # compiled now, not in the first request
         return cls(ckpt.config, dims, layers.__getitem__, output, nbytes)
 
     @classmethod
@@ -101,6 +103,7 @@ class ShardModel:
                                                                              config.max_position_embeddings)
         window = WeightWindow(folder, plan, dims.rank, config.num_layers, budget_bytes, reserve,
                               drop_cache=drop_cache, verified=verified, in_memory=in_memory)
+        warm_formats(held_weights(window.resident_layers(), window.head))  # compiled now, not in a request
         return cls(config, dims, window, window.head, window.nbytes(), window)
 
     def new_cache(self, capacity: int = 64) -> KVCache:

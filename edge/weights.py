@@ -190,6 +190,10 @@ class WeightWindow:
         else:
             self._free.append(buf)
 
+    def resident_layers(self) -> list[LayerWeights]:
+        """The layers held in memory for good (not those streamed through the window)."""
+        return list(self._resident.values())
+
     def __call__(self, layer: int) -> LayerWeights:
         """Layer `layer`'s weights; blocks (counted as compute wait) only if its read is not done.
 

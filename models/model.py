@@ -10,6 +10,7 @@ from models.attention import KVCache
 from models.checkpoint import Checkpoint
 from models.dtypes import resolve_dtype
 from models.fusion import fuse_layer
+from models.kernel_warmup import held_weights, warm_formats
 from models.llama import embed, forward_layers, load_head, load_layer, logits
 from models.quant import check_quantizable
 from models.rope import RotaryTable
@@ -32,6 +33,7 @@ class LocalModel:
         self.dims = full_dims(self.config)
         # Loading is parallel torch work: on a thread that ends with it (models.threads.in_passing_thread)
         self.head, self.layers = in_passing_thread(self._load, ckpt)
+        warm_formats(held_weights(self.layers, self.head))  # not in the first request
         self.rotary = RotaryTable(self.config)
         ckpt.close()
 
