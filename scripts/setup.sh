@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "${EDGE_LLM_TORCH:-torch==2.13.0}" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import torch" || { echo "setup: torch failed to install" >&2; exit 1; }
+  .venv/bin/python -W ignore::UserWarning -c "import torch" || { echo "setup: torch failed to install" >&2; exit 1; }
 fi
 extras=""; [ "${1:-}" = "test" ] && extras="[test]"
 stamp=".venv/.installed${extras}"
