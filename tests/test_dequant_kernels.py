@@ -34,11 +34,12 @@ def test_the_blocks_hold_exactly_the_dequantized_weights(kind, n, k):
     w = weight(kind, n, k, seed=n + k)
     kernel, args = _kernel_args(w)
     tile = w.tile
-    out = torch.full((n, k), float("nan"))
+    expected = w.dequantize()
     for c0 in range(0, n // tile, 3):  # blocks of three tiles, the last one short
         c1 = min(n // tile, c0 + 3)
-        kernel(*args, c0, c1, out[c0 * tile:c1 * tile].numpy())
-    assert torch.equal(out, w.dequantize())
+        block = torch.full((k, (c1 - c0) * tile), float("nan"))  # W^T's columns of those tiles
+        kernel(*args, c0, c1, block.numpy())
+        assert torch.equal(block, expected[c0 * tile:c1 * tile].T)
 
 
 @pytest.mark.parametrize("rows", [GEMV_ROWS + 1, 37])
