@@ -54,6 +54,17 @@ def test_a_prefill_multiplies_by_the_dequantized_weights(kind, rows, monkeypatch
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # two GEMMs' float32 rounding
 
 
+@pytest.mark.parametrize("kind", ["int8", "int8g", "int4"])
+def test_a_row_parallel_slice_prefills_from_its_strided_codes(kind):
+    """A rank's o_proj / down_proj slice (QuantWeight.cols) is a strided view of the codes: the
+    kernels read it in place, as the words it holds."""
+    whole = weight(kind, 1024, 128, seed=3)  # four tiles of 256: the slice is not contiguous
+    w = whole.cols(32, 96)
+    assert not w.q.is_contiguous()
+    x = torch.randn(GEMV_ROWS + 3, 64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(prefill_linear(x, w), F.linear(x, w.dequantize()), rtol=1e-6, atol=1e-6)
+
+
 def test_linear_prefills_without_building_the_whole_float32_matrix(monkeypatch):
     """More rows than the GEMV kernels serve go through the blocks; `dequantize()` is never called."""
     w = weight("int4", 256, 64, seed=2)
