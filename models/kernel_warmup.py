@@ -19,7 +19,7 @@ import torch
 
 from models.numba_target import numba
 from models.quant import QuantWeight
-from models.quant_kernels import GEMV_ROWS, gemv_rows, kernel_serves, linear
+from models.quant_kernels import CHUNKED_ROWS, gemv_rows, kernel_serves, linear
 from models.threads import in_passing_thread
 
 _warmed: set[tuple[str, int]] = set()  # (format, tile width) run through both paths in this process
@@ -55,4 +55,4 @@ def _run(weights: list[QuantWeight]) -> None:
     for w in weights:
         k = w.shape[1]
         gemv_rows(np.ones((1, k), np.float32), w)  # [1, K] -> [1, N]: a decode step's GEMV
-        linear(torch.ones(GEMV_ROWS + 1, k), w)  # more rows than the GEMV takes: a prefill's path
+        linear(torch.ones(CHUNKED_ROWS + 1, k), w)  # more rows than the GEMV takes: a prefill's path

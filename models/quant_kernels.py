@@ -7,12 +7,12 @@ these hosts, slower than its own float32 GEMV (4.5); these loops run at 22-43 Gp
 from memory on the Zen 5 host (README, "Quantized weights"). Each task is one tile of output
 channels (models.quant), the channels the vectorized inner loop, x broadcast. They accumulate in
 float32: for the grouped formats a partial sum per group of 32, then scale (int4: and a min term
-times the group's sum of x) once per group; for per-channel int8 one sum over K, then the
-channel's scale. On a host with AVX-512 VNNI int4 and int8g take models.vnni_kernels' integer kernels instead.
+times the group's sum of x) once per group; for per-channel int8 one sum over K, then the channel's
+scale. With AVX-512 VNNI, int4 and int8g take models.vnni_kernels' integer kernels.
 
-Rows of x beyond `GEMV_ROWS` (a prefill) dequantize W to float32 a block at a time and use torch's
-GEMM, whose speed the weight format does not limit (models.dequant_kernels). Without numba (a
-platform with no wheel) every call takes torch's GEMM: always correct, only slower."""
+More rows of x (a prefill, a batch of decode steps; int4 and int8g: past CHUNKED_ROWS) dequantize W to
+float32 a block at a time for torch's GEMM, whose speed the format does not limit (models.dequant_kernels).
+Without numba (a platform with no wheel) every call takes torch's GEMM: always correct, only slower."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from models.quant import GROUP, QuantWeight, kernel_array
 from models.step_attention import warm_step_attention
 from models.threads import in_passing_thread, kernel_threads
 
-GEMV_ROWS = 8  # rows of x up to which the GEMV kernel beats dequantize + GEMM
+GEMV_ROWS = 8  # rows of x a GEMV kernel call takes
+CHUNKED_ROWS = 16  # int4 / int8g: rows up to which GEMV passes beat dequantize + GEMM (README)
 
 if numba is not None:
     from numba import njit, prange
@@ -157,13 +158,11 @@ F32_BLOCK = 64  # output channels per task of the float32 kernel
 PARALLEL_MIN_PARAMS = 1 << 20  # smaller float32 matrices run on one thread
 SPREAD_ONE_ROW = not amd_cores()  # one row of float32: four channel streams per pass (models.f32_kernels)
 
-
 STREAMS = 4  # tiles of a quantized weight read side by side (concurrent memory streams)
-# Grouped formats (int4, int8g) read a tile's scales (and mins) as streams of their own beside its
-# codes: on AMD Zen cores one tile at a time was the faster (Zen 5, one thread, int4 41-43 Gparam/s
-# against 16 with four), on the Intel Xeon host four (int4, two processes at once: 16-18 each
-# against 13-15 with one); per-channel int8 reads four everywhere (README, "Quantized weights").
-# A channel's sum is the same sequence of operations either way.
+# Grouped formats (int4, int8g) read a tile's scales (and mins) as streams of their own beside its codes:
+# on AMD Zen cores one tile at a time was the faster (Zen 5, one thread, int4 41-43 Gparam/s against 16
+# with four), on the Intel Xeon host four (int4, two processes at once: 16-18 each against 13-15 with
+# one); per-channel int8 reads four everywhere. A channel's sum is the same operations either way.
 GROUPED_STREAMS = 1 if amd_cores() else STREAMS
 
 
@@ -214,10 +213,9 @@ def _kernel(kind: str, small: bool = False):
 
 
 def warm_kernels() -> None:
-    """Compile (or load from numba's cache) the float32 kernels for this thread count and a decode
-    step's small-op kernels (models.decode_kernels) now: no request waits for the compiler, and
-    their runtime memory (LLVM, ~50 MB) counts in a device's fixed overhead, not as weights. On a
-    thread that ends with it (models.threads.in_passing_thread: no OpenMP team left behind)."""
+    """Compile (or load from numba's cache) the float32 kernels for this thread count and a decode step's
+    small-op kernels (models.decode_kernels) now: no request waits for the compiler, and their memory
+    (LLVM, ~50 MB) counts in a device's fixed overhead. On a thread that ends with it (no OpenMP team)."""
     if numba is not None:
         in_passing_thread(_warm)
 
@@ -235,9 +233,8 @@ FLOAT_WEIGHTS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def kernel_serves(w: torch.Tensor | QuantWeight) -> bool:
-    """True when `gemv_rows` applies w: numba present, and w quantized or a contiguous float32, bf16
-    or fp16 tensor. The grouped formats' kernels read a channel's four code bytes as one uint32,
-    byte b at bits 8b: a big-endian host takes torch's path with them instead."""
+    """True when `gemv_rows` applies w: numba present, and w quantized (int4 and int8g read a channel's four
+    code bytes as one little-endian uint32: not on big-endian hosts) or a contiguous float32/bf16/fp16."""
     if numba is None:
         return False
     if isinstance(w, QuantWeight):
@@ -247,12 +244,16 @@ def kernel_serves(w: torch.Tensor | QuantWeight) -> bool:
 
 def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None,
               out: np.ndarray | None = None) -> np.ndarray:
-    """x [R, K] float32, C-contiguous, 1 <= R <= GEMV_ROWS; w with `kernel_serves(w)` -> [R, N] float32
-    (+ bias), W streamed once by its format's kernel (bf16 / fp16 widened exactly as it is read),
+    """x [R, K] float32, C-contiguous, R >= 1; w with `kernel_serves(w)` -> [R, N] float32 (+ bias), W
+    streamed once by its format's kernel per GEMV_ROWS rows (bf16 / fp16 widened exactly as it is read),
     into `out` ([R, N] float32, C-contiguous) when given. Arrays in, arrays out: a decode step's
     layer (models.decode_step) calls this without a torch op around it, into buffers it reuses."""
     if out is None:
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    if x.shape[0] > GEMV_ROWS:  # up to CHUNKED_ROWS (`linear`): a pass of the kernel per GEMV_ROWS rows
+        for r in range(0, x.shape[0], GEMV_ROWS):
+            gemv_rows(x[r:r + GEMV_ROWS], w, bias, out[r:r + GEMV_ROWS])
+        return out
     if isinstance(w, QuantWeight):
         kernel, tail = _bound(w.kind, w.tile, kernel_threads(), vnni_kernels.ENABLED)
         kernel(*w.arrays, x, out, *tail)
@@ -266,9 +267,8 @@ def gemv_rows(x: np.ndarray, w: torch.Tensor | QuantWeight, bias: torch.Tensor |
 
 @functools.cache
 def _bound(kind: str, tile: int, threads: int, vnni: bool) -> tuple[Callable, tuple]:
-    """The GEMV for a `kind` weight in tiles of `tile` channels on `threads` (one run of tiles each),
-    and its arguments after x and out: looked up once, not in each of a step's 4 GEMVs a layer,
-    where the lookup cost 1-2 us (SmolLM2 rank 1 of 2, one thread: 4.1 -> 3.8 ms per token)."""
+    """The GEMV for a `kind` weight in tiles of `tile` channels on `threads` (a run of tiles each) and its
+    arguments after x and out, looked up once: in each GEMV it cost 1-2 us (SmolLM2 rank: 4.1 -> 3.8 ms)."""
     if kind == "int8":
         return _kernel(kind), (threads, PREFETCH_ROWS)  # rows ahead to prefetch (models.prefetch)
     if vnni and (integer := vnni_kernels.kernel_for(kind, tile)):
@@ -279,16 +279,15 @@ def _bound(kind: str, tile: int, threads: int, vnni: bool) -> tuple[Callable, tu
 def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for plain or quantized weights: x [..., K] -> [..., N] in x's dtype.
 
-    1..GEMV_ROWS rows go through `gemv_rows` (a strided x is copied, so one compiled signature serves
-    every call); more rows, or a weight no kernel serves, through torch's GEMM (W dequantized first).
-    x in bf16 / fp16 is widened exactly and the float32 result rounded once to x's dtype, as torch's
-    own 16-bit GEMV does.
-    """
+    1..GEMV_ROWS rows (int4, int8g: CHUNKED_ROWS) go through `gemv_rows` (a strided x is copied, so one
+    compiled signature serves every call); more rows, or a weight no kernel serves, through torch's
+    GEMM (W dequantized first). x in bf16 / fp16 is widened exactly and the float32 result rounded
+    once to x's dtype, as torch's own 16-bit GEMV does."""
     n, k = w.shape
     rows = x.numel() // k if k and x.shape[-1] == k else 0  # a mismatch goes to torch, which names it
-    # x goes to the kernel with a quantized weight, or one of its own dtype (F.linear refuses mixed
-    # dtypes: those keep its error)
-    if 1 <= rows <= GEMV_ROWS and kernel_serves(w) and (isinstance(w, QuantWeight) or x.dtype == w.dtype):
+    # x goes to the kernel with a quantized weight, or one of its own dtype (F.linear names mixed ones)
+    limit = CHUNKED_ROWS if isinstance(w, QuantWeight) and w.kind != "int8" else GEMV_ROWS
+    if 1 <= rows <= limit and kernel_serves(w) and (isinstance(w, QuantWeight) or x.dtype == w.dtype):
         flat = np.ascontiguousarray(x.detach().float().numpy().reshape(rows, k))
         y = torch.from_numpy(gemv_rows(flat, w, bias))
         return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], n)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import dequant_kernels
+from models import dequant_kernels, quant_kernels
 from models.dequant_kernels import _kernel_args, prefill_linear
 from models.quant import GROUP, QuantWeight, quantize
-from models.quant_kernels import GEMV_ROWS, linear
+from models.quant_kernels import CHUNKED_ROWS, GEMV_ROWS, linear
 
 
 def weight(kind: str, n: int, k: int, seed: int) -> QuantWeight:
@@ -73,3 +73,18 @@ def test_linear_prefills_without_building_the_whole_float32_matrix(monkeypatch):
     got = linear(torch.ones(2, 12, 64), w)  # [B, S, K] with B x S = 24 rows
     assert got.shape == (2, 12, 256)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "rows", "passes"), [("int4", CHUNKED_ROWS, True), ("int8g", GEMV_ROWS + 1, True),
+                                                      ("int4", CHUNKED_ROWS + 1, False), ("int8", GEMV_ROWS + 1, False)])
+def test_a_few_rows_more_than_a_gemv_takes_are_passes_of_it(kind, rows, passes, monkeypatch):
+    """int4 and int8g take up to CHUNKED_ROWS rows (a short prompt, a batch of decode steps) through
+    passes of their GEMV kernel, GEMV_ROWS rows each; more rows, and int8 past GEMV_ROWS (its
+    multi-row GEMV is slower than its GEMM), dequantize blocks. Either way the product is W's."""
+    w = weight(kind, 256, 64, seed=rows)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(5))
+    dequantized = []
+    monkeypatch.setattr(quant_kernels, "prefill_linear", lambda x, w: dequantized.append(x.shape[0]) or prefill_linear(x, w))
+    got = linear(x, w)
+    assert dequantized == ([] if passes else [rows])
+    torch.testing.assert_close(got, F.linear(x, w.dequantize()), rtol=1e-3, atol=1e-3)  # integer kernels: x in int8

@@ -40,7 +40,7 @@ from models import vnni_kernels
 from models.config import load_config
 from models.errors import CheckpointError
 from models.quant import GROUP, QuantWeight, deinterleaved, gather_quantized, quantize
-from models.quant_kernels import GEMV_ROWS, gemv_rows, linear
+from models.quant_kernels import CHUNKED_ROWS, GEMV_ROWS, gemv_rows, linear
 from models.sharding import PlanError, local_dims
 from models.threads import kernel_threads, set_threads
 
@@ -245,7 +245,8 @@ def representation_error(qw: QuantWeight, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize(("rows", "threads"), [(1, 1), (1, 2), (3, 1), (3, 2), (GEMV_ROWS + 5, 2)])
+@pytest.mark.parametrize(("rows", "threads"), [(1, 1), (1, 2), (3, 1), (3, 2), (GEMV_ROWS + 5, 2),
+                                               (CHUNKED_ROWS + 3, 2)])
 def test_kernel_error_within_float32_dot_product_bound(method, rows, threads):
     """|y - exact| <= K u sum (|w| + c)|x| with the exact product in float64 of the dequantized
     weights w, and c what the kernel's sums carry per weight (`summed_magnitudes`): each output is
