@@ -22,20 +22,16 @@ as before and as the reference the tests build from `dequantize()`.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models.numba_target import numba
-from models.quant import QuantWeight
+from models.quant import QuantWeight, words_readable
 
 BLOCK_PARAMS = 1 << 18  # weights per block (1 MB of float32): at least one tile of output channels
 
 njit = numba.njit if numba is not None else None
-# The grouped formats' kernels read a channel's four code bytes as one little-endian 32-bit word
-WORDS_READABLE = sys.byteorder == "little"
 
 
 if njit is not None:
@@ -102,7 +98,7 @@ def prefill_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x [R, K] float32 -> x @ W^T [R, N] float32, W dequantized block by block (without numba, or
     with the codes' words unreadable on a big-endian host: all of W by `dequantize`, always correct,
     slower)."""
-    if njit is None or (w.kind != "int8" and not WORDS_READABLE):
+    if njit is None or not words_readable(w):
         return F.linear(x, w.dequantize())
     n, k = w.shape
     tile = w.tile

@@ -55,4 +55,4 @@ def _run(weights: list[QuantWeight]) -> None:
     for w in weights:
         k = w.shape[1]
         gemv_rows(np.ones((1, k), np.float32), w)  # [1, K] -> [1, N]: a decode step's GEMV
-        linear(torch.ones(CHUNKED_ROWS + 1, k), w)  # more rows than the GEMV takes: a prefill's path
+        linear(torch.ones(CHUNKED_ROWS + 1, k), w)  # more rows than GEMV passes take: a prefill's path

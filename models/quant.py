@@ -21,6 +21,7 @@ slice of the quantized tensor is the quantized slice, as long as a column slice 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -68,6 +69,13 @@ def untiled(t: torch.Tensor) -> torch.Tensor:
 
 
 WORD = 4  # code bytes of one channel held side by side (grouped formats): one 32-bit word
+
+
+def words_readable(w: QuantWeight) -> bool:
+    """Whether the compiled kernels may read w's codes: per-channel int8 byte by byte everywhere; the
+    grouped formats read a channel's WORD code bytes as one little-endian uint32 (byte b at bits 8b),
+    so not on a big-endian host."""
+    return w.kind == "int8" or sys.byteorder == "little"
 
 
 def interleaved(q: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ Without numba (a platform with no wheel) every call takes torch's GEMM: always c
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -28,7 +27,7 @@ from models import vnni_kernels
 from models.decode_kernels import warm_decode_kernels
 from models.dequant_kernels import prefill_linear
 from models.numba_target import amd_cores, compiled_for, numba
-from models.quant import GROUP, QuantWeight, kernel_array
+from models.quant import GROUP, QuantWeight, kernel_array, words_readable
 from models.step_attention import warm_step_attention
 from models.threads import in_passing_thread, kernel_threads
 
@@ -238,7 +237,7 @@ def kernel_serves(w: torch.Tensor | QuantWeight) -> bool:
     if numba is None:
         return False
     if isinstance(w, QuantWeight):
-        return w.kind == "int8" or sys.byteorder == "little"
+        return words_readable(w)
     return w.dtype in FLOAT_WEIGHTS and w.is_contiguous() and not w.requires_grad
 
 

@@ -5,6 +5,8 @@ the dequantized weights), so the blocks the kernels write must hold exactly its 
 format, tile width and block boundary; the product is then torch's own GEMM.
 """
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from models import dequant_kernels, quant_kernels
 from models.dequant_kernels import _kernel_args, prefill_linear
 from models.quant import GROUP, QuantWeight, quantize
-from models.quant_kernels import CHUNKED_ROWS, GEMV_ROWS, linear
+from models.quant_kernels import CHUNKED_ROWS, GEMV_ROWS, kernel_serves, linear
 
 
 def weight(kind: str, n: int, k: int, seed: int) -> QuantWeight:
@@ -88,3 +90,20 @@ def test_a_few_rows_more_than_a_gemv_takes_are_passes_of_it(kind, rows, passes, 
     got = linear(x, w)
     assert dequantized == ([] if passes else [rows])
     torch.testing.assert_close(got, F.linear(x, w.dequantize()), rtol=1e-3, atol=1e-3)  # integer kernels: x in int8
+
+
+def test_a_big_endian_host_reads_grouped_codes_only_through_torch(monkeypatch):
+    """The grouped formats' kernels read four code bytes as one little-endian word (models.quant
+    .words_readable): on a big-endian host neither the GEMV nor the blocks take them, and every
+    product goes through the dequantized matrix; per-channel int8, read byte by byte, still does."""
+    monkeypatch.setattr(sys, "byteorder", "big")
+    assert kernel_serves(weight("int8", 256, 64, seed=1))
+    w = weight("int4", 256, 64, seed=1)
+    assert not kernel_serves(w)
+    built = []
+    dequantize = QuantWeight.dequantize
+    monkeypatch.setattr(QuantWeight, "dequantize", lambda self, dtype=torch.float32: built.append(1) or dequantize(self, dtype))
+    x = torch.randn(CHUNKED_ROWS + 1, 64, generator=torch.Generator().manual_seed(6))
+    expected = F.linear(x, dequantize(w))
+    torch.testing.assert_close(prefill_linear(x, w), expected, rtol=0, atol=0)
+    assert built == [1]
