@@ -154,7 +154,7 @@ if numba is not None:
 
 
 F32_BLOCK = 64  # output channels per task of the float32 kernel
-PARALLEL_MIN_PARAMS = 1 << 20  # smaller float32 matrices run on one thread
+PARALLEL_MIN_PARAMS = 1 << 17  # smaller float32 matrices run on one thread (the pool's fork and join: 3-5 us)
 SPREAD_ONE_ROW = not amd_cores()  # one row of float32: four channel streams per pass (models.f32_kernels)
 
 STREAMS = 4  # tiles of a quantized weight read side by side (concurrent memory streams)
