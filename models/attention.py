@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from models.config import LlamaConfig
 from models.decode_kernels import attend_cached, kernel_applies
+from models.quant import kernel_array
 from models.sharding import LocalDims
 from models.step_attention import rope_attend_rows
 
@@ -60,14 +61,15 @@ class KVCache:
         return self._k[layer], self._v[layer]
 
     def arrays(self, layer: int, seqlen: int) -> tuple[np.ndarray, np.ndarray]:
-        """`reserve` as numpy views, [KV, capacity, hd] each (float32 caches), made once per buffer.
+        """`reserve` as numpy views, [KV, capacity, hd] each (a 16-bit cache's as its uint16 bits,
+        models.quant.kernel_array), made once per buffer.
         Why: a decode step asks for them in every layer, right after a weight GEMV has streamed
         megabytes through the caches, and torch's .numpy() then cost tens of microseconds a call
         (with the norms' views, models.llama.LayerWeights.norm_arrays: SmolLM2's rank of 2 went
         from 5.15 to 4.47 ms per token, in-process A/B on one thread)."""
         self.reserve(layer, seqlen)
         if self._arrays[layer] is None:
-            self._arrays[layer] = (self._k[layer][0].numpy(), self._v[layer][0].numpy())
+            self._arrays[layer] = (kernel_array(self._k[layer][0]), kernel_array(self._v[layer][0]))
         return self._arrays[layer]
 
     def _grow(self, layer: int, needed: int) -> None:
@@ -180,12 +182,13 @@ class CacheAttention:
                     out: np.ndarray) -> None:
         """The decode step's call (models.decode_step), from the fused projections: y [S, (H + 2 KV) hd]
         (q, k, v before RoPE), cos, signed_sin [S, hd] -> out [S, H x hd]; the rotated k and v go
-        into the cache. float32, C-contiguous (models.step_attention.rope_attend_rows)."""
+        into the cache (rounded to a 16-bit cache's dtype). float32, C-contiguous
+        (models.step_attention.rope_attend_rows)."""
         keys, values = self.kv.arrays(layer, y.shape[0])
         head_dim = keys.shape[2]
         heads = self._heads((y.shape[1] - 2 * kv_width) // head_dim, kv_width // head_dim)
         rope_attend_rows(y, kv_width, cos, signed_sin, keys, values, heads, self.kv.length,
-                         self.config.sliding_window(layer), out)
+                         self.config.sliding_window(layer), out, self.kv.dtype == torch.bfloat16)
 
 
 class BatchAttend:

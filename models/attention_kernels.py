@@ -26,6 +26,7 @@ import math
 
 import numpy as np
 
+from models.f32_kernels import widen
 from models.numba_target import compiled_for, numba
 from models.threads import kernel_threads
 
@@ -36,10 +37,11 @@ njit = numba.njit if numba is not None else None
 
 if njit is not None:
     @njit(fastmath=True, cache=True, nogil=True)
-    def _whole(q, keys, values, kv_map, start, window, out):  # pragma: no cover - compiled
+    def _whole(q, keys, values, kv_map, start, window, out, bf16):  # pragma: no cover - compiled
         """A context of one chunk, in one pass per query head: q [H, S, hd] (RoPE applied) at
         positions start..start+S-1; keys/values [KV, cap, hd] holding 0..start+S-1 (the new
-        positions' already written); kv_map [H] int64; window (0: none) -> out [H, S, hd]."""
+        positions' already written; float32, or bf16 / fp16 bits: `bf16`); kv_map [H] int64; window (0:
+        none) -> out [H, S, hd]."""
         n_heads, seqlen, head_dim = q.shape
         scale = np.float32(1.0 / math.sqrt(head_dim))
         scores = np.empty(start + seqlen, np.float32)
@@ -55,7 +57,7 @@ if njit is not None:
                     kt = kh[t]
                     dot = np.float32(0.0)
                     for d in range(head_dim):
-                        dot += qs[d] * kt[d]
+                        dot += qs[d] * widen(kt[d], bf16)
                     dot *= scale
                     scores[t] = dot
                     best = max(best, dot)
@@ -68,11 +70,11 @@ if njit is not None:
                 for t in range(first, pos + 1):
                     p, vt = scores[t] / total, vh[t]
                     for d in range(head_dim):
-                        acc[d] += p * vt[d]
+                        acc[d] += p * widen(vt[d], bf16)
                 out[h, s] = acc
 
     @njit(fastmath=True, cache=True, nogil=True)
-    def _chunk(q, keys, values, heads, g, c, start, window, peak, total, acc):  # pragma: no cover - compiled
+    def _chunk(q, keys, values, heads, g, c, start, window, peak, total, acc, bf16):  # pragma: no cover
         """Chunk c of KV head g for its query heads `heads`: peak, total [H, S, C] and acc [H, S, C, hd]
         at [h, s, c] (peak -inf, total and acc 0 where the chunk holds no visible position)."""
         seqlen, head_dim, m = q.shape[1], q.shape[2], heads.shape[0]
@@ -91,7 +93,7 @@ if njit is not None:
                 for j in range(m):
                     dot = np.float32(0.0)
                     for d in range(head_dim):
-                        dot += rows[j, d] * kh[t, d]
+                        dot += rows[j, d] * widen(kh[t, d], bf16)
                     scores[j, t - lo] = dot * scale
             sums[:] = 0.0
             for j in range(m):
@@ -108,7 +110,7 @@ if njit is not None:
                 for j in range(m):
                     e = scores[j, t - lo]
                     for d in range(head_dim):
-                        sums[j, d] += e * vh[t, d]
+                        sums[j, d] += e * widen(vh[t, d], bf16)
             for j in range(m):
                 acc[heads[j], s, c] = sums[j]
 
@@ -137,7 +139,7 @@ if njit is not None:
         rng = numba.prange if parallel else range
 
         @njit(parallel=parallel, cache=True, nogil=True)
-        def attend(q, keys, values, groups, sizes, start, window, out):  # pragma: no cover - compiled
+        def attend(q, keys, values, groups, sizes, start, window, out, bf16):  # pragma: no cover - compiled
             n_heads, seqlen, head_dim = q.shape
             chunks = (start + seqlen + CHUNK - 1) // CHUNK
             peak = np.empty((n_heads, seqlen, chunks), np.float32)
@@ -145,7 +147,7 @@ if njit is not None:
             acc = np.empty((n_heads, seqlen, chunks, head_dim), np.float32)
             for item in rng(groups.shape[0] * chunks):
                 g, c = item // chunks, item % chunks
-                _chunk(q, keys, values, groups[g, :sizes[g]], g, c, start, window, peak, total, acc)
+                _chunk(q, keys, values, groups[g, :sizes[g]], g, c, start, window, peak, total, acc, bf16)
             _combine(peak, total, acc, out)
 
         return attend
@@ -180,14 +182,15 @@ def attend_arrays(q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray,
 
 
 def attend_written(q: np.ndarray, keys: np.ndarray, values: np.ndarray, kv_map: np.ndarray, start: int,
-                   window: int | None, out: np.ndarray) -> np.ndarray:
+                   window: int | None, out: np.ndarray, bf16: bool = False) -> np.ndarray:
     """`attend_arrays` with the new positions' keys and values already in the cache (models.step_attention
-    writes them as it rotates them) -> out [H, S, hd], C-contiguous. A context of one chunk in one
-    pass (no partial sums to combine, nothing to spread), a longer one in chunks."""
+    writes them as it rotates them) -> out [H, S, hd], C-contiguous. keys and values float32, or a
+    16-bit cache's uint16 bits (`bf16`: bf16, else fp16), each widened exactly as it is read. A context
+    of one chunk in one pass (no partial sums to combine, nothing to spread), a longer one in chunks."""
     if start + q.shape[1] <= CHUNK:
-        _whole(q, keys, values, kv_map, start, window or 0, out)
+        _whole(q, keys, values, kv_map, start, window or 0, out, bf16)
     else:
-        _chunked()(q, keys, values, *groups_of(kv_map, keys.shape[0]), start, window or 0, out)
+        _chunked()(q, keys, values, *groups_of(kv_map, keys.shape[0]), start, window or 0, out, bf16)
     return out
 
 

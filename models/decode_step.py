@@ -7,7 +7,7 @@ from arrays under 1 us. Measured on one process, 2 threads, median ms per token
 (/tmp scratch, AMD EPYC host on a slow day): the `small` preset 2.2 -> 1.4, SmolLM2-135M 44 -> 38,
 SmolLM2-135M int4 19 -> 13.4. The README's Benchmarks section has the cluster numbers.
 
-Bit for bit the same as decoder_layer: the GEMVs (models.quant_kernels.gemv_rows), RMSNorm,
+Bit for bit the same as decoder_layer in float32: the GEMVs (models.quant_kernels.gemv_rows), RMSNorm,
 attention and SiLU(gate) x up kernels (models.decode_kernels, models.attention_kernels) are the
 same compiled functions on the same values; RoPE and the cache write run in one call per request
 (models.step_attention) on the same elementwise helper; biases and residuals are the same float32
@@ -19,10 +19,20 @@ and adds each summed partial into the residual stream in place: after a GEMV has
 layer's weights, a new array costs tens of microseconds (models.step_attention says why).
 
 Serves a step of B requests of S new positions each with B x S <= ROWS (a decode step, a batch
-of them, a verification of drafted tokens: where decoder_layer's kernels serve every op) in
-float32, each row over its own local KV cache (models.attention.CacheAttention); prefills, larger
-batches, half precision and attention nodes take decoder_layer. A weight no kernel serves goes
-through models.quant_kernels.linear, as in decoder_layer.
+of them, a verification of drafted tokens: where decoder_layer's kernels serve every op), each row
+over its own local KV cache (models.attention.CacheAttention); prefills, larger batches and
+attention nodes take decoder_layer. A weight no kernel serves goes through
+models.quant_kernels.linear, as in decoder_layer.
+
+Steps of bf16 / fp16 models too, in float32: the stream is widened exactly, every op computes in
+float32 (the weights widened exactly as the GEMV reads them), the new keys and values are rounded to
+the cache's dtype as they are written, and the step's output is rounded once. decoder_layer instead
+rounds each op's output to the 16-bit dtype, as transformers does, and paid for it in torch's
+dispatch and 16-bit elementwise ops: SmolLM2-135M in bf16 (the checkpoint as Hugging Face ships
+it) decoded at 38 ms per token on one 2-thread device against a floor of 22. So the bits of a 16-bit
+step are not decoder_layer's, and its logprobs are closer to float32 math than transformers' own
+bf16 ones; the tests bound both against transformers as before (README, "Weights in the dtype they
+ship in").
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ if TYPE_CHECKING:
 
 ROWS = min(MAX_POSITIONS, GEMV_ROWS)  # rows (B x S) up to which every op of decoder_layer is a kernel
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # as models.llama.Reduce: partial [B, S, D] -> sum
+STEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activation dtypes a step serves
 
 
 def no_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -51,20 +62,20 @@ def no_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def row_attends(attend: Attend, batch: int) -> list[CacheAttention] | None:
+def row_attends(attend: Attend, batch: int, dtype: torch.dtype) -> list[CacheAttention] | None:
     """The local cache attention of each of a step's `batch` rows, or None when some row's KV lives
-    elsewhere (or `attend` is not one per row)."""
+    elsewhere, is not held in the activation `dtype` (or `attend` is not one per row)."""
     rows = attend.rows if isinstance(attend, BatchAttend) else [attend]
-    local = all(isinstance(a, CacheAttention) and a.kv.dtype == torch.float32 for a in rows)
+    local = all(isinstance(a, CacheAttention) and a.kv.dtype == dtype for a in rows)
     return rows if local and len(rows) == batch else None
 
 
 def serves(h: torch.Tensor, attend: Attend) -> bool:
-    """True when `decode_layers` runs this step: h [B, S, D] float32 with B x S <= ROWS, numba
-    present, every row's KV in a local float32 cache."""
+    """True when `decode_layers` runs this step: h [B, S, D] float32, bf16 or fp16 with B x S <= ROWS,
+    numba present, every row's KV in a local cache of h's dtype."""
     rows = h.shape[0] * h.shape[1]
-    return (njit is not None and h.dtype == torch.float32 and 1 <= rows <= ROWS
-            and row_attends(attend, h.shape[0]) is not None)
+    return (njit is not None and h.dtype in STEP_DTYPES and 1 <= rows <= ROWS
+            and row_attends(attend, h.shape[0], h.dtype) is not None)
 
 
 def decode_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], config: LlamaConfig, dims: LocalDims,
@@ -73,12 +84,12 @@ def decode_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], config
     (`serves(h, attend)` must hold); `cos_sin` from models.rope.rope_tables ([S, hd] for every row,
     or [B, 1, S, hd]: each row at its own positions)."""
     batch, seqlen, width = h.shape
-    cos, signed_sin = (np.ascontiguousarray(t.numpy().reshape(-1, seqlen, dims.head_dim)) for t in cos_sin)
-    x = np.array(h.numpy().reshape(batch * seqlen, width))  # [B x S, D]: the residual stream, ours to write
-    step = _Step(config, row_attends(attend, batch), (batch, seqlen), cos, signed_sin, reduce)
+    cos, signed_sin = (np.ascontiguousarray(t.float().numpy().reshape(-1, seqlen, dims.head_dim)) for t in cos_sin)
+    x = np.array(h.float().numpy().reshape(batch * seqlen, width))  # [B x S, D]: the residual stream, ours
+    step = _Step(config, row_attends(attend, batch, h.dtype), (batch, seqlen), cos, signed_sin, reduce)
     for layer in range(config.num_layers):
         step.layer(x, layers(layer), layer)
-    return torch.from_numpy(x).view(batch, seqlen, width)
+    return torch.from_numpy(x).view(batch, seqlen, width).to(h.dtype)  # a 16-bit stream: rounded once
 
 
 class _Step:
@@ -143,6 +154,8 @@ class _Step:
         into the step's buffer `name` (torch's linear, for a weight no kernel serves, into its own)."""
         if kernel_serves(w):
             return gemv_rows(x, w, bias, self._buffer(name, w.shape[0]))
+        if isinstance(w, torch.Tensor) and w.dtype != torch.float32:  # 16-bit, not contiguous: widened
+            w, bias = w.float(), None if bias is None else bias.float()
         return linear(torch.from_numpy(x), w, bias).numpy()
 
     def _buffer(self, name: str, width: int) -> np.ndarray:

@@ -33,6 +33,12 @@ def widen(v, bf16):  # pragma: no cover - the compiled overload below is what ke
     raise NotImplementedError("widen is for compiled kernels")
 
 
+def store(dst, i, v, bf16):  # pragma: no cover - the compiled overload below is what kernels call
+    """dst[i] = the float32 v: as it is into a float array, or rounded to the nearest bf16
+    (bf16=True) / fp16 (ties to even, as torch's .to() rounds) as its uint16 bits: `widen`'s inverse."""
+    raise NotImplementedError("store is for compiled kernels")
+
+
 if numba is not None:
     from llvmlite import ir
     from numba import njit, types
@@ -60,6 +66,48 @@ if numba is not None:
             low = builder.trunc(args[0], ir.IntType(16)) if bits.bitwidth > 16 else args[0]
             return builder.fpext(builder.bitcast(low, ir.HalfType()), ir.FloatType())
         return types.float32(bits), codegen
+
+    @intrinsic
+    def float32_bits(typingctx, value):  # pragma: no cover - compiled
+        """A float32's bit pattern as uint32 (a bitcast, no conversion)."""
+        if not isinstance(value, types.Float) or value.bitwidth != 32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+        return types.uint32(value), codegen
+
+    @intrinsic
+    def float32_as_half_bits(typingctx, value):  # pragma: no cover - compiled
+        """A float32 rounded to the nearest IEEE half (LLVM's fptrunc: ties to even) -> its 16 bits."""
+        if not isinstance(value, types.Float) or value.bitwidth != 32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return types.uint16(value), codegen
+
+    @njit(cache=True, nogil=True)
+    def float32_as_bf16_bits(v):  # pragma: no cover - compiled
+        """c10::BFloat16's rounding: to nearest, ties to even; a NaN becomes the quiet 0x7FC0."""
+        if np.isnan(v):
+            return np.uint16(0x7FC0)
+        bits = float32_bits(v)
+        return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+    @overload(store)
+    def _store(dst, i, v, bf16):  # pragma: no cover - compiled
+        if isinstance(dst.dtype, types.Float):
+            def plain(dst, i, v, bf16):
+                dst[i] = v
+            return plain
+
+        def to_bits(dst, i, v, bf16):
+            if bf16:
+                dst[i] = float32_as_bf16_bits(v)
+            else:
+                dst[i] = float32_as_half_bits(v)
+        return to_bits
 
     @overload(widen, inline="always")
     def _widen(v, bf16):  # pragma: no cover - compiled

@@ -69,12 +69,12 @@ class LayerWeights:
         """attn_norm and mlp_norm as numpy views, made once per layer object for the decode step's
         array path (models.decode_step): torch's .numpy() right after a GEMV's weight stream cost tens
         of microseconds a call (see models.attention.KVCache.arrays)."""
-        return self.attn_norm.numpy(), self.mlp_norm.numpy()
+        return self.attn_norm.float().numpy(), self.mlp_norm.float().numpy()  # 16-bit norms widened
 
     @cached_property
     def head_norm_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
         """q_norm and k_norm as numpy views (made once, as `norm_arrays`); None for a model without."""
-        return None if self.q_norm is None else (self.q_norm.numpy(), self.k_norm.numpy())
+        return None if self.q_norm is None else (self.q_norm.float().numpy(), self.k_norm.float().numpy())
 
 
 FUSED_FIELDS = ("wqkv", "bqkv", "w_gate_up", "b_gate_up")
@@ -226,7 +226,7 @@ def forward_layers(h: torch.Tensor, layers: Callable[[int], LayerWeights], confi
     seqlen = h.shape[1]
     cos_sin = rotary.tables(kv.length, seqlen, h.dtype)  # [S, hd] each
     attend = kv.attend_for(config, dims, seqlen)
-    with step_threads(seqlen, h.dtype):
+    with step_threads(seqlen):
         h = run_layers(h, layers, config, dims, attend, cos_sin, reduce)
     kv.advance(seqlen)
     return h
@@ -263,7 +263,7 @@ def forward_batch(h: torch.Tensor, layers: Callable[[int], LayerWeights], config
     rows = [rotary.tables(kv.length, seqlen, h.dtype) for kv in kvs]  # [S, hd] each
     cos_sin = (torch.stack([c for c, _ in rows])[:, None], torch.stack([s for _, s in rows])[:, None])  # [B, 1, S, hd]
     attend = attend or batch_attend([kv.attend_for(config, dims, seqlen) for kv in kvs])
-    with step_threads(h.shape[0] * seqlen, h.dtype):
+    with step_threads(h.shape[0] * seqlen):
         h = run_layers(h, layers, config, dims, attend, cos_sin, reduce)
     for kv in kvs:
         kv.advance(seqlen)

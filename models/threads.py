@@ -9,9 +9,9 @@ the main thread. With torch on one thread for the step the compute thread decode
 main thread, and the GEMV kernels (models.quant_kernels), which do the memory-bound work, still
 run on every thread the process was given (`kernel_threads`).
 
-Steps of more tokens (a prefill) keep torch's threads: their GEMMs need them; so do half-precision
-steps, whose GEMVs torch computes (bf16 on one device: 76 ms per token with two threads, 105 with
-one, `large` preset).
+Steps of more tokens (a prefill) keep torch's threads: their GEMMs need them. Small steps of bf16 /
+fp16 models once kept them too, while torch computed their GEMVs (bf16 on one device: 76 ms per token
+with two threads, 105 with one, `large` preset); the kernels compute those now, as they do float32's.
 
 Part of what that measured was a second OpenMP team: one left behind by loading on another thread
 that stayed alive. Parallel work now belongs on the compute thread alone, and loads, splits and
@@ -58,15 +58,15 @@ def _process_threads() -> int:
 
 
 @contextmanager
-def step_threads(tokens: int, dtype: torch.dtype) -> Iterator[None]:
-    """Run a step of `tokens` tokens (rows x positions) with activations in `dtype`: torch on one
-    thread when the step is small and float32 (its GEMVs are the kernels', on `kernel_threads`).
+def step_threads(tokens: int) -> Iterator[None]:
+    """Run a step of `tokens` tokens (rows x positions): torch on one thread when the step is small
+    (its GEMVs are the kernels', on `kernel_threads`).
 
     The count is restored when the step ends. torch's setting is partly per OS thread (OpenMP)
     and partly global (MKL), so a prefill running concurrently in the same process (in-process
     tests run several ranks in one) may run on fewer threads meanwhile: slower, never wrong.
     """
-    if tokens > SMALL_STEP_TOKENS or dtype != torch.float32:
+    if tokens > SMALL_STEP_TOKENS:
         yield
         return
     threads = _process_threads()

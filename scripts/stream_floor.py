@@ -2,7 +2,7 @@
 gives one of N emulated devices (edge_llm.cluster.threads_per_process: the cores shared out, at
 least one: two devices on two cores one thread each, one device both), each streaming its
 own rank's weight bytes through models.quant_kernels.linear (the kernel the decode uses: numba's
-float32 GEMV, or F.linear for bf16/fp16, or with --quantize the int8/int4 kernels, the LM head at
+float GEMV on float32, bf16 or fp16 weights, or with --quantize the int8/int4 kernels, the LM head at
 int8 under int4 as served) concurrently, once per token; q, k, v and gate, up fused into one
 matrix each, as the decode holds them (models.fusion).
 
@@ -56,7 +56,7 @@ if method:
     x = {k: v.float() for k, v in x.items()}
 nbytes = sum(w.nbytes for ws in layers for w in ws) + head.nbytes
 def token():
-    with step_threads(1, x[D].dtype):  # as a decode step runs its layers (torch's own ops on one thread)
+    with step_threads(1):  # as a decode step runs its layers (torch's own ops on one thread)
         for ws in layers:
             for w in ws:
                 linear(x[w.shape[1]], w)

@@ -6,6 +6,7 @@ every case a decode or verification step brings: grouped heads whole or gathered
 rows within a step, sliding windows shorter and longer than the context, the first position.
 """
 
+import itertools
 import threading
 
 import numpy as np
@@ -179,7 +180,8 @@ def test_one_compiled_signature_serves_every_step_shape():
 
 def test_the_step_attention_is_compiled_at_start_up_for_every_step_shape():
     """models.step_attention takes a request's rows of a batch's projections and its own tables: the
-    signature warmed at start-up serves a 3-position row of a batch, as the decode step calls it."""
+    signatures warmed at start-up serve a 3-position row of a batch, as the decode step calls it,
+    over a float32 cache and a 16-bit one."""
     warm_decode_kernels()
     warm_step_attention()
     kernels = (step_attention._rope_rows, attention_kernels._whole, attention_kernels._chunked())
@@ -187,13 +189,14 @@ def test_the_step_attention_is_compiled_at_start_up_for_every_step_shape():
     y = torch.randn(6, 10 * HEAD_DIM).numpy()  # [B x S, (H + 2 KV) hd]: 2 rows of 3 positions, H 6, KV 2
     cos, sin = (torch.randn(2, 3, HEAD_DIM).numpy() for _ in range(2))  # [B, S, hd]
     out = np.empty((6, 6 * HEAD_DIM), np.float32)
-    for past in (0, CHUNK):  # a context of one chunk, and of more (the chunked kernel)
-        cache = KVCache(1, 2, HEAD_DIM, capacity=past + 8)
+    for past, dtype in itertools.product((0, CHUNK), (torch.float32, torch.bfloat16, torch.float16)):
+        cache = KVCache(1, 2, HEAD_DIM, capacity=past + 8, dtype=dtype)  # one chunk of context, and more
         cache.advance(past)
+        bf16 = dtype == torch.bfloat16
         step_attention.rope_attend_rows(y[3:], 2 * HEAD_DIM, cos[1], sin[1], *cache.arrays(0, 3),
-                                        np.array([0, 0, 0, 1, 1, 1]), past, 2, out[3:])
+                                        np.array([0, 0, 0, 1, 1, 1]), past, 2, out[3:], bf16)
         step_attention.rope_attend_rows(y[:1], 2 * HEAD_DIM, cos[0, :1], sin[0, :1], *cache.arrays(0, 1),
-                                        np.array([0, 0, 0, 1, 1, 1]), past, None, out[:1])  # a decode step's row
+                                        np.array([0, 0, 0, 1, 1, 1]), past, None, out[:1], bf16)  # a step's row
     assert {k: len(k.signatures) for k in compiled} == compiled
 
 
@@ -205,9 +208,9 @@ def two_threads():
     set_threads(before)
 
 
-def observed_in_steps(tokens: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
+def observed_in_steps(tokens: int) -> tuple[int, int, int]:
     """torch's and the kernels' thread counts inside a step, and torch's after it."""
-    with step_threads(tokens, dtype):
+    with step_threads(tokens):
         inside = torch.get_num_threads(), kernel_threads()
     return *inside, torch.get_num_threads()
 
@@ -227,11 +230,6 @@ def test_small_steps_run_torch_on_one_thread_and_the_kernels_on_all(two_threads,
     assert prefill == (2, 2, 2)  # a prefill keeps torch's threads for its GEMMs
 
 
-def test_half_precision_steps_keep_torchs_threads_for_its_gemvs(two_threads):
-    assert observed_in_steps(1, torch.bfloat16) == (2, 2, 2)
-    assert observed_in_steps(1, torch.float16) == (2, 2, 2)
-
-
 def test_long_context_attention_has_the_same_bits_on_any_thread_count(two_threads):
     """Its chunks, spread over the threads, are fixed by position: two threads sum as one does."""
     start, seqlen, n_heads, n_kv = 3 * CHUNK + 5, 2, 6, 3
@@ -248,6 +246,6 @@ def test_long_context_attention_has_the_same_bits_on_any_thread_count(two_thread
 
 
 def test_a_step_that_raises_still_restores_the_threads(two_threads):
-    with pytest.raises(RuntimeError), step_threads(1, torch.float32):
+    with pytest.raises(RuntimeError), step_threads(1):
         raise RuntimeError("a worker died mid-step")
     assert torch.get_num_threads() == 2

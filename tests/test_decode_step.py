@@ -7,6 +7,8 @@ every model family (GQA, q/k/v biases, sliding windows), weight format (float32,
 tensor-parallel slice and step size (a decode step, a verification of drafted tokens).
 """
 
+from dataclasses import fields, replace
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ from models.checkpoint import Checkpoint
 from models.decode_kernels import MAX_POSITIONS
 from models.decode_step import ROWS, decode_layers, serves
 from models.fusion import fuse_layer
-from models.llama import batch_attend, decoder_layer, load_layer
+from models.llama import FUSED_FIELDS, LayerWeights, batch_attend, decoder_layer, load_layer
 from models.model import LocalModel
 from models.rope import RotaryTable, rope_tables
 from models.sharding import local_dims
@@ -186,7 +188,7 @@ def test_a_reduce_with_an_array_form_gets_arrays_and_the_same_sums(folders, batc
     assert reduce.calls == [(batch * seqlen, config.hidden_size)] * (2 * config.num_layers)
 
 
-def test_serves_a_few_float32_rows_over_local_caches(folders):
+def test_serves_a_few_rows_over_local_caches_of_their_dtype(folders):
     config, dims, _ = shard(folders["llama"], "none", 1, 0)
     kvs = [KVCache(config.num_layers, dims.n_local_kv_heads, config.head_dim) for _ in range(ROWS + 1)]
     attend = kvs[0].attend_for(config, dims, 1)
@@ -201,8 +203,11 @@ def test_serves_a_few_float32_rows_over_local_caches(folders):
     assert not serves(torch.zeros(1, 1, d, dtype=torch.bfloat16), attend)
     assert not serves(torch.zeros(1, 1, d), lambda layer, q, k, v: q)  # attention elsewhere (edge.offload)
     assert not serves(torch.zeros(2, 1, d), BatchAttend([attend, lambda layer, q, k, v: q]))
-    half = KVCache(config.num_layers, dims.n_local_kv_heads, config.head_dim, dtype=torch.bfloat16)
-    assert not serves(torch.zeros(1, 1, d), half.attend_for(config, dims, 1))
+    for dtype in (torch.bfloat16, torch.float16):  # a 16-bit model's step: its cache in its dtype
+        half = KVCache(config.num_layers, dims.n_local_kv_heads, config.head_dim, dtype=dtype)
+        assert serves(torch.zeros(1, 1, d, dtype=dtype), half.attend_for(config, dims, 1))
+        assert not serves(torch.zeros(1, 1, d), half.attend_for(config, dims, 1))
+        assert not serves(torch.zeros(1, 1, d, dtype=torch.float16 if dtype == torch.bfloat16 else dtype), attend)
 
 
 def test_a_models_decode_steps_take_the_array_path(folders, monkeypatch):
@@ -276,3 +281,71 @@ def test_a_layers_norm_views_are_not_counted_as_weights(folders):
     attn_norm, mlp_norm = layer.norm_arrays
     assert np.shares_memory(attn_norm, layer.attn_norm.numpy()) and np.shares_memory(mlp_norm, layer.mlp_norm.numpy())
     assert layer.norm_arrays[0] is attn_norm and layer.nbytes() == before
+
+
+def widened(w: LayerWeights) -> LayerWeights:
+    """A 16-bit layer's weights as float32 (exact): the same values, for the float32 step."""
+    return replace(w, **{f.name: getattr(w, f.name).float() for f in fields(w)
+                         if f.name not in FUSED_FIELDS and getattr(w, f.name) is not None})
+
+
+def one_layer_step(config, dims, layers, h, cos_sin, past: torch.Tensor, dtype: torch.dtype):
+    """decode_layers over one layer with `past` positions [1, KV, P, hd] cached in `dtype` -> (out, cache)."""
+    kv = KVCache(1, dims.n_local_kv_heads, config.head_dim, capacity=past.shape[2] + MAX_POSITIONS, dtype=dtype)
+    kv.append(0, past.to(dtype), past.to(dtype))
+    kv.advance(past.shape[2])
+    attend = kv.attend_for(config, dims, h.shape[1])
+    assert serves(h, attend)
+    with torch.inference_mode():
+        return decode_layers(h, layers.__getitem__, config, dims, attend, cos_sin, counting_reduce([])), kv
+
+
+@pytest.mark.parametrize("seqlen", [1, 3])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])  # q/k/v biases; q and k norms
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_step_is_the_float32_step_on_its_values_with_what_it_keeps_rounded(folders, dtype, kind, seqlen):
+    """A bf16 / fp16 model's decode step computes in float32: on the same values (its weights, cache,
+    stream and RoPE tables widened), the keys and values it writes are the float32 step's rounded to
+    the cache's dtype, bit for bit, and its output the float32 step's rounded to the dtype, but for
+    what the new positions' own rounded keys and values change (about one rounding of the dtype)."""
+    ckpt = Checkpoint(folders[kind]).with_dtype(dtype)
+    config = replace(ckpt.config, num_layers=1)
+    dims = local_dims(config, 2)[1]
+    half = [fuse_layer(load_layer(ckpt, 0, dims))]
+    g = torch.Generator().manual_seed(seqlen)
+    h = torch.randn(1, seqlen, config.hidden_size, generator=g).to(dtype)
+    past = torch.randn(1, dims.n_local_kv_heads, PAST, config.head_dim, generator=g).to(dtype)
+    cos_sin = RotaryTable(config).tables(PAST, seqlen, dtype)
+    got, got_kv = one_layer_step(config, dims, half, h, cos_sin, past, dtype)
+    ref, ref_kv = one_layer_step(config, dims, [widened(half[0])], h.float(), tuple(t.float() for t in cos_sin),
+                                 past, torch.float32)
+    assert got.dtype == dtype
+    for mine, theirs in zip(got_kv.reserve(0, 0), ref_kv.reserve(0, 0), strict=True):
+        assert torch.equal(mine[:, :, :PAST + seqlen], theirs[:, :, :PAST + seqlen].to(dtype))
+    eps = torch.finfo(dtype).eps  # one rounding of the stream's scale (its entries are about 1)
+    assert (got.float() - ref.to(dtype).float()).abs().max() <= eps * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_models_decode_steps_take_the_array_path(folders, monkeypatch, dtype):
+    """LocalModel in bf16 / fp16: decode steps and verifications never call decoder_layer (its prefill
+    does); their greedy tokens are the torch path's (a 16-bit step rounds once, not per op)."""
+    model = LocalModel(folders["llama"], dtype=str(dtype).removeprefix("torch."))
+    prompt, steps = list(range(3, 20)), [[7], [9], [11, 12, 13], [2]]
+
+    def run() -> list[torch.Tensor]:
+        kv = model.new_cache(64)
+        out = [model.forward(prompt, kv)]
+        return out + [model.forward(tokens, kv, all_logits=True) for tokens in steps]
+
+    torch_path = llama.decoder_layer
+    monkeypatch.setattr(llama, "serves", lambda h, attend: False)
+    expected = run()
+    monkeypatch.undo()
+    calls = []
+    monkeypatch.setattr(llama, "decoder_layer", lambda *a, **k: calls.append(a[0].shape[1]) or torch_path(*a, **k))
+    got = run()
+    assert set(calls) == {len(prompt)}  # the prefill's layers only
+    assert torch.equal(got[0], expected[0])  # the prefill itself is untouched
+    assert all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(got, expected, strict=True))
+    assert all(np.isfinite(t.numpy()).all() for t in got)

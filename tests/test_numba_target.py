@@ -22,8 +22,8 @@ from llvmlite import binding as llvm
 
 from models import numba_target
 from models import quant_kernels as qk
-from models.f32_kernels import f32_channels
-from models.numba_target import WIDE_VECTORS, amd_cores
+from models.f32_kernels import f32_channels, store
+from models.numba_target import WIDE_VECTORS, amd_cores, numba
 from models.quant import GROUP, QuantWeight, quantize, tile_width
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +153,33 @@ def test_sixteen_bit_weights_are_widened_exactly(dtype, spread):
             out = np.full((rows, n), np.nan, np.float32)
             f32_channels(bits, x, out, 0, n, spread, dtype == torch.bfloat16)
             assert (out == expected[k0:k0 + rows]).all()
+
+
+@numba.njit(cache=False)
+def _store_all(src, dst, bf16):
+    for i in range(src.shape[0]):
+        store(dst, i, src[i], bf16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_is_rounded_to_sixteen_bits_as_torch_rounds_it(dtype):
+    """What a 16-bit KV cache keeps of a decode step's float32 keys and values (models.f32_kernels.store):
+    torch's .to(dtype) bit for bit, on every kind of float32: random bit patterns (subnormals, huge,
+    infinite), ties at both parities, values that overflow the dtype; a NaN stays a NaN."""
+    rng = np.random.default_rng(3)
+    patterns = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    ties = (np.arange(1, 2**16, 97, dtype=np.uint32) << 16) | 0x8000  # exactly halfway between two bf16
+    values = np.concatenate([patterns, ties]).view(np.float32)
+    values = np.concatenate([values, np.float32([0.0, -0.0, np.inf, -np.inf, 65504, 65520, 3.4e38, 1e-8, 2**-24])])
+    got = np.empty(values.shape, np.uint16)
+    _store_all(values, got, dtype == torch.bfloat16)
+    expected = torch.from_numpy(values).to(dtype)
+    nan = np.isnan(values)
+    assert (got[~nan] == expected.view(torch.int16).numpy().view(np.uint16)[~nan]).all()
+    assert torch.from_numpy(got.view(np.int16)).view(dtype)[torch.from_numpy(nan)].isnan().all()
+    kept = np.empty(values.shape, np.float32)
+    _store_all(values, kept, dtype == torch.bfloat16)  # into a float32 array: as it is
+    assert np.array_equal(kept, values, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
