@@ -67,25 +67,19 @@ if numba is not None:
             return builder.fpext(builder.bitcast(low, ir.HalfType()), ir.FloatType())
         return types.float32(bits), codegen
 
-    @intrinsic
-    def float32_bits(typingctx, value):  # pragma: no cover - compiled
-        """A float32's bit pattern as uint32 (a bitcast, no conversion)."""
-        if not isinstance(value, types.Float) or value.bitwidth != 32:
-            return None
+    def _from_float32(result, emit):
+        """An intrinsic of one float32 -> `result`, its IR from emit(builder, value)."""
+        def typer(typingctx, value):  # pragma: no cover - compiled
+            if not isinstance(value, types.Float) or value.bitwidth != 32:
+                return None
+            return result(value), lambda context, builder, signature, args: emit(builder, args[0])
+        return intrinsic(typer)
 
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-        return types.uint32(value), codegen
-
-    @intrinsic
-    def float32_as_half_bits(typingctx, value):  # pragma: no cover - compiled
-        """A float32 rounded to the nearest IEEE half (LLVM's fptrunc: ties to even) -> its 16 bits."""
-        if not isinstance(value, types.Float) or value.bitwidth != 32:
-            return None
-
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-        return types.uint16(value), codegen
+    # a float32's bit pattern as uint32 (a bitcast, no conversion)
+    float32_bits = _from_float32(types.uint32, lambda b, v: b.bitcast(v, ir.IntType(32)))
+    # a float32 rounded to the nearest IEEE half (LLVM's fptrunc: ties to even) -> its 16 bits
+    float32_as_half_bits = _from_float32(
+        types.uint16, lambda b, v: b.bitcast(b.fptrunc(v, ir.HalfType()), ir.IntType(16)))
 
     @njit(cache=True, nogil=True)
     def float32_as_bf16_bits(v):  # pragma: no cover - compiled

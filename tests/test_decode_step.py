@@ -210,15 +210,18 @@ def test_serves_a_few_rows_over_local_caches_of_their_dtype(folders):
         assert not serves(torch.zeros(1, 1, d, dtype=torch.float16 if dtype == torch.bfloat16 else dtype), attend)
 
 
-def test_a_models_decode_steps_take_the_array_path(folders, monkeypatch):
-    """LocalModel's decode steps and verifications never call decoder_layer (its prefill does), and
-    give the logits of the torch path exactly."""
-    model = LocalModel(folders["mistral"])
-    prompt, steps = list(range(3, 20)), [[7], [9], [11, 12, 13], [2]]
+PROMPT = list(range(3, 20))
+
+
+def both_model_paths(model: LocalModel, monkeypatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A prefill of PROMPT, then decode steps and a 3-token verification: their logits through the
+    torch path alone, then through the model as it runs, where every call of decoder_layer must be
+    the prefill's."""
+    steps = [[7], [9], [11, 12, 13], [2]]
 
     def run() -> list[torch.Tensor]:
         kv = model.new_cache(64)
-        out = [model.forward(prompt, kv)]
+        out = [model.forward(PROMPT, kv)]
         return out + [model.forward(tokens, kv, all_logits=True) for tokens in steps]
 
     torch_path = llama.decoder_layer
@@ -228,9 +231,15 @@ def test_a_models_decode_steps_take_the_array_path(folders, monkeypatch):
     calls = []
     monkeypatch.setattr(llama, "decoder_layer", lambda *a, **k: calls.append(a[0].shape[1]) or torch_path(*a, **k))
     got = run()
-    assert set(calls) == {len(prompt)}  # the prefill's layers only
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
-    assert np.isfinite(got[-1].numpy()).all()
+    assert set(calls) == {len(PROMPT)}  # the prefill's layers only
+    assert all(np.isfinite(t.numpy()).all() for t in got)
+    return got, expected
+
+
+def test_a_models_decode_steps_take_the_array_path(folders, monkeypatch):
+    """LocalModel's decode steps and verifications give the logits of the torch path exactly."""
+    got, expected = both_model_paths(LocalModel(folders["mistral"]), monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_a_batched_decode_step_takes_the_array_path(folders, monkeypatch):
@@ -328,24 +337,9 @@ def test_a_16_bit_step_is_the_float32_step_on_its_values_with_what_it_keeps_roun
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_16_bit_models_decode_steps_take_the_array_path(folders, monkeypatch, dtype):
-    """LocalModel in bf16 / fp16: decode steps and verifications never call decoder_layer (its prefill
-    does); their greedy tokens are the torch path's (a 16-bit step rounds once, not per op)."""
+    """LocalModel in bf16 / fp16: decode steps and verifications take the array path too; their greedy
+    tokens are the torch path's (a 16-bit step rounds once, not per op), the prefill untouched."""
     model = LocalModel(folders["llama"], dtype=str(dtype).removeprefix("torch."))
-    prompt, steps = list(range(3, 20)), [[7], [9], [11, 12, 13], [2]]
-
-    def run() -> list[torch.Tensor]:
-        kv = model.new_cache(64)
-        out = [model.forward(prompt, kv)]
-        return out + [model.forward(tokens, kv, all_logits=True) for tokens in steps]
-
-    torch_path = llama.decoder_layer
-    monkeypatch.setattr(llama, "serves", lambda h, attend: False)
-    expected = run()
-    monkeypatch.undo()
-    calls = []
-    monkeypatch.setattr(llama, "decoder_layer", lambda *a, **k: calls.append(a[0].shape[1]) or torch_path(*a, **k))
-    got = run()
-    assert set(calls) == {len(prompt)}  # the prefill's layers only
-    assert torch.equal(got[0], expected[0])  # the prefill itself is untouched
+    got, expected = both_model_paths(model, monkeypatch)
+    assert torch.equal(got[0], expected[0])
     assert all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(got, expected, strict=True))
-    assert all(np.isfinite(t.numpy()).all() for t in got)
