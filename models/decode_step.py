@@ -46,7 +46,7 @@ import torch
 from models.attention import Attend, BatchAttend, CacheAttention
 from models.config import LlamaConfig
 from models.decode_kernels import MAX_POSITIONS, njit, rms_norm_array, silu_mul_array
-from models.quant_kernels import GEMV_ROWS, gemv_rows, kernel_serves, linear
+from models.quant_kernels import FLOAT_WEIGHTS, GEMV_ROWS, gemv_rows, kernel_serves, linear
 from models.sharding import LocalDims
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 
 ROWS = min(MAX_POSITIONS, GEMV_ROWS)  # rows (B x S) up to which every op of decoder_layer is a kernel
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # as models.llama.Reduce: partial [B, S, D] -> sum
-STEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # activation dtypes a step serves
 
 
 def no_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -74,7 +73,7 @@ def serves(h: torch.Tensor, attend: Attend) -> bool:
     """True when `decode_layers` runs this step: h [B, S, D] float32, bf16 or fp16 with B x S <= ROWS,
     numba present, every row's KV in a local cache of h's dtype."""
     rows = h.shape[0] * h.shape[1]
-    return (njit is not None and h.dtype in STEP_DTYPES and 1 <= rows <= ROWS
+    return (njit is not None and h.dtype in FLOAT_WEIGHTS and 1 <= rows <= ROWS  # the dtypes the kernels read
             and row_attends(attend, h.shape[0], h.dtype) is not None)
 
 
